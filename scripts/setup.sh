@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what vmbak needs on a bare Debian bookworm machine (as root), then
+# creates the virtual environment at .venv with the project installed in it.
+# Idempotent: packages already present are not installed again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages: the Python that owns python3-libnbd, filesystem tools for
+# test images, QEMU utilities, and the peers the benchmarks compare against.
+APT_PKGS=(python3 python3-venv python3-dev python3-libnbd libnbd-bin nbdkit nbdkit-plugin-python
+          qemu-utils qemu-system-common e2fsprogs xfsprogs dosfstools mtools exfatprogs
+          ntfs-3g btrfs-progs partclone fdisk lvm2 util-linux time)
+if [[ "${VMBAK_BENCH_DEPS:-0}" == 1 ]]; then
+    APT_PKGS+=(restic borgbackup)
+fi
+missing=()
+for p in "${APT_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "setup: missing Debian packages: ${missing[*]} (run as root or install them)" >&2
+        exit 1
+    fi
+    echo "setup: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Debian's python3 owns the libnbd bindings, so the venv is made by it and
+# sees its site-packages.
+PY=/usr/bin/python3
+stamp=.venv/.vmbak-installed
+if [[ ! -x .venv/bin/python || pyproject.toml -nt $stamp ]]; then
+    [[ -x .venv/bin/python ]] || "$PY" -m venv --system-site-packages .venv
+    .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+    .venv/bin/python -m pip install -q -e '.[dev]'
+    touch "$stamp"
+fi

@@ -1,0 +1,54 @@
+"""The embeddable Python API. See README.md ("Python API")."""
+
+from __future__ import annotations
+
+import os
+
+from vmbak.disks.base import DiskReader
+from vmbak.disks.raw import RawDisk
+from vmbak.engine.backup import DEFAULT_BLOCK_SIZE, BackupOptions
+from vmbak.engine.backup import backup as _backup
+from vmbak.engine.check import CheckReport
+from vmbak.engine.check import check as _check
+from vmbak.engine.progress import Progress
+from vmbak.engine.restore import RestoreTarget
+from vmbak.engine.restore import restore as _restore
+from vmbak.repo.manifest import Manifest
+from vmbak.repo.repository import Repository
+
+
+def open_disk(path: str | os.PathLike[str]) -> DiskReader:
+    """Open a disk for reading (a raw image file or block device)."""
+    return RawDisk(path)
+
+
+def backup(repo: Repository, disk: str | os.PathLike[str] | DiskReader, name: str, *, mode: str = "auto",
+           changes: str = "auto", block_size: int = DEFAULT_BLOCK_SIZE, workers: int = 2,
+           progress: Progress | None = None, log=None) -> Manifest:  # noqa: ANN001
+    """Back up a disk under ``name``; the first backup of a name is full, later ones incremental.
+
+    ``mode`` is "auto", "full", "incremental" or "differential". Returns the committed manifest.
+    """
+    opened = not isinstance(disk, DiskReader)
+    reader = open_disk(disk) if opened else disk  # type: ignore[arg-type]
+    try:
+        opts = BackupOptions(name=name, mode=mode, changes=changes, block_size=block_size, workers=workers,
+                             progress=progress, log=log, source=reader.description)
+        return _backup(repo, reader, opts)
+    finally:
+        if opened:
+            reader.close()
+
+
+def restore(repo: Repository, snapshot: str | Manifest, target: str | os.PathLike[str] | RestoreTarget, *,
+            overwrite: bool = False, verify: bool = True, workers: int = 2,
+            progress: Progress | None = None) -> dict:
+    """Restore a snapshot (a Manifest, an id prefix, ``NAME:latest`` or ``NAME@TIME``) to a raw file or device."""
+    m = repo.find(snapshot) if isinstance(snapshot, str) else snapshot
+    tgt = target if isinstance(target, RestoreTarget) else os.fspath(target)
+    return _restore(repo, m, tgt, overwrite=overwrite, verify=verify, workers=workers, progress=progress)
+
+
+def check(repo: Repository, read_data: bool = False) -> CheckReport:
+    """Check the repository's structure and, with ``read_data``, every stored byte."""
+    return _check(repo, read_data=read_data)

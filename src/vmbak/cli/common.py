@@ -1,0 +1,78 @@
+"""Shared command-line plumbing: repository opening, passwords, output."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from typing import Any
+
+from vmbak.engine.progress import BarProgress, NoProgress, Progress
+from vmbak.errors import VmbakError
+from vmbak.repo.repository import Repository
+
+
+def repo_location(args: argparse.Namespace) -> str:
+    loc = args.repo or os.environ.get("VMBAK_REPOSITORY")
+    if not loc:
+        raise VmbakError("no repository given: use -r REPO or set VMBAK_REPOSITORY")
+    return loc
+
+
+def password(args: argparse.Namespace, confirm: bool = False) -> str | None:
+    pf = args.password_file or os.environ.get("VMBAK_PASSWORD_FILE")
+    if pf:
+        try:
+            with open(pf, encoding="utf-8") as f:
+                return f.read().rstrip("\r\n")
+        except OSError as e:
+            raise VmbakError(f"cannot read password file {pf}: {e.strerror}") from None
+    pw = os.environ.get("VMBAK_PASSWORD")
+    if pw is not None:
+        return pw
+    if sys.stdin.isatty():
+        try:
+            pw = getpass.getpass("repository password: ")
+            if confirm and getpass.getpass("repeat password: ") != pw:
+                raise VmbakError("passwords do not match")
+        except (EOFError, KeyboardInterrupt):
+            raise VmbakError("no password given") from None
+        return pw
+    return None
+
+
+def open_repo(args: argparse.Namespace) -> Repository:
+    loc = repo_location(args)
+    pw = None
+    # Only ask for a password when the repository needs one.
+    try:
+        with open(os.path.join(loc, "config"), encoding="utf-8") as f:
+            needs = json.load(f).get("encryption") != "none"
+    except (OSError, ValueError, AttributeError):
+        needs = True
+    if needs:
+        pw = password(args)
+    return Repository.open(loc, pw)
+
+
+def progress(args: argparse.Namespace) -> Progress:
+    if args.json or args.quiet:
+        return NoProgress()
+    return BarProgress()
+
+
+def log(args: argparse.Namespace):  # noqa: ANN201
+    def _log(msg: str) -> None:
+        if not args.quiet:
+            print(f"vmbak: {msg}", file=sys.stderr)
+
+    return _log
+
+
+def emit(args: argparse.Namespace, data: Any, text: str | None) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    elif text is not None and not (args.quiet and not text):
+        print(text)

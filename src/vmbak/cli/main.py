@@ -1,0 +1,76 @@
+"""vmbak's command line: parse, call the library, print text or --json."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from vmbak import __version__
+from vmbak.errors import VmbakError
+
+GROUPS = ["repository", "backup", "restore", "snapshots"]
+OPTIONAL_GROUPS = ["track", "usage_cmd"]  # present when their modules are installed
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Global options are accepted before and after the command (restic style).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-r", "--repo", default=argparse.SUPPRESS,
+                        help="repository location (default: $VMBAK_REPOSITORY)")
+    common.add_argument("--password-file", default=argparse.SUPPRESS,
+                        help="read the password from this file (default: $VMBAK_PASSWORD)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="print only errors")
+    p = argparse.ArgumentParser(
+        prog="vmbak", parents=[common],
+        description="Block-level backup for virtual-machine disks: changed-block incrementals, "
+        "deduplicated, compressed and encrypted repositories, chain restores.",
+        epilog="examples:\n  export VMBAK_REPOSITORY=/backups/repo VMBAK_PASSWORD=...\n  vmbak init\n"
+        "  vmbak backup /var/lib/images/web.raw --name web\n  vmbak snapshots\n"
+        "  vmbak restore web:latest /tmp/web.raw\n  vmbak check --read-data",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"vmbak {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for g in GROUPS:
+        importlib.import_module(f"vmbak.cli.{g}").register(sub, common)
+    for g in OPTIONAL_GROUPS:
+        try:
+            mod = importlib.import_module(f"vmbak.cli.{g}")
+        except ImportError:
+            continue
+        mod.register(sub, common)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for k, v in (("repo", None), ("password_file", None), ("json", False), ("quiet", False)):
+        if not hasattr(args, k):
+            setattr(args, k, v)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except VmbakError as e:
+        print(f"vmbak: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("vmbak: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    except OSError as e:
+        name = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"vmbak: error:{name} {e.strerror or e}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("vmbak: error: out of memory", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Commands that list and compare snapshots: snapshots, diff."""
+
+from __future__ import annotations
+
+import argparse
+
+from vmbak.cli.common import emit, open_repo
+from vmbak.engine.common import human
+from vmbak.engine.info import diff
+
+
+def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("snapshots", parents=[parent], help="list snapshots",
+                       description="List the snapshots in the repository, oldest first.",
+                       epilog="examples:\n  vmbak snapshots\n  vmbak snapshots --name web --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", help="only this disk name")
+    p.set_defaults(func=cmd_snapshots)
+
+    p = sub.add_parser("diff", parents=[parent], help="show what changed between two snapshots",
+                       description="Compare two snapshots of the same disk block by block (by their block "
+                       "hashes; no data is read) and list the changed extents and bytes.",
+                       epilog="example:\n  vmbak diff 3f2a9c1e web:latest --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("a", metavar="SNAP_A")
+    p.add_argument("b", metavar="SNAP_B")
+    p.set_defaults(func=cmd_diff)
+
+
+def cmd_snapshots(args: argparse.Namespace) -> int:
+    repo = open_repo(args)
+    ms = [m for m in repo.manifests() if not args.name or m.name == args.name]
+    rows = [f"{'ID':8}  {'TIME (UTC)':19}  {'NAME':12}  {'TYPE':12}  {'SOURCE':6}  {'SIZE':>10}  {'ADDED':>10}  PARENT"]
+    for m in ms:
+        rows.append(f"{m.short_id:8}  {m.time[:19]:19}  {m.name:12}  {m.kind:12}  {m.change_source:6}  "
+                    f"{human(m.disk_size):>10}  {human(m.stats.get('new_stored_bytes', 0)):>10}  "
+                    f"{(m.parent or '')[:8]}")
+    rows.append(f"{len(ms)} snapshots")
+    emit(args, [m.summary() for m in ms], "\n".join(rows))
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    repo = open_repo(args)
+    a = repo.find(args.a)
+    b = repo.find(args.b)
+    d = diff(repo, a, b)
+    lines = [f"{a.short_id} -> {b.short_id}: {d['changed_blocks']} blocks changed "
+             f"({human(d['changed_bytes'])}) in {d['extent_count']} extents"]
+    for e in d["extents"][:50]:
+        lines.append(f"  offset {e['offset']:>14}  length {e['length']:>10}")
+    if d["extent_count"] > 50:
+        lines.append(f"  ... {d['extent_count'] - 50} more (use --json for all)")
+    emit(args, d, "\n".join(lines))
+    return 0

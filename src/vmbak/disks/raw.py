@@ -1,0 +1,94 @@
+"""Raw disks: regular files and block devices."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+from collections.abc import Iterator
+
+from vmbak.errors import DiskError
+
+_BLKGETSIZE64 = 0x80081272
+
+
+def _device_size(fd: int) -> int:
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        buf = fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8)
+        return struct.unpack("Q", buf)[0]
+    return st.st_size
+
+
+class RawDisk:
+    """A raw image file or block device, read with ``os.pread`` (thread-safe, releases the GIL)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise DiskError(f"disk not found: {self.path}") from None
+        except IsADirectoryError:
+            raise DiskError(f"disk is a directory, not a disk image: {self.path}") from None
+        except OSError as e:
+            raise DiskError(f"cannot open disk {self.path}: {e.strerror}") from None
+        st = os.fstat(self.fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            os.close(self.fd)
+            raise DiskError(f"not a regular file or block device: {self.path}")
+        if stat.S_ISDIR(st.st_mode):
+            os.close(self.fd)
+            raise DiskError(f"disk is a directory: {self.path}")
+        self.size = _device_size(self.fd)
+        self.is_file = stat.S_ISREG(st.st_mode)
+        self.description = self.path
+        try:
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except OSError:
+            pass
+
+    def pread(self, length: int, offset: int) -> bytes:
+        try:
+            return os.pread(self.fd, length, offset)
+        except OSError as e:
+            raise DiskError(f"read error on {self.path} at offset {offset}: {e.strerror}") from None
+
+    def data_extents(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+        """Data ranges from SEEK_DATA/SEEK_HOLE (files); the whole range for devices."""
+        end = self.size if end is None else min(end, self.size)
+        if not self.is_file:
+            if end > start:
+                yield (start, end - start)
+            return
+        pos = start
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no more data
+                    return
+                yield (pos, end - pos)  # filesystem without SEEK_DATA: all data
+                return
+            if data >= end:
+                return
+            try:
+                hole = os.lseek(self.fd, data, os.SEEK_HOLE)
+            except OSError:
+                hole = end
+            hole = min(hole, end)
+            yield (data, hole - data)
+            pos = hole
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> RawDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

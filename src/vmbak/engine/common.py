@@ -1,0 +1,102 @@
+"""Helpers shared by the engines: run finding, block hash tables, bounded thread pools."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from vmbak.errors import IntegrityError
+from vmbak.repo.manifest import Manifest, is_full
+from vmbak.repo.repository import ChunkWriter, Repository
+
+# A block hash table (BHT) holds the 16-byte keyed hash of each block, as two uint64
+# per row. All-zero rows mean "reads as zeros" (zero, hole or unused block).
+BHT_DTYPE = np.dtype("<u8")
+BHT_PIECE = 1 << 20  # bytes of hash table per stored chunk
+
+
+def runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start indices and lengths of the runs of True in a bool array (vectorised)."""
+    if mask.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    m = np.concatenate(([False], mask.astype(bool), [False]))
+    d = np.flatnonzero(m[1:] != m[:-1])
+    starts = d[0::2]
+    return starts.astype(np.int64), (d[1::2] - starts).astype(np.int64)
+
+
+def range_text(starts: Iterable[int], lengths: Iterable[int], limit: int = 5) -> str:
+    parts = []
+    for i, (s, n) in enumerate(zip(starts, lengths, strict=True)):
+        if i == limit:
+            parts.append("...")
+            break
+        parts.append(f"{s}" if n == 1 else f"{s}-{s + n - 1}")
+    return ", ".join(parts)
+
+
+def store_bht(writer: ChunkWriter, repo: Repository, table: np.ndarray) -> list[bytes]:
+    """Store a (n, 2) uint64 hash table as chunks; return their ids."""
+    raw = np.ascontiguousarray(table, dtype=BHT_DTYPE).tobytes()
+    ids = []
+    for off in range(0, len(raw), BHT_PIECE):
+        piece = raw[off:off + BHT_PIECE]
+        cid = repo.sealer.chunk_id(piece)
+        if not writer.has(cid):
+            writer.add(cid, repo.encode_chunk(cid, piece), len(piece))
+        ids.append(cid)
+    return ids
+
+
+def load_bht(repo: Repository, m: Manifest) -> np.ndarray:
+    """The hash rows stored with one manifest (all blocks for a full, covered blocks otherwise)."""
+    parts = [repo.read_chunk(cid, f"block hash table of snapshot {m.short_id}") for cid in m.bht_chunks]
+    raw = b"".join(parts)
+    if len(raw) != m.bht_count * 16:
+        raise IntegrityError(f"snapshot {m.short_id}: block hash table has the wrong size")
+    return np.frombuffer(raw, dtype=BHT_DTYPE).reshape(-1, 2)
+
+
+def resolve_bht(repo: Repository, chain: list[Manifest]) -> np.ndarray:
+    """The hash of every block as the newest manifest of ``chain`` sees it."""
+    full = chain[-1]
+    assert is_full(full.kind)
+    table = load_bht(repo, full).copy()
+    if len(table) != full.block_count:
+        raise IntegrityError(f"snapshot {full.short_id}: block hash table has the wrong size")
+    for m in reversed(chain[:-1]):
+        cov = m.covered()
+        delta = load_bht(repo, m)
+        if len(delta) != int(np.count_nonzero(cov)):
+            raise IntegrityError(f"snapshot {m.short_id}: block hash table does not match its bitmaps")
+        table[cov] = delta
+    return table
+
+
+def bounded_map(pool: cf.Executor, fn: Callable[..., Any], items: Iterable[Any],
+                depth: int) -> Iterator[Any]:
+    """Like pool.map, in order, with at most ``depth`` items in flight (bounded memory)."""
+    q: collections.deque[cf.Future] = collections.deque()
+    it = iter(items)
+    try:
+        for item in it:
+            q.append(pool.submit(fn, item))
+            if len(q) >= depth:
+                yield q.popleft().result()
+        while q:
+            yield q.popleft().result()
+    finally:
+        for f in q:
+            f.cancel()
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -1,0 +1,66 @@
+"""Diff and statistics over snapshots."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vmbak.engine.common import resolve_bht, runs
+from vmbak.errors import VmbakError
+from vmbak.repo.manifest import Manifest
+from vmbak.repo.repository import Repository
+
+
+def diff(repo: Repository, a: Manifest, b: Manifest, max_extents: int = 100000) -> dict:
+    """Blocks whose content differs between two snapshots of the same geometry."""
+    if a.disk_size != b.disk_size or a.block_size != b.block_size:
+        raise VmbakError(f"snapshots {a.short_id} and {b.short_id} have different disk sizes or block sizes")
+    ha = resolve_bht(repo, repo.chain(a))
+    hb = resolve_bht(repo, repo.chain(b))
+    changed = (ha != hb).any(axis=1)
+    bs = a.block_size
+    rs, rl = runs(changed)
+    ext = [{"offset": int(s) * bs, "length": min(int(n) * bs, a.disk_size - int(s) * bs)}
+           for s, n in zip(rs[:max_extents].tolist(), rl[:max_extents].tolist(), strict=True)]
+    cnt = int(np.count_nonzero(changed))
+    last_partial = changed[-1] and a.disk_size % bs
+    changed_bytes = cnt * bs - (bs - a.disk_size % bs if last_partial else 0)
+    return {"a": a.id, "b": b.id, "block_size": bs, "changed_blocks": cnt, "changed_bytes": changed_bytes,
+            "extent_count": len(rs), "extents": ext, "truncated": len(rs) > max_extents}
+
+
+def snapshot_stats(repo: Repository, m: Manifest) -> dict:
+    s = dict(m.stats)
+    raw = s.get("new_raw_bytes", 0)
+    stored = s.get("new_stored_bytes", 0)
+    data = s.get("data_bytes", 0)
+    s["compression_ratio"] = round(raw / stored, 3) if stored else None
+    s["dedup_ratio"] = round(data / raw, 3) if raw else None
+    s["chain_length"] = len(repo.chain(m))
+    return {"snapshot": m.summary(), "stats": s}
+
+
+def repo_stats(repo: Repository) -> dict:
+    ms = repo.manifests()
+    index = repo.index
+    pack_bytes = sum(index.pack_sizes.values())
+    raw_total = 0
+    stored_total = 0
+    for _, loc in index.items():
+        raw_total += loc.raw_length
+        stored_total += loc.length
+    referenced_data = sum(int(m.ext_count.sum()) * m.block_size for m in ms if len(m.ext_count))
+    logical = sum(m.disk_size for m in ms)
+    return {
+        "snapshots": len(ms),
+        "names": sorted({m.name for m in ms}),
+        "packs": len(index.pack_sizes),
+        "chunks": len(index),
+        "logical_bytes": logical,
+        "referenced_data_bytes": referenced_data,
+        "unique_raw_bytes": raw_total,
+        "stored_bytes": stored_total,
+        "pack_bytes": pack_bytes,
+        "compression_ratio": round(raw_total / stored_total, 3) if stored_total else None,
+        "dedup_ratio": round(referenced_data / raw_total, 3) if raw_total else None,
+        "space_saving_ratio": round(logical / pack_bytes, 3) if pack_bytes else None,
+    }

@@ -1,0 +1,294 @@
+"""Chain restore: newest manifest first, an "unrestored" bitmap, every block written once.
+
+For each manifest of the chain, from the snapshot asked for back to its full, the
+blocks it covers that no newer manifest covered are taken from it: stored extents are
+written, the rest are zeros. A new target file is sparse, so zeros are holes and never
+written; an existing target gets its zero ranges written (or punched) once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import stat
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from vmbak.engine.common import BHT_DTYPE, bounded_map, range_text, resolve_bht, runs
+from vmbak.engine.progress import NoProgress, Progress
+from vmbak.errors import DiskError, IntegrityError, VmbakError
+from vmbak.repo.manifest import Manifest
+from vmbak.repo.repository import Repository
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+class RestoreTarget:
+    """Where restored bytes go. Subclass to observe or redirect writes."""
+
+    def __init__(self, path: str, size: int, overwrite: bool = False) -> None:
+        self.path = path
+        self.size = size
+        self.final_path = path
+        self.created = False
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            st = None
+        except OSError as e:
+            raise DiskError(f"cannot use restore target {path}: {e.strerror}") from None
+        if st is None:
+            d = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(d):
+                raise DiskError(f"restore target directory does not exist: {d}")
+            self.path = os.path.join(d, f".{os.path.basename(path)}.vmbak-partial")
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                os.ftruncate(self.fd, size)
+            except OSError as e:
+                raise DiskError(f"cannot create restore target {path}: {e.strerror}") from None
+            self.created = True
+            self.is_file = True
+            return
+        if stat.S_ISDIR(st.st_mode):
+            raise DiskError(f"restore target is a directory: {path}")
+        self.is_file = stat.S_ISREG(st.st_mode)
+        if self.is_file and not overwrite:
+            raise DiskError(f"restore target exists: {path} (use --overwrite to write over it)")
+        if not self.is_file and not stat.S_ISBLK(st.st_mode):
+            raise DiskError(f"restore target is not a regular file or block device: {path}")
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise DiskError(f"cannot open restore target {path}: {e.strerror}") from None
+        have = os.lseek(self.fd, 0, os.SEEK_END)
+        if self.is_file and have < size:
+            os.close(self.fd)
+            raise DiskError(f"restore target too small: {path} has {have} bytes, the disk needs {size}")
+        if not self.is_file and have < size:
+            os.close(self.fd)
+            raise DiskError(f"restore target too small: {path} has {have} bytes, the disk needs {size}")
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def write_zeros(self, offset: int, length: int) -> None:
+        if self.created:
+            return  # already a hole
+        if self.is_file:
+            try:
+                import ctypes
+                import ctypes.util
+
+                libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+                r = libc.fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                                   ctypes.c_long(offset), ctypes.c_long(length))
+                if r == 0:
+                    return
+            except (OSError, AttributeError):
+                pass
+        zero = bytes(min(length, 4 << 20))
+        while length > 0:
+            n = min(length, len(zero))
+            self.write(offset, zero[:n])
+            offset += n
+            length -= n
+
+    def needs_zero_writes(self) -> bool:
+        return not self.created
+
+    def read(self, length: int, offset: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def commit(self) -> None:
+        os.fsync(self.fd)
+        if self.created:
+            os.replace(self.path, self.final_path)
+            self.path = self.final_path
+            self.created = False
+
+    def discard(self) -> None:
+        if self.created:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class _Job:
+    level: int
+    chunk_id: bytes
+    start: int  # first block of the extent
+    count: int
+    sub: list[tuple[int, int]] | None  # (first block, count) to write, None = all
+
+
+def plan(chain: list[Manifest]) -> tuple[list[_Job], np.ndarray]:
+    """Assign each block to the newest manifest covering it; return write jobs and the
+    mask of blocks that get data (the rest are zeros)."""
+    n = chain[0].block_count
+    level = np.full(n, -1, np.int32)
+    for i, m in enumerate(chain):
+        cov = m.covered()
+        level[cov & (level < 0)] = i
+    assert not (level < 0).any()
+    jobs: list[_Job] = []
+    data_mask = np.zeros(n, bool)
+    for i, m in enumerate(chain):
+        if len(m.ext_start) == 0:
+            continue
+        own = level == i
+        cs = np.concatenate(([0], np.cumsum(own, dtype=np.int64)))
+        st = m.ext_start.astype(np.int64)
+        ct = m.ext_count.astype(np.int64)
+        if int((st + ct).max()) > n:
+            raise IntegrityError(f"snapshot {m.short_id}: extent map points past the disk end")
+        need = cs[st + ct] - cs[st]
+        for j in np.flatnonzero(need).tolist():
+            s, c = int(st[j]), int(ct[j])
+            if need[j] == c:
+                sub = None
+                data_mask[s:s + c] = True
+            else:
+                rs, rl = runs(own[s:s + c])
+                sub = [(s + a, b) for a, b in zip(rs.tolist(), rl.tolist(), strict=True)]
+                for a, b in sub:
+                    data_mask[a:a + b] = True
+            jobs.append(_Job(i, bytes(m.ext_id[j]), s, c, sub))
+    return jobs, data_mask
+
+
+def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *,
+            overwrite: bool = False, verify: bool = True, workers: int = 2,
+            progress: Progress | None = None) -> dict:
+    """Restore ``snapshot`` to ``target`` (a path or a RestoreTarget); return statistics."""
+    progress = progress or NoProgress()
+    t0 = time.monotonic()
+    with repo.lock(purpose="restore"):
+        chain = repo.chain(snapshot)
+        bs = snapshot.block_size
+        size = snapshot.disk_size
+        jobs, data_mask = plan(chain)
+        # Read packs in order, so the repository is read sequentially.
+        locs = {}
+        for j in jobs:
+            if j.chunk_id not in locs:
+                loc = repo.index.get(j.chunk_id)
+                if loc is None:
+                    m = chain[j.level]
+                    raise IntegrityError(f"chunk {j.chunk_id.hex()[:16]} (blocks {j.start}-{j.start + j.count - 1} "
+                                         f"of snapshot {m.short_id}) is missing from the repository")
+                locs[j.chunk_id] = loc
+        jobs.sort(key=lambda j: (locs[j.chunk_id].pack, locs[j.chunk_id].offset))
+        expected = resolve_bht(repo, chain) if verify else None
+        tgt = target if isinstance(target, RestoreTarget) else RestoreTarget(target, size, overwrite)
+        ok = False
+        try:
+            written = 0
+
+            def run(job: _Job) -> int:
+                m = chain[job.level]
+                what = (f"chunk {job.chunk_id.hex()[:16]} (blocks {job.start}-{job.start + job.count - 1} "
+                        f"of snapshot {m.short_id})")
+                data = repo.read_at(job.chunk_id, locs[job.chunk_id], what)
+                if len(data) != min(job.count * bs, size - job.start * bs):
+                    raise IntegrityError(f"{what}: has the wrong length")
+                if job.sub is None:
+                    tgt.write(job.start * bs, data)
+                    return len(data)
+                n = 0
+                mv = memoryview(data)
+                for a, b in job.sub:
+                    piece = mv[(a - job.start) * bs:(a - job.start + b) * bs]
+                    tgt.write(a * bs, piece)
+                    n += len(piece)
+                return n
+
+            progress.start(int(np.count_nonzero(data_mask)) * bs, "restore")
+            with cf.ThreadPoolExecutor(max(1, workers), thread_name_prefix="vmbak-restore") as pool:
+                for n in bounded_map(pool, run, jobs, 4 * workers):
+                    written += n
+                    progress.advance(n)
+            zero_bytes = 0
+            if tgt.needs_zero_writes():
+                zs, zl = runs(~data_mask)
+                for s, c in zip(zs.tolist(), zl.tolist(), strict=True):
+                    ln = min(c * bs, size - s * bs)
+                    tgt.write_zeros(s * bs, ln)
+                    zero_bytes += ln
+            progress.close()
+            verified = False
+            if expected is not None:
+                _verify(repo, tgt, expected, bs, size, snapshot, workers, progress)
+                verified = True
+            tgt.commit()
+            ok = True
+        finally:
+            progress.close()
+            if not ok:
+                tgt.discard()
+            if not isinstance(target, RestoreTarget):
+                tgt.close()
+    return {
+        "snapshot": snapshot.id,
+        "target": tgt.final_path,
+        "chain_length": len(chain),
+        "disk_size": size,
+        "written_bytes": written,
+        "zero_bytes_written": zero_bytes,
+        "chunks_read": len(jobs),
+        "verified": verified,
+        "duration_s": round(time.monotonic() - t0, 3),
+    }
+
+
+def _verify(repo: Repository, tgt: RestoreTarget, expected: np.ndarray, bs: int, size: int,
+            snapshot: Manifest, workers: int, progress: Progress) -> None:
+    """Re-read the target and compare every block with the snapshot's block hashes."""
+    n = len(expected)
+    step = max(1, (8 << 20) // bs)
+    sealer = repo.sealer
+
+    def check(start: int) -> np.ndarray:
+        cnt = min(step, n - start)
+        want = min(cnt * bs, size - start * bs)
+        data = tgt.read(want, start * bs)
+        if len(data) != want:
+            raise VmbakError(f"restore verification: short read from {tgt.final_path}")
+        pad = data + bytes(cnt * bs - want) if want < cnt * bs else data
+        nonzero = np.frombuffer(pad, np.uint64).reshape(cnt, bs // 8).any(axis=1)
+        h = np.zeros((cnt, 2), BHT_DTYPE)
+        mv = memoryview(data)
+        for j in np.flatnonzero(nonzero).tolist():
+            h[j] = np.frombuffer(sealer.block_hash(mv[j * bs:(j + 1) * bs]), BHT_DTYPE)
+        return (h != expected[start:start + cnt]).any(axis=1)
+
+    progress.start(size, "verify")
+    bad_parts = []
+    with cf.ThreadPoolExecutor(max(1, workers), thread_name_prefix="vmbak-verify") as pool:
+        for start, bad in zip(range(0, n, step), bounded_map(pool, check, range(0, n, step), 2 * workers + 2),
+                              strict=True):
+            if bad.any():
+                bad_parts.append((start, bad))
+            progress.advance(min(step * bs, size - start * bs))
+    progress.close()
+    if bad_parts:
+        mask = np.zeros(n, bool)
+        for start, bad in bad_parts:
+            mask[start:start + len(bad)] = bad
+        rs, rl = runs(mask)
+        raise IntegrityError(f"restore verification failed: blocks {range_text(rs.tolist(), rl.tolist())} of "
+                             f"snapshot {snapshot.short_id} differ from the backup")

@@ -1,0 +1,184 @@
+"""Storage backends: where repository files live. Only whole-object writes are used,
+so that an object store (S3) can implement the same interface."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from typing import Protocol
+
+from vmbak.errors import RepositoryError
+
+
+class Backend(Protocol):
+    """A flat namespace of immutable objects named by '/'-separated paths."""
+
+    location: str
+
+    def read(self, name: str) -> bytes: ...
+    def read_range(self, name: str, offset: int, length: int) -> bytes: ...
+    def size(self, name: str) -> int: ...
+    def write(self, name: str, data: bytes) -> None:
+        """Write an object atomically and durably (all or nothing)."""
+        ...
+    def write_file(self, name: str, path: str) -> None:
+        """Move a finished local file into place atomically and durably."""
+        ...
+    def exists(self, name: str) -> bool: ...
+    def delete(self, name: str) -> None: ...
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        """Yield (name, size) of the objects under a directory-like prefix."""
+        ...
+    def temp_path(self, hint: str) -> str:
+        """A local path for building an object before write_file()."""
+        ...
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalBackend:
+    """A repository in a local directory."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.location = self.root
+        self.tmpdir = os.path.join(self.root, "tmp")
+        self._known_dirs: set[str] = set()
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def _wrap(self, e: OSError, name: str) -> RepositoryError:
+        if isinstance(e, FileNotFoundError):
+            return RepositoryError(f"repository object missing: {name}")
+        return RepositoryError(f"repository I/O error on {name}: {e.strerror or e}")
+
+    def read(self, name: str) -> bytes:
+        try:
+            with open(self._path(name), "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise self._wrap(e, name) from None
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        try:
+            fd = os.open(self._path(name), os.O_RDONLY)
+        except OSError as e:
+            raise self._wrap(e, name) from None
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+
+    def size(self, name: str) -> int:
+        try:
+            return os.stat(self._path(name)).st_size
+        except OSError as e:
+            raise self._wrap(e, name) from None
+
+    def _ensure_dir(self, d: str) -> None:
+        if d not in self._known_dirs:
+            os.makedirs(d, exist_ok=True)
+            self._known_dirs.add(d)
+
+    def temp_path(self, hint: str) -> str:
+        self._ensure_dir(self.tmpdir)
+        host = socket.gethostname().replace("-", "_")
+        return os.path.join(self.tmpdir, f"{hint}-{host}-{os.getpid()}-{os.urandom(6).hex()}")
+
+    def write(self, name: str, data: bytes) -> None:
+        tmp = self.temp_path("obj")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            self.write_file(name, tmp)
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise self._wrap(e, name) from None
+
+    def write_file(self, name: str, path: str) -> None:
+        dest = self._path(name)
+        d = os.path.dirname(dest)
+        try:
+            self._ensure_dir(d)
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(path, dest)
+            _fsync_dir(d)
+        except OSError as e:
+            raise self._wrap(e, name) from None
+
+    def exists(self, name: str) -> bool:
+        return os.path.exists(self._path(name))
+
+    def delete(self, name: str) -> None:
+        try:
+            os.unlink(self._path(name))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise self._wrap(e, name) from None
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        base = self._path(prefix)
+        if not os.path.isdir(base):
+            return
+        stack = [base]
+        while stack:
+            d = stack.pop()
+            try:
+                entries = list(os.scandir(d))
+            except OSError as e:
+                raise self._wrap(e, os.path.relpath(d, self.root)) from None
+            for ent in entries:
+                if ent.name.startswith("."):
+                    continue
+                if ent.is_dir(follow_symlinks=False):
+                    stack.append(ent.path)
+                elif ent.is_file(follow_symlinks=False):
+                    yield os.path.relpath(ent.path, self.root), ent.stat().st_size
+
+    def clean_stale_temp(self) -> int:
+        """Remove temp files left by dead processes of this host; return how many."""
+        if not os.path.isdir(self.tmpdir):
+            return 0
+        host = socket.gethostname().replace("-", "_")
+        removed = 0
+        for ent in os.scandir(self.tmpdir):
+            parts = ent.name.split("-")
+            if len(parts) != 4 or parts[1] != host:
+                continue
+            try:
+                pid = int(parts[2])
+            except ValueError:
+                continue
+            if pid == os.getpid() or _pid_alive(pid):
+                continue
+            try:
+                os.unlink(ent.path)
+                removed += 1
+            except OSError:
+                pass
+        return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

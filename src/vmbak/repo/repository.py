@@ -1,0 +1,490 @@
+"""The repository: config, keys, packs, index, manifests and locks on a Backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+import blake3
+import numpy as np
+import zstandard
+
+from vmbak.errors import IntegrityError, RepositoryError, SnapshotNotFound, WrongPassword
+from vmbak.repo.backend import Backend, LocalBackend
+from vmbak.repo.crypto import ENC_AES, ENC_NONE, ENCRYPTIONS, MasterKey, Sealer, unwrap_key, wrap_key
+from vmbak.repo.index import INDEX_AAD, Index, Location, decode_index, encode_index, index_id
+from vmbak.repo.manifest import MANIFEST_AAD, Manifest, decode_manifest, encode_manifest, is_full
+from vmbak.repo.pack import (
+    CODEC_RAW,
+    CODEC_ZSTD,
+    FinishedPack,
+    PackWriter,
+    chunk_aad,
+    pack_name,
+    read_header,
+)
+
+FORMAT_NAME = "vmbak-repository"
+FORMAT_VERSION = 1
+DEFAULT_CHUNK_SIZE = 1 << 20
+DEFAULT_PACK_SIZE = 32 << 20
+DEFAULT_ZSTD_LEVEL = 1
+
+_tls = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    c = getattr(_tls, "zc", None)
+    if c is None or _tls.zlevel != level:
+        c = _tls.zc = zstandard.ZstdCompressor(level=level)
+        _tls.zlevel = level
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_tls, "zd", None)
+    if d is None:
+        d = _tls.zd = zstandard.ZstdDecompressor()
+    return d
+
+
+def open_backend(location: str) -> Backend:
+    if location.startswith("s3:"):
+        raise RepositoryError("S3 repositories are not supported by this version of vmbak")
+    if location.startswith("local:"):
+        location = location[len("local:"):]
+    return LocalBackend(location)
+
+
+class Repository:
+    """An open repository. Use :meth:`init` or :meth:`open`."""
+
+    def __init__(self, backend: Backend, config: dict, master: MasterKey) -> None:
+        self.backend = backend
+        self.config = config
+        self.id: str = config["id"]
+        self.encryption: str = config["encryption"]
+        self.chunk_size: int = int(config["chunk_size"])
+        self.pack_size: int = int(config["pack_size"])
+        self.zstd_level: int = int(config["compression"]["level"])
+        self.sealer = Sealer(master, self.encryption)
+        self._index: Index | None = None
+        self._indexed_packs: set[str] = set()
+        self._index_files: list[str] = []
+        self._manifests: dict[str, Manifest] | None = None
+        self.recovered_packs = 0
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def init(cls, location: str, password: str | None, encryption: str = ENC_AES,
+             chunk_size: int = DEFAULT_CHUNK_SIZE, pack_size: int = DEFAULT_PACK_SIZE,
+             zstd_level: int = DEFAULT_ZSTD_LEVEL) -> Repository:
+        """Create a new repository at ``location`` (an empty or missing directory)."""
+        if encryption not in ENCRYPTIONS:
+            raise RepositoryError(f"unknown encryption {encryption!r} (choose {', '.join(ENCRYPTIONS)})")
+        if encryption == ENC_AES and not password:
+            raise RepositoryError("a password is required to create an encrypted repository "
+                                  "(set VMBAK_PASSWORD, use --password-file, or --encryption none)")
+        if chunk_size & (chunk_size - 1) or not (65536 <= chunk_size <= 16 << 20):
+            raise RepositoryError("chunk size must be a power of two between 64 KiB and 16 MiB")
+        backend = open_backend(location)
+        if isinstance(backend, LocalBackend):
+            root = backend.root
+            if os.path.exists(root):
+                if not os.path.isdir(root):
+                    raise RepositoryError(f"cannot create a repository: {root} is not a directory")
+                if os.listdir(root):
+                    if os.path.exists(os.path.join(root, "config")):
+                        raise RepositoryError(f"a repository already exists at {root}")
+                    raise RepositoryError(f"cannot create a repository in a non-empty directory: {root}")
+            try:
+                os.makedirs(root, exist_ok=True)
+                for d in ("data", "index", "snapshots", "keys", "locks", "tmp"):
+                    os.makedirs(os.path.join(root, d), exist_ok=True)
+            except OSError as e:
+                raise RepositoryError(f"cannot create repository at {root}: {e.strerror}") from None
+        config = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "id": os.urandom(32).hex(),
+            "created": _now_iso(),
+            "encryption": encryption,
+            "chunk_size": chunk_size,
+            "pack_size": pack_size,
+            "compression": {"codec": "zstd", "level": zstd_level},
+        }
+        master = MasterKey.generate()
+        keydoc = wrap_key(master, password, config["id"], encryption)
+        keyname = f"keys/{os.urandom(16).hex()}"
+        backend.write(keyname, json.dumps(keydoc, indent=1).encode())
+        if isinstance(backend, LocalBackend):
+            os.chmod(os.path.join(backend.root, keyname), 0o600)
+        backend.write("config", json.dumps(config, indent=1).encode())
+        return cls(backend, config, master)
+
+    @classmethod
+    def open(cls, location: str, password: str | None = None) -> Repository:
+        """Open an existing repository; raise RepositoryError / WrongPassword."""
+        backend = open_backend(location)
+        if isinstance(backend, LocalBackend) and not os.path.isdir(backend.root):
+            raise RepositoryError(f"repository does not exist: {backend.root}")
+        try:
+            raw = backend.read("config")
+        except RepositoryError:
+            raise RepositoryError(f"not a vmbak repository (no config): {backend.location}") from None
+        try:
+            config = json.loads(raw)
+            if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
+                raise ValueError
+        except ValueError:
+            raise RepositoryError(f"not a vmbak repository (foreign config): {backend.location}") from None
+        version = config.get("version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise RepositoryError(f"repository format version {version} is newer than this vmbak supports "
+                                  f"({FORMAT_VERSION}); upgrade vmbak")
+        for k in ("id", "encryption", "chunk_size", "pack_size", "compression"):
+            if k not in config:
+                raise RepositoryError(f"repository config is damaged (missing {k})")
+        if config["encryption"] not in ENCRYPTIONS:
+            raise RepositoryError(f"repository uses unknown encryption {config['encryption']!r}")
+        keys = sorted(n for n, _ in backend.list("keys"))
+        if not keys:
+            raise RepositoryError("repository has no key file (keys/ is empty)")
+        master = None
+        last_err: Exception | None = None
+        for name in keys:
+            try:
+                doc = json.loads(backend.read(name))
+                if not isinstance(doc, dict):
+                    raise ValueError
+            except ValueError:
+                last_err = RepositoryError(f"key file {name} is damaged (not JSON; truncated?)")
+                continue
+            try:
+                master = unwrap_key(doc, password, config["id"], name)
+                break
+            except (WrongPassword, RepositoryError) as e:
+                last_err = e
+        if master is None:
+            assert last_err is not None
+            raise last_err
+        return cls(backend, config, master)
+
+    @property
+    def location(self) -> str:
+        return self.backend.location
+
+    # ------------------------------------------------------------------ locks
+    @contextmanager
+    def lock(self, exclusive: bool = False, purpose: str = "") -> Iterator[None]:
+        """Hold a shared (backup, restore, check) or exclusive (prune) lock."""
+        name = f"locks/{os.urandom(16).hex()}"
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "time": _now_iso(),
+              "exclusive": exclusive, "purpose": purpose}
+        self.backend.write(name, json.dumps(me).encode())
+        try:
+            for other, _ in self.backend.list("locks"):
+                if other == name:
+                    continue
+                try:
+                    d = json.loads(self.backend.read(other))
+                except (RepositoryError, ValueError):
+                    continue
+                if _lock_stale(d):
+                    continue
+                if exclusive or d.get("exclusive"):
+                    raise RepositoryError(
+                        f"repository is locked by pid {d.get('pid')} on {d.get('host')} "
+                        f"({d.get('purpose') or 'unknown'}, since {d.get('time')}); "
+                        "if that process is gone, run 'vmbak unlock'")
+            yield
+        finally:
+            self.backend.delete(name)
+
+    # ------------------------------------------------------------------ index
+    @property
+    def index(self) -> Index:
+        if self._index is None:
+            self._load_index()
+        assert self._index is not None
+        return self._index
+
+    def _load_index(self) -> None:
+        idx = Index()
+        files = sorted(n for n, _ in self.backend.list("index"))
+        for name in files:
+            payload = self.sealer.open(self.backend.read(name), INDEX_AAD, f"index file {name}")
+            _, packs = decode_index(payload, f"index file {name}")
+            for pack_id, entries in packs:
+                idx.add_pack(pack_id, entries)
+                self._indexed_packs.add(pack_id)
+        self._index_files = files
+        # Packs that landed without an index file (a killed backup): read their headers.
+        recovered = []
+        for name, size in self.backend.list("data"):
+            pack_id = name.rsplit("/", 1)[-1]
+            idx.pack_sizes[pack_id] = size
+            if pack_id in self._indexed_packs or not re.fullmatch(r"[0-9a-f]{64}", pack_id):
+                continue
+            try:
+                entries = read_header(self.backend, self.sealer, pack_id, size)
+            except IntegrityError:
+                continue  # check reports it; never used
+            idx.add_pack(pack_id, entries, size)
+            recovered.append((pack_id, entries))
+        self._index = idx
+        if recovered:
+            self.recovered_packs = len(recovered)
+            try:
+                self.write_index(recovered)
+            except RepositoryError:
+                pass
+        if isinstance(self.backend, LocalBackend):
+            self.backend.clean_stale_temp()
+
+    def write_index(self, packs: list[tuple[str, np.ndarray]]) -> str:
+        plain = encode_index(packs)
+        blob = self.sealer.seal(plain, INDEX_AAD)
+        iid = index_id(blob)
+        self.backend.write(f"index/{iid}", blob)
+        for p, _ in packs:
+            self._indexed_packs.add(p)
+        return iid
+
+    # ------------------------------------------------------------------ chunks
+    def encode_chunk(self, chunk_id: bytes, data: bytes | memoryview) -> bytes:
+        """Compress (when it pays) and seal one chunk; thread-safe."""
+        comp = _compressor(self.zstd_level).compress(data)
+        if len(comp) < len(data) - len(data) // 32:
+            payload = bytes((CODEC_ZSTD,)) + comp
+        else:
+            payload = bytes((CODEC_RAW,)) + bytes(data)
+        return self.sealer.seal(payload, chunk_aad(chunk_id))
+
+    def decode_chunk(self, chunk_id: bytes, blob: bytes, raw_len: int, what: str = "") -> bytes:
+        """Authenticate, decompress and hash-check one chunk; thread-safe."""
+        label = what or f"chunk {chunk_id.hex()[:16]}"
+        payload = self.sealer.open(blob, chunk_aad(chunk_id), label)
+        if not payload:
+            raise IntegrityError(f"{label}: empty payload")
+        codec = payload[0]
+        if codec == CODEC_ZSTD:
+            try:
+                data = _decompressor().decompress(payload[1:], max_output_size=raw_len)
+            except zstandard.ZstdError:
+                raise IntegrityError(f"{label}: cannot decompress (corrupt data)") from None
+        elif codec == CODEC_RAW:
+            data = payload[1:]
+        else:
+            raise IntegrityError(f"{label}: unknown codec {codec}")
+        if len(data) != raw_len or self.sealer.chunk_id(data) != chunk_id:
+            raise IntegrityError(f"{label}: content does not match its id (corrupt data)")
+        return data
+
+    def read_chunk(self, chunk_id: bytes, what: str = "") -> bytes:
+        loc = self.index.get(chunk_id)
+        if loc is None:
+            raise IntegrityError(f"{what or 'chunk ' + chunk_id.hex()[:16]}: missing from the repository")
+        return self.read_at(chunk_id, loc, what)
+
+    def read_at(self, chunk_id: bytes, loc: Location, what: str = "") -> bytes:
+        try:
+            blob = self.backend.read_range(pack_name(loc.pack), loc.offset, loc.length)
+        except RepositoryError as e:
+            raise IntegrityError(f"{what or 'chunk ' + chunk_id.hex()[:16]}: {e}") from None
+        if len(blob) != loc.length:
+            raise IntegrityError(f"{what or 'chunk ' + chunk_id.hex()[:16]}: pack {loc.pack[:16]} is truncated")
+        return self.decode_chunk(chunk_id, blob, loc.raw_length, what)
+
+    def chunk_writer(self) -> ChunkWriter:
+        return ChunkWriter(self)
+
+    # ------------------------------------------------------------------ manifests
+    def save_manifest(self, m: Manifest) -> str:
+        plain = encode_manifest(m)
+        sid = blake3.blake3(plain, key=self.sealer.id_key).hexdigest()
+        m.id = sid
+        self.backend.write(f"snapshots/{sid}", self.sealer.seal(plain, MANIFEST_AAD))
+        if self._manifests is not None:
+            self._manifests[sid] = m
+        return sid
+
+    def load_manifest(self, sid: str) -> Manifest:
+        if self._manifests is not None and sid in self._manifests:
+            return self._manifests[sid]
+        blob = self.backend.read(f"snapshots/{sid}")
+        payload = self.sealer.open(blob, MANIFEST_AAD, f"snapshot {sid[:8]}")
+        m = decode_manifest(payload, sid)
+        if self._manifests is not None:
+            self._manifests[sid] = m
+        return m
+
+    def manifests(self) -> list[Manifest]:
+        """All snapshots, oldest first."""
+        if self._manifests is None:
+            ms: dict[str, Manifest] = {}
+            for name, _ in self.backend.list("snapshots"):
+                sid = name.rsplit("/", 1)[-1]
+                if not re.fullmatch(r"[0-9a-f]{64}", sid):
+                    continue
+                self._manifests = ms
+                ms[sid] = self.load_manifest(sid)
+            self._manifests = ms
+        return sorted(self._manifests.values(), key=lambda m: (m.time, m.id))
+
+    def chain(self, m: Manifest) -> list[Manifest]:
+        """The manifests needed to restore ``m``: newest first, ending at a full."""
+        out = [m]
+        seen = {m.id}
+        while not is_full(out[-1].kind):
+            p = out[-1].parent
+            if p is None:
+                raise IntegrityError(f"snapshot {out[-1].short_id} has no parent but is not a full backup")
+            try:
+                pm = self.load_manifest(p)
+            except RepositoryError:
+                raise IntegrityError(f"snapshot {m.short_id}: parent snapshot {p[:8]} is missing") from None
+            if pm.id in seen or len(out) > 100000:
+                raise IntegrityError(f"snapshot {m.short_id}: parent chain loops")
+            if pm.block_size != m.block_size or pm.disk_size != m.disk_size:
+                raise IntegrityError(f"snapshot {m.short_id}: parent {pm.short_id} has a different geometry")
+            seen.add(pm.id)
+            out.append(pm)
+        return out
+
+    def find(self, spec: str) -> Manifest:
+        """Resolve ``ID-prefix``, ``NAME:latest``, ``NAME`` or ``NAME@TIME``."""
+        ms = self.manifests()
+        if ":" in spec and not spec.endswith(":latest") and "@" not in spec:
+            raise SnapshotNotFound(f"bad snapshot specification {spec!r} (use ID, NAME:latest or NAME@TIME)")
+        if spec.endswith(":latest"):
+            name = spec[: -len(":latest")]
+            cand = [m for m in ms if m.name == name]
+            if not cand:
+                raise SnapshotNotFound(f"no snapshot named {name!r}")
+            return cand[-1]
+        if "@" in spec:
+            name, _, ts = spec.partition("@")
+            limit = parse_time_limit(ts)
+            cand = [m for m in ms if m.name == name and _parse_iso(m.time) <= limit]
+            if not cand:
+                raise SnapshotNotFound(f"no snapshot of {name!r} at or before {ts}")
+            return cand[-1]
+        if re.fullmatch(r"[0-9a-f]{4,64}", spec):
+            cand = [m for m in ms if m.id.startswith(spec)]
+            if len(cand) == 1:
+                return cand[0]
+            if len(cand) > 1:
+                raise SnapshotNotFound(f"snapshot id prefix {spec!r} is ambiguous")
+        cand = [m for m in ms if m.name == spec]
+        if cand:
+            return cand[-1]
+        raise SnapshotNotFound(f"no snapshot matches {spec!r}")
+
+    def latest(self, name: str, full_only: bool = False) -> Manifest | None:
+        cand = [m for m in self.manifests() if m.name == name and (not full_only or is_full(m.kind))]
+        return cand[-1] if cand else None
+
+
+class ChunkWriter:
+    """Appends new chunks to packs; each full pack lands in the repository at once.
+
+    Only the thread that owns it calls ``add``/``flush``.
+    """
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.pack: PackWriter | None = None
+        self.pending: dict[bytes, int] = {}
+        self.finished: list[FinishedPack] = []
+        self.new_chunks = 0
+        self.new_raw = 0
+        self.new_stored = 0
+
+    def has(self, chunk_id: bytes) -> bool:
+        return chunk_id in self.repo.index or chunk_id in self.pending
+
+    def add(self, chunk_id: bytes, blob: bytes, raw_len: int) -> bool:
+        """Store a sealed chunk unless the repository has it; return True if stored."""
+        if self.has(chunk_id):
+            return False
+        if self.pack is None:
+            self.pack = PackWriter(self.repo.backend, self.repo.sealer)
+        self.pack.add(chunk_id, blob, raw_len)
+        self.pending[chunk_id] = raw_len
+        self.new_chunks += 1
+        self.new_raw += raw_len
+        self.new_stored += len(blob)
+        if self.pack.offset >= self.repo.pack_size:
+            self._finish_pack()
+        return True
+
+    def _finish_pack(self) -> None:
+        assert self.pack is not None
+        fp = self.pack.finish()
+        self.pack = None
+        self.repo.index.add_pack(fp.pack_id, fp.entries, fp.size)
+        for cid in fp.entries["id"].tolist():
+            self.pending.pop(cid, None)
+        self.finished.append(fp)
+
+    def flush(self) -> None:
+        """Make every added chunk durable and indexed."""
+        if self.pack is not None and len(self.pack):
+            self._finish_pack()
+        if self.finished:
+            self.repo.write_index([(fp.pack_id, fp.entries) for fp in self.finished])
+            self.finished = []
+
+    def abandon(self) -> None:
+        if self.pack is not None:
+            self.pack.abandon()
+            self.pack = None
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_iso(s: str) -> datetime:
+    return datetime.strptime(s, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+def parse_time_limit(ts: str) -> datetime:
+    """The latest instant a ``NAME@TIME`` spec admits (a date means the end of that day); UTC."""
+    ts = ts.strip().rstrip("Z")
+    fmts = [("%Y-%m-%dT%H:%M:%S", 1), ("%Y-%m-%dT%H:%M", 60), ("%Y-%m-%d %H:%M:%S", 1),
+            ("%Y-%m-%d %H:%M", 60), ("%Y-%m-%d", 86400)]
+    for fmt, span in fmts:
+        try:
+            t = datetime.strptime(ts, fmt).replace(tzinfo=UTC)
+        except ValueError:
+            continue
+        return datetime.fromtimestamp(t.timestamp() + span - 1e-6, UTC)
+    raise SnapshotNotFound(f"cannot parse time {ts!r} (use YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS], UTC)")
+
+
+def _lock_stale(d: dict) -> bool:
+    if d.get("host") == socket.gethostname():
+        try:
+            os.kill(int(d.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError, OverflowError):
+            return False
+        return False
+    try:
+        age = time.time() - _parse_iso(d["time"]).timestamp()
+    except (KeyError, ValueError):
+        return False
+    return age > 7 * 86400
+
+
+__all__ = ["Repository", "ChunkWriter", "ENC_AES", "ENC_NONE"]
