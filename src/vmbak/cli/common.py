@@ -74,5 +74,5 @@ def log(args: argparse.Namespace):  # noqa: ANN201
 def emit(args: argparse.Namespace, data: Any, text: str | None) -> None:
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
-    elif text is not None and not (args.quiet and not text):
+    elif text is not None and not args.quiet:
         print(text)

@@ -246,7 +246,7 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
             order = np.argsort(np.asarray(ext_start, np.uint64), kind="stable")
             m.ext_start = np.asarray(ext_start, np.uint64)[order]
             m.ext_count = np.asarray(ext_count, np.uint32)[order]
-            m.ext_id = np.asarray(ext_id, "S32")[order] if ext_id else np.zeros(0, "S32")
+            m.ext_id = np.asarray(ext_id, "V32")[order] if ext_id else np.zeros(0, "V32")
             m.bht_count = len(table)
             m.bht_chunks = store_bht(writer, repo, table)
             writer.flush()

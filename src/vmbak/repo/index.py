@@ -24,7 +24,7 @@ from vmbak.errors import IntegrityError
 
 INDEX_MAGIC = b"VMBKIDX1"
 INDEX_AAD = b"vmbak-index"
-INDEX_ENTRY = np.dtype([("id", "S32"), ("pack", "<u4"), ("off", "<u8"), ("len", "<u4"), ("raw", "<u4")])
+INDEX_ENTRY = np.dtype([("id", "V32"), ("pack", "<u4"), ("off", "<u8"), ("len", "<u4"), ("raw", "<u4")])
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ class Manifest:
     newly_unused: np.ndarray | None = None  # incremental/differential: bool per block
     ext_start: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     ext_count: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
-    ext_id: np.ndarray = field(default_factory=lambda: np.zeros(0, "S32"))
+    ext_id: np.ndarray = field(default_factory=lambda: np.zeros(0, "V32"))
     bht_chunks: list[bytes] = field(default_factory=list)
     bht_count: int = 0
     stats: dict = field(default_factory=dict)
@@ -116,8 +116,8 @@ def encode_manifest(m: Manifest) -> bytes:
     ne = len(m.ext_start)
     arrays.append(("ext_start", "<u8", ne, np.ascontiguousarray(m.ext_start, dtype="<u8").tobytes()))
     arrays.append(("ext_count", "<u4", ne, np.ascontiguousarray(m.ext_count, dtype="<u4").tobytes()))
-    arrays.append(("ext_id", "S32", ne, np.ascontiguousarray(m.ext_id, dtype="S32").tobytes()))
-    arrays.append(("bht_chunks", "S32", len(m.bht_chunks), b"".join(m.bht_chunks)))
+    arrays.append(("ext_id", "V32", ne, np.ascontiguousarray(m.ext_id, dtype="V32").tobytes()))
+    arrays.append(("bht_chunks", "V32", len(m.bht_chunks), b"".join(m.bht_chunks)))
     header = {
         "version": MANIFEST_VERSION,
         "name": m.name,

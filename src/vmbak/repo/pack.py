@@ -25,7 +25,7 @@ from vmbak.repo.crypto import Sealer
 
 PACK_MAGIC = b"VMBKPAK1"
 TRAILER = struct.Struct("<I8s")
-PACK_ENTRY = np.dtype([("id", "S32"), ("off", "<u8"), ("len", "<u4"), ("raw", "<u4")])
+PACK_ENTRY = np.dtype([("id", "V32"), ("off", "<u8"), ("len", "<u4"), ("raw", "<u4")])
 HEADER_AAD = b"vmbak-packheader"
 
 CODEC_RAW = 0
