@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                    help="change source: scan (hash every block against the parent) or full (everything)")
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="tracking block size (bytes)")
     p.add_argument("--workers", type=int, default=2, help="worker threads (default 2)")
+    p.add_argument("--no-skip-unused", dest="skip_unused", action="store_false",
+                   help="read and store blocks that no filesystem uses (default: skip them)")
     p.set_defaults(func=cmd_backup)
 
 
@@ -39,7 +41,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     with RawDisk(args.disk) as disk:
         opts = BackupOptions(name=args.name, mode=args.mode, changes=args.changes, block_size=args.block_size,
                              workers=args.workers, progress=progress(args), log=log(args),
-                             source=disk.description)
+                             source=disk.description, skip_unused=args.skip_unused)
         m = backup(repo, disk, opts)
     s = m.stats
     text = (f"snapshot {m.short_id} saved ({m.kind}, source {m.change_source}): "

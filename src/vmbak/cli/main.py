@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 
 from vmbak import __version__
@@ -40,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
             mod = importlib.import_module(f"vmbak.cli.{g}")
         except ImportError:
             continue
-        mod.register(sub, common)
+        if len(inspect.signature(mod.register).parameters) >= 2:
+            mod.register(sub, common)
+        else:
+            mod.register(sub)
     return p
 
 

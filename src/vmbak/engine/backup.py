@@ -38,7 +38,8 @@ class BackupOptions:
     change_map: ChangeMap | None = None
     block_size: int = DEFAULT_BLOCK_SIZE
     workers: int = 2
-    used: np.ndarray | None = None  # bool per block; None = all used
+    used: np.ndarray | None = None  # bool per block; None = computed (skip_unused) or all used
+    skip_unused: bool = True
     usage_notes: list[str] = field(default_factory=list)
     source: str = ""
     progress: Progress | None = None
@@ -180,7 +181,9 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
             parent_bht = resolve_bht(repo, chain)
             reference = parent.id
             source = "scan"
-        used = opts.used if opts.used is not None else np.ones(nblocks, bool)
+        used = opts.used
+        if used is None:
+            used = used_map(disk, bs, opts.skip_unused, note)
         if len(used) != nblocks:
             raise VmbakError("internal error: used map has the wrong length")
         # What to read: blocks that may hold data, are used, and may have changed.
@@ -272,6 +275,27 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
             progress.close()
             raise
     return m
+
+
+def used_map(disk: DiskReader, bs: int, skip_unused: bool, note: Callable[[str], None]) -> np.ndarray:
+    """The blocks some partition or filesystem uses; all blocks when unknown or turned off."""
+    nblocks = (disk.size + bs - 1) // bs
+    if not skip_unused:
+        return np.ones(nblocks, bool)
+    try:
+        from vmbak import usage
+    except ImportError:
+        return np.ones(nblocks, bool)
+    if not hasattr(usage, "analyze"):
+        return np.ones(nblocks, bool)
+    u = usage.analyze(disk, bs)
+    for n in u.notes:
+        note(f"usage: {n}")
+    used = np.asarray(u.used_bitmap(bs), bool)
+    if len(used) != nblocks:
+        note("usage: map has the wrong size; every block counts as used")
+        return np.ones(nblocks, bool)
+    return used
 
 
 def snapshot_time_now() -> str:
