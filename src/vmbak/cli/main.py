@@ -39,12 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     for g in OPTIONAL_GROUPS:
         try:
             mod = importlib.import_module(f"vmbak.cli.{g}")
+            if len(inspect.signature(mod.register).parameters) >= 2:
+                mod.register(sub, common)
+            else:
+                mod.register(sub)
         except ImportError:
             continue
-        if len(inspect.signature(mod.register).parameters) >= 2:
-            mod.register(sub, common)
-        else:
-            mod.register(sub)
     return p
 
 
