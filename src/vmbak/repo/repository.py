@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures as cf
 import json
 import os
 import re
@@ -394,19 +396,26 @@ class Repository:
 
 
 class ChunkWriter:
-    """Appends new chunks to packs; each full pack lands in the repository at once.
+    """Collects new chunks into packs; full packs are written, flushed to stable storage
+    and moved into place by a background thread, so the pipeline never waits on fsync.
 
-    Only the thread that owns it calls ``add``/``flush``.
+    Only the thread that owns it calls ``add``/``flush``; ``has`` may be called from any.
     """
+
+    MAX_INFLIGHT_PACKS = 2
 
     def __init__(self, repo: Repository) -> None:
         self.repo = repo
-        self.pack: PackWriter | None = None
         self.pending: dict[bytes, int] = {}
         self.finished: list[FinishedPack] = []
         self.new_chunks = 0
         self.new_raw = 0
         self.new_stored = 0
+        self._blobs: list[bytes] = []
+        self._meta: list[tuple[bytes, int]] = []
+        self._bytes = 0
+        self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="vmbak-pack")
+        self._inflight: collections.deque[tuple[cf.Future, list[bytes]]] = collections.deque()
 
     def has(self, chunk_id: bytes) -> bool:
         return chunk_id in self.repo.index or chunk_id in self.pending
@@ -415,38 +424,67 @@ class ChunkWriter:
         """Store a sealed chunk unless the repository has it; return True if stored."""
         if self.has(chunk_id):
             return False
-        if self.pack is None:
-            self.pack = PackWriter(self.repo.backend, self.repo.sealer)
-        self.pack.add(chunk_id, blob, raw_len)
+        self._blobs.append(blob)
+        self._meta.append((chunk_id, raw_len))
+        self._bytes += len(blob)
         self.pending[chunk_id] = raw_len
         self.new_chunks += 1
         self.new_raw += raw_len
         self.new_stored += len(blob)
-        if self.pack.offset >= self.repo.pack_size:
-            self._finish_pack()
+        if self._bytes >= self.repo.pack_size:
+            self._submit()
+        self._reap(block=False)
         return True
 
-    def _finish_pack(self) -> None:
-        assert self.pack is not None
-        fp = self.pack.finish()
-        self.pack = None
-        self.repo.index.add_pack(fp.pack_id, fp.entries, fp.size)
-        for cid in fp.entries["id"].tolist():
-            self.pending.pop(cid, None)
-        self.finished.append(fp)
+    def _write_pack(self, blobs: list[bytes], meta: list[tuple[bytes, int]]) -> FinishedPack:
+        pw = PackWriter(self.repo.backend, self.repo.sealer)
+        try:
+            for blob, (cid, raw) in zip(blobs, meta, strict=True):
+                pw.add(cid, blob, raw)
+            return pw.finish()
+        except BaseException:
+            pw.abandon()
+            raise
+
+    def _submit(self) -> None:
+        if not self._blobs:
+            return
+        blobs, meta = self._blobs, self._meta
+        self._blobs, self._meta, self._bytes = [], [], 0
+        fut = self._pool.submit(self._write_pack, blobs, meta)
+        self._inflight.append((fut, [cid for cid, _ in meta]))
+        while len(self._inflight) > self.MAX_INFLIGHT_PACKS:
+            self._reap(block=True, limit=1)
+
+    def _reap(self, block: bool, limit: int | None = None) -> None:
+        n = 0
+        while self._inflight and (block or self._inflight[0][0].done()):
+            fut, _ids = self._inflight.popleft()
+            fp = fut.result()
+            self.repo.index.add_pack(fp.pack_id, fp.entries, fp.size)
+            for cid in fp.entries["id"].tolist():
+                self.pending.pop(cid, None)
+            self.finished.append(fp)
+            n += 1
+            if limit is not None and n >= limit:
+                break
 
     def flush(self) -> None:
         """Make every added chunk durable and indexed."""
-        if self.pack is not None and len(self.pack):
-            self._finish_pack()
+        self._submit()
+        self._reap(block=True)
         if self.finished:
             self.repo.write_index([(fp.pack_id, fp.entries) for fp in self.finished])
             self.finished = []
+        self._pool.shutdown(wait=True)
 
     def abandon(self) -> None:
-        if self.pack is not None:
-            self.pack.abandon()
-            self.pack = None
+        """Stop: drop chunks not yet handed to a pack; packs already being written still land."""
+        self._blobs, self._meta = [], []
+        for fut, _ in self._inflight:
+            fut.cancel()
+        self._pool.shutdown(wait=True)
+        self._inflight.clear()
 
 
 def _now_iso() -> str:
