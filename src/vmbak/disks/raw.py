@@ -63,24 +63,7 @@ class RawDisk:
             if end > start:
                 yield (start, end - start)
             return
-        pos = start
-        while pos < end:
-            try:
-                data = os.lseek(self.fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:  # no more data
-                    return
-                yield (pos, end - pos)  # filesystem without SEEK_DATA: all data
-                return
-            if data >= end:
-                return
-            try:
-                hole = os.lseek(self.fd, data, os.SEEK_HOLE)
-            except OSError:
-                hole = end
-            hole = min(hole, end)
-            yield (data, hole - data)
-            pos = hole
+        yield from file_data_extents(self.fd, start, end)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -92,3 +75,25 @@ class RawDisk:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def file_data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) ranges of a regular file that may hold data, via SEEK_DATA/SEEK_HOLE."""
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no more data
+                return
+            yield (pos, end - pos)  # no SEEK_DATA support: all data
+            return
+        if data >= end:
+            return
+        try:
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+        except OSError:
+            hole = end
+        hole = min(hole, end)
+        yield (data, hole - data)
+        pos = hole

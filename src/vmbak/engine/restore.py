@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vmbak.disks.raw import file_data_extents
 from vmbak.engine.common import BHT_DTYPE, bounded_map, range_text, resolve_bht, runs
 from vmbak.engine.progress import NoProgress, Progress
 from vmbak.errors import DiskError, IntegrityError, VmbakError
@@ -232,7 +233,7 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
             progress.close()
             verified = False
             if expected is not None:
-                _verify(repo, tgt, expected, bs, size, snapshot, workers, progress)
+                _verify(repo, tgt, expected, data_mask, bs, size, snapshot, workers, progress)
                 verified = True
             tgt.commit()
             ok = True
@@ -255,15 +256,37 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
     }
 
 
-def _verify(repo: Repository, tgt: RestoreTarget, expected: np.ndarray, bs: int, size: int,
-            snapshot: Manifest, workers: int, progress: Progress) -> None:
-    """Re-read the target and compare every block with the snapshot's block hashes."""
-    n = len(expected)
-    step = max(1, (8 << 20) // bs)
-    sealer = repo.sealer
+def _verify(repo: Repository, tgt: RestoreTarget, expected: np.ndarray, data_mask: np.ndarray, bs: int,
+            size: int, snapshot: Manifest, workers: int, progress: Progress) -> None:
+    """Re-read the target and compare every block with the snapshot's block hashes.
 
-    def check(start: int) -> np.ndarray:
-        cnt = min(step, n - start)
+    Holes in a regular-file target read as zeros without being read; a new file's
+    never-written blocks are holes by construction, so only written blocks (and any
+    block expected to hold data) are read back.
+    """
+    n = len(expected)
+    sealer = repo.sealer
+    check_mask = np.ones(n, bool)
+    if tgt.created:
+        check_mask = data_mask | expected.any(axis=1)
+    if tgt.is_file:
+        has_data = np.zeros(n, bool)
+        for off, ln in file_data_extents(tgt.fd, 0, size):
+            has_data[off // bs:(off + ln + bs - 1) // bs] = True
+        # Blocks in holes read as zeros: they match only a zero row.
+        hole_bad = check_mask & ~has_data & expected.any(axis=1)
+        check_mask &= has_data
+    else:
+        hole_bad = np.zeros(n, bool)
+    step = max(1, (8 << 20) // bs)
+    pieces = []
+    rs, rl = runs(check_mask)
+    for s, c in zip(rs.tolist(), rl.tolist(), strict=True):
+        for a in range(s, s + c, step):
+            pieces.append((a, min(step, s + c - a)))
+
+    def check(piece: tuple[int, int]) -> np.ndarray:
+        start, cnt = piece
         want = min(cnt * bs, size - start * bs)
         data = tgt.read(want, start * bs)
         if len(data) != want:
@@ -276,19 +299,21 @@ def _verify(repo: Repository, tgt: RestoreTarget, expected: np.ndarray, bs: int,
             h[j] = np.frombuffer(sealer.block_hash(mv[j * bs:(j + 1) * bs]), BHT_DTYPE)
         return (h != expected[start:start + cnt]).any(axis=1)
 
-    progress.start(size, "verify")
+    total = sum(c for _, c in pieces) * bs
+    progress.start(total, "verify")
     bad_parts = []
+    if hole_bad.any():
+        bad_parts.append((0, hole_bad))
     with cf.ThreadPoolExecutor(max(1, workers), thread_name_prefix="vmbak-verify") as pool:
-        for start, bad in zip(range(0, n, step), bounded_map(pool, check, range(0, n, step), 2 * workers + 2),
-                              strict=True):
+        for (start, cnt), bad in zip(pieces, bounded_map(pool, check, pieces, 2 * workers + 2), strict=True):
             if bad.any():
                 bad_parts.append((start, bad))
-            progress.advance(min(step * bs, size - start * bs))
+            progress.advance(cnt * bs)
     progress.close()
     if bad_parts:
         mask = np.zeros(n, bool)
         for start, bad in bad_parts:
-            mask[start:start + len(bad)] = bad
+            mask[start:start + len(bad)] |= bad
         rs, rl = runs(mask)
         raise IntegrityError(f"restore verification failed: blocks {range_text(rs.tolist(), rl.tolist())} of "
                              f"snapshot {snapshot.short_id} differ from the backup")
