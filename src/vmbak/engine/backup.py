@@ -19,7 +19,7 @@ import numpy as np
 
 from vmbak.changes.base import ChangeMap
 from vmbak.disks.base import DiskReader
-from vmbak.engine.common import BHT_DTYPE, bounded_map, resolve_bht, runs, store_bht
+from vmbak.engine.common import BHT_DTYPE, bounded_map, range_text, resolve_bht, runs, store_bht
 from vmbak.engine.progress import NoProgress, Progress
 from vmbak.errors import DiskError, VmbakError
 from vmbak.repo.manifest import DIFFERENTIAL, FULL, INCREMENTAL, Manifest
@@ -36,6 +36,8 @@ class BackupOptions:
     mode: str = "auto"
     changes: str = "auto"  # "auto", "scan" or "full"; a ChangeMap comes through change_map
     change_map: ChangeMap | None = None
+    change_id: str | None = None  # the reference point this backup captures (tracker change ID, ...)
+    verify_changes: bool = False  # also scan everything and report blocks the change source missed
     block_size: int = DEFAULT_BLOCK_SIZE
     workers: int = 2
     used: np.ndarray | None = None  # bool per block; None = computed (skip_unused) or all used
@@ -188,11 +190,18 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
             raise VmbakError("internal error: used map has the wrong length")
         # What to read: blocks that may hold data, are used, and may have changed.
         considered = np.ones(nblocks, bool)
+        tracked: np.ndarray | None = None
         if parent is not None and opts.change_map is not None:
             cm = opts.change_map
             if cm.block_size != bs or len(cm.bitmap) != nblocks:
                 raise VmbakError("change map geometry does not match the disk")
             considered = cm.bitmap.astype(bool).copy()
+            tracked = considered.copy()
+            if opts.verify_changes:
+                considered[:] = True
+            # Blocks freed since the parent become zeros even if the source did not see them.
+            assert parent_bht is not None
+            considered |= ~used & parent_bht.any(axis=1)
             source = cm.source
             reference = cm.reference or reference
             notes.extend(cm.notes)
@@ -212,6 +221,7 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
         ext_count: list[int] = []
         ext_id: list[bytes] = []
         read_bytes = zero_blocks = dedup_bytes = 0
+        extra_stats: dict = {}
         total = int(np.count_nonzero(to_read)) * bs
         progress.start(min(total, size), "backup")
         try:
@@ -235,7 +245,7 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
                 chunk_blocks=grid, source=opts.source or disk.description,
                 hostname=socket.gethostname(), change_source=source,
                 parent=parent.id if parent is not None else None, reference=reference,
-                change_id=opts.change_map.new_reference if opts.change_map is not None else None,
+                change_id=opts.change_id or (opts.change_map.new_reference if opts.change_map else None),
             )
             if parent is None:
                 m.used = used
@@ -245,6 +255,17 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
                 differs = (cur != parent_bht).any(axis=1)
                 m.changed = considered & used & differs
                 m.newly_unused = considered & ~used & differs
+                if tracked is not None and opts.verify_changes:
+                    missed = (m.changed | m.newly_unused) & ~tracked
+                    n_missed = int(np.count_nonzero(missed))
+                    extra_stats["verify_missed_blocks"] = n_missed
+                    extra_stats["verify_reported_blocks"] = int(np.count_nonzero(tracked))
+                    if n_missed:
+                        ms, ml = runs(missed)
+                        note(f"verify-changes: the change source missed {n_missed} changed blocks "
+                             f"({range_text(ms.tolist(), ml.tolist())}); they are included in this backup")
+                    else:
+                        note("verify-changes: the change source reported every changed block (0 missed)")
                 table = cur[m.changed | m.newly_unused]
             order = np.argsort(np.asarray(ext_start, np.uint64), kind="stable")
             m.ext_start = np.asarray(ext_start, np.uint64)[order]
@@ -254,7 +275,7 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
             m.bht_chunks = store_bht(writer, repo, table)
             writer.flush()
             changed_blocks = nblocks if parent is None else int(np.count_nonzero(m.changed))
-            m.stats = {
+            m.stats = extra_stats | {
                 "logical_bytes": size,
                 "considered_bytes": min(int(np.count_nonzero(considered)) * bs, size),
                 "used_bytes": min(int(np.count_nonzero(used)) * bs, size),
