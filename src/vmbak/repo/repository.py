@@ -200,6 +200,8 @@ class Repository:
                 except (RepositoryError, ValueError):
                     continue
                 if _lock_stale(d):
+                    if d.get("host") == socket.gethostname():
+                        self.backend.delete(other)  # its process is gone
                     continue
                 if exclusive or d.get("exclusive"):
                     raise RepositoryError(
