@@ -42,11 +42,12 @@ def backup(repo: Repository, disk: str | os.PathLike[str] | DiskReader, name: st
 
 def restore(repo: Repository, snapshot: str | Manifest, target: str | os.PathLike[str] | RestoreTarget, *,
             overwrite: bool = False, verify: bool = True, workers: int = 2,
-            progress: Progress | None = None) -> dict:
+            progress: Progress | None = None, sync: bool = False) -> dict:
     """Restore a snapshot (a Manifest, an id prefix, ``NAME:latest`` or ``NAME@TIME``) to a raw file or device."""
     m = repo.find(snapshot) if isinstance(snapshot, str) else snapshot
     tgt = target if isinstance(target, RestoreTarget) else os.fspath(target)
-    return _restore(repo, m, tgt, overwrite=overwrite, verify=verify, workers=workers, progress=progress)
+    return _restore(repo, m, tgt, overwrite=overwrite, verify=verify, workers=workers, progress=progress,
+                    sync=sync)
 
 
 def check(repo: Repository, read_data: bool = False) -> CheckReport:

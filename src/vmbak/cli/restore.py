@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument("target", metavar="TARGET", help="new file, or existing file/block device")
     p.add_argument("--overwrite", action="store_true", help="allow writing over an existing regular file")
     p.add_argument("--no-verify", action="store_true", help="skip re-reading the target after writing")
+    p.add_argument("--sync", action="store_true",
+                   help="flush the restored data to stable storage before reporting success")
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_restore)
 
@@ -35,7 +37,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     repo = open_repo(args)
     m = repo.find(args.snapshot)
     r = restore(repo, m, args.target, overwrite=args.overwrite, verify=not args.no_verify,
-                workers=args.workers, progress=progress(args))
+                workers=args.workers, progress=progress(args), sync=args.sync)
     text = (f"restored snapshot {m.short_id} ({m.name}, {m.time}) to {r['target']}: "
             f"{human(r['written_bytes'])} written from a chain of {r['chain_length']}"
             + (", verified" if r["verified"] else "") + f" in {r['duration_s']} s")

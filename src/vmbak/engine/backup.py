@@ -19,7 +19,7 @@ import numpy as np
 
 from vmbak.changes.base import ChangeMap
 from vmbak.disks.base import DiskReader
-from vmbak.engine.common import BHT_DTYPE, bounded_map, range_text, resolve_bht, runs, store_bht
+from vmbak.engine.common import BHT_DTYPE, bounded_map, hash_blocks, range_text, resolve_bht, runs, store_bht
 from vmbak.engine.progress import NoProgress, Progress
 from vmbak.errors import DiskError, VmbakError
 from vmbak.repo.manifest import DIFFERENTIAL, FULL, INCREMENTAL, Manifest
@@ -90,7 +90,7 @@ class _Pipeline:
         self.grid = grid
         self.parent_bht = parent_bht
         self.writer_has = writer_has
-        self.zero = bytes(bs)
+        self.zero_hash = np.frombuffer(repo.sealer.block_hash(bytes(bs)), BHT_DTYPE)
 
     def work(self, task: _Task) -> _Result:
         bs = self.bs
@@ -103,18 +103,10 @@ class _Pipeline:
                 raise DiskError(f"short read from {self.disk.description} at offset {s * bs} "
                                 "(did the disk shrink during the backup?)")
             res.read_bytes += want
-            if want < n * bs:  # the last, partial block: pad for the vector test only
-                arr = np.frombuffer(data + bytes(n * bs - want), np.uint64)
-            else:
-                arr = np.frombuffer(data, np.uint64)
-            nonzero = arr.reshape(n, bs // 8).any(axis=1)
-            h = np.zeros((n, 2), BHT_DTYPE)
+            h, nonzero = hash_blocks(sealer.block_hash, data, n, bs, self.zero_hash)
             mv = memoryview(data)
-            nz = np.flatnonzero(nonzero).tolist()
-            for j in nz:
-                h[j] = np.frombuffer(sealer.block_hash(mv[j * bs:(j + 1) * bs]), BHT_DTYPE)
             res.hashes.append(h)
-            res.zero_blocks += n - len(nz)
+            res.zero_blocks += n - int(np.count_nonzero(nonzero))
             store = nonzero
             if self.parent_bht is not None:
                 store = nonzero & (h != self.parent_bht[s:s + n]).any(axis=1)

@@ -19,6 +19,24 @@ BHT_DTYPE = np.dtype("<u8")
 BHT_PIECE = 1 << 20  # bytes of hash table per stored chunk
 
 
+def hash_blocks(block_hash: Callable[[memoryview], bytes], data: bytes, n: int, bs: int,
+                zero_hash: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hash ``n`` blocks of ``data`` (the last may be short); return the (n, 2) hash rows,
+    with zero rows for all-zero blocks, and the non-zero mask.
+
+    A block is zero when its hash is the zero block's hash: one pass over the data
+    instead of a separate zero test.
+    """
+    mv = memoryview(data)
+    digests = b"".join([block_hash(mv[j * bs:(j + 1) * bs]) for j in range(n)])
+    h = np.frombuffer(digests, BHT_DTYPE).reshape(n, 2).copy()
+    nonzero = (h != zero_hash).any(axis=1)
+    if len(data) < n * bs:  # the last block is partial: compare with a short zero block
+        nonzero[-1] = data[(n - 1) * bs:] != bytes(len(data) - (n - 1) * bs)
+    h[~nonzero] = 0
+    return h, nonzero
+
+
 def runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Start indices and lengths of the runs of True in a bool array (vectorised)."""
     if mask.size == 0:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vmbak.disks.raw import file_data_extents
-from vmbak.engine.common import BHT_DTYPE, bounded_map, range_text, resolve_bht, runs
+from vmbak.engine.common import BHT_DTYPE, bounded_map, hash_blocks, range_text, resolve_bht, runs
 from vmbak.engine.progress import NoProgress, Progress
 from vmbak.errors import DiskError, IntegrityError, VmbakError
 from vmbak.repo.manifest import Manifest
@@ -108,8 +108,9 @@ class RestoreTarget:
     def read(self, length: int, offset: int) -> bytes:
         return os.pread(self.fd, length, offset)
 
-    def commit(self) -> None:
-        os.fsync(self.fd)
+    def commit(self, sync: bool = False) -> None:
+        if sync:
+            os.fsync(self.fd)
         if self.created:
             os.replace(self.path, self.final_path)
             self.path = self.final_path
@@ -174,7 +175,7 @@ def plan(chain: list[Manifest]) -> tuple[list[_Job], np.ndarray]:
 
 def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *,
             overwrite: bool = False, verify: bool = True, workers: int = 2,
-            progress: Progress | None = None) -> dict:
+            progress: Progress | None = None, sync: bool = False) -> dict:
     """Restore ``snapshot`` to ``target`` (a path or a RestoreTarget); return statistics."""
     progress = progress or NoProgress()
     t0 = time.monotonic()
@@ -235,7 +236,7 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
             if expected is not None:
                 _verify(repo, tgt, expected, data_mask, bs, size, snapshot, workers, progress)
                 verified = True
-            tgt.commit()
+            tgt.commit(sync)
             ok = True
         finally:
             progress.close()
@@ -266,6 +267,7 @@ def _verify(repo: Repository, tgt: RestoreTarget, expected: np.ndarray, data_mas
     """
     n = len(expected)
     sealer = repo.sealer
+    zero_hash = np.frombuffer(sealer.block_hash(bytes(bs)), BHT_DTYPE)
     check_mask = np.ones(n, bool)
     if tgt.created:
         check_mask = data_mask | expected.any(axis=1)
@@ -291,12 +293,7 @@ def _verify(repo: Repository, tgt: RestoreTarget, expected: np.ndarray, data_mas
         data = tgt.read(want, start * bs)
         if len(data) != want:
             raise VmbakError(f"restore verification: short read from {tgt.final_path}")
-        pad = data + bytes(cnt * bs - want) if want < cnt * bs else data
-        nonzero = np.frombuffer(pad, np.uint64).reshape(cnt, bs // 8).any(axis=1)
-        h = np.zeros((cnt, 2), BHT_DTYPE)
-        mv = memoryview(data)
-        for j in np.flatnonzero(nonzero).tolist():
-            h[j] = np.frombuffer(sealer.block_hash(mv[j * bs:(j + 1) * bs]), BHT_DTYPE)
+        h, _ = hash_blocks(sealer.block_hash, data, cnt, bs, zero_hash)
         return (h != expected[start:start + cnt]).any(axis=1)
 
     total = sum(c for _, c in pieces) * bs

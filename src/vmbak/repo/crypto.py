@@ -179,7 +179,8 @@ class Sealer:
             if len(blob) < 1 + NONCE_LEN + TAG_LEN:
                 raise IntegrityError(f"{what}: truncated")
             try:
-                return self._aead.decrypt(bytes(blob[1:1 + NONCE_LEN]), bytes(blob[1 + NONCE_LEN:]), aad)
+                mv = memoryview(blob)
+                return self._aead.decrypt(mv[1:1 + NONCE_LEN], mv[1 + NONCE_LEN:], aad)
             except InvalidTag:
                 raise IntegrityError(f"{what}: authentication failed (corrupt or tampered data)") from None
         raise IntegrityError(f"{what}: unknown envelope type {kind}")
