@@ -56,9 +56,11 @@ def check(repo: Repository, read_data: bool = False, workers: int = 2,
         # 2. packs: every indexed pack exists, and its header agrees with the index
         present = {name.rsplit("/", 1)[-1]: size for name, size in repo.backend.list("data")}
         rep.packs = len(present)
+        bad_chunks: dict[bytes, str] = {}
         for pid in sorted(set(claimed) - set(present)):
             rep.errors.append(f"pack {pid[:16]} is named by the index but missing")
-        bad_chunks: dict[bytes, str] = {}
+            for cid in claimed[pid]["id"].tolist():
+                bad_chunks[cid] = f"pack {pid[:16]} is missing"
         for pid in sorted(set(claimed) & set(present)):
             try:
                 hdr = read_header(repo.backend, repo.sealer, pid, present[pid])
@@ -127,33 +129,52 @@ def check(repo: Repository, read_data: bool = False, workers: int = 2,
             rep.errors.append(str(e))
             ms = []
         rep.snapshots = len(ms)
-        for m in ms:
-            _check_manifest(repo, m, index, bad_chunks, rep)
+        _check_manifests(repo, ms, index, bad_chunks, rep)
     return rep
 
 
-def _check_manifest(repo: Repository, m: Manifest, index, bad_chunks: dict[bytes, str],  # noqa: ANN001
-                    rep: CheckReport) -> None:
-    problems: list[str] = []
+def _own_damage(m: Manifest, index, bad_chunks: dict[bytes, str]) -> tuple[np.ndarray | None, bool]:  # noqa: ANN001
+    """Blocks of ``m``'s own extents whose chunks are missing or corrupt, and whether its
+    block hash table is damaged."""
     ids = m.ext_id.tolist()
     missing = np.array([cid not in index or cid in bad_chunks for cid in ids], bool)
+    mask = None
     if missing.any():
         mask = np.zeros(m.block_count, bool)
         for j in np.flatnonzero(missing).tolist():
             s, c = int(m.ext_start[j]), int(m.ext_count[j])
             mask[s:s + c] = True
-        rs, rl = runs(mask)
-        problems.append(f"blocks {range_text(rs.tolist(), rl.tolist())} missing or corrupt")
-    for cid in m.bht_chunks:
-        if cid not in index or cid in bad_chunks:
-            problems.append("block hash table missing or corrupt")
-            break
-    if m.parent is not None:
+    bht_bad = any(cid not in index or cid in bad_chunks for cid in m.bht_chunks)
+    return mask, bht_bad
+
+
+def _check_manifests(repo: Repository, ms: list[Manifest], index, bad_chunks: dict[bytes, str],  # noqa: ANN001
+                     rep: CheckReport) -> None:
+    """Name every snapshot whose restore would meet a missing or corrupt chunk, with the
+    block ranges affected, following each incremental's chain to its full."""
+    own = {m.id: _own_damage(m, index, bad_chunks) for m in ms}
+    for m in ms:
+        problems: list[str] = []
         try:
-            repo.chain(m)
+            chain = repo.chain(m)
         except RepositoryError as e:
+            chain = [m]
             problems.append(str(e))
-    if problems:
-        rep.damaged_snapshots[m.id] = problems
-        for p in problems:
-            rep.errors.append(f"snapshot {m.short_id} ({m.name} {m.time}): {p}")
+        damaged = np.zeros(m.block_count, bool)
+        unrestored = np.ones(m.block_count, bool)
+        for level in chain:
+            mask, bht_bad = own.get(level.id) or _own_damage(level, index, bad_chunks)
+            if bht_bad:
+                problems.append("block hash table missing or corrupt"
+                                + (f" (in parent {level.short_id})" if level is not m else ""))
+            cov = level.covered()
+            if mask is not None and len(mask) == len(damaged):
+                damaged |= mask & unrestored & cov
+            unrestored &= ~cov
+        if damaged.any():
+            rs, rl = runs(damaged)
+            problems.insert(0, f"blocks {range_text(rs.tolist(), rl.tolist())} missing or corrupt")
+        if problems:
+            rep.damaged_snapshots[m.id] = problems
+            for p in problems:
+                rep.errors.append(f"snapshot {m.short_id} ({m.name} {m.time}): {p}")

@@ -500,7 +500,7 @@ def _parse_iso(s: str) -> datetime:
 def parse_time_limit(ts: str) -> datetime:
     """The latest instant a ``NAME@TIME`` spec admits (a date means the end of that day); UTC."""
     ts = ts.strip().rstrip("Z")
-    fmts = [("%Y-%m-%dT%H:%M:%S", 1), ("%Y-%m-%dT%H:%M", 60), ("%Y-%m-%d %H:%M:%S", 1),
+    fmts = [("%Y-%m-%dT%H:%M:%S.%f", 1e-6), ("%Y-%m-%dT%H:%M:%S", 1), ("%Y-%m-%dT%H:%M", 60), ("%Y-%m-%d %H:%M:%S", 1),
             ("%Y-%m-%d %H:%M", 60), ("%Y-%m-%d", 86400)]
     for fmt, span in fmts:
         try:
