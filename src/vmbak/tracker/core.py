@@ -259,12 +259,18 @@ class Mrt:
             if pend:
                 new[np.fromiter(pend, np.int64, len(pend))] = True
             hdr = self._hdr(fields)
-            _pwrite_all(self.fd, hdr, PAGE * (self.generation % 2))
-            os.fdatasync(self.fd)
             changed = np.flatnonzero(new != self.bits)
-            self.bits = new
-            self._write_pages(set((changed // MRT_PAGE_BITS).tolist()))
-            os.fdatasync(self.fd)
+            try:
+                _pwrite_all(self.fd, hdr, PAGE * (self.generation % 2))
+                os.fdatasync(self.fd)
+                self.bits = new
+                self._write_pages(set((changed // MRT_PAGE_BITS).tolist()))
+                os.fdatasync(self.fd)
+            except OSError:
+                # the pages on disk are unknown now: make every later write mark its region again
+                self.bits = self.bits | new
+                self.durable[:] = False
+                raise
             self.syncs += 2
             self.durable = new.copy()
 

@@ -1,0 +1,1 @@
+"""Tests of the foundation: repository, backup, restore, check, CLI and API."""

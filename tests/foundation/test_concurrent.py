@@ -1,0 +1,60 @@
+"""Two backups of different disks into one repository at the same time."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+MiB = 1 << 20
+
+
+def interval(snap: dict) -> tuple[float, float]:
+    """(start, end) of a backup in seconds since the epoch, from its snapshot summary."""
+    start = datetime.strptime(snap["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+    return start, start + snap["stats"]["duration_s"]
+
+
+@pytest.mark.parametrize("encryption", ["none", "aes-256-gcm"])
+def test_two_backups_at_the_same_time(make_repo, make_disk, popen_vmbak, assert_same_file, tmp_path, random_bytes,
+                                      encryption):
+    repo = make_repo(encryption, pack_size=MiB)  # many packs each, interleaved
+    a = make_disk("a.raw", 24 * MiB, seed=111)
+    b = make_disk("b.raw", 20 * MiB + 4096, seed=112)
+    shared = random_bytes(4 * MiB, 113)  # the same chunks in both disks, stored concurrently
+    a.write(8 * MiB, shared)
+    b.write(12 * MiB, shared)
+    rounds = []
+    overlaps = 0
+    for rnd in range(2):  # a full each, then an incremental each, both times concurrently
+        if rnd:
+            a.write_random(0, 3 * MiB, seed=114)
+            b.write_random(5 * MiB, 2 * MiB, seed=115)
+        a.save(f"r{rnd}")
+        b.save(f"r{rnd}")
+        procs = [popen_vmbak("backup", d.path, "--name", n, "--json", env=repo.env())
+                 for d, n in ((a, "a"), (b, "b"))]
+        outs = [p.communicate(timeout=300) for p in procs]
+        for p, (_out, err) in zip(procs, outs, strict=True):
+            assert p.returncode == 0, err
+            assert "Traceback" not in err
+        rounds.append([json.loads(out) for out, _ in outs])
+        (s1, e1), (s2, e2) = (interval(s) for s in rounds[-1])
+        overlaps += s1 < e2 and s2 < e1
+    # The test means something only if the backups really ran at the same time.
+    assert overlaps >= 1, [[interval(s) for s in r] for r in rounds]
+    assert [s["type"] for s in rounds[0]] == ["full", "full"]
+    assert [s["type"] for s in rounds[1]] == ["incremental", "incremental"]
+
+    listed = {s["id"] for s in repo.snapshots()}
+    assert listed == {s["id"] for r in rounds for s in r}
+    repo.check(read_data=True)
+    for rnd, (sa, sb) in enumerate(rounds):
+        for disk, snap in ((a, sa), (b, sb)):
+            out = tmp_path / f"{snap['name']}-{rnd}.out"
+            repo.restore(snap["id"], out)
+            assert_same_file(out, disk.version(f"r{rnd}"))
+    # Nothing is left behind: no locks, no temporary files.
+    assert list((repo.path / "locks").iterdir()) == []
+    assert list((repo.path / "tmp").iterdir()) == []

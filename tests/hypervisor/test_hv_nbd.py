@@ -1,0 +1,150 @@
+"""NbdDisk and NbdWriter against real NBD servers (qemu-storage-daemon, nbdkit)."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+from hvutil import B, MiB, create, qemu_io, to_raw, write_random
+
+from vmbak.disks.base import DiskReader
+from vmbak.disks.nbd import NbdDisk, NbdWriter
+from vmbak.errors import DiskError
+
+
+@pytest.fixture
+def served(tmp_path, qsd):
+    """A 40 MiB qcow2 with data, compressed and zero clusters, served by qemu-storage-daemon."""
+    img = create(tmp_path / "a.qcow2", "qcow2", 40 * MiB)
+    write_random(img, "qcow2", 0, 3 * MiB, 1, tmp_path)
+    write_random(img, "qcow2", 5 * MiB + 4096, 100_000, 2, tmp_path)
+    qemu_io(img, "qcow2", "write -c -P 0x5a 8M 64k", "write -z 10M 1M", "write -P 0x77 39M 1M")
+    raw = to_raw(img, tmp_path / "a.raw").read_bytes()
+    return qsd(img), raw
+
+
+def test_reads_extents_and_size(served):
+    q, raw = served
+    with NbdDisk(q.nbd_sock, "disk0") as d:
+        assert isinstance(d, DiskReader)
+        assert d.size == len(raw) == 40 * MiB
+        assert d.pread(d.size, 0) == raw  # one call larger than the 32 MiB request limit
+        assert d.pread(12345, 5 * MiB + 1) == raw[5 * MiB + 1:5 * MiB + 1 + 12345]
+        assert d.pread(1 * MiB, d.size - 1000) == raw[-1000:]  # short at the end only
+        assert d.pread(10, d.size) == b""
+        ext = list(d.data_extents())
+        # data: 0-3M, the cluster(s) around 5M, the compressed cluster at 8M, 39-40M
+        covered = np.zeros(len(raw) // B, bool)
+        for off, ln in ext:
+            assert off % 512 == 0 and ln > 0
+            covered[off // B:(off + ln + B - 1) // B] = True
+        nonzero = np.frombuffer(raw, np.uint8).reshape(-1, B).any(axis=1)
+        assert not (nonzero & ~covered).any(), "a block with data is outside the data extents"
+        assert not covered[10 * MiB // B:11 * MiB // B].any(), "zero clusters were reported as data"
+        assert not covered[12 * MiB // B:39 * MiB // B].any(), "unallocated space was reported as data"
+        assert covered.sum() <= 4 * MiB // B + 3 + 16
+        # a window of the extents
+        assert list(d.data_extents(1 * MiB, 2 * MiB)) == [(1 * MiB, 1 * MiB)]
+        assert list(d.data_extents(12 * MiB, 20 * MiB)) == []
+
+
+def test_threads_get_their_own_connections(served):
+    q, raw = served
+    d = NbdDisk(q.nbd_sock, "disk0")
+    errors: list[str] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(60):
+            off = rng.randrange(0, len(raw) - 1)
+            ln = rng.randrange(1, 300_000)
+            got = d.pread(ln, off)
+            if got != raw[off:off + ln]:
+                errors.append(f"mismatch at {off}+{ln}")
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+    assert len(d._handles) == 5  # the opening thread's plus one per worker
+    d.close()
+    with pytest.raises(DiskError, match="closed"):
+        d.pread(10, 0)
+
+
+def test_writer_writes_zeroes_and_flushes(served, tmp_path):
+    q, raw = served
+    w = NbdWriter(q.nbd_sock, "disk0")
+    data = os.urandom(3 * B + 17)
+    w.pwrite(data, 20 * MiB + 512)
+    w.write_zeros(0, 1 * MiB)
+    t = threading.Thread(target=w.pwrite, args=(b"\x42" * B, 30 * MiB))
+    t.start()
+    t.join()
+    w.flush()
+    assert w.pread(len(data), 20 * MiB + 512) == data
+    assert w.pread(1 * MiB, 0) == bytes(1 * MiB)
+    assert w.pread(B, 30 * MiB) == b"\x42" * B
+    with pytest.raises(DiskError, match="past the end"):
+        w.pwrite(b"x" * 10, w.size - 5)
+    w.close()
+    # the writes are in the image: read by a fresh connection
+    with NbdDisk(q.nbd_sock, "disk0") as d:
+        assert d.pread(B, 30 * MiB) == b"\x42" * B
+        assert list(d.data_extents(0, 3 * MiB)) == [(1 * MiB, 2 * MiB)]  # the zeroed MiB is skipped
+        assert d.pread(2 * MiB, 1 * MiB) == raw[1 * MiB:3 * MiB]
+
+
+def test_connection_errors(served, tmp_path):
+    q, _ = served
+    with pytest.raises(DiskError, match="cannot connect to NBD server") as e:
+        NbdDisk(str(tmp_path / "nothing.sock"), "disk0")
+    assert "\n" not in str(e.value)
+    with pytest.raises(DiskError, match="cannot connect to NBD server"):
+        NbdDisk(q.nbd_sock, "no-such-export")
+
+
+def test_nbdkit_uri_and_read_only(tmp_path, sockdir):
+    """A server that is not QEMU, addressed by URI; a writer refuses a read-only export."""
+    sock = sockdir / "kit.sock"
+    proc = subprocess.Popen(["nbdkit", "--foreground", "--exit-with-parent", "-U", str(sock),
+                             "memory", "size=8M"], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        uri = f"nbd+unix:///?socket={sock}"
+        w = NbdWriter(uri)
+        assert w.size == 8 * MiB
+        w.pwrite(b"\x01" * B, 2 * MiB)
+        w.flush()
+        assert list(w.data_extents()) == [(2 * MiB, B)]
+        w.close()
+    finally:
+        proc.kill()
+        proc.wait()
+    ro = sockdir / "ro.sock"
+    proc = subprocess.Popen(["nbdkit", "--foreground", "--exit-with-parent", "-r", "-U", str(ro),
+                             "memory", "size=1M"], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while not ro.exists():
+            assert proc.poll() is None
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(DiskError, match="read-only"):
+            NbdWriter(str(ro))
+        with NbdDisk(str(ro)) as d:
+            assert d.pread(4, 0) == bytes(4)
+    finally:
+        proc.kill()
+        proc.wait()
