@@ -59,6 +59,7 @@ from vmbak.disks.base import DiskReader
 from vmbak.disks.nbd import STATE_DIRTY, NbdDisk
 from vmbak.disks.qemu import _tool
 from vmbak.errors import ChangeTrackingError, DiskError, VmbakError
+from vmbak.repo.backend import pid_alive
 
 SOURCE = "qemu-dirty-bitmap"
 DEFAULT_BITMAP_PREFIX = "vmbak-"
@@ -204,16 +205,6 @@ def _bitmaps(node_info: dict) -> dict[str, dict]:
     return {b["name"]: b for b in node_info.get("dirty-bitmaps") or [] if b.get("name")}
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _wait(pred: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
@@ -285,7 +276,7 @@ def _clean_stale(q: QmpClient, tmpdir: str | None) -> list[str]:
         pid, tok = key.split("-")
         with _tokens_lock:
             mine = tok in _open_tokens
-        if mine or (int(pid) != os.getpid() and _pid_alive(int(pid))):
+        if mine or (int(pid) != os.getpid() and pid_alive(int(pid))):
             continue
         for kind in ("xs", "x"):
             if kind in kinds:

@@ -66,10 +66,7 @@ class RestoreTarget:
         except OSError as e:
             raise DiskError(f"cannot open restore target {path}: {e.strerror}") from None
         have = os.lseek(self.fd, 0, os.SEEK_END)
-        if self.is_file and have < size:
-            os.close(self.fd)
-            raise DiskError(f"restore target too small: {path} has {have} bytes, the disk needs {size}")
-        if not self.is_file and have < size:
+        if have < size:
             os.close(self.fd)
             raise DiskError(f"restore target too small: {path} has {have} bytes, the disk needs {size}")
 

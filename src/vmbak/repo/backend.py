@@ -164,7 +164,7 @@ class LocalBackend:
                 pid = int(parts[2])
             except ValueError:
                 continue
-            if pid == os.getpid() or _pid_alive(pid):
+            if pid == os.getpid() or pid_alive(pid):
                 continue
             try:
                 os.unlink(ent.path)
@@ -174,7 +174,8 @@ class LocalBackend:
         return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

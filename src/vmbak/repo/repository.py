@@ -19,7 +19,7 @@ import numpy as np
 import zstandard
 
 from vmbak.errors import IntegrityError, RepositoryError, SnapshotNotFound, WrongPassword
-from vmbak.repo.backend import Backend, LocalBackend
+from vmbak.repo.backend import Backend, LocalBackend, pid_alive
 from vmbak.repo.crypto import ENC_AES, ENC_NONE, ENCRYPTIONS, MasterKey, Sealer, unwrap_key, wrap_key
 from vmbak.repo.index import INDEX_AAD, Index, Location, decode_index, encode_index, index_id
 from vmbak.repo.manifest import MANIFEST_AAD, Manifest, decode_manifest, encode_manifest, is_full
@@ -514,12 +514,9 @@ def parse_time_limit(ts: str) -> datetime:
 def _lock_stale(d: dict) -> bool:
     if d.get("host") == socket.gethostname():
         try:
-            os.kill(int(d.get("pid", -1)), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError, OverflowError):
+            return not pid_alive(int(d.get("pid", -1)))
+        except (ValueError, OverflowError):
             return False
-        return False
     try:
         age = time.time() - _parse_iso(d["time"]).timestamp()
     except (KeyError, ValueError):
