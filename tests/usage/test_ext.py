@@ -289,3 +289,65 @@ def test_corruption_never_frees_used_blocks(kind, which, pos, nbytes, seed, fuzz
     assert time.monotonic() - t0 < 20
     extra = subtract(u.free, baseline)
     assert total(extra) == 0, f"corruption at {off} made {total(extra)} bytes free: {u.entries[0].notes}"
+
+
+# ---------------------------------------------------------------------------- chains and the CLI
+def test_freed_blocks_become_holes_in_a_chain(tmp_path, make_repo, build_ext, file_tree, analyze_image):
+    """Delete files between backups: the incremental records them newly unused; each restore is right."""
+    files = file_tree(tmp_path / "tree", seed=21, nfiles=10, max_size=600_000)
+    img = build_ext(tmp_path / "fs.img", 40 * MiB, COMBOS["ext4"], tmp_path / "tree", seed=6)
+    repo = make_repo()
+    first = repo.backup(img, "fs")
+    v1 = img.read_bytes()
+    gone = [k for k in files if files[k]][:4]
+    for rel in gone:
+        subprocess.run(["debugfs", "-w", "-R", f"rm /{rel}", str(img)], check=True, capture_output=True)
+    u = analyze_image(img)
+    second = repo.backup(img, "fs")
+    assert second["type"] == "incremental"
+    diff = repo.json("diff", first["id"], second["id"])
+    assert diff, diff
+    out2 = tmp_path / "r2.img"
+    repo.restore(second["id"], out2)
+    ok = subprocess.run(["e2fsck", "-fn", str(out2)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout
+    got = _rdump(out2, tmp_path / "dump2")
+    assert got == {k: v for k, v in files.items() if k not in gone}
+    # every free byte of the second image reads back as zero; every used byte is the original's
+    restored = np.frombuffer(out2.read_bytes(), np.uint8)
+    orig = np.frombuffer(img.read_bytes(), np.uint8)
+    bm = u.used_bitmap(64 * 1024)
+    blocks_r = restored.reshape(-1, 64 * 1024)
+    blocks_o = orig.reshape(-1, 64 * 1024)
+    assert (blocks_r[~bm] == 0).all()
+    assert (blocks_r[bm] == blocks_o[bm]).all()
+    # the full snapshot still restores the first version's files
+    out1 = tmp_path / "r1.img"
+    repo.restore(first["id"], out1)
+    assert _rdump(out1, tmp_path / "dump1") == files
+    del v1
+
+
+def test_usage_command(tmp_path, run_vmbak, build_ext, file_tree, assert_cli_error):
+    file_tree(tmp_path / "tree", seed=2, nfiles=4)
+    img = build_ext(tmp_path / "fs.img", 24 * MiB, ["-t", "ext4", "-L", "rootfs"], tmp_path / "tree", seed=2)
+    rep = __import__("json").loads(run_vmbak("usage", img, "--json").stdout)
+    assert rep["partition_table"] == "none" and rep["volumes"][0]["filesystem"] == "ext4"
+    assert rep["volumes"][0]["label"] == "rootfs"
+    assert rep["used_bytes"] + rep["free_bytes"] == rep["size"] == 24 * MiB
+    text = run_vmbak("usage", img).stdout
+    assert "ext4" in text and "rootfs" in text
+    # garbage: not understood, all used, said so; exit 0 (nothing is wrong with the file itself)
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(np.random.default_rng(5).bytes(4 * MiB))
+    rep = __import__("json").loads(run_vmbak("usage", junk, "--json").stdout)
+    assert rep["free_bytes"] == 0 and "no known filesystem" in " ".join(rep["volumes"][0]["notes"])
+    # a damaged superblock: all used, with the reason
+    bad = tmp_path / "bad.img"
+    data = bytearray(img.read_bytes())
+    data[1024 + 4: 1024 + 8] = (10**9).to_bytes(4, "little")  # blocks count far past the end
+    bad.write_bytes(bytes(data))
+    rep = __import__("json").loads(run_vmbak("usage", bad, "--json").stdout)
+    assert rep["free_bytes"] == 0 and "larger than its volume" in " ".join(rep["volumes"][0]["notes"])
+    assert_cli_error(run_vmbak("usage", tmp_path / "missing.img", check=False), "not found")
+    assert_cli_error(run_vmbak("usage", tmp_path, check=False), "directory")

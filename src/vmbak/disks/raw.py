@@ -36,12 +36,12 @@ class RawDisk:
         except OSError as e:
             raise DiskError(f"cannot open disk {self.path}: {e.strerror}") from None
         st = os.fstat(self.fd)
+        if stat.S_ISDIR(st.st_mode):
+            os.close(self.fd)
+            raise DiskError(f"disk is a directory, not a disk image: {self.path}")
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             os.close(self.fd)
             raise DiskError(f"not a regular file or block device: {self.path}")
-        if stat.S_ISDIR(st.st_mode):
-            os.close(self.fd)
-            raise DiskError(f"disk is a directory: {self.path}")
         self.size = _device_size(self.fd)
         self.is_file = stat.S_ISREG(st.st_mode)
         self.description = self.path
