@@ -364,6 +364,10 @@ def measured(m: Measure, cmd: Sequence[str], env: dict[str, str], log: Path, cwd
     """Run ``cmd`` and record wall time, the child's rusage and the repository size into ``m``."""
     m.cmd = shlex.join(cmd)
     out_path = log.with_suffix(".stdout")
+    # Peak RSS comes from GNU time, a small process of its own: the kernel charges a child
+    # the RSS its parent had when it forked, and this harness can be hundreds of MiB.
+    rss_path = log.with_suffix(".rss")
+    cmd = ["/usr/bin/time", "-q", "-f", "%M", "-o", str(rss_path), *cmd]
     os.sync()  # do not let the previous step's writeback land in this one's time
     with open(log, "ab") as lf, open(out_path, "wb") as of:
         lf.write(f"\n$ {m.cmd}\n".encode())
@@ -379,7 +383,11 @@ def measured(m: Measure, cmd: Sequence[str], env: dict[str, str], log: Path, cwd
     out_path.unlink()
     m.user_s, m.sys_s = ru.ru_utime, ru.ru_stime
     m.cpu_s = ru.ru_utime + ru.ru_stime
-    m.max_rss_kib = ru.ru_maxrss
+    try:
+        m.max_rss_kib = int(rss_path.read_text().split()[-1])
+    except (OSError, ValueError, IndexError):
+        m.max_rss_kib = ru.ru_maxrss
+    rss_path.unlink(missing_ok=True)
     if text.lstrip().startswith(("{", "[")):
         try:
             m.output = json.loads(text)
