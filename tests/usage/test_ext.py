@@ -328,7 +328,7 @@ def test_freed_blocks_become_holes_in_a_chain(tmp_path, make_repo, build_ext, fi
     del v1
 
 
-def test_usage_command(tmp_path, run_vmbak, build_ext, file_tree, assert_cli_error):
+def test_usage_command(tmp_path, run_vmbak, build_ext, file_tree, assert_cli_error, make_repo):
     file_tree(tmp_path / "tree", seed=2, nfiles=4)
     img = build_ext(tmp_path / "fs.img", 24 * MiB, ["-t", "ext4", "-L", "rootfs"], tmp_path / "tree", seed=2)
     rep = __import__("json").loads(run_vmbak("usage", img, "--json").stdout)
@@ -342,6 +342,9 @@ def test_usage_command(tmp_path, run_vmbak, build_ext, file_tree, assert_cli_err
     junk.write_bytes(np.random.default_rng(5).bytes(4 * MiB))
     rep = __import__("json").loads(run_vmbak("usage", junk, "--json").stdout)
     assert rep["free_bytes"] == 0 and "no known filesystem" in " ".join(rep["volumes"][0]["notes"])
+    snap = make_repo().backup(junk, "junk")
+    assert any("no known filesystem" in n for n in snap["notes"]), snap["notes"]
+    assert snap["stats"]["read_bytes"] == 4 * MiB
     # a damaged superblock: all used, with the reason
     bad = tmp_path / "bad.img"
     data = bytearray(img.read_bytes())

@@ -80,6 +80,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         text = "\n".join([
             f"snapshot {m.short_id} ({m.name}, {m.kind}, {m.time})",
             f"  logical size:   {human(s.get('logical_bytes', 0))}",
+            f"  used:           {human(s.get('used_bytes', s.get('logical_bytes', 0)))} "
+            f"(unused blocks are neither read nor stored)",
             f"  read:           {human(s.get('read_bytes', 0))}",
             f"  changed:        {human(s.get('changed_bytes', 0))}",
             f"  zero:           {human(s.get('zero_bytes', 0))}",

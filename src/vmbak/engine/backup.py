@@ -304,6 +304,9 @@ def used_map(disk: DiskReader, bs: int, skip_unused: bool, note: Callable[[str],
     u = usage.analyze(disk, bs)
     for n in u.notes:
         note(f"usage: {n}")
+    for e in u.entries:
+        for n in e.notes:
+            note(f"usage: {e.name} ({e.fstype}): {n}")
     used = np.asarray(u.used_bitmap(bs), bool)
     if len(used) != nblocks:
         note("usage: map has the wrong size; every block counts as used")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from vmbak.errors import IntegrityError, RepositoryError, WrongPassword
+from vmbak.repo.backend import Backend, LocalBackend
 
 ENC_NONE = "none"
 ENC_AES = "aes-256-gcm"
@@ -98,12 +100,21 @@ def wrap_key(master: MasterKey, password: str | None, repo_id: str, encryption: 
     return doc
 
 
-def unwrap_key(doc: dict, password: str | None, repo_id: str, name: str) -> MasterKey:
-    """Open a key file document; raise WrongPassword or RepositoryError."""
+def unwrap_key(doc: dict, password: str | None, repo_id: str, name: str,
+               encryption: str | None = None) -> MasterKey:
+    """Open a key file document; raise WrongPassword or RepositoryError.
+
+    With ``encryption`` given, a key file whose protection does not match the
+    repository's is refused: an unprotected key (``kdf: none``) planted in an
+    encrypted repository would otherwise make vmbak write with a key someone else chose.
+    """
     try:
         kdf = doc["kdf"]
         data = _unb64(doc["data"])
         if kdf == "none":
+            if encryption is not None and encryption != ENC_NONE:
+                raise RepositoryError(f"key file {name} is not password-protected in an encrypted "
+                                      "repository (tampered with?); refusing it")
             return MasterKey.from_json(data)
         if kdf != "scrypt":
             raise RepositoryError(f"key file {name}: unknown key derivation {kdf!r}")
@@ -127,6 +138,95 @@ def unwrap_key(doc: dict, password: str | None, repo_id: str, name: str) -> Mast
         return MasterKey.from_json(plain)
     except (KeyError, ValueError, TypeError):
         raise RepositoryError(f"key file {name} is damaged") from None
+
+
+KEY_DIR = "keys"
+_KEY_NAME = re.compile(r"keys/[0-9a-f]{32}")
+
+
+def new_key_name() -> str:
+    return f"{KEY_DIR}/{os.urandom(16).hex()}"
+
+
+def save_key_file(backend: Backend, doc: dict, name: str | None = None) -> str:
+    """Store a key file document; return its name (``keys/<32 hex>``).
+
+    On a local directory the file is created with mode 0600 before any byte is written
+    (never readable by others, not even for a moment) and ``keys/`` is kept at 0700.
+    """
+    name = name or new_key_name()
+    data = json.dumps(doc, indent=1).encode()
+    if not isinstance(backend, LocalBackend):
+        backend.write(name, data)
+        return name
+    keydir = os.path.join(backend.root, KEY_DIR)
+    try:
+        os.makedirs(keydir, mode=0o700, exist_ok=True)
+        os.chmod(keydir, 0o700)
+        tmp = backend.temp_path("key")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise RepositoryError(f"cannot write key file {name}: {e.strerror or e}") from None
+    backend.write_file(name, tmp)
+    return name
+
+
+def key_names(backend: Backend) -> list[str]:
+    """The key files of a repository, sorted (other names under ``keys/`` are ignored)."""
+    return sorted(n for n, _ in backend.list(KEY_DIR) if _KEY_NAME.fullmatch(n))
+
+
+def read_key_doc(backend: Backend, name: str) -> dict:
+    """A key file's JSON document; RepositoryError naming the file if it is not one."""
+    raw = backend.read(name)
+    if not raw:
+        raise RepositoryError(f"key file {name} is damaged (empty; truncated?)")
+    try:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise RepositoryError(f"key file {name} is damaged (not JSON; truncated?)") from None
+    return doc
+
+
+def open_master_key(backend: Backend, config: dict, password: str | None) -> tuple[str, MasterKey]:
+    """Find a key file that opens with ``password``; return (its name, the master key).
+
+    Every key file is tried. When none opens, the error names the reason: a wrong
+    password (or tampered key files: without the password the two look the same), or
+    damaged key files, or none at all.
+    """
+    names = key_names(backend)
+    if not names:
+        raise RepositoryError("repository has no key file (keys/ is empty)")
+    wrong = 0
+    problems: list[RepositoryError] = []
+    for name in names:
+        try:
+            doc = read_key_doc(backend, name)
+            return name, unwrap_key(doc, password, config["id"], name, config.get("encryption"))
+        except WrongPassword:
+            wrong += 1
+        except RepositoryError as e:
+            problems.append(e)
+    problems.sort(key=lambda e: "password is required" not in str(e))
+    if problems and "password is required" in str(problems[0]):
+        raise problems[0]
+    if wrong:
+        tried = f" (tried {wrong} key files)" if wrong > 1 else ""
+        extra = f"; {len(problems)} other key files are unusable ({problems[0]})" if problems else ""
+        raise WrongPassword(f"wrong password: no key file opens with it{tried}, or the key file "
+                            f"was tampered with{extra}")
+    raise problems[0]
 
 
 class Sealer:

@@ -43,6 +43,10 @@ class Index:
         self._pack_no: dict[str, int] = {}
         self._map: dict[bytes, tuple[int, int, int, int]] = {}
         self.pack_sizes: dict[str, int] = {}
+        # Packs a prune mark condemned (see repo/marks.py): their copies of a chunk are
+        # used only when no other copy is known, and never to deduplicate against.
+        self.doomed: frozenset[str] = frozenset()
+        self._doomed_no: set[int] = set()
 
     def __len__(self) -> int:
         return len(self._map)
@@ -58,15 +62,35 @@ class Index:
             self._pack_no[pack_id] = n
         return n
 
+    def set_doomed(self, packs: set[str] | frozenset[str]) -> None:
+        """Declare the packs prune marks condemned; call before adding packs."""
+        self.doomed = frozenset(packs)
+        self._doomed_no = {self._pno(p) for p in packs}
+
     def add_pack(self, pack_id: str, entries: np.ndarray, size: int | None = None) -> None:
         n = self._pno(pack_id)
         if size is not None:
             self.pack_sizes[pack_id] = size
         m = self._map
-        for cid, off, ln, raw in zip(entries["id"].tolist(), entries["off"].tolist(),
-                                     entries["len"].tolist(), entries["raw"].tolist(), strict=True):
-            if cid not in m:
+        dn = self._doomed_no
+        ids, offs, lens, raws = (entries["id"].tolist(), entries["off"].tolist(), entries["len"].tolist(),
+                                 entries["raw"].tolist())
+        if not dn:
+            for cid, off, ln, raw in zip(ids, offs, lens, raws, strict=True):
+                if cid not in m:
+                    m[cid] = (n, off, ln, raw)
+            return
+        replace = n not in dn  # a copy outside doomed packs wins over a doomed one
+        for cid, off, ln, raw in zip(ids, offs, lens, raws, strict=True):
+            t = m.get(cid)
+            if t is None or (replace and t[0] in dn):
                 m[cid] = (n, off, ln, raw)
+
+    def usable(self, chunk_id: bytes) -> bool:
+        """Whether a writer may reference this chunk without storing it: it has a copy in
+        a pack that no prune mark condemned."""
+        t = self._map.get(chunk_id)
+        return t is not None and t[0] not in self._doomed_no
 
     def get(self, chunk_id: bytes) -> Location | None:
         t = self._map.get(chunk_id)

@@ -20,7 +20,16 @@ import zstandard
 
 from vmbak.errors import IntegrityError, RepositoryError, SnapshotNotFound, WrongPassword
 from vmbak.repo.backend import Backend, LocalBackend, pid_alive
-from vmbak.repo.crypto import ENC_AES, ENC_NONE, ENCRYPTIONS, MasterKey, Sealer, unwrap_key, wrap_key
+from vmbak.repo.crypto import (
+    ENC_AES,
+    ENC_NONE,
+    ENCRYPTIONS,
+    MasterKey,
+    Sealer,
+    open_master_key,
+    save_key_file,
+    wrap_key,
+)
 from vmbak.repo.index import INDEX_AAD, Index, Location, decode_index, encode_index, index_id
 from vmbak.repo.manifest import MANIFEST_AAD, Manifest, decode_manifest, encode_manifest, is_full
 from vmbak.repo.pack import (
@@ -34,10 +43,16 @@ from vmbak.repo.pack import (
 )
 
 FORMAT_NAME = "vmbak-repository"
-FORMAT_VERSION = 1
+# Version 2 (written since prune exists) has the same objects as version 1 plus
+# prune/: every writer must honour prune marks, which a version-1 vmbak does not know,
+# so version-1 programs must refuse it. Version-1 repositories are read and written as
+# they are; the first prune upgrades them (see docs/repository-format.md).
+FORMAT_VERSION = 2
 DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_PACK_SIZE = 32 << 20
 DEFAULT_ZSTD_LEVEL = 1
+
+SOLO_PURPOSES = ("prune",)
 
 _tls = threading.local()
 
@@ -82,6 +97,8 @@ class Repository:
         self._index_files: list[str] = []
         self._manifests: dict[str, Manifest] | None = None
         self.recovered_packs = 0
+        self.key_name: str = ""  # the key file that opened the repository
+        self._locks_held = 0
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -124,12 +141,11 @@ class Repository:
         }
         master = MasterKey.generate()
         keydoc = wrap_key(master, password, config["id"], encryption)
-        keyname = f"keys/{os.urandom(16).hex()}"
-        backend.write(keyname, json.dumps(keydoc, indent=1).encode())
-        if isinstance(backend, LocalBackend):
-            os.chmod(os.path.join(backend.root, keyname), 0o600)
+        keyname = save_key_file(backend, keydoc)
         backend.write("config", json.dumps(config, indent=1).encode())
-        return cls(backend, config, master)
+        repo = cls(backend, config, master)
+        repo.key_name = keyname
+        return repo
 
     @classmethod
     def open(cls, location: str, password: str | None = None) -> Repository:
@@ -156,28 +172,10 @@ class Repository:
                 raise RepositoryError(f"repository config is damaged (missing {k})")
         if config["encryption"] not in ENCRYPTIONS:
             raise RepositoryError(f"repository uses unknown encryption {config['encryption']!r}")
-        keys = sorted(n for n, _ in backend.list("keys"))
-        if not keys:
-            raise RepositoryError("repository has no key file (keys/ is empty)")
-        master = None
-        last_err: Exception | None = None
-        for name in keys:
-            try:
-                doc = json.loads(backend.read(name))
-                if not isinstance(doc, dict):
-                    raise ValueError
-            except ValueError:
-                last_err = RepositoryError(f"key file {name} is damaged (not JSON; truncated?)")
-                continue
-            try:
-                master = unwrap_key(doc, password, config["id"], name)
-                break
-            except (WrongPassword, RepositoryError) as e:
-                last_err = e
-        if master is None:
-            assert last_err is not None
-            raise last_err
-        return cls(backend, config, master)
+        key_name, master = open_master_key(backend, config, password)
+        repo = cls(backend, config, master)
+        repo.key_name = key_name
+        return repo
 
     @property
     def location(self) -> str:
@@ -191,6 +189,7 @@ class Repository:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "time": _now_iso(),
               "exclusive": exclusive, "purpose": purpose}
         self.backend.write(name, json.dumps(me).encode())
+        self._locks_held += 1
         try:
             for other, _ in self.backend.list("locks"):
                 if other == name:
@@ -203,13 +202,16 @@ class Repository:
                     if d.get("host") == socket.gethostname():
                         self.backend.delete(other)  # its process is gone
                     continue
-                if exclusive or d.get("exclusive"):
+                # One prune at a time; prunes run beside backups (see engine/prune.py).
+                solo = purpose in SOLO_PURPOSES and d.get("purpose") == purpose
+                if exclusive or d.get("exclusive") or solo:
                     raise RepositoryError(
                         f"repository is locked by pid {d.get('pid')} on {d.get('host')} "
                         f"({d.get('purpose') or 'unknown'}, since {d.get('time')}); "
                         "if that process is gone, run 'vmbak unlock'")
             yield
         finally:
+            self._locks_held -= 1
             self.backend.delete(name)
 
     # ------------------------------------------------------------------ index
