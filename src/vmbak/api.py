@@ -42,12 +42,16 @@ def backup(repo: Repository, disk: str | os.PathLike[str] | DiskReader, name: st
 
 def restore(repo: Repository, snapshot: str | Manifest, target: str | os.PathLike[str] | RestoreTarget, *,
             overwrite: bool = False, verify: bool = True, workers: int = 2,
-            progress: Progress | None = None, sync: bool = False) -> dict:
-    """Restore a snapshot (a Manifest, an id prefix, ``NAME:latest`` or ``NAME@TIME``) to a raw file or device."""
+            progress: Progress | None = None, sync: bool = False, readback: bool = False) -> dict:
+    """Restore a snapshot (a Manifest, an id prefix, ``NAME:latest`` or ``NAME@TIME``) to a raw file or device.
+
+    ``verify`` checks every block against the snapshot's block hashes as it is written;
+    ``readback`` instead reads the whole target back after writing and checks that.
+    """
     m = repo.find(snapshot) if isinstance(snapshot, str) else snapshot
     tgt = target if isinstance(target, RestoreTarget) else os.fspath(target)
     return _restore(repo, m, tgt, overwrite=overwrite, verify=verify, workers=workers, progress=progress,
-                    sync=sync)
+                    sync=sync, readback=readback)
 
 
 def check(repo: Repository, read_data: bool = False) -> CheckReport:

@@ -156,3 +156,24 @@ def test_api_snapshot_specs(tmp_path, make_disk):
     assert repo.latest("s").id == m1.id and repo.latest("s", full_only=True).id == m0.id
     with pytest.raises(SnapshotNotFound):
         repo.find("s@2001-01-01")
+
+
+def test_restore_verification_modes(tmp_path, make_disk, assert_same_file):
+    """Inline verification (default) and read-back verification both pass on a good chain and both
+    restore the same bytes; read-back also covers an existing target written over."""
+    repo = vmbak.Repository.init(os.fspath(tmp_path / "v-repo"), None, encryption="none")
+    d = make_disk("v.raw", 6 * MiB + 4096, seed=77)
+    vmbak.backup(repo, d.path, name="v")
+    d.write_random(MiB, 2 * MiB, seed=78)
+    d.write_zeros(4 * MiB, MiB)
+    vmbak.backup(repo, d.path, name="v")
+    a = vmbak.restore(repo, "v:latest", tmp_path / "inline.raw")
+    b = vmbak.restore(repo, "v:latest", tmp_path / "readback.raw", readback=True)
+    assert a["verified"] and b["verified"]
+    assert_same_file(tmp_path / "inline.raw", d.path)
+    assert_same_file(tmp_path / "readback.raw", d.path)
+    (tmp_path / "over.raw").write_bytes(np.random.default_rng(1).bytes(7 * MiB))
+    c = vmbak.restore(repo, "v:latest", tmp_path / "over.raw", overwrite=True, readback=True)
+    assert c["verified"]
+    with open(tmp_path / "over.raw", "rb") as f:
+        assert f.read(d.size) == open(d.path, "rb").read()

@@ -172,8 +172,14 @@ def plan(chain: list[Manifest]) -> tuple[list[_Job], np.ndarray]:
 
 def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *,
             overwrite: bool = False, verify: bool = True, workers: int = 2,
-            progress: Progress | None = None, sync: bool = False) -> dict:
-    """Restore ``snapshot`` to ``target`` (a path or a RestoreTarget); return statistics."""
+            progress: Progress | None = None, sync: bool = False, readback: bool = False) -> dict:
+    """Restore ``snapshot`` to ``target`` (a path or a RestoreTarget); return statistics.
+
+    With ``verify``, every block is checked against the snapshot's block hashes: the bytes
+    handed to the target are hashed just before they are written (and the blocks meant to
+    be zero are checked to be left out), or, with ``readback``, the whole target is read
+    back and hashed after writing.
+    """
     progress = progress or NoProgress()
     t0 = time.monotonic()
     with repo.lock(purpose="restore"):
@@ -193,6 +199,15 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
                 locs[j.chunk_id] = loc
         jobs.sort(key=lambda j: (locs[j.chunk_id].pack, locs[j.chunk_id].offset))
         expected = resolve_bht(repo, chain) if verify else None
+        inline = expected is not None and not readback
+        if inline:
+            assert expected is not None
+            missing = expected.any(axis=1) & ~data_mask
+            if missing.any():
+                ms, ml = runs(missing)
+                raise IntegrityError(f"snapshot {snapshot.short_id}: blocks {range_text(ms.tolist(), ml.tolist())} "
+                                     "hold data per the block hashes but no chunk covers them")
+            zero_hash = np.frombuffer(repo.sealer.block_hash(bytes(bs)), BHT_DTYPE)
         tgt = target if isinstance(target, RestoreTarget) else RestoreTarget(target, size, overwrite)
         ok = False
         try:
@@ -202,16 +217,22 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
                 m = chain[job.level]
                 what = (f"chunk {job.chunk_id.hex()[:16]} (blocks {job.start}-{job.start + job.count - 1} "
                         f"of snapshot {m.short_id})")
-                data = repo.read_at(job.chunk_id, locs[job.chunk_id], what)
+                data = repo.read_at(job.chunk_id, locs[job.chunk_id], what, check_id=not inline)
                 if len(data) != min(job.count * bs, size - job.start * bs):
                     raise IntegrityError(f"{what}: has the wrong length")
-                if job.sub is None:
-                    tgt.write(job.start * bs, data)
-                    return len(data)
-                n = 0
                 mv = memoryview(data)
-                for a, b in job.sub:
+                n = 0
+                for a, b in job.sub or [(job.start, job.count)]:
                     piece = mv[(a - job.start) * bs:(a - job.start + b) * bs]
+                    if inline:
+                        assert expected is not None
+                        h, _ = hash_blocks(repo.sealer.block_hash, piece, b, bs, zero_hash)
+                        bad = (h != expected[a:a + b]).any(axis=1)
+                        if bad.any():
+                            bs_, bl = runs(bad)
+                            raise IntegrityError(
+                                f"{what}: blocks {range_text((bs_ + a).tolist(), bl.tolist())} do not match "
+                                "the snapshot's block hashes (corrupt data); the restore stopped before writing them")
                     tgt.write(a * bs, piece)
                     n += len(piece)
                 return n
@@ -231,7 +252,8 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
             progress.close()
             verified = False
             if expected is not None:
-                _verify(repo, tgt, expected, data_mask, bs, size, snapshot, workers, progress)
+                if readback:
+                    _verify(repo, tgt, expected, data_mask, bs, size, snapshot, workers, progress)
                 verified = True
             tgt.commit(sync)
             ok = True

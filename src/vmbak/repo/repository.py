@@ -18,7 +18,7 @@ import blake3
 import numpy as np
 import zstandard
 
-from vmbak.errors import IntegrityError, RepositoryError, SnapshotNotFound, WrongPassword
+from vmbak.errors import IntegrityError, RepositoryError, SnapshotNotFound
 from vmbak.repo.backend import Backend, LocalBackend, pid_alive
 from vmbak.repo.crypto import (
     ENC_AES,
@@ -32,6 +32,7 @@ from vmbak.repo.crypto import (
 )
 from vmbak.repo.index import INDEX_AAD, Index, Location, decode_index, encode_index, index_id
 from vmbak.repo.manifest import MANIFEST_AAD, Manifest, decode_manifest, encode_manifest, is_full
+from vmbak.repo.marks import doomed_packs
 from vmbak.repo.pack import (
     CODEC_RAW,
     CODEC_ZSTD,
@@ -225,29 +226,40 @@ class Repository:
     def _load_index(self) -> None:
         idx = Index()
         files = sorted(n for n, _ in self.backend.list("index"))
+        loaded: list[tuple[str, np.ndarray]] = []
         for name in files:
             payload = self.sealer.open(self.backend.read(name), INDEX_AAD, f"index file {name}")
             _, packs = decode_index(payload, f"index file {name}")
-            for pack_id, entries in packs:
-                idx.add_pack(pack_id, entries)
-                self._indexed_packs.add(pack_id)
+            loaded.extend(packs)
+        listed = list(self.backend.list("data"))
+        # Prune marks are read after data/ is listed: a pack that is unindexed because a
+        # sweep is deleting it is then either still named by a mark, or already gone.
+        doomed = doomed_packs(self.backend, self.sealer)
+        idx.set_doomed(doomed)
+        for pack_id, entries in loaded:
+            idx.add_pack(pack_id, entries)
+            self._indexed_packs.add(pack_id)
         self._index_files = files
         # Packs that landed without an index file (a killed backup): read their headers.
         recovered = []
-        for name, size in self.backend.list("data"):
+        for name, size in listed:
             pack_id = name.rsplit("/", 1)[-1]
             idx.pack_sizes[pack_id] = size
             if pack_id in self._indexed_packs or not re.fullmatch(r"[0-9a-f]{64}", pack_id):
                 continue
+            if pack_id in doomed:
+                continue  # condemned by prune: never brought back
             try:
                 entries = read_header(self.backend, self.sealer, pack_id, size)
-            except IntegrityError:
-                continue  # check reports it; never used
+            except RepositoryError:
+                continue  # damaged (check reports it; never used) or just deleted
             idx.add_pack(pack_id, entries, size)
             recovered.append((pack_id, entries))
         self._index = idx
-        if recovered:
-            self.recovered_packs = len(recovered)
+        # Only a lock holder records recovered packs in an index file: prune waits for the
+        # lock holders that might not have seen its marks, never for lock-free readers.
+        self.recovered_packs = len(recovered)
+        if recovered and self._locks_held:
             try:
                 self.write_index(recovered)
             except RepositoryError:
@@ -274,8 +286,14 @@ class Repository:
             payload = bytes((CODEC_RAW,)) + bytes(data)
         return self.sealer.seal(payload, chunk_aad(chunk_id))
 
-    def decode_chunk(self, chunk_id: bytes, blob: bytes, raw_len: int, what: str = "") -> bytes:
-        """Authenticate, decompress and hash-check one chunk; thread-safe."""
+    def decode_chunk(self, chunk_id: bytes, blob: bytes, raw_len: int, what: str = "",
+                     check_id: bool = True) -> bytes:
+        """Authenticate, decompress and hash-check one chunk; thread-safe.
+
+        ``check_id=False`` skips recomputing the chunk id, for callers that check every
+        block of the result against block hashes themselves (the envelope is still
+        authenticated: AES-GCM, or the keyed BLAKE3 tag of unencrypted repositories).
+        """
         label = what or f"chunk {chunk_id.hex()[:16]}"
         payload = self.sealer.open(blob, chunk_aad(chunk_id), label)
         if not payload:
@@ -290,7 +308,7 @@ class Repository:
             data = payload[1:]
         else:
             raise IntegrityError(f"{label}: unknown codec {codec}")
-        if len(data) != raw_len or self.sealer.chunk_id(data) != chunk_id:
+        if len(data) != raw_len or (check_id and self.sealer.chunk_id(data) != chunk_id):
             raise IntegrityError(f"{label}: content does not match its id (corrupt data)")
         return data
 
@@ -300,14 +318,14 @@ class Repository:
             raise IntegrityError(f"{what or 'chunk ' + chunk_id.hex()[:16]}: missing from the repository")
         return self.read_at(chunk_id, loc, what)
 
-    def read_at(self, chunk_id: bytes, loc: Location, what: str = "") -> bytes:
+    def read_at(self, chunk_id: bytes, loc: Location, what: str = "", check_id: bool = True) -> bytes:
         try:
             blob = self.backend.read_range(pack_name(loc.pack), loc.offset, loc.length)
         except RepositoryError as e:
             raise IntegrityError(f"{what or 'chunk ' + chunk_id.hex()[:16]}: {e}") from None
         if len(blob) != loc.length:
             raise IntegrityError(f"{what or 'chunk ' + chunk_id.hex()[:16]}: pack {loc.pack[:16]} is truncated")
-        return self.decode_chunk(chunk_id, blob, loc.raw_length, what)
+        return self.decode_chunk(chunk_id, blob, loc.raw_length, what, check_id)
 
     def chunk_writer(self) -> ChunkWriter:
         return ChunkWriter(self)
@@ -327,10 +345,18 @@ class Repository:
             return self._manifests[sid]
         blob = self.backend.read(f"snapshots/{sid}")
         payload = self.sealer.open(blob, MANIFEST_AAD, f"snapshot {sid[:8]}")
+        if blake3.blake3(payload, key=self.sealer.id_key).hexdigest() != sid:
+            raise IntegrityError(f"snapshot {sid[:8]}: content does not match its name (renamed or tampered)")
         m = decode_manifest(payload, sid)
         if self._manifests is not None:
             self._manifests[sid] = m
         return m
+
+    def delete_manifest(self, sid: str) -> None:
+        """Remove a snapshot (its chunks stay until prune)."""
+        self.backend.delete(f"snapshots/{sid}")
+        if self._manifests is not None:
+            self._manifests.pop(sid, None)
 
     def manifests(self) -> list[Manifest]:
         """All snapshots, oldest first."""
@@ -422,7 +448,7 @@ class ChunkWriter:
         self._inflight: collections.deque[tuple[cf.Future, list[bytes]]] = collections.deque()
 
     def has(self, chunk_id: bytes) -> bool:
-        return chunk_id in self.repo.index or chunk_id in self.pending
+        return self.repo.index.usable(chunk_id) or chunk_id in self.pending
 
     def add(self, chunk_id: bytes, blob: bytes, raw_len: int) -> bool:
         """Store a sealed chunk unless the repository has it; return True if stored."""
