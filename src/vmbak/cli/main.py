@@ -10,7 +10,7 @@ import sys
 from vmbak import __version__
 from vmbak.errors import VmbakError
 
-GROUPS = ["repository", "backup", "restore", "snapshots"]
+GROUPS = ["repository", "backup", "restore", "snapshots", "keys", "maintenance"]
 OPTIONAL_GROUPS = ["track", "usage_cmd"]  # present when their modules are installed
 
 

@@ -62,6 +62,13 @@ class PackWriter:
         self.lens: list[int] = []
         self.raws: list[int] = []
 
+    def pad(self, data: bytes) -> None:
+        """Write bytes that no entry covers (readers find blobs only through the header).
+        Random padding gives a pack a name no other pack had: see engine/prune.py."""
+        self.f.write(data)
+        self.hasher.update(data)
+        self.offset += len(data)
+
     def add(self, chunk_id: bytes, blob: bytes, raw_len: int) -> int:
         """Append one sealed blob; return its offset."""
         off = self.offset

@@ -93,13 +93,14 @@ class Repository:
         self.pack_size: int = int(config["pack_size"])
         self.zstd_level: int = int(config["compression"]["level"])
         self.sealer = Sealer(master, self.encryption)
+        self.master = master  # for key management (vmbak key add / passwd)
         self._index: Index | None = None
         self._indexed_packs: set[str] = set()
         self._index_files: list[str] = []
         self._manifests: dict[str, Manifest] | None = None
         self.recovered_packs = 0
         self.key_name: str = ""  # the key file that opened the repository
-        self._locks_held = 0
+        self.held_locks: list[str] = []  # names of the locks this object holds
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -190,7 +191,7 @@ class Repository:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "time": _now_iso(),
               "exclusive": exclusive, "purpose": purpose}
         self.backend.write(name, json.dumps(me).encode())
-        self._locks_held += 1
+        self.held_locks.append(name)
         try:
             for other, _ in self.backend.list("locks"):
                 if other == name:
@@ -212,7 +213,7 @@ class Repository:
                         "if that process is gone, run 'vmbak unlock'")
             yield
         finally:
-            self._locks_held -= 1
+            self.held_locks.remove(name)
             self.backend.delete(name)
 
     # ------------------------------------------------------------------ index
@@ -225,12 +226,20 @@ class Repository:
 
     def _load_index(self) -> None:
         idx = Index()
-        files = sorted(n for n, _ in self.backend.list("index"))
-        loaded: list[tuple[str, np.ndarray]] = []
-        for name in files:
-            payload = self.sealer.open(self.backend.read(name), INDEX_AAD, f"index file {name}")
-            _, packs = decode_index(payload, f"index file {name}")
-            loaded.extend(packs)
+        for attempt in range(10):
+            files = sorted(n for n, _ in self.backend.list("index"))
+            loaded: list[tuple[str, np.ndarray]] = []
+            try:
+                for name in files:
+                    payload = self.sealer.open(self.backend.read(name), INDEX_AAD, f"index file {name}")
+                    _, packs = decode_index(payload, f"index file {name}")
+                    loaded.extend(packs)
+                break
+            except RepositoryError:
+                # A prune consolidating the index deletes files only after writing the one
+                # that supersedes them: list again. Anything else is an error.
+                if attempt == 9 or all(self.backend.exists(n) for n in files):
+                    raise
         listed = list(self.backend.list("data"))
         # Prune marks are read after data/ is listed: a pack that is unindexed because a
         # sweep is deleting it is then either still named by a mark, or already gone.
@@ -259,7 +268,7 @@ class Repository:
         # Only a lock holder records recovered packs in an index file: prune waits for the
         # lock holders that might not have seen its marks, never for lock-free readers.
         self.recovered_packs = len(recovered)
-        if recovered and self._locks_held:
+        if recovered and self.held_locks:
             try:
                 self.write_index(recovered)
             except RepositoryError:
@@ -469,6 +478,10 @@ class ChunkWriter:
     def _write_pack(self, blobs: list[bytes], meta: list[tuple[bytes, int]]) -> FinishedPack:
         pw = PackWriter(self.repo.backend, self.repo.sealer)
         try:
+            if self.repo.index.doomed:
+                # While prune marks exist a pack must not get the name of a doomed pack
+                # (identical content gives an identical name when unencrypted).
+                pw.pad(os.urandom(16))
             for blob, (cid, raw) in zip(blobs, meta, strict=True):
                 pw.add(cid, blob, raw)
             return pw.finish()

@@ -1,0 +1,216 @@
+"""Maintenance commands: forget (retention), prune, merge, unlock."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from vmbak.cli.common import emit, log, open_repo
+from vmbak.engine.common import human
+from vmbak.engine.merge import check_mergeable, reconcile, resolve_target
+from vmbak.engine.prune import DEFAULT_REPACK_THRESHOLD, PruneOptions, prune, unlock
+from vmbak.engine.retention import Policy, forget
+from vmbak.errors import VmbakError
+
+FORGET_EPILOG = """examples:
+  vmbak forget --name web --keep-last 7 --keep-daily 14 --keep-weekly 8 --keep-monthly 12 --dry-run
+  vmbak forget --keep-daily 7 --prune          # every disk name, then prune
+  vmbak forget 3f2a9c1e                        # one snapshot
+
+Incremental snapshots that stay but depend on forgotten ones are merged with them
+inside the repository (the stayer gets a new id; nothing is read from any disk). With
+--keep-dependencies the forgotten snapshots they need are kept instead, and listed.
+"""
+
+PRUNE_EPILOG = """examples:
+  vmbak prune --dry-run
+  vmbak prune                  # sweep what earlier runs marked (after the grace period), mark new garbage
+  vmbak prune --grace 0        # also sweep at once what no running operation can still use
+
+prune runs beside backups and restores. A first run marks garbage; packs are deleted by
+a run after the grace period (default 1h) once every operation that was running when
+they were marked has finished.
+"""
+
+
+def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("forget", parents=[parent], help="remove snapshots by retention rules",
+                       description="Remove snapshots, named or chosen by keep rules applied to each disk "
+                       "name: keep-last N keeps the N newest; keep-hourly/daily/weekly/monthly/yearly N keep "
+                       "the newest snapshot of each of the N latest hours/days/ISO weeks/months/years that "
+                       "have one (UTC). A snapshot is kept if any rule keeps it. Space is freed by prune.",
+                       epilog=FORGET_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("snapshots", nargs="*", metavar="SNAP", help="snapshots to forget (id, NAME:latest, NAME@TIME)")
+    p.add_argument("--name", help="apply the rules to this disk name only (default: every name)")
+    for rule in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
+        p.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N",
+                       help=f"keep {'the N newest snapshots' if rule == 'last' else 'N ' + rule + ' snapshots'}"
+                       " (-1: all)")
+    p.add_argument("--keep-dependencies", action="store_true",
+                   help="keep forgotten snapshots that remaining incrementals need (default: merge them)")
+    p.add_argument("--dry-run", "-n", action="store_true", help="show what would stay and go, and why; change nothing")
+    p.add_argument("--prune", action="store_true", help="run prune afterwards")
+    _prune_options(p)
+    p.set_defaults(func=cmd_forget)
+
+    p = sub.add_parser("prune", parents=[parent], help="delete unreferenced data",
+                       description="Delete packs holding only chunks no snapshot references and repack packs "
+                       "that are mostly garbage, in two phases: mark, then sweep after a grace period and once "
+                       "every operation running at marking time has finished. Safe beside running backups "
+                       "and if killed at any moment.",
+                       epilog=PRUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", "-n", action="store_true", help="show what would be marked and swept")
+    _prune_options(p)
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("merge", parents=[parent], help="fold an incremental chain into a synthetic full",
+                       description="Replace a snapshot (the latest of a disk name, or any snapshot) by a "
+                       "synthetic full backup built inside the repository from its chain, newest first, so "
+                       "that each block is taken once; no disk is read. Restores of it then need no chain. "
+                       "The snapshot gets a new id; the older snapshots of the chain stay.",
+                       epilog="examples:\n  vmbak merge web --into-full\n  vmbak merge 3f2a9c1e --into-full --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", metavar="NAME|SNAP", help="a disk name (its latest snapshot) or a snapshot")
+    p.add_argument("--into-full", action="store_true", help="build a synthetic full (the only kind of merge)")
+    p.add_argument("--dry-run", "-n", action="store_true", help="show what would be merged")
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("unlock", parents=[parent], help="remove locks left by dead processes",
+                       description="Without options, remove every lock that is not held by a live process "
+                       "on this host (use it once you know the processes on other hosts are gone). With "
+                       "--remove-stale, remove only locks that are provably stale: their process is gone "
+                       "from this host, or they are older than seven days.",
+                       epilog="examples:\n  vmbak unlock --remove-stale\n  vmbak unlock --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--remove-stale", action="store_true", help="remove only provably stale locks")
+    p.set_defaults(func=cmd_unlock)
+
+
+def _prune_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--grace", default="1h", metavar="DURATION",
+                   help="how long marked packs wait before they may be deleted (e.g. 0, 90s, 15m, 1h, 2d; default 1h)")
+    p.add_argument("--repack-threshold", type=float, default=DEFAULT_REPACK_THRESHOLD, metavar="FRACTION",
+                   help="repack packs whose garbage is at least this fraction of their bytes (default 0.5)")
+
+
+def parse_duration(s: str) -> float:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", s)
+    if not m:
+        raise VmbakError(f"cannot parse duration {s!r} (use e.g. 0, 90s, 15m, 1h, 2d)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def _prune_text(r: dict) -> list[str]:
+    lines = []
+    mk = r["marked"]
+    if mk:
+        if r["dry_run"]:
+            lines.append(f"would mark {len(mk['would_drop'])} packs to delete and repack {len(mk['would_repack'])} "
+                         f"({human(mk['garbage_bytes'])} of garbage)")
+        else:
+            lines.append(f"marked {mk['doomed_packs']} packs ({human(mk['garbage_bytes'])} of garbage): "
+                         f"{mk['dropped_packs']} hold nothing referenced, {mk['repacked_packs']} repacked into "
+                         f"{mk['new_packs']} new packs ({human(mk['copied_bytes'])} copied)")
+    for s in r["swept"]:
+        lines.append(f"{'would sweep' if r['dry_run'] else 'swept'} mark {s['mark'][:8]} (marked {s['marked'][:19]}): "
+                     f"{s['deleted_packs']} packs deleted, {human(s['freed_bytes'])} freed"
+                     + (f"; {len(s['spared'])} packs spared (still needed)" if s["spared"] else ""))
+    if not mk and not r["swept"]:
+        lines.append("nothing to prune: every stored chunk is referenced")
+    for p in r["postponed"]:
+        lines.append(f"mark {p['mark'][:8]} not swept yet: {p['reason']}")
+    for w in r["warnings"]:
+        lines.append(f"warning: {w}")
+    if r.get("upgraded_format"):
+        lines.append("repository format upgraded to version 2 (vmbak before prune support can no longer open it)")
+    lines.append(f"repository: {r['packs_before']} packs, {human(r['bytes_before'])} -> {r['packs_after']} packs, "
+                 f"{human(r['bytes_after'])}")
+    return lines
+
+
+def _run_prune(args: argparse.Namespace, repo) -> dict:  # noqa: ANN001
+    opts = PruneOptions(grace_s=parse_duration(args.grace), repack_threshold=args.repack_threshold,
+                        dry_run=args.dry_run)
+    return prune(repo, opts).to_json()
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    repo = open_repo(args)
+    r = _run_prune(args, repo)
+    emit(args, r, "\n".join(_prune_text(r)))
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    policy = Policy(last=args.keep_last, hourly=args.keep_hourly, daily=args.keep_daily, weekly=args.keep_weekly,
+                    monthly=args.keep_monthly, yearly=args.keep_yearly)
+    parse_duration(args.grace)  # fail before doing anything
+    repo = open_repo(args)
+    res = forget(repo, policy, name=args.name, snapshots=args.snapshots,
+                 keep_dependencies=args.keep_dependencies, dry_run=args.dry_run, log=log(args))
+    out = res.to_json()
+    lines = []
+    verb = "would " if args.dry_run else ""
+    for name, rows in out["names"].items():
+        lines.append(f"{name}: ({res.policy})")
+        for r in rows:
+            rw = r.get("rewrite")
+            extra = ""
+            if rw:
+                extra = f"  -> {verb}become {rw['to'][:8] + ' ' if rw.get('to') else ''}({rw['type']}: {rw['reason']})"
+            lines.append(f"  {r['action']:6}  {r['short_id']}  {r['time'][:19]}  {r['type']:14}  "
+                         f"{'; '.join(r['reasons'])}{extra}")
+    n_del = len([d for d in out["deleted"] if d not in {w['old'] for w in out['rewritten']}])
+    lines.append(f"{verb}forget {n_del} snapshots, {verb}rewrite {len(out['rewritten'])}"
+                 + (f", keep {len(out['kept_dependencies'])} that remaining snapshots need"
+                    if out["kept_dependencies"] else ""))
+    if out["recovered_interrupted"]:
+        lines.append(f"finished {len(out['recovered_interrupted'])} rewrites an interrupted run had left")
+    if args.prune and not args.dry_run:
+        out["prune"] = _run_prune(args, repo)
+        lines += _prune_text(out["prune"])
+    elif args.prune:
+        lines.append("(prune is not run with --dry-run)")
+    emit(args, out, "\n".join(lines))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    if not args.into_full:
+        raise VmbakError("say what to merge into: --into-full (a synthetic full is the only kind of merge)")
+    repo = open_repo(args)
+    with repo.lock(exclusive=True, purpose="merge"):
+        m = resolve_target(repo, args.target)
+        check_mergeable(m)
+        chain = repo.chain(m)
+        res = reconcile(repo, set(), {m.id}, dry_run=args.dry_run, workers=args.workers)
+    out = res.to_json() | {"snapshot": m.id, "chain_length": len(chain), "dry_run": args.dry_run}
+    rw = next((r for r in res.rewrites if r.old == m.id), None)
+    out["new_snapshot"] = rw.new if rw else None
+    if args.dry_run:
+        text = (f"would replace snapshot {m.short_id} ({m.name} {m.time[:19]}, chain of {len(chain)}) by a "
+                f"synthetic full")
+    else:
+        assert rw is not None
+        text = (f"snapshot {m.short_id} ({m.name} {m.time[:19]}) replaced by synthetic full {rw.new[:8]}: "
+                f"chain of {len(chain)} folded, {rw.reused_extents} extents reused, {rw.split_extents} split, "
+                f"{human(rw.stored_bytes)} stored")
+    others = [r for r in res.rewrites if r.old != m.id]
+    if others:
+        text += f"\n{len(others)} later snapshots re-pointed to it"
+    emit(args, out, text)
+    return 0
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    repo = open_repo(args)
+    r = unlock(repo, args.remove_stale)
+    lines = [f"removed {x['lock']} ({x.get('purpose') or '?'} pid {x.get('pid')} on {x.get('host')}): {x['why']}"
+             for x in r["removed"]]
+    lines += [f"kept {x['lock']} ({x.get('purpose') or '?'} pid {x.get('pid')} on {x.get('host')}): {x['why']}"
+              for x in r["kept"]]
+    if not lines:
+        lines.append("no locks")
+    emit(args, r, "\n".join(lines))
+    return 0

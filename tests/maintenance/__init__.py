@@ -1,0 +1,1 @@
+"""Encryption, keys, authentication, retention, prune, merge and locks (issue 7)."""

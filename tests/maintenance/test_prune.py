@@ -1,0 +1,220 @@
+"""prune: two phases (mark, then sweep after a grace period once every operation that
+was running at marking time is gone), repacking, dry runs, locks and unlock."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+MiB = 1 << 20
+
+
+def tree(path) -> dict[str, int]:  # noqa: ANN001
+    """Every file of a repository (but locks/ and tmp/) with its size."""
+    out = {}
+    for root, _, files in os.walk(path):
+        rel = os.path.relpath(root, path)
+        if rel.split(os.sep)[0] in ("locks", "tmp"):
+            continue
+        for f in files:
+            out[os.path.join(rel, f)] = os.path.getsize(os.path.join(root, f))
+    return out
+
+
+def two_generations(repo, make_disk):  # noqa: ANN001
+    """Disk "a" backed up in full, then rewritten entirely and backed up again; the first
+    snapshot is forgotten, so its packs hold nothing referenced."""
+    disk = make_disk("a.raw", 4 * MiB, seed=41)
+    s0 = repo.backup(disk, "a")
+    v0 = disk.save("v0")
+    disk.write_random(0, 4 * MiB, seed=42)
+    s1 = repo.backup(disk, "a")
+    disk.save("v1")
+    repo.run("forget", s0["id"][:8])
+    return disk, v0, s1
+
+
+def test_prune_with_no_grace_frees_the_space_at_once(repo, make_disk, tmp_path, assert_same_file):
+    disk, _, s1 = two_generations(repo, make_disk)
+    before = repo.pack_bytes()
+    out = repo.json("prune", "--grace", "0")
+    assert out["marked"]["dropped_packs"] >= 1 and len(out["swept"]) == 1
+    assert out["freed_bytes"] >= 4 * MiB and repo.pack_bytes() <= before - 4 * MiB
+    assert not list((repo.path / "prune").iterdir())  # the mark is gone once swept
+    assert len(list((repo.path / "index").iterdir())) == 1  # one index names every surviving pack
+    repo.check(read_data=True)
+    repo.restore("a:latest", tmp_path / "r.raw")
+    assert_same_file(tmp_path / "r.raw", disk.version("v1"))
+    again = repo.json("prune", "--grace", "0")
+    assert again["marked"] is None and again["swept"] == [] and again["freed_bytes"] == 0
+
+
+def test_dry_run_changes_nothing(repo, make_disk):
+    two_generations(repo, make_disk)
+    before = tree(repo.path)
+    out = repo.json("prune", "--grace", "0", "--dry-run")
+    assert out["dry_run"] and len(out["marked"]["would_drop"]) >= 1
+    assert tree(repo.path) == before
+    text = repo.run("prune", "--dry-run").stdout
+    assert "would mark" in text
+
+
+def test_grace_period_then_sweep_and_marked_chunks_are_never_deduplicated(repo, make_disk, tmp_path,
+                                                                           assert_same_file):
+    disk, v0, _ = two_generations(repo, make_disk)
+    before = repo.pack_bytes()
+    out = repo.json("prune")  # default grace: 1h
+    assert out["marked"]["dropped_packs"] >= 1 and out["swept"] == []
+    assert any("grace period" in p["reason"] for p in out["postponed"])
+    assert repo.pack_bytes() == before  # nothing deleted yet
+    names = sorted(p.name for p in (repo.path / "prune").iterdir())
+    assert [n.split("-")[0] for n in names] == ["mark", "ready"]
+    out = repo.json("prune")  # still within the grace period: nothing happens
+    assert out["swept"] == [] and out["marked"] is None
+    # The first disk's content comes back under another name. Its chunks are marked: the
+    # backup stores them again instead of referring to packs about to go.
+    snap = repo.backup(v0, "again")
+    assert snap["stats"]["new_stored_bytes"] >= 4 * MiB - 64 * 1024
+    out = repo.json("prune", "--grace", "0")
+    assert len(out["swept"]) == 1 and out["swept"][0]["deleted_packs"] >= 1, json.dumps(out)
+    repo.check(read_data=True)
+    repo.restore("again:latest", tmp_path / "again.raw")
+    assert_same_file(tmp_path / "again.raw", v0)
+    repo.restore("a:latest", tmp_path / "a.raw")
+    assert_same_file(tmp_path / "a.raw", disk.version("v1"))
+
+
+def fake_lock(repo, pid: int, host: str | None = None, purpose: str = "backup", age_days: float = 0) -> str:  # noqa: ANN001
+    from datetime import UTC, datetime, timedelta
+
+    t = (datetime.now(UTC) - timedelta(days=age_days)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    name = os.urandom(16).hex()
+    (repo.path / "locks" / name).write_text(json.dumps(
+        {"host": host or socket.gethostname(), "pid": pid, "time": t, "exclusive": False, "purpose": purpose}))
+    return f"locks/{name}"
+
+
+def test_sweep_waits_for_operations_that_started_before_the_mark(repo, make_disk):
+    two_generations(repo, make_disk)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = fake_lock(repo, sleeper.pid)  # a live backup on this host
+        out = repo.json("prune", "--grace", "0")
+        assert out["swept"] == [] and out["marked"]["doomed_packs"] >= 1
+        (p,) = out["postponed"]
+        assert "still running" in p["reason"] and p["locks"] == [lock]
+        assert repo.json("prune", "--grace", "0")["swept"] == []
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # its process is gone: the lock is stale, the mark is swept
+    out = repo.json("prune", "--grace", "0")
+    assert len(out["swept"]) == 1
+    repo.check(read_data=True)
+
+
+def test_mostly_garbage_packs_are_repacked(repo, make_disk, tmp_path, assert_same_file):
+    disk = make_disk("r.raw", 8 * MiB, seed=43)  # one 8 MiB pack
+    repo.backup(disk, "r")
+    disk.write_random(0, 6 * MiB, seed=44)  # 6 of its 8 chunks change
+    s1 = repo.backup(disk, "r")
+    repo.run("forget", "--keep-last", "1")  # s1 becomes a synthetic full reusing 2 old chunks
+    (old_pack,) = [p for p in repo.pack_files() if p.stat().st_size > 7 * MiB]
+    before = repo.pack_bytes()  # 8 MiB + the 6 MiB of s1
+    out = repo.json("prune", "--grace", "0")
+    mk = out["marked"]
+    assert mk["repacked_packs"] == 1 and mk["new_packs"] == 1
+    assert 2 * MiB <= mk["copied_bytes"] <= 2 * MiB + 64 * 1024
+    assert not old_pack.exists()
+    assert repo.pack_bytes() <= before - 6 * MiB + 64 * 1024
+    repo.check(read_data=True)
+    repo.restore("r:latest", tmp_path / "r.raw")
+    assert_same_file(tmp_path / "r.raw", disk.path)
+    assert repo.snapshots()[0]["time"] == s1["time"]
+    # a higher threshold leaves partly used packs alone
+    disk.write_random(0, 3 * MiB, seed=45)
+    repo.backup(disk, "r")
+    repo.run("forget", "--keep-last", "1")
+    out = repo.json("prune", "--grace", "0", "--repack-threshold", "0.99")
+    assert out["marked"] is None or out["marked"]["repacked_packs"] == 0
+
+
+def test_prune_upgrades_a_version_1_repository(repo, make_disk):
+    cfg_path = repo.path / "config"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["version"] == 2
+    cfg["version"] = 1
+    cfg_path.write_text(json.dumps(cfg))
+    two_generations(repo, make_disk)  # version 1 repositories work as they are
+    assert json.loads(cfg_path.read_text())["version"] == 1
+    out = repo.run("prune", "--grace", "0")
+    assert "upgraded to version 2" in out.stdout
+    assert json.loads(cfg_path.read_text())["version"] == 2
+
+
+def test_one_prune_at_a_time_and_backups_wait_for_no_prune(repo, make_disk, assert_cli_error):
+    disk, _, _ = two_generations(repo, make_disk)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        fake_lock(repo, sleeper.pid, purpose="prune")
+        assert_cli_error(repo.run("prune", "--grace", "0", check=False), "locked", "prune")
+        repo.backup(disk, "a")  # a prune lock does not stop a backup
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_unlock(repo, assert_cli_error):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        live = fake_lock(repo, sleeper.pid)
+        gone = fake_lock(repo, dead.pid, purpose="forget")
+        remote = fake_lock(repo, 1234, host="elsewhere.example")
+        old_remote = fake_lock(repo, 1234, host="elsewhere.example", age_days=8)
+        out = repo.json("unlock", "--remove-stale")
+        assert {r["lock"] for r in out["removed"]} == {gone, old_remote}
+        assert {r["lock"] for r in out["kept"]} == {live, remote}
+        # an exclusive operation is refused while the remote lock is there
+        assert_cli_error(repo.run("forget", "--keep-last", "1", check=False), "locked", "vmbak unlock")
+        out = repo.json("unlock")
+        assert {r["lock"] for r in out["removed"]} == {remote}
+        assert {r["lock"] for r in out["kept"]} == {live}
+        assert "alive on this host" in repo.run("unlock").stdout
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert "removed" in repo.run("unlock").stdout
+    assert "no locks" in repo.run("unlock").stdout
+
+
+def test_a_backup_that_loaded_the_index_before_the_mark_is_waited_for(repo, make_disk, tmp_path,
+                                                                      assert_same_file):
+    """The race prune must win, made deterministic: a backup (here in this process, through
+    the library) takes its lock and loads the index; prune then marks the packs holding the
+    old content; the backup, unaware of the mark, refers to those chunks. The sweep must
+    wait for the backup, and then spare what it now references."""
+    import vmbak
+
+    _, v0, _ = two_generations(repo, make_disk)
+    lib = repo.open()
+    with lib.lock(purpose="backup"):
+        assert len(lib.index) > 0  # loaded before the mark: the garbage chunks look usable
+        out = repo.json("prune", "--grace", "0")
+        assert out["marked"]["dropped_packs"] >= 1 and out["swept"] == []
+        assert any("still running" in p["reason"] for p in out["postponed"])
+        m = vmbak.backup(lib, v0, "late")
+        assert m.stats["new_stored_bytes"] < 64 * 1024  # it deduplicated against the marked chunks
+    out = repo.json("prune", "--grace", "0")
+    (swept,) = out["swept"]
+    assert swept["spared"] and swept["deleted_packs"] == 0, swept
+    repo.check(read_data=True)
+    repo.restore("late:latest", tmp_path / "late.raw")
+    assert_same_file(tmp_path / "late.raw", v0)
+    # the spared packs are ordinary packs again: a later prune finds nothing to delete
+    out = repo.json("prune", "--grace", "0")
+    assert out["marked"] is None

@@ -1,0 +1,134 @@
+"""Authentication of everything read back: a flipped bit in a pack, an index file, a
+manifest, a key file or a prune mark is detected and named, and nothing acts on it."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import shutil
+
+import pytest
+
+MiB = 1 << 20
+PW = "tamper test"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, init_repo, new_disk):
+    base = tmp_path_factory.mktemp("tamper")
+    disk = new_disk(base, "t.raw", 3 * MiB + 4096, seed=81)
+    repos = {"aes-256-gcm": init_repo(base / "enc", "aes-256-gcm", password=PW),
+             "none": init_repo(base / "plain", "none")}
+    for r in repos.values():
+        r.backup(disk, "t")
+    disk.write_random(MiB // 3, 500_000, seed=82)
+    for r in repos.values():
+        r.backup(disk, "t")
+    return {"base": base, "disk": disk, "repos": repos}
+
+
+def copy(world, enc: str, dest):  # noqa: ANN001
+    src = world["repos"][enc]
+    shutil.copytree(src.path, dest)
+    return dataclasses.replace(src, path=dest)
+
+
+def flip(path, offset: int) -> None:  # noqa: ANN001
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0x04
+    path.write_bytes(bytes(data))
+
+
+def files(repo, sub: str) -> list:  # noqa: ANN001
+    return sorted(p for p in (repo.path / sub).rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("enc", ["aes-256-gcm", "none"])
+def test_flipped_bit_in_a_pack_is_named_and_never_restored(world, enc, tmp_path, assert_cli_error):
+    repo = copy(world, enc, tmp_path / "r")
+    lib = repo.open()
+    full = lib.manifests()[0]
+    cid = bytes(full.ext_id[0])  # the first MiB: the incremental rewrote only part of it
+    loc = lib.index.get(cid)
+    pack = repo.path / "data" / loc.pack[:2] / loc.pack
+    flip(pack, loc.offset + loc.length // 2)
+    rep = repo.check(read_data=True, ok=False)
+    assert not rep["ok"] and any(loc.pack[:16] in e for e in rep["errors"])
+    assert any("authentication failed" in e or "checksum mismatch" in e for e in rep["errors"])
+    assert len(rep["damaged_snapshots"]) == 2  # and it names the snapshots it hurts
+    for snap in ("t:latest", full.id):
+        line = assert_cli_error(repo.run("restore", snap, tmp_path / "o.raw", check=False), cid.hex()[:16])
+        assert "authentication failed" in line or "checksum mismatch" in line
+        assert not (tmp_path / "o.raw").exists() and not list(tmp_path.glob(".o.raw*"))
+    # a merge that must cut the damaged chunk stops, naming it; nothing is removed
+    assert_cli_error(repo.run("merge", "t", "--into-full", check=False), cid.hex()[:16])
+    assert len(repo.snapshots()) == 2
+
+
+def test_flipped_bit_in_an_index_file_stops_every_command(world, tmp_path, assert_cli_error):
+    repo = copy(world, "aes-256-gcm", tmp_path / "r")
+    idx = files(repo, "index")[0]
+    flip(idx, 40)
+    before = sorted(p.name for p in files(repo, "data"))
+    for args in (["restore", "t:latest", tmp_path / "o.raw"], ["prune", "--grace", "0"],
+                 ["backup", world["disk"].path, "--name", "t"]):
+        assert_cli_error(repo.run(*args, check=False), f"index file index/{idx.name}", "authentication failed")
+    assert sorted(p.name for p in files(repo, "data")) == before
+    p = repo.run("check", check=False)
+    assert p.returncode != 0 and idx.name in p.stdout + p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("enc", ["aes-256-gcm", "none"])
+def test_flipped_bit_in_a_manifest_is_named(world, enc, tmp_path, assert_cli_error):
+    repo = copy(world, enc, tmp_path / "r")
+    man = files(repo, "snapshots")[0]
+    flip(man, 30)
+    frag = "authentication failed" if enc != "none" else "checksum mismatch"
+    for args in (["snapshots"], ["forget", "--keep-last", "1"], ["prune", "--grace", "0"],
+                 ["merge", "t", "--into-full"]):
+        assert_cli_error(repo.run(*args, check=False), f"snapshot {man.name[:8]}", frag)
+    assert len(files(repo, "snapshots")) == 2  # forget removed nothing
+
+
+def test_a_manifest_under_another_name_is_refused(world, tmp_path, assert_cli_error):
+    repo = copy(world, "aes-256-gcm", tmp_path / "r")
+    man = files(repo, "snapshots")[0]
+    fake = "ab" * 32
+    shutil.copyfile(man, man.parent / fake)
+    assert_cli_error(repo.run("snapshots", check=False), f"snapshot {fake[:8]}", "does not match its name")
+
+
+def test_a_damaged_prune_mark_is_reported_and_never_acted_upon(world, tmp_path):
+    repo = copy(world, "aes-256-gcm", tmp_path / "r")
+    repo.run("forget", "--keep-last", "1")
+    out = repo.json("prune", "--repack-threshold", "0.2")  # marks (grace 1h)
+    assert out["marked"]["doomed_packs"] >= 1
+    mark = next(p for p in files(repo, "prune") if p.name.startswith("mark-"))
+    flip(mark, 20)
+    packs = sorted(p.name for p in files(repo, "data"))
+    out = repo.json("prune", "--grace", "0", "--repack-threshold", "0.2")
+    assert any(f"prune mark {mark.name[5:13]}" in w and "never acted upon" in w for w in out["warnings"])
+    # the damaged mark is not swept; the new mark (same garbage) is
+    assert all(s["mark"] != mark.name[5:] for s in out["swept"])
+    assert mark.exists()
+    repo.check(read_data=True)
+    assert sorted(p.name for p in files(repo, "data")) != packs  # the garbage did go, by the new mark
+    repo.restore("t:latest", tmp_path / "o.raw")
+
+
+def test_a_flipped_bit_anywhere_is_found_by_check_read_data(world, tmp_path):
+    """Ten random bits across packs, index files, manifests and key files: each is found
+    (check fails, or the repository refuses to open with a one-line error)."""
+    rng = random.Random(83)
+    src = world["repos"]["aes-256-gcm"]
+    candidates = [p.relative_to(src.path) for sub in ("data", "index", "snapshots", "keys")
+                  for p in files(src, sub)]
+    for i in range(10):
+        repo = copy(world, "aes-256-gcm", tmp_path / f"r{i}")
+        rel = rng.choice(candidates)
+        target = repo.path / rel
+        flip(target, rng.randrange(target.stat().st_size))
+        p = repo.run("check", "--read-data", "--json", check=False)
+        assert p.returncode != 0, f"flipped bit in {rel} not detected"
+        assert "Traceback" not in p.stderr
+        shutil.rmtree(repo.path)
