@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 # test images, QEMU utilities, and the peers the benchmarks compare against.
 APT_PKGS=(python3 python3-venv python3-dev python3-libnbd libnbd-bin nbdkit nbdkit-plugin-python
           qemu-utils qemu-system-common e2fsprogs xfsprogs dosfstools mtools exfatprogs
-          ntfs-3g btrfs-progs partclone fdisk lvm2 util-linux time)
+          ntfs-3g btrfs-progs partclone fdisk lvm2 util-linux time
+          libvirt-daemon-system libvirt-clients python3-libvirt qemu-system-x86)
 if [[ "${VMBAK_BENCH_DEPS:-0}" == 1 ]]; then
     APT_PKGS+=(restic borgbackup time)
 fi
@@ -26,6 +27,11 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Without udev /dev/kvm stays root:root 0600 and libvirt re-probes QEMU on every start.
+if [[ -c /dev/kvm && $(id -u) -eq 0 ]] && getent group kvm >/dev/null; then
+    chgrp kvm /dev/kvm && chmod 0660 /dev/kvm || true
 fi
 
 # Debian's python3 owns the libnbd bindings, so the venv is made by it and

@@ -5,30 +5,71 @@ from __future__ import annotations
 import argparse
 
 from vmbak.cli.common import emit, log, open_repo, progress
-from vmbak.disks.raw import RawDisk
-from vmbak.engine.backup import DEFAULT_BLOCK_SIZE, MODES, BackupOptions, backup
+from vmbak.engine.backup import DEFAULT_BLOCK_SIZE, MODES, BackupOptions
 from vmbak.engine.common import human
+from vmbak.errors import VmbakError
 
 EPILOG = """examples:
   vmbak backup /var/lib/images/web.raw --name web                      # first full, then incremental
   vmbak backup /var/lib/images/web.raw --name web --mode differential  # changes since the last full
   vmbak backup /dev/vg0/db --name db --mode full --json
+  vmbak backup /var/lib/libvirt/images/db.qcow2 --name db              # qcow2, vhdx, vhd, vmdk: thin areas skipped
+  vmbak backup db.img --name db --format raw                           # do not probe the format
+  vmbak backup overlay.qcow2 --name db --changes overlay               # changed = clusters of the top layer
+  vmbak backup --name web --changes track:/run/vmbak/web.sock          # from a `vmbak track` checkpoint
+  vmbak backup --name web --changes track:/run/vmbak/web.sock --verify-changes   # also scan: prove 0 missed
+  vmbak backup --name db --changes qemu:/run/qemu/db.qmp:drive0        # QEMU's persistent dirty bitmap
+  vmbak backup --name db --changes qemu:/run/qemu/db.qmp:drive0 --nbd-server /run/qemu/db.nbd
+  vmbak backup --libvirt db                                            # every disk of a running domain
+  vmbak backup --libvirt db --libvirt-uri qemu:///session --name nightly   # snapshots nightly-vda, ...
+
+change sources (--changes):
+  auto, scan        read DISK, store the blocks whose hash differs from the previous backup
+  full              read and hash everything (the snapshot is still an incremental of its parent)
+  overlay           DISK is a qcow2 overlay or vmdk delta over the previous backup's image:
+                    only the clusters allocated in its top layer are read
+  track:SOCKET      a disk served by `vmbak track start ... --socket SOCKET` (no DISK): a frozen
+                    checkpoint is read while the VM keeps writing; committed after the snapshot is saved
+  qemu:QMP:NODE     node or drive NODE of a running QEMU / qemu-storage-daemon with QMP socket QMP
+                    (no DISK): a point-in-time view and a persistent dirty bitmap
+When a change source cannot prove it saw every change (unknown change ID, lost or inconsistent
+bitmap), the backup says so and reads everything (scan) from a consistent view instead.
 """
 
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
     p = sub.add_parser("backup", parents=[parent], help="back up a disk",
-                       description="Back up a raw disk image or block device. The first backup of a name "
-                       "is full; later ones read the disk, compare each block's hash with the previous "
-                       "backup (scan) and store only changed blocks. Zero blocks and holes are never "
-                       "stored; identical chunks are stored once across all disks and backups.",
+                       description="Back up a raw disk, a block device, an image file (qcow2 with its backing "
+                       "chain, vhdx, vpc/VHD, vmdk), a disk behind `vmbak track`, a running QEMU's drive, or "
+                       "every disk of a running libvirt domain. The first backup of a name is full; later ones "
+                       "read only the blocks the change source reports (or, by default, read the disk and "
+                       "compare each block's hash with the previous backup) and store only changed blocks. "
+                       "Zero blocks, holes and unallocated image areas are never stored; identical chunks are "
+                       "stored once across all disks and backups.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("disk", metavar="DISK", help="raw image file or block device")
-    p.add_argument("--name", required=True, help="the name this disk's backups share (e.g. web)")
+    p.add_argument("disk", metavar="DISK", nargs="?",
+                   help="raw file, block device or image file (not with track:, qemu: or --libvirt)")
+    p.add_argument("--name", help="the name this disk's backups share (e.g. web); with --libvirt the prefix "
+                   "of each disk's name (default: the domain name)")
     p.add_argument("--mode", choices=MODES, default="auto",
                    help="auto (default): full if the name has no backup, else incremental")
-    p.add_argument("--changes", choices=("auto", "scan", "full"), default="auto",
-                   help="change source: scan (hash every block against the parent) or full (everything)")
+    p.add_argument("--changes", default="auto", metavar="SOURCE",
+                   help="change source: auto (default), scan, full, overlay, track:SOCKET or "
+                   "qemu:QMP_SOCKET:NODE (see below)")
+    p.add_argument("--verify-changes", action="store_true",
+                   help="also read and hash every block, and report (and store) the changed blocks the change "
+                   "source missed; expected: 0")
+    p.add_argument("--format", metavar="FMT",
+                   help="image format of DISK: raw, qcow2, vhdx, vpc (vhd), vmdk, ... (default: detected "
+                   "with qemu-img info; block devices and *.raw files are read as raw)")
+    p.add_argument("--nbd-server", metavar="ADDR",
+                   help="with qemu:, the NBD server QEMU already runs (unix socket path or nbd://HOST:PORT); "
+                   "by default the backup starts a private one")
+    p.add_argument("--libvirt", metavar="DOMAIN",
+                   help="back up every disk of this running libvirt domain with a checkpoint (pull mode); "
+                   "snapshots are named DOMAIN-TARGET (db-vda) and keep the domain XML")
+    p.add_argument("--libvirt-uri", metavar="URI", default="qemu:///system",
+                   help="libvirt connection (default qemu:///system)")
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="tracking block size (bytes)")
     p.add_argument("--workers", type=int, default=2, help="worker threads (default 2)")
     p.add_argument("--no-skip-unused", dest="skip_unused", action="store_false",
@@ -36,16 +77,73 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.set_defaults(func=cmd_backup)
 
 
-def cmd_backup(args: argparse.Namespace) -> int:
-    repo = open_repo(args)
-    with RawDisk(args.disk) as disk:
-        opts = BackupOptions(name=args.name, mode=args.mode, changes=args.changes, block_size=args.block_size,
-                             workers=args.workers, progress=progress(args), log=log(args),
-                             source=disk.description, skip_unused=args.skip_unused)
-        m = backup(repo, disk, opts)
+def _line(m) -> str:  # noqa: ANN001 - a Manifest
     s = m.stats
     text = (f"snapshot {m.short_id} saved ({m.kind}, source {m.change_source}): "
             f"read {human(s['read_bytes'])}, changed {human(s['changed_bytes'])}, "
             f"added {human(s['new_stored_bytes'])} in {s['duration_s']} s")
-    emit(args, m.summary(), text)
+    if "verify_missed_blocks" in s:
+        text += f"; verify-changes: {s['verify_missed_blocks']} changed blocks missed by the change source"
+    return text
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from vmbak.engine import sources
+
+    changes = sources.parse_changes(args.changes)
+    if args.libvirt is not None:
+        return _cmd_libvirt(args, changes)
+    if args.libvirt_uri != "qemu:///system":
+        raise VmbakError("--libvirt-uri goes with --libvirt DOMAIN")
+    name = sources.check_name(args.name)
+    if changes.reads_disk_file:
+        if args.disk is None:
+            raise VmbakError(f"give the DISK to back up (--changes {changes} reads a disk or image file)")
+    elif args.disk is not None:
+        raise VmbakError(f"--changes {changes} reads the disk through {changes.kind}; give no DISK argument")
+    if args.format is not None and not changes.reads_disk_file:
+        raise VmbakError(f"--format goes with a DISK argument, not with --changes {changes}")
+    if args.nbd_server is not None and changes.kind != "qemu":
+        raise VmbakError("--nbd-server goes with --changes qemu:QMP_SOCKET:NODE")
+    repo = open_repo(args)
+    lg = log(args)
+    src = sources.open_source(repo, name=name, mode=args.mode, changes=changes, disk=args.disk, fmt=args.format,
+                              block_size=args.block_size, nbd_server=args.nbd_server, log=lg)
+    with src:
+        opts = BackupOptions(name=name, mode=args.mode, changes=changes.engine_changes,
+                             verify_changes=args.verify_changes, block_size=args.block_size,
+                             workers=args.workers, progress=progress(args), log=lg,
+                             source=src.description, skip_unused=args.skip_unused)
+        m = sources.run_backup(repo, src, opts, log=lg)
+    emit(args, m.summary(), _line(m))
+    return 0
+
+
+def _cmd_libvirt(args: argparse.Namespace, changes) -> int:  # noqa: ANN001 - a ChangeSpec
+    from vmbak.engine import sources
+
+    if args.disk is not None:
+        raise VmbakError("--libvirt reads every disk of the domain; give no DISK argument")
+    if args.format is not None or args.nbd_server is not None:
+        raise VmbakError("--format and --nbd-server do not go with --libvirt")
+    domain = args.libvirt
+    if not domain:
+        raise VmbakError("--libvirt needs a domain name")
+    prefix = args.name or domain
+    sources.check_name(f"{prefix}-vda")
+    repo = open_repo(args)
+    lg = log(args)
+    job = sources.open_libvirt(repo, domain, prefix=prefix, mode=args.mode, changes=changes,
+                               block_size=args.block_size, uri=args.libvirt_uri, log=lg)
+    opts = BackupOptions(name=prefix, mode=args.mode, changes=changes.engine_changes,
+                         verify_changes=args.verify_changes, block_size=args.block_size, workers=args.workers,
+                         progress=progress(args), log=lg, skip_unused=args.skip_unused)
+
+    def each(m) -> None:  # noqa: ANN001
+        if not args.json and not args.quiet:
+            print(f"{m.name}: {_line(m)}")
+
+    ms = sources.run_libvirt_backup(repo, job, opts, on_disk=each, log=lg)
+    text = f"libvirt domain {domain}: {len(ms)} disks backed up at checkpoint {job.checkpoint}"
+    emit(args, {"domain": domain, "checkpoint": job.checkpoint, "snapshots": [m.summary() for m in ms]}, text)
     return 0

@@ -3,43 +3,108 @@
 from __future__ import annotations
 
 import argparse
+import os
 
-from vmbak.cli.common import emit, open_repo, progress
+from vmbak.cli.common import emit, log, open_repo, progress
 from vmbak.engine.common import human
-from vmbak.engine.restore import restore
+from vmbak.errors import VmbakError
 
 EPILOG = """examples:
   vmbak restore web:latest /tmp/web-restored.raw
   vmbak restore web@2026-11-22T10:00 /tmp/web-monday.raw
   vmbak restore 3f2a9c1e /dev/vg0/web --overwrite
+  vmbak restore db:latest /tmp/db.qcow2 --format qcow2        # also raw, vhdx, vpc (or vhd), vmdk; thin
+  vmbak restore db:latest /tmp/db.vhdx                        # the format follows .qcow2/.vhdx/.vhd/.vmdk
+  vmbak restore --libvirt db:latest --define db-restored      # every disk, plus the saved domain XML
+  vmbak restore --libvirt db@2026-11-22 /var/lib/libvirt/images/restore --format raw
 """
 
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("restore", parents=[parent], help="restore a snapshot to a raw file or device",
-                       description="Write a snapshot's disk to a new sparse raw file (zeros become holes) "
-                       "or over an existing file or block device at least as large. An incremental is "
-                       "restored with its chain, newest first, writing every block once. The result is "
-                       "then re-read and checked against the snapshot's block hashes. A new file appears "
-                       "only once it is complete and verified.",
+    p = sub.add_parser("restore", parents=[parent], help="restore a snapshot to a file, image or device",
+                       description="Write a snapshot's disk to a new sparse raw file (zeros become holes), to a "
+                       "new thin qcow2, vhdx, vpc (VHD) or vmdk image, or over an existing file or block device "
+                       "at least as large. An incremental is restored with its chain, newest first, writing every "
+                       "block once, and every block is checked against the snapshot's block hashes. A new file "
+                       "appears only once it is complete and verified. With --libvirt, every disk of a libvirt "
+                       "backup is restored and the domain XML saved with it is written beside them (and, with "
+                       "--define, defined as a new domain).",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("snapshot", metavar="SNAP", help="snapshot id (prefix), NAME:latest or NAME@TIME (UTC)")
-    p.add_argument("target", metavar="TARGET", help="new file, or existing file/block device")
+    p.add_argument("snapshot", metavar="SNAP", help="snapshot id (prefix), NAME:latest or NAME@TIME (UTC); "
+                   "with --libvirt, DOMAIN:latest, DOMAIN@TIME or the id of any of its disks' snapshots")
+    p.add_argument("target", metavar="TARGET", nargs="?",
+                   help="new file, or existing file/block device; with --libvirt, the directory for the disks "
+                   "and the XML (default: the directory each disk had)")
+    p.add_argument("--format", metavar="FMT",
+                   help="raw, qcow2, vhdx, vpc (vhd) or vmdk (default: from TARGET's extension "
+                   ".qcow2/.vhdx/.vhd/.vmdk, else raw; with --libvirt, each disk's own format)")
     p.add_argument("--overwrite", action="store_true", help="allow writing over an existing regular file")
-    p.add_argument("--no-verify", action="store_true", help="skip re-reading the target after writing")
+    p.add_argument("--no-verify", action="store_true", help="skip checking the blocks against the block hashes")
     p.add_argument("--sync", action="store_true",
                    help="flush the restored data to stable storage before reporting success")
+    p.add_argument("--libvirt", action="store_true",
+                   help="SNAP is a libvirt backup (vmbak backup --libvirt): restore all its disks as "
+                   "NAME-TARGET.EXT and its domain XML as NAME.xml")
+    p.add_argument("--define", metavar="NAME",
+                   help="with --libvirt: define the restored domain in libvirt as NAME (not started); NAME "
+                   "also names the files (default DOMAIN-restored, not defined)")
+    p.add_argument("--libvirt-uri", metavar="URI", default="qemu:///system",
+                   help="libvirt connection for --define (default qemu:///system)")
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_restore)
 
 
+def _format_for(target: str, fmt: str | None) -> str:
+    from vmbak.engine.sources import FORMAT_BY_EXTENSION, check_image_format
+
+    f = check_image_format(fmt, write=True)
+    if f is not None:
+        return f
+    return FORMAT_BY_EXTENSION.get(os.path.splitext(target)[1].lower(), "raw")
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
+    if args.libvirt:
+        return _cmd_libvirt(args)
+    if args.define is not None or args.libvirt_uri != "qemu:///system":
+        raise VmbakError("--define and --libvirt-uri go with --libvirt")
+    if args.target is None:
+        raise VmbakError("give the TARGET to restore to (a new file or an existing file or device)")
+    fmt = _format_for(args.target, args.format)
+    from vmbak.disks.qemu import ImageRestoreTarget
+    from vmbak.engine.restore import restore
+
     repo = open_repo(args)
     m = repo.find(args.snapshot)
-    r = restore(repo, m, args.target, overwrite=args.overwrite, verify=not args.no_verify,
-                workers=args.workers, progress=progress(args), sync=args.sync)
-    text = (f"restored snapshot {m.short_id} ({m.name}, {m.time}) to {r['target']}: "
+    tgt = ImageRestoreTarget(args.target, m.disk_size, fmt, overwrite=args.overwrite)
+    try:
+        r = restore(repo, m, tgt, verify=not args.no_verify, workers=args.workers, progress=progress(args),
+                    sync=args.sync)
+    except BaseException:
+        tgt.discard()  # a new file or image never appears half written
+        raise
+    finally:
+        tgt.close()
+    r["format"] = fmt
+    text = (f"restored snapshot {m.short_id} ({m.name}, {m.time}) to {r['target']} ({fmt}): "
             f"{human(r['written_bytes'])} written from a chain of {r['chain_length']}"
             + (", verified" if r["verified"] else "") + f" in {r['duration_s']} s")
     emit(args, r, text)
+    return 0
+
+
+def _cmd_libvirt(args: argparse.Namespace) -> int:
+    from vmbak.engine.sources import restore_libvirt
+
+    repo = open_repo(args)
+    r = restore_libvirt(repo, args.snapshot, directory=args.target, new_name=args.define,
+                        define=args.define is not None, fmt=args.format, uri=args.libvirt_uri,
+                        overwrite=args.overwrite, verify=not args.no_verify, workers=args.workers,
+                        progress=lambda: progress(args), log=log(args))
+    lines = [f"restored {d['target_disk']} from snapshot {d['snapshot'][:8]} to {d['target']} ({d['format']}), "
+             f"{human(d['written_bytes'])} written" for d in r["disks"]]
+    lines.append(f"domain XML of {r['domain']} (checkpoint {r['checkpoint']}) written to {r['xml']}")
+    if r["defined"]:
+        lines.append(f"defined libvirt domain {r['defined']} (not started)")
+    emit(args, r, "\n".join(lines))
     return 0

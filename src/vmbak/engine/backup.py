@@ -43,6 +43,8 @@ class BackupOptions:
     used: np.ndarray | None = None  # bool per block; None = computed (skip_unused) or all used
     skip_unused: bool = True
     usage_notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # from the change source (fallbacks, repairs)
+    extra: dict = field(default_factory=dict)  # kept in the manifest (e.g. a libvirt domain's XML)
     source: str = ""
     progress: Progress | None = None
     log: Callable[[str], None] | None = None
@@ -156,7 +158,7 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
     size = disk.size
     nblocks = (size + bs - 1) // bs
     grid = repo.chunk_size // bs
-    notes: list[str] = list(opts.usage_notes)
+    notes: list[str] = list(opts.usage_notes) + list(opts.notes)
 
     def note(msg: str) -> None:
         notes.append(msg)
@@ -183,8 +185,12 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
         # What to read: blocks that may hold data, are used, and may have changed.
         considered = np.ones(nblocks, bool)
         tracked: np.ndarray | None = None
-        if parent is not None and opts.change_map is not None:
-            cm = opts.change_map
+        cm = opts.change_map
+        if parent is not None and cm is not None and (cm.reference is None or cm.reference != parent.change_id):
+            note(f"the {cm.source} change map is relative to {cm.reference!r}, but the parent snapshot "
+                 f"{parent.short_id} has change ID {parent.change_id!r}: scanning instead")
+            cm = None
+        if parent is not None and cm is not None:
             if cm.block_size != bs or len(cm.bitmap) != nblocks:
                 raise VmbakError("change map geometry does not match the disk")
             considered = cm.bitmap.astype(bool).copy()
@@ -238,6 +244,7 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
                 hostname=socket.gethostname(), change_source=source,
                 parent=parent.id if parent is not None else None, reference=reference,
                 change_id=opts.change_id or (opts.change_map.new_reference if opts.change_map else None),
+                extra=dict(opts.extra),
             )
             if parent is None:
                 m.used = used
@@ -248,7 +255,7 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
                 m.changed = considered & used & differs
                 m.newly_unused = considered & ~used & differs
                 if tracked is not None and opts.verify_changes:
-                    missed = (m.changed | m.newly_unused) & ~tracked
+                    missed = m.changed & ~tracked  # newly unused blocks need not have been written
                     n_missed = int(np.count_nonzero(missed))
                     extra_stats["verify_missed_blocks"] = n_missed
                     extra_stats["verify_reported_blocks"] = int(np.count_nonzero(tracked))

@@ -1,0 +1,568 @@
+"""Where a backup reads from and what tells it which blocks changed.
+
+The command line names a source in one of these ways:
+
+* ``DISK``: a raw file or block device, or an image file of any format ``qemu-img`` reads
+  (qcow2 with its backing chain, vhdx, vpc, vmdk, ...). Changes come from a scan against the
+  parent (``--changes auto|scan``), from nothing (``full``), or from the clusters allocated
+  in an overlay's top layer (``overlay``). An image file's backup records the file's
+  identity as its change ID, so that an overlay made on top of it later can refer to it.
+* ``--changes track:SOCKET``: a disk behind ``vmbak track``; the backup reads a frozen
+  checkpoint of it and the tracker's changes since the parent's change ID.
+* ``--changes qemu:QMP_SOCKET:NODE``: a node of a running QEMU or qemu-storage-daemon;
+  a point-in-time view (fleecing) and the persistent dirty bitmap since the parent's.
+* ``--libvirt DOMAIN``: every disk of a running libvirt domain, with one checkpoint.
+
+Each is opened as a ``BackupSource``: a reader, a change map (or None: scan), the change ID
+the backup captures, notes, and a transaction: ``commit`` once the manifest is durable,
+``abort`` on any failure. When a change source cannot prove that it saw every change since
+the parent (unknown change ID, lost or inconsistent bitmap, invalid tracking), the source
+says so in a note and falls back to a consistent full view, which the engine then scans
+against the parent. Whether a change map fits the parent at all (its reference must be the
+parent's change ID) is the engine's check (``engine.backup``).
+
+The second half restores a libvirt backup: its disks, plus the saved domain XML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from vmbak.changes.base import ChangeMap
+from vmbak.disks.base import DiskReader
+from vmbak.engine.backup import BackupOptions, backup
+from vmbak.errors import ChangeTrackingError, DiskError, SnapshotNotFound, VmbakError
+from vmbak.repo.manifest import Manifest
+from vmbak.repo.repository import Repository, parse_time_limit
+
+Log = Callable[[str], None]
+
+CHANGES_HELP = "auto, scan, full, overlay, track:SOCKET or qemu:QMP_SOCKET:NODE"
+LIBVIRT_KEY = "libvirt"  # manifest.extra key of a libvirt disk backup
+# File name extensions of restored images, by qemu format name.
+EXTENSIONS = {"raw": "raw", "qcow2": "qcow2", "vhdx": "vhdx", "vpc": "vhd", "vmdk": "vmdk"}
+# Target file extensions that choose a restore format when none is given.
+FORMAT_BY_EXTENSION = {".qcow2": "qcow2", ".vhdx": "vhdx", ".vhd": "vpc", ".vmdk": "vmdk"}
+
+
+# ---------------------------------------------------------------------------- specs
+@dataclass(frozen=True)
+class ChangeSpec:
+    """A parsed ``--changes`` value."""
+
+    kind: str  # auto, scan, full, overlay, track, qemu
+    socket: str = ""
+    node: str = ""
+
+    @property
+    def reads_disk_file(self) -> bool:
+        """True when the backup reads a DISK named on the command line."""
+        return self.kind in ("auto", "scan", "full", "overlay")
+
+    @property
+    def engine_changes(self) -> str:
+        return "full" if self.kind == "full" else "auto"
+
+    def __str__(self) -> str:
+        if self.kind == "track":
+            return f"track:{self.socket}"
+        if self.kind == "qemu":
+            return f"qemu:{self.socket}:{self.node}"
+        return self.kind
+
+
+def parse_changes(text: str) -> ChangeSpec:
+    """Parse ``auto``, ``scan``, ``full``, ``overlay``, ``track:SOCKET`` or
+    ``qemu:QMP_SOCKET:NODE``; a VmbakError (one line) for anything else."""
+    t = (text or "").strip()
+    if t in ("auto", "scan", "full", "overlay"):
+        return ChangeSpec(t)
+    if t.startswith("track:"):
+        sock = t[len("track:"):]
+        if not sock:
+            raise VmbakError("bad change source 'track:': give the tracker's socket, e.g. "
+                             "--changes track:/run/vmbak/web.sock")
+        return ChangeSpec("track", socket=sock)
+    if t.startswith("qemu:"):
+        sock, sep, node = t[len("qemu:"):].rpartition(":")
+        if not sep or not sock or not node or "/" in node:
+            raise VmbakError(f"bad change source {text!r}: use qemu:QMP_SOCKET:NODE, e.g. "
+                             "--changes qemu:/run/qemu/db.qmp:drive0")
+        return ChangeSpec("qemu", socket=sock, node=node)
+    raise VmbakError(f"unknown change source {text!r} (use {CHANGES_HELP})")
+
+
+def check_name(name: str | None) -> str:
+    """A backup name as the engine accepts it; a one-line error otherwise (checked before a
+    change source opens anything)."""
+    if not name or "/" in name or ":" in name or "@" in name:
+        raise VmbakError(f"bad backup name {name!r}: it must be non-empty and contain no '/', ':' or '@'"
+                         if name else "give the backup a name with --name NAME")
+    return name
+
+
+def check_image_format(fmt: str | None, *, write: bool) -> str | None:
+    """Normalise a format name given by the user (``vhd`` is ``vpc``); a one-line error for
+    a format vmbak cannot read (or, with ``write``, write)."""
+    from vmbak.disks.qemu import READ_FORMATS, WRITE_FORMATS, normalize_format
+
+    f = normalize_format(fmt)
+    if f is None:
+        return None
+    allowed = WRITE_FORMATS if write else ("raw", *READ_FORMATS)
+    if f not in allowed:
+        what = "restore to" if write else "read"
+        raise VmbakError(f"unknown image format {fmt!r} (vmbak can {what} "
+                         f"{', '.join(a + ' (vhd)' if a == 'vpc' else a for a in allowed)})")
+    return f
+
+
+# ---------------------------------------------------------------------------- sources
+@dataclass
+class BackupSource:
+    """One disk view to back up, what changed in it, and the transaction around it."""
+
+    reader: DiskReader
+    description: str
+    change_map: ChangeMap | None = None
+    change_id: str | None = None
+    notes: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+    name: str = ""  # the backup name, when the source decides it (libvirt disks)
+    _commit: Callable[[], None] | None = None
+    _abort: Callable[[], None] | None = None
+    _close: Callable[[], None] | None = None
+    _state: str = "open"
+
+    def commit(self) -> None:
+        """The backup is durable: let the change source forget what it covered."""
+        if self._state != "open":
+            return
+        self._state = "committed"
+        if self._commit is not None:
+            self._commit()
+
+    def abort(self) -> None:
+        """The backup failed: the change source keeps every change for the next backup."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        if self._abort is not None:
+            self._abort()
+
+    def close(self) -> None:
+        if self._state == "open":
+            self.abort()
+        if self._close is not None:
+            close, self._close = self._close, None
+            close()
+
+    def __enter__(self) -> BackupSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def previous_snapshot(repo: Repository, name: str, mode: str) -> Manifest | None:
+    """The snapshot the next backup of ``name`` will most likely build on (the engine
+    decides for sure, under the repository lock, and checks the change map against it)."""
+    if mode == "full":
+        return None
+    return repo.latest(name, full_only=(mode == "differential"))
+
+
+def open_disk(path: str, fmt: str | None = None) -> DiskReader:
+    """A raw file or device as a RawDisk; any image format through QEMU (``qemu-img info``
+    detects it unless ``fmt`` is given). Block devices and ``*.raw`` files are never probed:
+    a guest could have written an image header onto its own raw disk."""
+    from vmbak.disks.qemu import open_image
+    from vmbak.disks.raw import RawDisk
+
+    if fmt is None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise DiskError(f"disk not found: {path}") from None
+        except OSError as e:
+            raise DiskError(f"cannot use disk {path}: {e.strerror}") from None
+        if stat.S_ISBLK(st.st_mode) or path.lower().endswith(".raw") or shutil.which("qemu-img") is None:
+            return RawDisk(path)
+    return open_image(path, fmt)
+
+
+def _image_identity(path: str, fmt: str | None) -> str | None:
+    from vmbak.changes.overlay import image_identity
+
+    try:
+        return image_identity(path, fmt)
+    except DiskError:
+        return None
+
+
+def open_file_source(path: str, fmt: str | None, changes: ChangeSpec, block_size: int,
+                     log: Log) -> BackupSource:
+    """A disk or image file; with ``overlay``, the top layer's clusters are the changes."""
+    from vmbak.changes.overlay import overlay_change_map
+
+    notes: list[str] = []
+    cm = None
+    fmt = check_image_format(fmt, write=False)
+    if changes.kind == "overlay":
+        try:
+            cm = overlay_change_map(path, block_size, fmt)
+        except ChangeTrackingError as e:
+            notes.append(f"overlay: {e}; scanning instead")
+            log(notes[-1])
+    # The file's identity before it is read: any later write changes it, so a later
+    # overlay's map is used only when this backup read exactly its backing file.
+    change_id = cm.new_reference if cm is not None else _image_identity(path, fmt)
+    reader = open_disk(path, fmt)
+    fmt_found = getattr(reader, "format", "raw")
+    return BackupSource(reader=reader, description=reader.description, change_map=cm, change_id=change_id,
+                        notes=notes, extra={"image": {"format": fmt_found}}, _close=reader.close)
+
+
+def open_track_source(sock: str, since: str | None, parent: Manifest | None, block_size: int,
+                      log: Log) -> BackupSource:
+    """A checkpoint of a disk behind ``vmbak track``."""
+    from vmbak.tracker.client import TrackerClient, TrackerUnavailable
+
+    notes: list[str] = []
+    client = TrackerClient(sock)
+    try:
+        if since is None and parent is not None:
+            notes.append(f"tracker: snapshot {parent.short_id} has no change ID; reading the whole "
+                         "checkpoint (scan)")
+            log(notes[-1])
+        try:
+            cp = client.checkpoint(since, block_size)
+        except TrackerUnavailable:
+            raise
+        except ChangeTrackingError as e:
+            if since is None:
+                raise
+            notes.append(f"tracker: {e}; reading the whole checkpoint (scan)")
+            log(notes[-1])
+            cp = client.checkpoint(None, block_size)
+    except BaseException:
+        client.close()
+        raise
+
+    def commit() -> None:
+        try:
+            cp.commit()
+        finally:
+            client.close()
+
+    def abort() -> None:
+        try:
+            cp.abort()
+        finally:
+            client.close()
+
+    return BackupSource(reader=cp.reader, description=f"track:{sock}", change_map=cp.change_map,
+                        change_id=cp.change_id, notes=notes, _commit=commit, _abort=abort,
+                        _close=cp.reader.close)
+
+
+def open_qemu_source(sock: str, node: str, since: str | None, block_size: int, nbd_server: str | None,
+                     log: Log) -> BackupSource:
+    """A point-in-time view of a node of a running QEMU, with its dirty bitmap."""
+    from vmbak.changes.qemu import open_session
+
+    notes: list[str] = []
+    try:
+        s = open_session(sock, node, since, block_size, nbd_server=nbd_server, log=log)
+    except ChangeTrackingError as e:
+        if since is None:
+            raise
+        notes.append(f"qemu: {e}; reading the whole disk (scan) and starting a new bitmap")
+        log(notes[-1])
+        s = open_session(sock, node, None, block_size, nbd_server=nbd_server, log=log)
+    notes.extend(s.notes)
+    if s.change_map is not None:  # the session's notes are recorded once, here
+        s.change_map.notes = [n for n in s.change_map.notes if n not in s.notes]
+    return BackupSource(reader=s.reader, description=f"qemu:{sock}:{node}", change_map=s.change_map,
+                        change_id=s.change_id, notes=notes, _commit=s.commit, _abort=s.abort)
+
+
+def open_source(repo: Repository, *, name: str, mode: str, changes: ChangeSpec, disk: str | None,
+                fmt: str | None, block_size: int, nbd_server: str | None = None,
+                log: Log | None = None) -> BackupSource:
+    """Open what ``vmbak backup`` reads for one disk."""
+    log = log or (lambda s: None)
+    if changes.kind in ("track", "qemu"):
+        parent = previous_snapshot(repo, name, mode)
+        since = parent.change_id if parent is not None else None
+        if changes.kind == "track":
+            return open_track_source(changes.socket, since, parent, block_size, log)
+        return open_qemu_source(changes.socket, changes.node, since, block_size, nbd_server, log)
+    if disk is None:
+        raise VmbakError("no disk given")
+    return open_file_source(disk, fmt, changes, block_size, log)
+
+
+def run_backup(repo: Repository, src: BackupSource, opts: BackupOptions, log: Log | None = None) -> Manifest:
+    """Back up one source: commit the change source once the manifest is durable, abort it
+    on any failure (an interrupt included)."""
+    log = log or (lambda s: None)
+    opts = dataclasses.replace(opts, change_map=src.change_map, change_id=src.change_id,
+                               notes=[*opts.notes, *src.notes], extra={**opts.extra, **src.extra},
+                               source=opts.source or src.description)
+    try:
+        m = backup(repo, src.reader, opts)
+    except BaseException:
+        try:
+            src.abort()
+        except Exception as e:  # noqa: BLE001 - the backup's own error matters more
+            log(f"warning: could not abort the change source: {e}")
+        raise
+    try:
+        src.commit()
+    except VmbakError as e:
+        log(f"warning: snapshot {m.short_id} is saved, but the change source did not commit ({e}); "
+            "the next backup reads everything again")
+    return m
+
+
+# ---------------------------------------------------------------------------- libvirt
+@dataclass
+class LibvirtJob:
+    """One pull-mode backup of every disk of a domain."""
+
+    domain: str
+    checkpoint: str
+    sources: list[BackupSource]
+    notes: list[str]
+    _lv: object = None  # the LibvirtBackup
+
+    def commit(self) -> None:
+        self._lv.commit()  # type: ignore[attr-defined]
+
+    def abort(self) -> None:
+        self._lv.abort()  # type: ignore[attr-defined]
+
+
+def _lv_info(m: Manifest) -> dict | None:
+    lv = m.extra.get(LIBVIRT_KEY) if isinstance(m.extra, dict) else None
+    return lv if isinstance(lv, dict) else None
+
+
+def libvirt_groups(repo: Repository, name: str | None = None) -> list[list[Manifest]]:
+    """Complete libvirt backups (one snapshot of every disk the domain had), oldest first.
+    ``name`` matches the domain or the name prefix given at backup time."""
+    groups: dict[str, dict[str, Manifest]] = {}
+    for m in repo.manifests():
+        lv = _lv_info(m)
+        if lv is None or (name is not None and name not in (lv.get("domain"), lv.get("prefix"))):
+            continue
+        groups.setdefault(str(lv.get("checkpoint")), {})[str(lv.get("target"))] = m
+    out = []
+    for g in groups.values():
+        first = next(iter(g.values()))
+        want = set(_lv_info(first).get("disks") or [])  # type: ignore[union-attr]
+        if want and want <= set(g):
+            out.append(sorted(g.values(), key=lambda m: _lv_info(m)["target"]))  # type: ignore[index]
+    out.sort(key=lambda g: max(m.time for m in g))
+    return out
+
+
+def open_libvirt(repo: Repository, domain: str, *, prefix: str, mode: str, changes: ChangeSpec,
+                 block_size: int, uri: str, log: Log | None = None) -> LibvirtJob:
+    """Start a pull-mode backup of every disk of ``domain``. Each disk's backup is named
+    ``PREFIX-TARGET`` (``db-vda``); the checkpoint of the newest complete backup of the
+    domain is the reference for the changes."""
+    from vmbak.changes.libvirt import begin_backup
+
+    log = log or (lambda s: None)
+    if changes.kind not in ("auto", "scan", "full"):
+        raise VmbakError(f"--libvirt reads the domain's disks through libvirt; --changes {changes} "
+                         "cannot be used with it (use auto, scan or full)")
+    since = None
+    if mode != "full" and changes.kind == "auto":
+        groups = libvirt_groups(repo, prefix)
+        groups = [g for g in groups if _lv_info(g[0]).get("domain") == domain]  # type: ignore[union-attr]
+        if groups:
+            since = groups[-1][0].change_id
+    notes: list[str] = []
+    try:
+        b = begin_backup(domain, since, block_size, uri=uri, log=log)
+    except ChangeTrackingError as e:
+        if since is None:
+            raise
+        notes.append(f"libvirt: {e}; reading every disk whole (scan) with a new checkpoint")
+        log(notes[-1])
+        b = begin_backup(domain, None, block_size, uri=uri, log=log)
+    notes.extend(b.notes)
+    targets = sorted(b.disks)
+    srcs = []
+    for tgt in targets:
+        v = b.disks[tgt]
+        info = {"domain": domain, "uri": uri, "prefix": prefix, "target": tgt, "format": v.format,
+                "source": v.source, "checkpoint": b.change_id, "disks": targets, "domain_xml": b.domain_xml}
+        srcs.append(BackupSource(reader=v.reader, description=f"libvirt:{domain}:{tgt} ({v.source})",
+                                 change_map=v.change_map, change_id=b.change_id, notes=list(notes),
+                                 extra={LIBVIRT_KEY: info}, name=f"{prefix}-{tgt}"))
+    return LibvirtJob(domain=domain, checkpoint=b.change_id, sources=srcs, notes=notes, _lv=b)
+
+
+def run_libvirt_backup(repo: Repository, job: LibvirtJob, opts: BackupOptions,
+                       on_disk: Callable[[Manifest], None] | None = None, log: Log | None = None) -> list[Manifest]:
+    """Back up every disk of the job; commit the checkpoint once all manifests are durable,
+    abort it on any failure."""
+    log = log or (lambda s: None)
+    out: list[Manifest] = []
+    try:
+        for src in job.sources:
+            o = dataclasses.replace(opts, name=src.name, change_map=src.change_map, change_id=src.change_id,
+                                    notes=[*opts.notes, *src.notes], extra={**opts.extra, **src.extra},
+                                    source=src.description)
+            m = backup(repo, src.reader, o)
+            out.append(m)
+            if on_disk is not None:
+                on_disk(m)
+    except BaseException:
+        try:
+            job.abort()
+        except Exception as e:  # noqa: BLE001 - the backup's own error matters more
+            log(f"warning: could not abort the libvirt backup job: {e}")
+        raise
+    try:
+        job.commit()
+    except VmbakError as e:
+        log(f"warning: the snapshots are saved, but libvirt did not commit checkpoint {job.checkpoint} "
+            f"({e}); the next backup reads everything again")
+    return out
+
+
+# ---------------------------------------------------------------------------- libvirt restore
+def _parse_time(ts: str) -> datetime:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+
+
+def find_libvirt_backup(repo: Repository, spec: str) -> list[Manifest]:
+    """The snapshots (one per disk) of the libvirt backup ``spec`` names: ``DOMAIN:latest``,
+    ``DOMAIN``, ``DOMAIN@TIME``, or the id (prefix) of any of its disks' snapshots."""
+    import re
+
+    m = None
+    if re.fullmatch(r"[0-9a-f]{4,64}", spec):
+        try:
+            m = repo.find(spec)
+        except SnapshotNotFound:
+            m = None
+    if m is None:
+        if ":" in spec and not spec.endswith(":latest"):
+            raise SnapshotNotFound(f"bad snapshot specification {spec!r} (use DOMAIN:latest, DOMAIN@TIME or an id)")
+        name, _, ts = spec.removesuffix(":latest").partition("@")
+        groups = libvirt_groups(repo, name)
+        if ts:
+            limit = parse_time_limit(ts)
+            groups = [g for g in groups if max(_parse_time(m.time) for m in g) <= limit]
+        if not groups:
+            raise SnapshotNotFound(f"no complete libvirt backup of {name!r}" + (f" at or before {ts}" if ts else ""))
+        return groups[-1]
+    lv = _lv_info(m)
+    if lv is None:
+        raise SnapshotNotFound(f"snapshot {m.short_id} ({m.name}) is not part of a libvirt backup "
+                               "(restore it without --libvirt)")
+    for g in libvirt_groups(repo):
+        if any(x.id == m.id for x in g):
+            return g
+    raise SnapshotNotFound(f"the libvirt backup of snapshot {m.short_id} is incomplete (a disk's backup "
+                           "failed); choose another one")
+
+
+def _domain_exists(name: str, uri: str) -> bool:
+    from vmbak.changes.libvirt import _libvirt, connect
+
+    lv = _libvirt()
+    conn = connect(uri)
+    try:
+        conn.lookupByName(name)
+        return True
+    except lv.libvirtError:
+        return False
+    finally:
+        conn.close()
+
+
+def restore_libvirt(repo: Repository, spec: str, *, directory: str | None, new_name: str | None,
+                    define: bool, fmt: str | None, uri: str, overwrite: bool = False, verify: bool = True,
+                    workers: int = 2, progress: Callable[[], object] | None = None,
+                    log: Log | None = None) -> dict:
+    """Restore every disk of a libvirt backup and the domain XML saved with it.
+
+    Disks go to ``directory`` (default: the directory each disk had) as
+    ``NAME-TARGET.EXT``, in ``fmt`` (default: each disk's own format); the domain XML,
+    renamed to NAME and pointed at the restored disks, goes to ``NAME.xml`` beside them;
+    with ``define`` it is defined in libvirt as NAME (not started). NAME is ``new_name``,
+    or DOMAIN-restored.
+    """
+    from vmbak.changes.libvirt import define_domain, rewrite_domain_xml
+    from vmbak.disks.qemu import ImageRestoreTarget
+    from vmbak.engine.restore import restore
+
+    log = log or (lambda s: None)
+    group = find_libvirt_backup(repo, spec)
+    first = _lv_info(group[0])
+    assert first is not None
+    name = new_name or f"{first['domain']}-restored"
+    fmt = check_image_format(fmt, write=True)
+    if define and _domain_exists(name, uri):
+        raise VmbakError(f"libvirt already has a domain named {name!r} (choose another name with --define)")
+    if directory is not None and not os.path.isdir(directory):
+        raise DiskError(f"restore directory does not exist: {directory}")
+    plan = []
+    for m in group:
+        lv = _lv_info(m)
+        assert lv is not None
+        f = fmt or check_image_format(lv.get("format") or "raw", write=True) or "raw"
+        d = directory or os.path.dirname(lv.get("source") or "") or "."
+        plan.append((m, lv["target"], os.path.abspath(os.path.join(d, f"{name}-{lv['target']}.{EXTENSIONS[f]}")), f))
+    xml_path = os.path.join(directory or os.path.dirname(plan[0][2]), f"{name}.xml")
+    if os.path.exists(xml_path) and not overwrite:
+        raise DiskError(f"restore target exists: {xml_path} (use --overwrite to replace it)")
+    created: list[str] = []
+    results = []
+    ok = False
+    try:
+        for m, tgt, path, f in plan:
+            existed = os.path.exists(path)
+            target = ImageRestoreTarget(path, m.disk_size, f, overwrite=overwrite)
+            try:
+                r = restore(repo, m, target, verify=verify, workers=workers,
+                            progress=progress() if progress else None)  # type: ignore[arg-type]
+            except BaseException:
+                target.discard()
+                raise
+            finally:
+                target.close()
+            if not existed:
+                created.append(path)
+            results.append({**r, "target_disk": tgt, "format": f, "name": m.name})
+            log(f"restored disk {tgt} (snapshot {m.short_id}) to {path} ({f})")
+        xml = rewrite_domain_xml(first["domain_xml"], name, {tgt: (path, f) for _, tgt, path, f in plan})
+        tmp = xml_path + ".vmbak-partial"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(xml + "\n")
+        os.replace(tmp, xml_path)
+        created.append(xml_path)
+        defined = define_domain(xml, uri) if define else None
+        ok = True
+    finally:
+        if not ok:
+            for p in created:
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+    return {"domain": first["domain"], "checkpoint": first.get("checkpoint"), "name": name,
+            "defined": defined, "xml": xml_path, "disks": results}
