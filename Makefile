@@ -8,7 +8,7 @@ demo: setup
 
 test: setup
 	.venv/bin/ruff check src tests bench
-	.venv/bin/python -m pytest -q -x --durations=15
+	.venv/bin/python -m pytest -q -n 3 --maxfail=10 --durations=15
 
 lint: setup
 	.venv/bin/ruff check src tests bench

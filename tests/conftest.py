@@ -42,6 +42,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+
+def _worker_tmpdir() -> None:
+    """Under pytest-xdist each worker gets its own short TMPDIR, so that checks for
+    leftover private directories and daemons see only their own worker's."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return
+    d = f"/tmp/vmbak-t-{worker}"
+    os.makedirs(d, exist_ok=True)
+    os.chmod(d, 0o1777)  # libvirt's QEMU (another user) must reach sockets under it
+    os.environ["TMPDIR"] = d
+    import tempfile
+
+    tempfile.tempdir = None
+
+
+_worker_tmpdir()
+
 VMBAK_CMD = [sys.executable, "-m", "vmbak.cli.main"]
 BLOCK = 64 * 1024
 MiB = 1 << 20

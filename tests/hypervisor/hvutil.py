@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,6 +82,7 @@ def info(path: Path) -> dict:
 def vmbak_daemons() -> set[int]:
     """Pids of qemu-storage-daemon processes vmbak started (their socket dirs say so)."""
     out = set()
+    mine = os.path.join(tempfile.gettempdir(), "vmbak-qsd-").encode()
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -91,13 +93,13 @@ def vmbak_daemons() -> set[int]:
                 state = f.read().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if b"qemu-storage-daemon" in cmd and b"vmbak-qsd-" in cmd and state != "Z":
+        if b"qemu-storage-daemon" in cmd and mine in cmd and state != "Z":
             out.add(int(d))
     return out
 
 
 def vmbak_tmpdirs() -> set[str]:
-    base = "/tmp"
+    base = tempfile.gettempdir()
     return {n for n in os.listdir(base) if n.startswith(("vmbak-qsd-", "vmbak-qemu-", "vmbak-libvirt-"))}
 
 
