@@ -41,7 +41,7 @@ def backup(repo: Repository, disk: str | os.PathLike[str] | DiskReader, name: st
 
 
 def restore(repo: Repository, snapshot: str | Manifest, target: str | os.PathLike[str] | RestoreTarget, *,
-            overwrite: bool = False, verify: bool = True, workers: int = 2,
+            overwrite: bool = False, verify: bool = True, workers: int = 4,
             progress: Progress | None = None, sync: bool = False, readback: bool = False) -> dict:
     """Restore a snapshot (a Manifest, an id prefix, ``NAME:latest`` or ``NAME@TIME``) to a raw file or device.
 

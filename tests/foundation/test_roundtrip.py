@@ -269,3 +269,19 @@ def test_restore_over_existing_larger_file(repo, make_disk, tmp_path, random_byt
     got = target.read_bytes()
     assert len(got) == 6 * MiB
     assert got[:disk.size] == disk.read(), "the restored range must equal the disk"
+
+
+def test_restore_verify_readback_flag(repo, make_disk, tmp_path, assert_cli_error):
+    """--verify-readback reads the written target back; it contradicts --no-verify."""
+    disk = make_disk("rb.raw", 3 * MiB + 4096, seed=9)
+    repo.backup(disk, "rb")
+    disk.write_random(MiB, BLOCK, seed=10)
+    repo.backup(disk, "rb")
+    r = repo.restore("rb:latest", tmp_path / "rb-out.raw", "--verify-readback")
+    assert r["verified"] is True
+    assert (tmp_path / "rb-out.raw").read_bytes() == disk.read()
+    p = repo.run("restore", "rb:latest", tmp_path / "rb-2.raw", "--verify-readback", "--no-verify", check=False)
+    assert_cli_error(p, "contradict")
+    assert not (tmp_path / "rb-2.raw").exists()
+    text = repo.run("restore", "rb:latest", tmp_path / "rb-3.raw", "--verify-readback").stdout
+    assert "verified (read back)" in text

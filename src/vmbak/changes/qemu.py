@@ -79,6 +79,10 @@ class QmpError(VmbakError):
 
 
 # ---------------------------------------------------------------------------- QMP client
+class _EarlyClose(Exception):
+    """The QMP server closed the connection before sending its greeting."""
+
+
 class QmpClient:
     """A minimal synchronous QMP client over a unix socket (JSON lines)."""
 
@@ -86,6 +90,20 @@ class QmpClient:
         self.path = path
         self.events: list[dict] = []
         self._id = 0
+        self._buf = b""
+        # QEMU's monitor serves one client at a time and tears a closed connection down
+        # asynchronously: a client that connects just as the previous one leaves can be
+        # dropped before the greeting. Such a drop is retried a few times.
+        for attempt in range(5):
+            try:
+                self._connect(path, timeout)
+                return
+            except _EarlyClose:
+                if attempt == 4:
+                    raise DiskError(f"QEMU closed the QMP connection {path} before greeting") from None
+                time.sleep(0.05 * (attempt + 1))
+
+    def _connect(self, path: str, timeout: float) -> None:
         self._buf = b""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(10.0)
@@ -107,6 +125,10 @@ class QmpClient:
                 greeting = self._read()
             except TimeoutError:
                 raise DiskError(f"QMP socket {path} does not answer (another client is connected?)") from None
+            except DiskError:
+                if not self._buf:
+                    raise _EarlyClose() from None
+                raise
             if "QMP" not in greeting:
                 raise DiskError(f"{path} is not a QMP socket")
             self.version = greeting["QMP"].get("version", {}).get("qemu", {})

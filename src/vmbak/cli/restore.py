@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                    ".qcow2/.vhdx/.vhd/.vmdk, else raw; with --libvirt, each disk's own format)")
     p.add_argument("--overwrite", action="store_true", help="allow writing over an existing regular file")
     p.add_argument("--no-verify", action="store_true", help="skip checking the blocks against the block hashes")
+    p.add_argument("--verify-readback", action="store_true",
+                   help="after writing, read the whole target back and check it against the block hashes "
+                   "(slower; catches a target that does not keep what it was given)")
     p.add_argument("--sync", action="store_true",
                    help="flush the restored data to stable storage before reporting success")
     p.add_argument("--libvirt", action="store_true",
@@ -50,7 +53,8 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                    "also names the files (default DOMAIN-restored, not defined)")
     p.add_argument("--libvirt-uri", metavar="URI", default="qemu:///system",
                    help="libvirt connection for --define (default qemu:///system)")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=4,
+                   help="worker threads (default 4: restore waits on writes more than on the CPU)")
     p.set_defaults(func=cmd_restore)
 
 
@@ -68,6 +72,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         return _cmd_libvirt(args)
     if args.define is not None or args.libvirt_uri != "qemu:///system":
         raise VmbakError("--define and --libvirt-uri go with --libvirt")
+    if args.verify_readback and args.no_verify:
+        raise VmbakError("--verify-readback and --no-verify contradict each other")
     if args.target is None:
         raise VmbakError("give the TARGET to restore to (a new file or an existing file or device)")
     fmt = _format_for(args.target, args.format)
@@ -79,7 +85,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     tgt = ImageRestoreTarget(args.target, m.disk_size, fmt, overwrite=args.overwrite)
     try:
         r = restore(repo, m, tgt, verify=not args.no_verify, workers=args.workers, progress=progress(args),
-                    sync=args.sync)
+                    sync=args.sync, readback=args.verify_readback)
     except BaseException:
         tgt.discard()  # a new file or image never appears half written
         raise
@@ -88,13 +94,16 @@ def cmd_restore(args: argparse.Namespace) -> int:
     r["format"] = fmt
     text = (f"restored snapshot {m.short_id} ({m.name}, {m.time}) to {r['target']} ({fmt}): "
             f"{human(r['written_bytes'])} written from a chain of {r['chain_length']}"
-            + (", verified" if r["verified"] else "") + f" in {r['duration_s']} s")
+            + ((", verified (read back)" if args.verify_readback else ", verified") if r["verified"] else "") + f" in {r['duration_s']} s")
     emit(args, r, text)
     return 0
 
 
 def _cmd_libvirt(args: argparse.Namespace) -> int:
     from vmbak.engine.sources import restore_libvirt
+
+    if args.verify_readback:
+        raise VmbakError("--verify-readback is not available with --libvirt")
 
     repo = open_repo(args)
     r = restore_libvirt(repo, args.snapshot, directory=args.target, new_name=args.define,

@@ -112,6 +112,28 @@ def bounded_map(pool: cf.Executor, fn: Callable[..., Any], items: Iterable[Any],
             f.cancel()
 
 
+def bounded_unordered(pool: cf.Executor, fn: Callable[..., Any], items: Iterable[Any],
+                      depth: int) -> Iterator[Any]:
+    """Like :func:`bounded_map`, yielding results as they complete: one slow item does not
+    leave the other workers idle (what restore needs: its jobs are independent)."""
+    pending: set[cf.Future] = set()
+    it = iter(items)
+    try:
+        for item in it:
+            pending.add(pool.submit(fn, item))
+            if len(pending) >= depth:
+                done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                for f in done:
+                    yield f.result()
+        while pending:
+            done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            for f in done:
+                yield f.result()
+    finally:
+        for f in pending:
+            f.cancel()
+
+
 def human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

@@ -17,7 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from vmbak.disks.raw import file_data_extents
-from vmbak.engine.common import BHT_DTYPE, bounded_map, hash_blocks, range_text, resolve_bht, runs
+from vmbak.engine.common import (
+    BHT_DTYPE,
+    bounded_map,
+    bounded_unordered,
+    hash_blocks,
+    range_text,
+    resolve_bht,
+    runs,
+)
 from vmbak.engine.progress import NoProgress, Progress
 from vmbak.errors import DiskError, IntegrityError, VmbakError
 from vmbak.repo.manifest import Manifest
@@ -171,7 +179,7 @@ def plan(chain: list[Manifest]) -> tuple[list[_Job], np.ndarray]:
 
 
 def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *,
-            overwrite: bool = False, verify: bool = True, workers: int = 2,
+            overwrite: bool = False, verify: bool = True, workers: int = 4,
             progress: Progress | None = None, sync: bool = False, readback: bool = False) -> dict:
     """Restore ``snapshot`` to ``target`` (a path or a RestoreTarget); return statistics.
 
@@ -239,7 +247,7 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
 
             progress.start(int(np.count_nonzero(data_mask)) * bs, "restore")
             with cf.ThreadPoolExecutor(max(1, workers), thread_name_prefix="vmbak-restore") as pool:
-                for n in bounded_map(pool, run, jobs, 4 * workers):
+                for n in bounded_unordered(pool, run, jobs, 4 * workers):
                     written += n
                     progress.advance(n)
             zero_bytes = 0
