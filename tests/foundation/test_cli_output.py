@@ -55,9 +55,16 @@ def test_json_output_of_every_reporting_command(run_vmbak, make_disk, tmp_path):
     assert st["snapshots"] == 2 and st["names"] == ["j"]
     ss = j("stats", b2["short_id"])
     assert ss["snapshot"]["id"] == b2["id"] and "new_stored_bytes" in ss["stats"]
+    # The text table keeps its columns aligned whatever the names and types.
+    b3 = j("backup", disk.path, "--name", "a-much-longer-disk-name", "--mode", "full")
+    lines = run_vmbak("-r", path, "snapshots", env=env).stdout.splitlines()
+    assert len(lines) == 5 and lines[-1] == "3 snapshots"
+    assert len({ln.index(b["short_id"]) for ln, b in zip(lines[1:4], (b1, b2, b3), strict=True)}) == 1
+    types = {ln.index(t) for ln, t in zip(lines[1:4], ("full", "incremental", "full"), strict=True)}
+    assert types == {lines[0].index("TYPE")}, lines
     # --json also works before the command (a global option).
     p = run_vmbak("--json", "-r", path, "snapshots", env=env)
-    assert len(json.loads(p.stdout)) == 2
+    assert len(json.loads(p.stdout)) == 3
 
 
 def test_failed_check_still_prints_json(repo, make_disk):

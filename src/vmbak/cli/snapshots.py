@@ -30,11 +30,17 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
 def cmd_snapshots(args: argparse.Namespace) -> int:
     repo = open_repo(args)
     ms = [m for m in repo.manifests() if not args.name or m.name == args.name]
-    rows = [f"{'ID':8}  {'TIME (UTC)':19}  {'NAME':12}  {'TYPE':12}  {'SOURCE':6}  {'SIZE':>10}  {'ADDED':>10}  PARENT"]
-    for m in ms:
-        rows.append(f"{m.short_id:8}  {m.time[:19]:19}  {m.name:12}  {m.kind:12}  {m.change_source:6}  "
-                    f"{human(m.disk_size):>10}  {human(m.stats.get('new_stored_bytes', 0)):>10}  "
-                    f"{(m.parent or '')[:8]}")
+    head = ("ID", "TIME (UTC)", "NAME", "TYPE", "SOURCE", "SIZE", "ADDED", "PARENT")
+    table = [(m.short_id, m.time[:19], m.name, m.kind, m.change_source, human(m.disk_size),
+              human(m.stats.get("new_stored_bytes", 0)), (m.parent or "")[:8]) for m in ms]
+    widths = [max([len(head[i])] + [len(r[i]) for r in table]) for i in range(len(head))]
+    right = {5, 6}  # sizes are right-aligned
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    rows = [line(head)] + [line(r) for r in table]
     rows.append(f"{len(ms)} snapshots")
     emit(args, [m.summary() for m in ms], "\n".join(rows))
     return 0

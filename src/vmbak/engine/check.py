@@ -77,9 +77,14 @@ def check(repo: Repository, read_data: bool = False, workers: int = 2,
             b = np.sort(b, order="id")
             if len(a) != len(b) or not (a == b).all():
                 rep.errors.append(f"pack {pid[:16]}: index disagrees with the pack header")
+        doomed = repo.index.doomed
         for pid in sorted(set(present) - set(claimed)):
-            rep.warnings.append(f"pack {pid[:16]} is not in any index file (left by an interrupted "
-                                "backup; its chunks are used)")
+            if pid in doomed:
+                rep.warnings.append(f"pack {pid[:16]} is condemned by a prune mark and awaits deletion "
+                                    "(the next 'vmbak prune' sweeps it)")
+            else:
+                rep.warnings.append(f"pack {pid[:16]} is not in any index file (left by an interrupted "
+                                    "backup; its chunks are used)")
         # 3. read every pack (data check)
         if read_data:
             progress.start(sum(present.values()), "check")
