@@ -17,7 +17,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from pathlib import Path
 import libvirt  # Debian's python3-libvirt (scripts/setup.sh installs it)
 import libvirt_qemu
 import pytest
-from hvutil import B, MiB, create, write_random
+from hvutil import B, MiB, create, listening, write_random
 
 URI = "qemu:///system"
 SIZE_A = 16 * MiB
@@ -54,26 +53,15 @@ DOMAIN_XML = """<domain type='qemu'>
 </domain>"""
 
 
-def _listening(path: str) -> bool:
-    s = socket.socket(socket.AF_UNIX)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
 def _start_libvirtd() -> None:
     for daemon, sock in (("virtlogd", "/run/libvirt/virtlogd-sock"), ("libvirtd", "/run/libvirt/libvirt-sock")):
-        if _listening(sock):
+        if listening(sock):
             continue
         exe = shutil.which(daemon) or f"/usr/sbin/{daemon}"
         assert os.access(exe, os.X_OK), f"{daemon} is missing: scripts/setup.sh installs libvirt-daemon-system"
         subprocess.run([exe, "-d"], check=True, timeout=60)
         deadline = time.monotonic() + 60
-        while not _listening(sock):
+        while not listening(sock):
             assert time.monotonic() < deadline, f"{daemon} did not start"
             time.sleep(0.05)
 
