@@ -11,7 +11,7 @@ from vmbak import __version__
 from vmbak.errors import VmbakError
 
 GROUPS = ["repository", "backup", "restore", "snapshots", "keys", "maintenance"]
-OPTIONAL_GROUPS = ["track", "usage_cmd"]  # present when their modules are installed
+OPTIONAL_GROUPS = ["track", "usage_cmd", "serve", "browse"]  # present when their modules are installed
 
 
 def build_parser() -> argparse.ArgumentParser:

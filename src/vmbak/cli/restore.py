@@ -17,6 +17,7 @@ EPILOG = """examples:
   vmbak restore db:latest /tmp/db.vhdx                        # the format follows .qcow2/.vhdx/.vhd/.vmdk
   vmbak restore --libvirt db:latest --define db-restored      # every disk, plus the saved domain XML
   vmbak restore --libvirt db@2026-11-22 /var/lib/libvirt/images/restore --format raw
+  vmbak restore --from-serve /run/vmbak/web.sock /var/lib/images/web.raw   # see vmbak serve --writable
 """
 
 
@@ -53,6 +54,11 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                    "also names the files (default DOMAIN-restored, not defined)")
     p.add_argument("--libvirt-uri", metavar="URI", default="qemu:///system",
                    help="libvirt connection for --define (default qemu:///system)")
+    p.add_argument("--from-serve", metavar="SOCKET",
+                   help="make an instant recovery permanent: copy the running copy-on-write export of "
+                   "'vmbak serve --writable --socket SOCKET' (the snapshot with the overlay's writes) to the "
+                   "new raw file TARGET while clients keep writing, then switch the export over to TARGET "
+                   "(usage: vmbak restore --from-serve SOCKET TARGET)")
     p.add_argument("--workers", type=int, default=4,
                    help="worker threads (default 4: restore waits on writes more than on the CPU)")
     p.set_defaults(func=cmd_restore)
@@ -68,6 +74,8 @@ def _format_for(target: str, fmt: str | None) -> str:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    if args.from_serve:
+        return _cmd_from_serve(args)
     if args.libvirt:
         return _cmd_libvirt(args)
     if args.define is not None or args.libvirt_uri != "qemu:///system":
@@ -116,4 +124,31 @@ def _cmd_libvirt(args: argparse.Namespace) -> int:
     if r["defined"]:
         lines.append(f"defined libvirt domain {r['defined']} (not started)")
     emit(args, r, "\n".join(lines))
+    return 0
+
+
+def _cmd_from_serve(args: argparse.Namespace) -> int:
+    from vmbak.serve.server import make_permanent
+
+    if args.target is not None:  # with --from-serve the only positional argument is TARGET
+        raise VmbakError("usage: vmbak restore --from-serve SOCKET TARGET")
+    bar = progress(args)
+    started = [False]
+
+    def report(done: int, total: int) -> None:
+        if not started[0] and total:
+            bar.start(total, "copy")
+            started[0] = True
+        if started[0]:
+            bar.advance(done - bar_done[0])
+            bar_done[0] = done
+
+    bar_done = [0]
+    try:
+        r = make_permanent(args.from_serve, args.snapshot, progress=report)
+    finally:
+        bar.close()
+    emit(args, r, f"copied the export of {args.from_serve} to {r['target']} ({human(r['disk_size'])}) in "
+         f"{r['duration_s']} s; the export now reads and writes {r['target']}, the backup and the overlay "
+         "are no longer used")
     return 0
