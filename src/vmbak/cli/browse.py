@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p = sub.add_parser("ls", parents=[parent], help="list files inside a backup",
                        description="List a directory (or show one entry) of a filesystem inside a snapshot. "
                        "Partitions and LVM logical volumes are the top-level entries (/p1, /p2, /vg0/root; /disk "
-                       "without a partition table). ext2/3/4, XFS, NTFS, FAT and btrfs are read; only the chunks "
+                       "without a partition table). ext2/3/4, XFS, NTFS, FAT, exFAT and btrfs are read; only the chunks "
                        "holding what is listed are fetched.",
                        epilog=LS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("snapshot", metavar="SNAP", help="snapshot id (prefix), NAME:latest or NAME@TIME (UTC)")
@@ -157,7 +157,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
     files, view = _files(args)
     r = files.extract(args.paths, args.target, log=log(args))
     r["snapshot"] = view.snapshot.id
-    r["repository_bytes_read"] = view.stats()["fetched_bytes"]
+    st = view.stats()
+    r["repository_bytes_read"] = st["fetched_bytes"]
+    r["repository_chunks_read"] = st["fetched_chunks"]
+    r["cache"] = st
     text = (f"extracted {r['files']} files ({human(r['bytes'])}), {r['dirs']} directories and {r['symlinks']} "
             f"symlinks to {r['target']}" + (f"; {len(r['skipped'])} skipped" if r["skipped"] else ""))
     emit(args, r, text)

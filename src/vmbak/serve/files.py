@@ -3,8 +3,9 @@
 The disk's partitions (MBR, GPT) and LVM logical volumes are found with vmbak.usage and
 appear as top-level directories (``/p1``, ``/p2``, ``/vg0/root``, or ``/disk`` when there is
 no partition table). Inside each, the dissect parsers (dissect.extfs, .xfs, .ntfs, .fat,
-.btrfs) read the filesystem through a file-like view of the volume, so only the chunks
-holding the metadata and file data asked for are fetched from the repository.
+.btrfs) or, for exFAT, vmbak.serve.exfat read the filesystem through a file-like view of
+the volume, so only the chunks holding the metadata and file data asked for are fetched
+from the repository.
 
 ``extract`` never writes outside its target directory: every name from the backup is
 checked (no ``/``, no ``.`` or ``..``, no NUL), every file and directory is created relative
@@ -260,10 +261,15 @@ def open_filesystem(f: RangeFile, where: str) -> Filesystem:
     """The filesystem in the volume file ``f``; raise BrowseError if there is none we can read."""
     kind = _detect(f)
     if kind is None:
-        raise BrowseError(f"{where}: no filesystem vmbak can browse (ext2/3/4, XFS, NTFS, FAT, btrfs)")
-    if kind == "exfat":
-        raise BrowseError(f"{where}: exFAT cannot be browsed yet (restore the disk or use vmbak mount)")
+        raise BrowseError(f"{where}: no filesystem vmbak can browse (ext2/3/4, XFS, NTFS, FAT, exFAT, btrfs)")
     try:
+        if kind == "exfat":
+            from vmbak.serve.exfat import ExfatFs
+
+            try:
+                return ExfatFs(f)
+            except BrowseError as e:
+                raise BrowseError(f"{where}: {e}") from None
         if kind == "ext":
             from dissect.extfs import ExtFS
 
@@ -383,7 +389,7 @@ class SnapshotFiles:
         for e in entries:
             if e.name == name:
                 return e
-        if fs.fstype in ("fat", "ntfs"):  # case-insensitive filesystems
+        if fs.fstype in ("fat", "exfat", "ntfs"):  # case-insensitive filesystems
             for e in entries:
                 if e.name.upper() == name.upper():
                     return e
@@ -392,6 +398,8 @@ class SnapshotFiles:
     def _list(self, fs: Filesystem, node: Node) -> list[Node]:
         try:
             return fs.listdir(node)
+        except BrowseError as e:
+            raise BrowseError(f"{self.label}: directory {node.name} cannot be read ({e})") from None
         except VmbakError:
             raise
         except Exception as e:  # noqa: BLE001 - damaged directory
@@ -443,6 +451,10 @@ class SnapshotFiles:
     def _open(self, fs: Filesystem, node: Node, path: str) -> BinaryIO:
         try:
             return fs.open(node)
+        except BrowseError as e:  # damaged metadata found by vmbak's own readers
+            raise BrowseError(f"{self.label}: {path} cannot be read ({e})") from None
+        except VmbakError:
+            raise
         except Exception as e:  # noqa: BLE001
             raise BrowseError(f"{self.label}: {path} cannot be read ({_why(e)})") from None
 
@@ -457,6 +469,8 @@ class SnapshotFiles:
                     break
                 write(piece)
                 n += len(piece)
+        except BrowseError as e:
+            raise BrowseError(f"{self.label}: {path} cannot be read ({e})") from None
         except VmbakError:
             raise
         except Exception as e:  # noqa: BLE001
