@@ -14,7 +14,32 @@ from vmbak.errors import VmbakError
 from vmbak.repo.repository import Repository
 
 
+def apply_s3_options(args: argparse.Namespace) -> None:
+    """--s3-endpoint reaches the S3 backend through $VMBAK_S3_ENDPOINT (this process only)."""
+    ep = getattr(args, "s3_endpoint", None)
+    if ep:
+        os.environ["VMBAK_S3_ENDPOINT"] = ep
+
+
+def needs_password(loc: str) -> bool:
+    """Whether the repository at ``loc`` is encrypted (True when that cannot be told)."""
+    try:
+        if loc.startswith("s3:"):
+            if not sys.stdin.isatty():
+                return True  # no prompt can happen: a password from the environment is harmless
+            from vmbak.repo.repository import open_backend
+
+            cfg = json.loads(open_backend(loc).read("config"))
+        else:
+            with open(os.path.join(loc, "config"), encoding="utf-8") as f:
+                cfg = json.load(f)
+        return cfg.get("encryption") != "none"
+    except (OSError, ValueError, AttributeError, VmbakError):
+        return True
+
+
 def repo_location(args: argparse.Namespace) -> str:
+    apply_s3_options(args)
     loc = args.repo or os.environ.get("VMBAK_REPOSITORY")
     if not loc:
         raise VmbakError("no repository given: use -r REPO or set VMBAK_REPOSITORY")
@@ -47,12 +72,7 @@ def open_repo(args: argparse.Namespace) -> Repository:
     loc = repo_location(args)
     pw = None
     # Only ask for a password when the repository needs one.
-    try:
-        with open(os.path.join(loc, "config"), encoding="utf-8") as f:
-            needs = json.load(f).get("encryption") != "none"
-    except (OSError, ValueError, AttributeError):
-        needs = True
-    if needs:
+    if needs_password(loc):
         pw = password(args)
     return Repository.open(loc, pw)
 

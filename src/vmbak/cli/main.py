@@ -10,7 +10,7 @@ import sys
 from vmbak import __version__
 from vmbak.errors import VmbakError
 
-GROUPS = ["repository", "backup", "restore", "snapshots", "keys", "maintenance"]
+GROUPS = ["repository", "backup", "restore", "snapshots", "keys", "maintenance", "copy"]
 OPTIONAL_GROUPS = ["track", "usage_cmd", "serve", "browse"]  # present when their modules are installed
 
 
@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="repository location (default: $VMBAK_REPOSITORY)")
     common.add_argument("--password-file", default=argparse.SUPPRESS,
                         help="read the password from this file (default: $VMBAK_PASSWORD)")
+    common.add_argument("--s3-endpoint", default=argparse.SUPPRESS, metavar="URL",
+                        help="S3 endpoint for s3:BUCKET/PREFIX locations (default: $VMBAK_S3_ENDPOINT)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="print only errors")

@@ -11,6 +11,10 @@ from typing import Protocol
 from vmbak.errors import RepositoryError
 
 
+class ObjectMissing(RepositoryError):
+    """The named object does not exist (as opposed to an I/O, network or permission error)."""
+
+
 class Backend(Protocol):
     """A flat namespace of immutable objects named by '/'-separated paths."""
 
@@ -57,7 +61,7 @@ class LocalBackend:
 
     def _wrap(self, e: OSError, name: str) -> RepositoryError:
         if isinstance(e, FileNotFoundError):
-            return RepositoryError(f"repository object missing: {name}")
+            return ObjectMissing(f"repository object missing: {name}")
         return RepositoryError(f"repository I/O error on {name}: {e.strerror or e}")
 
     def read(self, name: str) -> bytes:
@@ -172,6 +176,31 @@ class LocalBackend:
             except OSError:
                 pass
         return removed
+
+
+_HOST_ID: str | None = None
+
+
+def host_id() -> str:
+    """What makes a pid meaningful: this kernel's boot id and this pid namespace.
+
+    Two processes see each other's pids only when both match, even if their hostnames
+    are equal (containers often share one). Lock files record it, so that stale-lock
+    detection never judges another machine's or container's process by a local pid.
+    """
+    global _HOST_ID
+    if _HOST_ID is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+                boot = f.read().strip()
+        except OSError:
+            boot = "?"
+        try:
+            ns = os.readlink("/proc/self/ns/pid")
+        except OSError:
+            ns = "?"
+        _HOST_ID = f"{boot}/{ns}"
+    return _HOST_ID
 
 
 def pid_alive(pid: int) -> bool:

@@ -19,7 +19,7 @@ import numpy as np
 import zstandard
 
 from vmbak.errors import IntegrityError, RepositoryError, SnapshotNotFound
-from vmbak.repo.backend import Backend, LocalBackend, pid_alive
+from vmbak.repo.backend import Backend, LocalBackend, ObjectMissing, host_id, pid_alive
 from vmbak.repo.crypto import (
     ENC_AES,
     ENC_NONE,
@@ -74,8 +74,11 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 
 
 def open_backend(location: str) -> Backend:
+    """A local directory (``PATH`` or ``local:PATH``) or S3 (``s3:...``, see repo/s3.py)."""
     if location.startswith("s3:"):
-        raise RepositoryError("S3 repositories are not supported by this version of vmbak")
+        from vmbak.repo.s3 import S3Backend
+
+        return S3Backend(location)
     if location.startswith("local:"):
         location = location[len("local:"):]
     return LocalBackend(location)
@@ -101,6 +104,9 @@ class Repository:
         self.recovered_packs = 0
         self.key_name: str = ""  # the key file that opened the repository
         self.held_locks: list[str] = []  # names of the locks this object holds
+        attach = getattr(backend, "attach_cache", None)
+        if attach is not None:  # remote backends cache index files and manifests locally
+            attach(self.id)
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -131,6 +137,10 @@ class Repository:
                     os.makedirs(os.path.join(root, d), exist_ok=True)
             except OSError as e:
                 raise RepositoryError(f"cannot create repository at {root}: {e.strerror}") from None
+        else:
+            prepare = getattr(backend, "prepare_init", None)
+            if prepare is not None:
+                prepare()  # the bucket exists and holds nothing under the prefix
         config = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -157,7 +167,14 @@ class Repository:
             raise RepositoryError(f"repository does not exist: {backend.root}")
         try:
             raw = backend.read("config")
-        except RepositoryError:
+        except RepositoryError as e:
+            if not isinstance(backend, LocalBackend) and not isinstance(e, ObjectMissing):
+                raise  # unreachable, bad credentials, no such bucket: say so
+            first = getattr(backend, "first_object", None)
+            other = first() if first is not None else None
+            if other is not None:
+                raise RepositoryError(f"not a vmbak repository (no config): {backend.location} holds other "
+                                      f"objects (e.g. {other!r})") from None
             raise RepositoryError(f"not a vmbak repository (no config): {backend.location}") from None
         try:
             config = json.loads(raw)
@@ -189,7 +206,7 @@ class Repository:
         """Hold a shared (backup, restore, check) or exclusive (prune) lock."""
         name = f"locks/{os.urandom(16).hex()}"
         me = {"host": socket.gethostname(), "pid": os.getpid(), "time": _now_iso(),
-              "exclusive": exclusive, "purpose": purpose}
+              "exclusive": exclusive, "purpose": purpose, "hostid": host_id()}
         self.backend.write(name, json.dumps(me).encode())
         self.held_locks.append(name)
         try:
@@ -201,7 +218,7 @@ class Repository:
                 except (RepositoryError, ValueError):
                     continue
                 if _lock_stale(d):
-                    if d.get("host") == socket.gethostname():
+                    if _same_host(d):
                         self.backend.delete(other)  # its process is gone
                     continue
                 # One prune at a time; prunes run beside backups (see engine/prune.py).
@@ -273,8 +290,9 @@ class Repository:
                 self.write_index(recovered)
             except RepositoryError:
                 pass
-        if isinstance(self.backend, LocalBackend):
-            self.backend.clean_stale_temp()
+        clean = getattr(self.backend, "clean_stale_temp", None)
+        if clean is not None:
+            clean()
 
     def write_index(self, packs: list[tuple[str, np.ndarray]]) -> str:
         plain = encode_index(packs)
@@ -552,8 +570,17 @@ def parse_time_limit(ts: str) -> datetime:
     raise SnapshotNotFound(f"cannot parse time {ts!r} (use YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS], UTC)")
 
 
+def _same_host(d: dict) -> bool:
+    """Whether a lock was taken by a process whose pid this process can check: same
+    hostname and, when the lock records it, same boot and pid namespace (backend.host_id)."""
+    if d.get("host") != socket.gethostname():
+        return False
+    hid = d.get("hostid")
+    return hid is None or hid == host_id()
+
+
 def _lock_stale(d: dict) -> bool:
-    if d.get("host") == socket.gethostname():
+    if _same_host(d):
         try:
             return not pid_alive(int(d.get("pid", -1)))
         except (ValueError, OverflowError):

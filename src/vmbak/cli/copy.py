@@ -1,0 +1,89 @@
+"""The copy command: replicate snapshots between repositories."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from vmbak.cli.common import apply_s3_options, emit, log, needs_password, password, progress
+from vmbak.engine.common import human
+from vmbak.engine.copy import copy
+from vmbak.errors import VmbakError
+from vmbak.repo.repository import Repository
+
+EPILOG = """examples:
+  vmbak copy --from-repo /backups/local --to-repo s3:http://10.0.0.5:9000/offsite/vmbak
+  vmbak copy --from-repo /backups/local --to-repo s3:https://s3.eu-west-1.amazonaws.com/bucket/vm --name web
+  vmbak copy --from-repo s3:http://10.0.0.5:9000/offsite/vmbak --to-repo /restore/repo web:latest
+
+The destination's password comes from --password-file or $VMBAK_PASSWORD, the source's
+from --from-password-file, $VMBAK_FROM_PASSWORD_FILE or $VMBAK_FROM_PASSWORD. The
+destination defaults to -r / $VMBAK_REPOSITORY, the source to $VMBAK_FROM_REPOSITORY.
+"""
+
+
+def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("copy", parents=[parent], help="copy snapshots to another repository",
+                       description="Copy snapshots, each with its whole parent chain, from one repository to "
+                       "another (local directories and S3, either way). Only chunks the destination lacks are "
+                       "stored there. When the repositories have different keys (or one is encrypted and the "
+                       "other not), chunks are decrypted, checked and sealed again with the destination's key. "
+                       "Snapshots copied before are skipped, so an interrupted copy is finished by running it "
+                       "again. Without SNAP or --name, every snapshot is copied.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("snapshots", nargs="*", metavar="SNAP", help="snapshots to copy (id, NAME:latest, NAME@TIME)")
+    p.add_argument("--from-repo", metavar="REPO", help="source repository (default: $VMBAK_FROM_REPOSITORY)")
+    p.add_argument("--to-repo", metavar="REPO", help="destination repository (default: -r / $VMBAK_REPOSITORY)")
+    p.add_argument("--from-password-file", metavar="FILE",
+                   help="the source's password file (default: $VMBAK_FROM_PASSWORD_FILE, $VMBAK_FROM_PASSWORD)")
+    p.add_argument("--name", help="copy every snapshot of this disk name")
+    p.add_argument("--workers", type=int, default=4, help="chunks read and converted at once (default 4)")
+    p.add_argument("--dry-run", "-n", action="store_true", help="show what would be copied")
+    p.set_defaults(func=cmd_copy)
+
+
+def _from_password(args: argparse.Namespace) -> str | None:
+    pf = args.from_password_file or os.environ.get("VMBAK_FROM_PASSWORD_FILE")
+    if pf:
+        try:
+            with open(pf, encoding="utf-8") as f:
+                return f.read().rstrip("\r\n")
+        except OSError as e:
+            raise VmbakError(f"cannot read password file {pf}: {e.strerror}") from None
+    return os.environ.get("VMBAK_FROM_PASSWORD")
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    apply_s3_options(args)
+    src_loc = args.from_repo or os.environ.get("VMBAK_FROM_REPOSITORY")
+    dst_loc = args.to_repo or args.repo or os.environ.get("VMBAK_REPOSITORY")
+    if not src_loc:
+        raise VmbakError("no source repository: use --from-repo REPO or set VMBAK_FROM_REPOSITORY")
+    if not dst_loc:
+        raise VmbakError("no destination repository: use --to-repo REPO, -r REPO or set VMBAK_REPOSITORY")
+    if args.workers < 1:
+        raise VmbakError("--workers must be at least 1")
+    try:
+        src = Repository.open(src_loc, _from_password(args))
+    except VmbakError as e:
+        raise type(e)(f"source repository: {e}") from None
+    try:
+        dst = Repository.open(dst_loc, password(args) if needs_password(dst_loc) else None)
+    except VmbakError as e:
+        raise type(e)(f"destination repository: {e}") from None
+    rep = copy(src, dst, args.snapshots, args.name, workers=args.workers, dry_run=args.dry_run,
+               progress=progress(args), log=log(args))
+    if args.dry_run:
+        lines = [f"would copy snapshot {c['source'][:8]} ({c['name']} {c['type']} {c['time']})" for c in rep.copied]
+    else:
+        lines = [f"copied snapshot {c['source'][:8]} -> {c['destination'][:8]} ({c['name']} {c['type']} {c['time']})"
+                 for c in rep.copied]
+    lines += [f"already present: {c['source'][:8]} as {c['destination'][:8]} ({c['name']} {c['time']})"
+              for c in rep.present]
+    if not args.dry_run:
+        lines.append(f"{len(rep.copied)} snapshots copied, {len(rep.present)} already present; "
+                     f"{rep.chunks_sent} chunks ({human(rep.bytes_sent)}) sent, {rep.chunks_present} present; "
+                     f"{human(rep.bytes_read)} read in {rep.duration_s:.3f} s"
+                     + ("" if rep.same_keys else " (re-encrypted for the destination's key)"))
+    emit(args, rep.to_json(), "\n".join(lines))
+    return 0

@@ -1,0 +1,119 @@
+"""The repository on S3: the full round trip, the object layout, the local cache, the
+location forms and the locks of other hosts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+MiB = 1 << 20
+
+
+def test_roundtrip_on_s3(make_s3_repo, make_disk, tmp_path, assert_same_file):
+    repo = make_s3_repo(pack_size=12 * MiB)
+    # packs above 5 MiB go up as multipart uploads of 5 MiB parts, several at once
+    repo.base_env.update(VMBAK_S3_MULTIPART_THRESHOLD=str(5 * MiB), VMBAK_S3_PART_SIZE=str(5 * MiB),
+                         VMBAK_S3_CONCURRENCY="3")
+    disk = make_disk("web.raw", 24 * MiB, seed=11)
+    s1 = repo.backup(disk, "web")
+    assert s1["type"] == "full"
+    v1 = disk.save("v1")
+    for off, n, seed in ((MiB, 200_000, 12), (9 * MiB + 4096, 65536, 13), (20 * MiB, 2 * MiB, 14)):
+        disk.write_random(off, n, seed)
+    disk.write_zeros(5 * MiB, MiB)
+    s2 = repo.backup(disk, "web")
+    assert s2["type"] == "incremental" and s2["parent"] == s1["id"]
+    assert s2["stats"]["new_raw_bytes"] <= 3 * MiB
+    for spec, want in ((s1["id"][:8], v1), ("web:latest", disk.path)):
+        out = tmp_path / f"out-{spec.replace(':', '_')}.raw"
+        repo.restore(spec, out)
+        assert_same_file(out, want)
+    repo.check(read_data=True)
+    # the objects have the names of a local repository, under the prefix; nothing is left over
+    objs = repo.objects()
+    assert "config" in objs
+    tops = {n.split("/", 1)[0] for n in objs}
+    assert tops <= {"config", "keys", "data", "index", "snapshots"}, tops
+    packs = [n for n in objs if n.startswith("data/")]
+    assert all(len(n.split("/")) == 3 and n.split("/")[2].startswith(n.split("/")[1]) for n in packs)
+    assert max(objs[n] for n in packs) > 5 * MiB  # a multipart upload landed whole
+    assert len([n for n in objs if n.startswith("snapshots/")]) == 2
+    assert not repo.server.client().list_multipart_uploads(Bucket=repo.bucket).get("Uploads")
+
+
+def test_cache_saves_downloads_and_losing_it_loses_nothing(make_s3_repo, make_disk, fault_proxy, s3_env):
+    repo = make_s3_repo(encryption="none")
+    disk = make_disk("d.raw", 4 * MiB, seed=21)
+    for i in range(3):
+        disk.write_random(i * MiB, 100_000, seed=30 + i)
+        repo.backup(disk, "d")
+    via = repo.at(repo.location.replace(repo.server.endpoint, fault_proxy.endpoint))
+    cache = s3_env["VMBAK_CACHE_DIR"]
+    assert via.snapshots() and via.snapshots()  # the first run may fill the cache
+    fault_proxy.reset_counts()
+    assert len(via.snapshots()) == 3
+    gets = [p for m, p in fault_proxy.log if m == "GET" and ("/snapshots/" in p or "/index/" in p)]
+    assert not gets, f"cached objects were downloaded again: {gets}"
+    # a damaged cache file is noticed and ignored; a deleted cache is rebuilt
+    cached = [os.path.join(r, f) for r, _, fs in os.walk(cache) for f in fs if "/snapshots" in r]
+    assert len(cached) == 3
+    with open(cached[0], "r+b") as f:
+        f.seek(10)
+        f.write(b"\xff\xff\xff\xff")
+    fault_proxy.reset_counts()
+    assert len(via.snapshots()) == 3
+    gets = [p for m, p in fault_proxy.log if m == "GET" and "/snapshots/" in p]
+    assert len(gets) == 1, gets
+    shutil.rmtree(cache)
+    assert len(via.snapshots()) == 3
+    via.check(read_data=True)
+
+
+def test_location_forms_and_s3_endpoint_option(make_s3_repo, s3):
+    repo = make_s3_repo(encryption="none", prefix="deep/er/prefix")
+    short = f"s3:{repo.bucket}/deep/er/prefix"
+    p = repo.run("--s3-endpoint", s3.endpoint, "-r", short, "snapshots", "--json")
+    assert json.loads(p.stdout) == []
+    p = repo.run("-r", short, "check", "--json", env={"VMBAK_S3_ENDPOINT": s3.endpoint})
+    assert json.loads(p.stdout)["ok"]
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=repo.bucket)["Contents"]]
+    assert "deep/er/prefix/config" in keys and all(k.startswith("deep/er/prefix/") for k in keys)
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_locks_of_other_hosts_are_never_judged_by_local_pids(make_s3_repo, make_disk, assert_cli_error):
+    from vmbak.repo.backend import host_id
+
+    repo = make_s3_repo(encryption="none")
+    disk = make_disk("d.raw", 2 * MiB, seed=41)
+    c = repo.server.client()
+    dead = _dead_pid()
+    mine = {"host": socket.gethostname(), "pid": dead, "time": "2026-01-01T00:00:00.000000Z", "exclusive": False,
+            "purpose": "backup", "hostid": host_id()}
+    # same hostname (a container, a cloned VM), but another machine: its pid means nothing here
+    other = dict(mine, hostid="another-boot/pid:[4026531836]", time=_now())
+    c.put_object(Bucket=repo.bucket, Key="repo/locks/" + "a" * 32, Body=json.dumps(mine).encode())
+    c.put_object(Bucket=repo.bucket, Key="repo/locks/" + "b" * 32, Body=json.dumps(other).encode())
+    repo.backup(disk, "d")
+    left = set(repo.objects("locks"))
+    assert left == {"locks/" + "b" * 32}, left  # the dead local process's lock went, the other stayed
+    # an exclusive lock of another host blocks forget, with a clear message
+    c.put_object(Bucket=repo.bucket, Key="repo/locks/" + "c" * 32,
+                 Body=json.dumps(dict(other, exclusive=True, purpose="forget")).encode())
+    p = repo.run("forget", "d:latest", check=False)
+    assert_cli_error(p, "locked")
+
+
+def _now() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
