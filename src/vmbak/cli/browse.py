@@ -8,7 +8,7 @@ import stat
 import sys
 import time
 
-from vmbak.cli.common import emit, log, open_repo
+from vmbak.cli.common import emit, log, open_repo, parse_size
 from vmbak.engine.common import human
 from vmbak.errors import VmbakError
 
@@ -35,9 +35,8 @@ MOUNT_EPILOG = """examples:
 
 
 def _add_cache(p: argparse.ArgumentParser) -> None:
-    from vmbak.cli.serve import _size
 
-    p.add_argument("--cache-size", type=_size, default=256 << 20, metavar="N",
+    p.add_argument("--cache-size", type=parse_size, default=256 << 20, metavar="N",
                    help="memory for decompressed chunks (default 256M)")
 
 

@@ -14,6 +14,18 @@ from vmbak.errors import VmbakError
 from vmbak.repo.repository import Repository
 
 
+def parse_size(text: str) -> int:
+    """An argparse type for sizes: 65536, 64K, 256M, 1G (KiB/MiB/GiB)."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(t[:-1]) * units[t[-1]]
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 65536, 64K, 256M, 1G)") from None
+
+
 def apply_s3_options(args: argparse.Namespace) -> None:
     """--s3-endpoint reaches the S3 backend through $VMBAK_S3_ENDPOINT (this process only)."""
     ep = getattr(args, "s3_endpoint", None)

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from vmbak.cli.common import emit, open_repo, password
+from vmbak.cli.common import emit, open_repo, parse_size, password
 from vmbak.engine.common import human
 from vmbak.errors import VmbakError
 
@@ -21,17 +21,6 @@ EPILOG = """examples:
   qemu-system-x86_64 ... -drive file=nbd+unix:///?socket=/run/vmbak/web.sock,format=raw   # boot it now
   vmbak restore --from-serve /run/vmbak/web.sock /var/lib/images/web.raw   # copy out while it runs, switch
 """
-
-
-def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    try:
-        if t and t[-1] in units:
-            return int(t[:-1]) * units[t[-1]]
-        return int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 256M, 1G)") from None
 
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
@@ -56,7 +45,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument("--overlay", metavar="FILE.qcow2", help="qcow2 file that receives the writes")
     p.add_argument("--qmp", metavar="PATH", help="QMP socket of the copy-on-write server "
                    "(default SOCKET.qmp, or a private path with --tcp)")
-    p.add_argument("--cache-size", type=_size, default=256 << 20, metavar="N",
+    p.add_argument("--cache-size", type=parse_size, default=256 << 20, metavar="N",
                    help="memory for decompressed chunks (default 256M)")
     p.add_argument("--threads", type=int, default=8, help="NBD server threads (default 8)")
     p.add_argument("--background", action="store_true",

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from vmbak.cli.common import parse_size
 from vmbak.errors import VmbakError
 
 EPILOG = """examples:
@@ -15,17 +16,6 @@ EPILOG = """examples:
   vmbak track log /run/vmbak/web.sock
   vmbak track stop /run/vmbak/web.sock
 """
-
-
-def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    try:
-        if t and t[-1] in units:
-            return int(t[:-1]) * units[t[-1]]
-        return int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 65536, 64K, 1M)") from None
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser | None = None) -> None:
@@ -46,8 +36,8 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     s.add_argument("disk", metavar="DISK", help="raw disk image file")
     s.add_argument("--socket", required=True, metavar="PATH", help="NBD Unix socket to create")
     s.add_argument("--tcp", metavar="[HOST:]PORT", help="also accept NBD on TCP (host 127.0.0.1 by default)")
-    s.add_argument("--block-size", type=_size, default=65536, metavar="N", help="tracking block (default 64K)")
-    s.add_argument("--mrt-region", type=_size, default=1 << 20, metavar="N",
+    s.add_argument("--block-size", type=parse_size, default=65536, metavar="N", help="tracking block (default 64K)")
+    s.add_argument("--mrt-region", type=parse_size, default=1 << 20, metavar="N",
                    help="region of the written-through .mrt table (default 1M)")
     s.add_argument("--rct-interval", type=float, default=5.0, metavar="SEC",
                    help="write the .rct back every SEC seconds (default 5)")
