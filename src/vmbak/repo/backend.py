@@ -158,24 +158,7 @@ class LocalBackend:
         """Remove temp files left by dead processes of this host; return how many."""
         if not os.path.isdir(self.tmpdir):
             return 0
-        host = socket.gethostname().replace("-", "_")
-        removed = 0
-        for ent in os.scandir(self.tmpdir):
-            parts = ent.name.split("-")
-            if len(parts) != 4 or parts[1] != host:
-                continue
-            try:
-                pid = int(parts[2])
-            except ValueError:
-                continue
-            if pid == os.getpid() or pid_alive(pid):
-                continue
-            try:
-                os.unlink(ent.path)
-                removed += 1
-            except OSError:
-                pass
-        return removed
+        return remove_dead_temp_files(self.tmpdir)
 
 
 _HOST_ID: str | None = None
@@ -201,6 +184,33 @@ def host_id() -> str:
             ns = "?"
         _HOST_ID = f"{boot}/{ns}"
     return _HOST_ID
+
+
+def remove_dead_temp_files(directory: str) -> int:
+    """Remove the temp files in ``directory`` (named ``X-HOST-PID-Y``, see temp_path) of
+    processes of this host that are gone; return how many."""
+    host = socket.gethostname().replace("-", "_")
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for ent in entries:
+        parts = ent.name.split("-")
+        if len(parts) != 4 or parts[1] != host:
+            continue
+        try:
+            pid = int(parts[2])
+        except ValueError:
+            continue
+        if pid == os.getpid() or pid_alive(pid):
+            continue
+        try:
+            os.unlink(ent.path)
+            removed += 1
+        except OSError:
+            pass
+    return removed
 
 
 def pid_alive(pid: int) -> bool:

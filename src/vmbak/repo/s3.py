@@ -43,7 +43,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from vmbak.errors import RepositoryError
-from vmbak.repo.backend import ObjectMissing, pid_alive
+from vmbak.repo.backend import ObjectMissing, remove_dead_temp_files
 from vmbak.repo.cache import ObjectCache, cache_root
 
 T = TypeVar("T")
@@ -519,30 +519,10 @@ class S3Backend:
         """Remove local temp files of dead processes of this host and abort multipart uploads
         under the prefix that were started more than a day ago (a killed upload); return
         how many local files were removed."""
-        removed = 0
         if self._tmpdir is None:
             self.temp_path("probe")
         assert self._tmpdir is not None
-        host = socket.gethostname().replace("-", "_")
-        try:
-            entries = list(os.scandir(self._tmpdir))
-        except OSError:
-            entries = []
-        for ent in entries:
-            parts = ent.name.split("-")
-            if len(parts) != 4 or parts[1] != host:
-                continue
-            try:
-                pid = int(parts[2])
-            except ValueError:
-                continue
-            if pid == os.getpid() or pid_alive(pid):
-                continue
-            try:
-                os.unlink(ent.path)
-                removed += 1
-            except OSError:
-                pass
+        removed = remove_dead_temp_files(self._tmpdir)
         try:
             r = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=self.prefix)
             now = datetime.now(UTC)
