@@ -101,6 +101,68 @@ def test_ntfs_matches_oracles(ntfs_images, variant):
           f"wrongly free 0; {dt * 1000:.2f} ms")
 
 
+# ---------------------------------------------------------------------------- random layouts
+CLUSTERS = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
+
+
+@st.composite
+def ntfs_layouts(draw):
+    """A random mkntfs command line (clusters no smaller than sectors, an MFT zone of 1/8 to
+    4/8 of the volume, compression, which NTFS only has up to 4 KiB clusters, on the root
+    directory) and a random tree."""
+    sector = draw(st.sampled_from([512, 4096]))
+    cluster = draw(st.sampled_from([c for c in CLUSTERS if c >= sector]))
+    mib = draw(st.integers(8, 96))
+    size = mib * MiB + draw(st.integers(0, 15)) * 512  # sectors past the last whole cluster
+    compress = cluster <= 4096 and draw(st.booleans())
+    args = ["-c", str(cluster), "-s", str(sector), "-z", str(draw(st.integers(1, 4))), *(["-C"] if compress else [])]
+    nfiles = draw(st.integers(0, 12))
+    max_size = max(1, min(draw(st.sampled_from([100, 5000, 100_000, 1_500_000])), size // 4 // max(nfiles, 1)))
+    small_size = draw(st.integers(1, 3 * 4096))
+    small = min(draw(st.integers(0, 400)), size // 4 // (-(-small_size // cluster) * cluster + 1024))
+    return {"size": size, "args": args, "quick": draw(st.booleans()), "nfiles": nfiles, "max_size": max_size,
+            "small": small, "small_size": small_size, "delete": draw(st.booleans()),
+            "seed": draw(st.integers(0, 2**32 - 1))}
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(layout=ntfs_layouts())
+def test_random_ntfs_layouts(tmp_path_factory, layout):
+    """Random geometry and trees, written through ntfs-3g (holes punched or not): vmbak's free
+    set is exactly partclone.ntfs's, and its size ntfscluster's."""
+    tmp = tmp_path_factory.mktemp("ntfsrand")
+    tree = tmp / "tree"
+    tree.mkdir()
+    make_files(tree, layout["seed"], layout["nfiles"], layout["max_size"], small=layout["small"],
+               small_size=layout["small_size"])
+    img = tmp / "fs.img"
+    try:
+        left = build_ntfs(img, layout["size"], tree, layout["args"], layout["seed"], quick=layout["quick"],
+                          delete=layout["delete"])
+        shutil.rmtree(tree)
+        with ThreadPoolExecutor(1) as pool:  # partclone mostly waits: let it while the rest runs
+            pc_future = pool.submit(partclone_free, "ntfs", img)
+            u = analyze_path(img)
+            nc = ntfscluster_free_bytes(img)
+            g = _geometry(img)
+            pc = pc_future.result()
+        e = u.entries[0]
+        assert e.fstype == "ntfs" and not e.notes, (e.fstype, e.notes)
+        assert wrongly_free(u.free, pc) == 0
+        assert total(subtract(pc, u.free)) == 0, subtract(pc, u.free)
+        assert u.free_bytes == nc
+        if "-C" not in layout["args"]:  # compressed files may take less room than their bytes
+            assert u.used_bytes >= sum(len(v) for v in left.values())
+        size = img.stat().st_size
+        meta = np.array([[0, 8192], [g["mft_lcn"] * g["cluster"], g["mft_lcn"] * g["cluster"] + 16 * g["record"]],
+                         [size - 512, size]], np.int64)
+        assert total(subtract(meta, u.free)) == total(meta)
+        print(f"ntfs {' '.join(layout['args'])} size {layout['size']} quick {layout['quick']} files {len(left)}: "
+              f"free {u.free_bytes}, partclone {total(pc)}, ntfscluster {nc}")
+    finally:
+        img.unlink(missing_ok=True)
+
+
 def test_ntfs_backup_restore_ntfsfix_and_files(tmp_path, make_repo, ntfs_images):
     """NTFS in an MBR partition, garbage in free space: back up skipping unused blocks, restore,
     ntfsfix -n is clean and every file is byte-identical."""

@@ -7,6 +7,7 @@
 * ``build_ntfs(path, size, tree, mkntfs_args, seed)``: ``mkntfs`` on a garbage file, filled through
   an ntfs-3g FUSE mount
 * ``partclone_free(fs, img)``, ``xfs_db_free(img)``, ``ntfscluster_free_bytes(img)``: oracles
+* ``xfs_agfl_ranges(img)``: byte ranges of the blocks on the AG free lists, from xfs_db
 * ``xfs_db(img, *cmds)``, ``read_tree(root)``, ``corrupt(src, dst, offset, data)``
 """
 
@@ -145,18 +146,19 @@ def delete_every_other(root: Path, files: dict[str, bytes], subdir: str = "small
 
 
 def build_ntfs(path: Path, size: int, tree: Path, mkntfs_args: list[str], seed: int,
-               files: dict[str, bytes] | None = None) -> dict[str, bytes]:
-    """mkntfs on a garbage file, then copy ``tree`` in through ntfs-3g and delete every other
-    small file and every third big one (holes). Returns what the filesystem holds."""
+               files: dict[str, bytes] | None = None, quick: bool = True, delete: bool = True) -> dict[str, bytes]:
+    """mkntfs on a garbage file (``quick``: -f, free space keeps its garbage; else mkntfs zeroes
+    the volume), then copy ``tree`` in through ntfs-3g and (``delete``) delete every other small
+    file and every third big one (holes). Returns what the filesystem holds."""
     garbage_file(path, size, seed)
-    run("mkntfs", "-q", "-F", "-f", *mkntfs_args, path)
+    run("mkntfs", "-q", "-F", *(["-f"] if quick else []), *mkntfs_args, path)
     files = read_tree(tree) if files is None else files
     with mounted(path, "ntfs") as mnt:
         for rel, data in files.items():
             p = mnt / rel
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(data)
-        left = delete_every_other(mnt, files)
+        left = delete_every_other(mnt, files) if delete else dict(files)
     return left
 
 
@@ -185,6 +187,25 @@ def xfs_db_free(img: Path) -> tuple[np.ndarray, int]:
     for agno in range(g["agcount"]):
         agfl += int(re.search(r"flcount = (\d+)", xfs_db(img, f"agf {agno}", "p flcount")).group(1))
     return normalize(np.array(ranges, np.int64).reshape(-1, 2)), agfl
+
+
+def xfs_agfl_ranges(img: Path) -> np.ndarray:
+    """Byte ranges of the blocks on every AG's free list (flcount entries from flfirst, wrapping)."""
+    g = xfs_geometry(img)
+    cmds = [c for a in range(g["agcount"]) for c in (f"agf {a}", "p flfirst flcount", f"agfl {a}", "p bno")]
+    out = xfs_db(img, *cmds)
+    firsts = [int(x) for x in re.findall(r"^flfirst = (\d+)$", out, re.M)]
+    counts = [int(x) for x in re.findall(r"^flcount = (\d+)$", out, re.M)]
+    tables = re.findall(r"^bno\[0-(\d+)\] = (.*)$", out, re.M)
+    assert len(firsts) == len(counts) == len(tables) == g["agcount"], out
+    ranges = []
+    for agno, (first, count, (last, row)) in enumerate(zip(firsts, counts, tables, strict=True)):
+        slots = dict(item.split(":") for item in row.split())
+        for k in range(count):
+            agbno = int(slots[str((first + k) % (int(last) + 1))])
+            start = (agno * g["agblocks"] + agbno) * g["blocksize"]
+            ranges.append((start, start + g["blocksize"]))
+    return normalize(np.array(ranges, np.int64).reshape(-1, 2))
 
 
 def partclone_free(fs: str, img: Path, offset: int = 0) -> np.ndarray:
