@@ -20,20 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fatlvm_util import tool
 
 from vmbak.disks.raw import RawDisk
 from vmbak.usage import DiskUsage, analyze
 from vmbak.usage.model import normalize, subtract, total
-
-TOOLS = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
-
-
-def tool(name: str) -> str:
-    for d in TOOLS:
-        p = os.path.join(d, name)
-        if os.access(p, os.X_OK):
-            return p
-    raise AssertionError(f"{name} is not installed; scripts/setup.sh must install it")
 
 
 def partclone_free(fs: str, image: str | os.PathLike[str], offset: int = 0) -> np.ndarray:

@@ -23,24 +23,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from fatlvm_util import garbage_file, tool
 
 from vmbak.disks.raw import RawDisk
 from vmbak.usage import DiskUsage, analyze
 from vmbak.usage.model import normalize, subtract, total
 
 MiB = 1 << 20
-TOOL_DIRS = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
 # mkfs.xfs refuses filesystems under 300 MB unless it runs under fstests; these variables are
 # how fstests tells it so (small test filesystems are exactly what we want here)
 XFS_SMALL_ENV = {**os.environ, "TEST_DIR": "1", "TEST_DEV": "1", "QA_CHECK_FS": "1"}
-
-
-def tool(name: str) -> str:
-    for d in TOOL_DIRS:
-        p = os.path.join(d, name)
-        if os.access(p, os.X_OK):
-            return p
-    raise AssertionError(f"{name} is not installed; scripts/setup.sh must install it")
 
 
 def run(*args: object, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -50,17 +42,6 @@ def run(*args: object, env: dict[str, str] | None = None, check: bool = True) ->
     if check and p.returncode:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
     return p
-
-
-def garbage_file(path: Path, size: int, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 8 * MiB)
-            f.write(rng.bytes(n))
-            left -= n
-    return path
 
 
 def make_files(root: Path, seed: int, n: int, max_size: int, small: int = 0, small_size: int = 700) -> dict[str, bytes]:
