@@ -192,11 +192,11 @@ def exfat_fuzz(tmp_path_factory):
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(which=st.integers(0, 6), pos=st.integers(0, 1 << 20), nbytes=st.integers(1, 8),
        seed=st.integers(0, 2**32 - 1))
-def test_corrupt_exfat_never_frees_more(exfat_fuzz, tmp_path_factory, which, pos, nbytes, seed):
+def test_corrupt_exfat_never_frees_more(exfat_fuzz, tmp_path, which, pos, nbytes, seed):
     img, baseline, regions = exfat_fuzz
     a, b = regions[which]
     off = a + pos % (b - a)
-    bad = corrupt(img, tmp_path_factory.mktemp("bad") / "bad.img", off, np.random.default_rng(seed).bytes(nbytes))
+    bad = corrupt(img, tmp_path / "bad.img", off, np.random.default_rng(seed).bytes(nbytes))
     t0 = time.monotonic()
     u = analyze_path(bad)
     assert time.monotonic() - t0 < 10

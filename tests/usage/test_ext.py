@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -75,9 +76,11 @@ def test_every_file_block_is_used(tmp_path, build_ext, file_tree, analyze_image)
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_random_feature_combinations(data, tmp_path_factory, build_ext, file_tree, analyze_image,
+def test_random_feature_combinations(data, tmp_path, build_ext, file_tree, analyze_image,
                                      oracle_dumpe2fs, assert_free_subset):
-    tmp = tmp_path_factory.mktemp("hyp")
+    tmp = tmp_path / "example"  # one directory reused by every example: they would pile up
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     kind = data.draw(st.sampled_from(["ext2", "ext3", "ext4"]))
     bs = data.draw(st.sampled_from([1024, 2048, 4096]))
     size = data.draw(st.integers(8, 40)) * MiB + data.draw(st.integers(0, 7)) * bs
@@ -268,7 +271,7 @@ def fuzz_bases(tmp_path_factory):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(["ext4", "ext2"]), which=st.integers(0, 10_000), pos=st.integers(0, 1 << 20),
        nbytes=st.integers(1, 16), seed=st.integers(0, 2**32 - 1))
-def test_corruption_never_frees_used_blocks(kind, which, pos, nbytes, seed, fuzz_bases, tmp_path_factory,
+def test_corruption_never_frees_used_blocks(kind, which, pos, nbytes, seed, fuzz_bases, tmp_path,
                                             analyze_image):
     img, regions = fuzz_bases[kind]
     baseline = analyze_image(img).free
@@ -282,7 +285,7 @@ def test_corruption_never_frees_used_blocks(kind, which, pos, nbytes, seed, fuzz
     off = a + pos % (b - a)
     chunk = rng.bytes(nbytes)
     data[off:off + nbytes] = chunk[: max(0, min(nbytes, len(data) - off))]
-    bad = tmp_path_factory.mktemp("bad") / "bad.img"
+    bad = tmp_path / "bad.img"
     bad.write_bytes(bytes(data))
     t0 = time.monotonic()
     u = analyze_image(bad)

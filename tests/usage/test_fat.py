@@ -237,12 +237,12 @@ def fuzz_images(tmp_path_factory):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(bits=st.sampled_from([12, 16, 32]), which=st.integers(0, 100), pos=st.integers(0, 1 << 20),
        nbytes=st.integers(1, 8), seed=st.integers(0, 2**32 - 1))
-def test_corruption_never_frees_used_clusters(fuzz_images, tmp_path_factory, bits, which, pos, nbytes, seed):
+def test_corruption_never_frees_used_clusters(fuzz_images, tmp_path, bits, which, pos, nbytes, seed):
     img, baseline, regions = fuzz_images[bits]
     # the boot sector is fuzzed most: it decides where every cluster lies
     a, b = regions[0] if which < 50 else regions[which % len(regions)]
     off = a + pos % (b - a)
-    bad = corrupt(img, tmp_path_factory.mktemp("bad") / "bad.img", off,
+    bad = corrupt(img, tmp_path / "bad.img", off,
                   np.random.default_rng(seed).bytes(nbytes)[: b - off])
     t0 = time.monotonic()
     u = analyze_path(bad)

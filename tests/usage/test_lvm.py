@@ -415,11 +415,11 @@ def lvm_fuzz_base(tmp_path_factory):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(which=st.integers(0, 4), pos=st.integers(0, 1 << 20), nbytes=st.integers(1, 8), seed=st.integers(0, 2**32 - 1))
-def test_corrupt_lvm_metadata_never_frees_more(lvm_fuzz_base, tmp_path_factory, which, pos, nbytes, seed):
+def test_corrupt_lvm_metadata_never_frees_more(lvm_fuzz_base, tmp_path, which, pos, nbytes, seed):
     pvf, baseline, regions = lvm_fuzz_base
     a, b = regions[which % len(regions)]
     off = a + pos % (b - a)
-    bad = corrupt(pvf, tmp_path_factory.mktemp("bad") / "bad.img", off, np.random.default_rng(seed).bytes(nbytes))
+    bad = corrupt(pvf, tmp_path / "bad.img", off, np.random.default_rng(seed).bytes(nbytes))
     t0 = time.monotonic()
     u = analyze_path(bad)
     assert time.monotonic() - t0 < 10

@@ -127,10 +127,12 @@ def ntfs_layouts(draw):
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(layout=ntfs_layouts())
-def test_random_ntfs_layouts(tmp_path_factory, layout):
+def test_random_ntfs_layouts(tmp_path, layout):
     """Random geometry and trees, written through ntfs-3g (holes punched or not): vmbak's free
     set is exactly partclone.ntfs's, and its size ntfscluster's."""
-    tmp = tmp_path_factory.mktemp("ntfsrand")
+    tmp = tmp_path / "example"  # one directory reused by every example: they would pile up
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     tree = tmp / "tree"
     tree.mkdir()
     make_files(tree, layout["seed"], layout["nfiles"], layout["max_size"], small=layout["small"],
@@ -228,11 +230,11 @@ def damaged_base(ntfs_images):
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(which=st.integers(0, 1000), pos=st.integers(0, 1 << 20), nbytes=st.integers(1, 8),
        seed=st.integers(0, 2**32 - 1))
-def test_corruption_never_frees_used_clusters(damaged_base, tmp_path_factory, which, pos, nbytes, seed):
+def test_corruption_never_frees_used_clusters(damaged_base, tmp_path, which, pos, nbytes, seed):
     img, baseline, regions, _g = damaged_base
     a, b = regions[which % len(regions)]
     off = a + pos % (b - a)
-    bad = corrupt(img, tmp_path_factory.mktemp("bad") / "bad.img", off,
+    bad = corrupt(img, tmp_path / "bad.img", off,
                   np.random.default_rng(seed).bytes(nbytes)[: b - off])
     t0 = time.monotonic()
     u = analyze_path(bad)

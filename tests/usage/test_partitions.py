@@ -56,7 +56,7 @@ def test_gpt_primary_damaged_uses_backup(gpt_disk, tmp_path, analyze_image):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(where=st.sampled_from(["mbr", "gpt-header", "gpt-entries", "backup"]), pos=st.integers(0, 1 << 16),
        nbytes=st.integers(1, 16), seed=st.integers(0, 2**32 - 1), both=st.booleans())
-def test_damaged_tables_never_free_used_blocks(gpt_disk, tmp_path_factory, analyze_image, where, pos, nbytes,
+def test_damaged_tables_never_free_used_blocks(gpt_disk, tmp_path, analyze_image, where, pos, nbytes,
                                                seed, both):
     baseline = analyze_image(gpt_disk).free
     data = bytearray(gpt_disk.read_bytes())
@@ -69,7 +69,7 @@ def test_damaged_tables_never_free_used_blocks(gpt_disk, tmp_path_factory, analy
         off = a + pos % (b - a)
         n = min(nbytes, b - off)
         data[off:off + n] = rng.bytes(n)
-    bad = tmp_path_factory.mktemp("bad") / "bad.img"
+    bad = tmp_path / "bad.img"
     bad.write_bytes(bytes(data))
     u = analyze_image(bad)
     assert total(subtract(u.free, baseline)) == 0, (where, u.notes, [e.notes for e in u.entries])

@@ -178,11 +178,13 @@ def xfs_layouts(draw):
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(layout=xfs_layouts())
-def test_random_xfs_layouts(tmp_path_factory, layout):
+def test_random_xfs_layouts(tmp_path, layout):
     """Random geometry, features and trees (holes punched on v5 through a loop mount, on v4
     offline): nothing partclone.xfs or xfs_db calls used is free, and the only blocks they call
     free that vmbak does not are those on the AG free lists."""
-    tmp = tmp_path_factory.mktemp("xfsrand")
+    tmp = tmp_path / "example"  # one directory reused by every example: they would pile up
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     tree = tmp / "tree"
     tree.mkdir()
     files = make_files(tree, layout["seed"], layout["nfiles"], layout["max_size"], small=layout["small"],
@@ -307,11 +309,11 @@ def damaged_bases(xfs_images):
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(variant=st.sampled_from(["v4-512-deep", "v5-1k-deep"]), which=st.integers(0, 1000),
        pos=st.integers(0, 1 << 20), nbytes=st.integers(1, 8), seed=st.integers(0, 2**32 - 1))
-def test_corruption_never_frees_used_blocks(damaged_bases, tmp_path_factory, variant, which, pos, nbytes, seed):
+def test_corruption_never_frees_used_blocks(damaged_bases, tmp_path, variant, which, pos, nbytes, seed):
     img, baseline, regions = damaged_bases[variant]
     a, b = regions[which % len(regions)]
     off = a + pos % (b - a)
-    bad = corrupt(img, tmp_path_factory.mktemp("bad") / "bad.img", off,
+    bad = corrupt(img, tmp_path / "bad.img", off,
                   np.random.default_rng(seed).bytes(nbytes)[: b - off])
     t0 = time.monotonic()
     u = analyze_path(bad)
