@@ -9,6 +9,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,56 @@ def test_extract_keeps_mode_mtime_and_symlinks(disks, tmp_path):
     # extracting again writes nothing over what is there
     r2 = repo.json("extract", sid, "/p1/hello.txt", "--target", tmp_path / "o" / "p1")
     assert r2["files"] == 0 and r2["skipped"][0]["reason"] == "already exists"
+
+
+def test_mount_shows_the_file_trees(disks, tmp_path):
+    """vmbak mount's files/: every partition's files byte-identical, symlinks, read-only
+    modes and mtimes as ls reports them, for ext4, XFS, NTFS and FAT."""
+    repo, out, _ = disks
+    lib = repo.open()
+    for disk in ("gpt", "mbr"):
+        sid, parts = out[disk]
+        mp = tmp_path / disk
+        mp.mkdir()
+        info = repo.json("mount", sid, mp, "--background")
+        try:
+            root = Path(info["files"])
+            assert sorted(os.listdir(mp)) == ["files", f"{disk}.raw"]
+            assert sorted(os.listdir(root)) == sorted(parts)
+            files = SnapshotFiles(SnapshotView(lib, lib.load_manifest(sid)))
+            for part, tree in parts.items():
+                seen = set()
+                for dirpath, _dirs, names in os.walk(root / part):
+                    for n in names:
+                        full = Path(dirpath) / n
+                        if not full.is_symlink():
+                            seen.add(str(full.relative_to(root / part)))
+                want = {rel for rel in tree}
+                # FAT stores upper-case short names for these; compare case-insensitively there
+                norm = (lambda x: {v.lower() for v in x}) if part == "p2" and disk == "mbr" else set
+                assert norm(want) <= norm(seen), (disk, part, sorted(norm(want) - norm(seen)))
+                for rel, content in tree.items():
+                    assert (root / part / rel).read_bytes() == content, f"{disk} /{part}/{rel}"
+                    _, _, node, _ = files.resolve(f"/{part}/{rel}")
+                    st = os.stat(root / part / rel)
+                    assert st.st_size == len(content) and st.st_mtime_ns == node.mtime_ns
+                    assert stat.S_IMODE(st.st_mode) == (node.mode & 0o555) | 0o400
+            if disk == "gpt":
+                assert os.readlink(root / "p1" / "link-abs") == "/etc/passwd"
+                assert (root / "p1" / "link-rel").read_bytes() == parts["p1"]["etc/config.ini"]
+                assert stat.S_IMODE(os.stat(root / "p2" / "etc" / "config.ini").st_mode) == 0o440
+            with pytest.raises(OSError):
+                open(root / "p1" / "hello.txt", "r+b").close()  # noqa: SIM115
+            with pytest.raises(OSError):
+                (root / "p1" / "new").write_bytes(b"x")
+            with pytest.raises(FileNotFoundError):
+                (root / "p1" / "no-such-file").read_bytes()
+        finally:
+            subprocess.run(["fusermount3", "-u", mp], check=False)
+            end = time.monotonic() + 10
+            while os.path.ismount(mp) and time.monotonic() < end:
+                time.sleep(0.05)
+            assert not os.path.ismount(mp)
 
 
 def test_hostile_names_never_escape_the_target(make_ext4, debugfs, repo, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
 import hashlib
 import json
 import os
@@ -50,7 +51,14 @@ def test_mount_shows_the_disk_and_unmounts_cleanly(repo, make_disk, tmp_path, as
     try:
         info = json.loads(p.stdout.readline())
         assert info["mountpoint"] == str(mp) and os.path.ismount(mp)
-        assert os.listdir(mp) == ["vm.raw"]
+        assert sorted(os.listdir(mp)) == ["files", "vm.raw"]
+        # random bytes hold no filesystem: the volume is listed, reading into it is EIO
+        assert os.listdir(mp / "files") == ["disk"]
+        try:
+            os.listdir(mp / "files" / "disk")
+            raise AssertionError("a disk without a filesystem has no file tree")
+        except OSError as e:
+            assert e.errno == errno.EIO
         f = mp / "vm.raw"
         st = f.stat()
         assert st.st_size == len(want) and st.st_mode & 0o777 == 0o444
@@ -82,6 +90,7 @@ def test_mount_shows_the_disk_and_unmounts_cleanly(repo, make_disk, tmp_path, as
         run("fusermount3", "-u", mp)
         _, err = p.communicate(timeout=30)
         assert p.returncode == 0 and "Traceback" not in err, err
+        assert "vmbak: error:" in err and "/disk" in err, err  # the EIO above, named
         assert not os.path.ismount(mp)
     finally:
         if p.poll() is None:

@@ -29,7 +29,8 @@ EXTRACT_EPILOG = """examples:
 MOUNT_EPILOG = """examples:
   vmbak mount web:latest /mnt/web            # foreground; Ctrl-C, SIGTERM or fusermount3 -u unmounts
   vmbak mount web:latest /mnt/web --background
-  ls -l /mnt/web                             # web.raw: the disk, read-only
+  ls -l /mnt/web                             # web.raw: the disk, read-only; files/: the file trees
+  cp /mnt/web/files/p1/etc/fstab .           # one directory per partition, as in vmbak ls
   fusermount3 -u /mnt/web
 """
 
@@ -74,10 +75,12 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     _add_cache(p)
     p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("mount", parents=[parent], help="mount a snapshot's disk as a read-only file (FUSE)",
+    p = sub.add_parser("mount", parents=[parent], help="mount a snapshot's disk and files read-only (FUSE)",
                        description="Mount a FUSE filesystem at MOUNTPOINT that shows the disk of the snapshot "
                        "as a read-only raw file NAME.raw (sparse: holes read as zeros without fetching "
-                       "anything). Use it with losetup -r, qemu-img, or any tool that reads images. Runs in the "
+                       "anything), for losetup -r, qemu-img or any tool that reads images, and the files "
+                       "inside it under files/ (one directory per partition or logical volume, as vmbak ls "
+                       "shows them; only the chunks a read needs are fetched). Runs in the "
                        "foreground until unmounted (fusermount3 -u MOUNTPOINT), SIGTERM or SIGINT; "
                        "--background returns once it is mounted.",
                        epilog=MOUNT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,7 +1,10 @@
 """``vmbak mount``: a FUSE filesystem (pyfuse3, libfuse 3) showing a snapshot's disk as a
-read-only raw file, read through a SnapshotView.
+read-only raw file, read through a SnapshotView, and the file trees inside it under
+``files/`` (the same tree as ``vmbak ls``: one directory per partition or logical volume).
 
-Reads run in worker threads (the view is thread-safe), so several readers proceed at once.
+Disk reads run in worker threads (the view is thread-safe), so several readers proceed at
+once. The filesystem parsers are not thread-safe: everything under ``files/`` runs in
+worker threads too, but one at a time, behind one lock.
 The mount ends when it is unmounted (``fusermount3 -u``), or on SIGTERM/SIGINT, which
 unmount it cleanly.
 """
@@ -15,15 +18,22 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO, TypeVar
 
 from vmbak.engine.view import SnapshotView
 from vmbak.errors import VmbakError
 from vmbak.repo.manifest import Manifest
 from vmbak.repo.repository import Repository
+from vmbak.serve.files import Node, SnapshotFiles
 
 DISK_INODE = 2
+FILES_INODE = 3
+FIRST_TREE_INODE = 16
+FILES_DIR = b"files"
+T = TypeVar("T")
 
 
 def _safe_file_name(name: str) -> str:
@@ -42,9 +52,92 @@ def _check_mountpoint(mountpoint: str) -> str:
     return mp
 
 
+class _Trees:
+    """The ``files/`` side of the mount: inode numbers for paths of a SnapshotFiles, listings,
+    open files. Every call runs under one lock (the dissect parsers share state)."""
+
+    def __init__(self, view: SnapshotView) -> None:
+        self.view = view
+        self.lock = threading.Lock()
+        self._files: SnapshotFiles | None = None
+        self.paths: dict[int, tuple[str, Node]] = {FILES_INODE: ("/", Node("files", "dir", 0, 0o555))}
+        self.inodes: dict[str, int] = {"/": FILES_INODE}
+        self.listings: dict[int, list[tuple[bytes, int]]] = {}
+        self.open_files: dict[int, BinaryIO] = {}
+        self._next_fh = 1
+
+    @property
+    def files(self) -> SnapshotFiles:
+        if self._files is None:
+            self._files = SnapshotFiles(self.view)
+        return self._files
+
+    def inode(self, path: str, node: Node) -> int:
+        ino = self.inodes.get(path)
+        if ino is None:
+            ino = self.inodes[path] = FIRST_TREE_INODE + len(self.inodes)
+        self.paths[ino] = (path, node)
+        return ino
+
+    def listing(self, ino: int) -> list[tuple[bytes, int]]:
+        """(name, inode) of a directory's entries; special files (devices, fifos) are left out."""
+        got = self.listings.get(ino)
+        if got is None:
+            path, _node = self.paths[ino]
+            _n, entries = self.files.listdir(path)
+            got = [(os.fsencode(n.name), self.inode(p, n)) for p, n in entries if n.kind != "other"]
+            self.listings[ino] = got
+        return got
+
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        for n, ino in self.listing(parent):
+            if n == name:
+                return ino
+        return None
+
+    def open(self, ino: int) -> int:
+        path, _node = self.paths[ino]
+        _n, f = self.files.open(path)
+        fh = self._next_fh
+        self._next_fh += 1
+        self.open_files[fh] = f
+        return fh
+
+    def read(self, fh: int, off: int, size: int) -> bytes:
+        f = self.open_files[fh]
+        f.seek(off)
+        return f.read(size)
+
+    def release(self, fh: int) -> None:
+        f = self.open_files.pop(fh, None)
+        if f is not None:
+            f.close()
+
+    def locked(self, fn: Callable[..., T], *args: Any) -> T:
+        with self.lock:
+            return fn(*args)
+
+
 def _operations(view: SnapshotView, file_name: str, mtime_ns: int) -> Any:
     import pyfuse3
     import trio
+
+    trees = _Trees(view)
+
+    def fail(e: Exception, code: int = errno.EIO) -> Exception:
+        print(f"vmbak: error: {e}", file=sys.stderr, flush=True)
+        return pyfuse3.FUSEError(code)
+
+    async def in_tree(fn: Callable[..., T], *args: Any) -> T:
+        """Run a files/ operation in a worker thread; errors become EIO with one line on stderr."""
+        try:
+            return await trio.to_thread.run_sync(trees.locked, fn, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except VmbakError as e:  # BrowseError included: the path is named in the message
+            raise fail(e) from None
+        except Exception as e:  # noqa: BLE001 - a parser tripping on damaged metadata
+            raise fail(VmbakError(f"{type(e).__name__}: {e}")) from None
 
     class Ops(pyfuse3.Operations):
         def __init__(self) -> None:
@@ -58,15 +151,27 @@ def _operations(view: SnapshotView, file_name: str, mtime_ns: int) -> Any:
             a.st_gid = os.getgid()
             a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = mtime_ns
             a.entry_timeout = a.attr_timeout = 3600
-            if inode == pyfuse3.ROOT_INODE:
+            a.st_blksize = 65536
+            if inode in (pyfuse3.ROOT_INODE, FILES_INODE):
                 a.st_mode = stat.S_IFDIR | 0o555
                 a.st_nlink = 2
             elif inode == DISK_INODE:
                 a.st_mode = stat.S_IFREG | 0o444
                 a.st_nlink = 1
                 a.st_size = view.size
-                a.st_blksize = 65536
                 a.st_blocks = (view.data_bytes + 511) // 512
+            elif inode in trees.paths:
+                _path, node = trees.paths[inode]
+                kind = {"dir": stat.S_IFDIR, "symlink": stat.S_IFLNK}.get(node.kind, stat.S_IFREG)
+                # read-only: the backup's permission bits without write, setuid and setgid bits,
+                # and always readable (directories searchable) by the user who mounted it
+                perm = (node.mode & 0o555) | (0o500 if node.kind == "dir" else 0o400)
+                a.st_mode = kind | (perm if node.kind != "symlink" else 0o777)
+                a.st_nlink = 2 if node.kind == "dir" else 1
+                a.st_size = len(os.fsencode(node.target or "")) if node.kind == "symlink" else node.size
+                a.st_blocks = (a.st_size + 511) // 512
+                if node.mtime_ns:
+                    a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = node.mtime_ns
             else:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             return a
@@ -75,42 +180,79 @@ def _operations(view: SnapshotView, file_name: str, mtime_ns: int) -> Any:
             return self._attr(inode)
 
         async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
-            if parent_inode != pyfuse3.ROOT_INODE:
+            if name == b".":
+                return self._attr(parent_inode)
+            if parent_inode == pyfuse3.ROOT_INODE:
+                if name == self.name:
+                    return self._attr(DISK_INODE)
+                if name == FILES_DIR:
+                    return self._attr(FILES_INODE)
+                if name == b"..":
+                    return self._attr(pyfuse3.ROOT_INODE)
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            if parent_inode not in trees.paths:
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
-            if name == self.name:
-                return self._attr(DISK_INODE)
-            if name in (b".", b".."):
-                return self._attr(pyfuse3.ROOT_INODE)
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            ino = await in_tree(trees.lookup, parent_inode, name)
+            if ino is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._attr(ino)
+
+        async def readlink(self, inode: int, ctx: Any) -> bytes:
+            node = trees.paths.get(inode, ("", None))[1]
+            if node is None or node.kind != "symlink":
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            return os.fsencode(node.target or "")
 
         async def opendir(self, inode: int, ctx: Any) -> int:
-            if inode != pyfuse3.ROOT_INODE:
+            if inode == pyfuse3.ROOT_INODE:
+                return inode
+            node = trees.paths.get(inode, ("", None))[1]
+            if node is None or node.kind != "dir":
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
+            await in_tree(trees.listing, inode)  # errors surface at opendir, not halfway
             return inode
 
         async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-            if start_id == 0:
-                pyfuse3.readdir_reply(token, self.name, self._attr(DISK_INODE), 1)
+            if fh == pyfuse3.ROOT_INODE:
+                entries = [(self.name, DISK_INODE), (FILES_DIR, FILES_INODE)]
+            else:
+                entries = await in_tree(trees.listing, fh)
+            for i in range(start_id, len(entries)):
+                name, ino = entries[i]
+                if not pyfuse3.readdir_reply(token, name, self._attr(ino), i + 1):
+                    break
 
         async def open(self, inode: int, flags: int, ctx: Any) -> Any:
-            if inode != DISK_INODE:
-                raise pyfuse3.FUSEError(errno.EISDIR if inode == pyfuse3.ROOT_INODE else errno.ENOENT)
             if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
                 raise pyfuse3.FUSEError(errno.EROFS)
-            return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+            if inode == DISK_INODE:
+                return pyfuse3.FileInfo(fh=0, keep_cache=True)
+            node = trees.paths.get(inode, ("", None))[1]
+            if node is None or inode in (pyfuse3.ROOT_INODE, FILES_INODE):
+                raise pyfuse3.FUSEError(errno.EISDIR if inode in (pyfuse3.ROOT_INODE, FILES_INODE)
+                                        else errno.ENOENT)
+            if node.kind == "dir":
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            fh = await in_tree(trees.open, inode)
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
         async def read(self, fh: int, off: int, size: int) -> bytes:
+            if fh:
+                return await in_tree(trees.read, fh, off, size)
             try:
                 return await trio.to_thread.run_sync(view.pread, size, off)
             except VmbakError as e:
-                print(f"vmbak: error: {e}", file=sys.stderr, flush=True)
-                raise pyfuse3.FUSEError(errno.EIO) from None
+                raise fail(e) from None
+
+        async def release(self, fh: int) -> None:
+            if fh:
+                await in_tree(trees.release, fh)
 
         async def statfs(self, ctx: Any) -> Any:
             s = pyfuse3.StatvfsData()
             s.f_bsize = s.f_frsize = 65536
             s.f_blocks = (view.size + 65535) // 65536
-            s.f_files = 2
+            s.f_files = 2 + len(trees.paths)
             s.f_namemax = 255
             return s
 
@@ -136,13 +278,15 @@ def mount_foreground(repo: Repository, snapshot: Manifest, mountpoint: str, *, c
         pyfuse3.init(ops, mp, options)
     except RuntimeError as e:
         raise VmbakError(f"cannot mount at {mp}: {e}") from None
-    info = {"mountpoint": mp, "file": os.path.join(mp, name), "snapshot": snapshot.id,
+    info = {"mountpoint": mp, "file": os.path.join(mp, name), "files": os.path.join(mp, "files"),
+            "snapshot": snapshot.id,
             "short_id": snapshot.short_id, "name": snapshot.name, "disk_size": snapshot.disk_size,
             "pid": os.getpid()}
     if json_out:
         print(json.dumps(info, sort_keys=True), flush=True)
     elif not quiet:
-        print(f"vmbak: mounted snapshot {snapshot.short_id} ({snapshot.name}) at {mp}: {info['file']}; "
+        print(f"vmbak: mounted snapshot {snapshot.short_id} ({snapshot.name}) at {mp}: {info['file']}, "
+              f"file trees under {info['files']}; "
               f"unmount with fusermount3 -u {mp} or Ctrl-C", file=sys.stderr, flush=True)
 
     async def run() -> None:
