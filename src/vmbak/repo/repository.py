@@ -454,12 +454,12 @@ class Repository:
 
 class ChunkWriter:
     """Collects new chunks into packs; full packs are written, flushed to stable storage
-    and moved into place by a background thread, so the pipeline never waits on fsync.
+    and moved into place by background threads, so the pipeline never waits on fsync or
+    on an upload. A backend's ``pack_writers`` (1 locally; several for object storage,
+    where each upload waits on the network) sets how many packs go out at once.
 
     Only the thread that owns it calls ``add``/``flush``; ``has`` may be called from any.
     """
-
-    MAX_INFLIGHT_PACKS = 2
 
     def __init__(self, repo: Repository) -> None:
         self.repo = repo
@@ -471,7 +471,9 @@ class ChunkWriter:
         self._blobs: list[bytes] = []
         self._meta: list[tuple[bytes, int]] = []
         self._bytes = 0
-        self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="vmbak-pack")
+        writers = max(1, int(getattr(repo.backend, "pack_writers", 1)))
+        self._max_inflight = writers + 1  # one more waits its turn, so a writer never idles
+        self._pool = cf.ThreadPoolExecutor(writers, thread_name_prefix="vmbak-pack")
         self._inflight: collections.deque[tuple[cf.Future, list[bytes]]] = collections.deque()
 
     def has(self, chunk_id: bytes) -> bool:
@@ -502,6 +504,7 @@ class ChunkWriter:
                 pw.pad(os.urandom(16))
             for blob, (cid, raw) in zip(blobs, meta, strict=True):
                 pw.add(cid, blob, raw)
+            blobs.clear()  # in the temp file now: no need to hold them in memory during the upload
             return pw.finish()
         except BaseException:
             pw.abandon()
@@ -514,7 +517,7 @@ class ChunkWriter:
         self._blobs, self._meta, self._bytes = [], [], 0
         fut = self._pool.submit(self._write_pack, blobs, meta)
         self._inflight.append((fut, [cid for cid, _ in meta]))
-        while len(self._inflight) > self.MAX_INFLIGHT_PACKS:
+        while len(self._inflight) > self._max_inflight:
             self._reap(block=True, limit=1)
 
     def _reap(self, block: bool, limit: int | None = None) -> None:

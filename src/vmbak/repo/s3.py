@@ -15,9 +15,11 @@ Every request is retried with exponential backoff and jitter on throttling (Slow
 503, 429), other 5xx answers, connection errors, timeouts and truncated bodies (a body
 shorter than its Content-Length, or than the range asked for). A PUT is atomic, so
 ``write`` is too; bodies carry Content-MD5, so the server refuses a damaged upload.
-Large files (packs) go up as multipart uploads with several parts at once.
+Large files (packs) go up as multipart uploads with several parts at once, and a backup
+uploads several packs at once.
 
 Tuning (environment): ``VMBAK_S3_CONCURRENCY`` (parts uploaded at once, default 4),
+``VMBAK_S3_UPLOADS`` (packs a backup uploads at once, default 2),
 ``VMBAK_S3_PART_SIZE`` (default 8 MiB), ``VMBAK_S3_MULTIPART_THRESHOLD`` (default 16 MiB),
 ``VMBAK_S3_READ_WINDOW`` (chunks are read from packs through aligned windows of this
 size, default 8 MiB, 8 kept), ``VMBAK_S3_RETRIES`` (attempts per request, default 10), ``VMBAK_S3_RETRY_DELAY`` (first
@@ -143,6 +145,7 @@ class S3Backend:
         self.bucket = self.loc.bucket
         self.prefix = self.loc.prefix
         self.concurrency = _env_int("VMBAK_S3_CONCURRENCY", 4, 1)
+        self.pack_writers = _env_int("VMBAK_S3_UPLOADS", 2, 1)  # read by ChunkWriter
         self.part_size = _env_int("VMBAK_S3_PART_SIZE", 8 * MiB, 5 * MiB)
         self.multipart_threshold = _env_int("VMBAK_S3_MULTIPART_THRESHOLD", 16 * MiB, 5 * MiB)
         self.attempts = _env_int("VMBAK_S3_RETRIES", 10, 1)
