@@ -4,9 +4,10 @@ On the foundation benchmark's 4 GiB ext4 image (bench/bench_foundation.py builds
 WORKDIR/images/v1.raw), backed up once into WORKDIR/serve/repo (kept between runs while the
 image is unchanged; AES-256-GCM, zstd level 1, 1 MiB chunks, as the foundation benchmark):
 
-a. **extract**: ``vmbak extract bench:latest /disk/PATH --json`` of the largest file in the
-   filesystem (the image holds no file of 100 MiB or more: its largest, about 48 MiB, is
-   used, and the report says so). Measured: the stored bytes extract fetched from the
+a. **extract**: ``vmbak extract bench:latest /disk/PATH --json`` of a 100 MiB file. The
+   foundation image holds no file that large (its largest is about 48 MiB), so the backed-up
+   disk is a copy of v1.raw with one 100 MiB file of random bytes added offline by
+   ``debugfs write`` (BIG_FILE). Measured: the stored bytes extract fetched from the
    repository (``repository_bytes_read``: the view's fetch statistics) against the stored
    bytes of *that file's chunks*, computed independently of the view: ``debugfs -R
    "blocks PATH"`` lists the file's filesystem blocks, each run of blocks becomes a byte
@@ -65,26 +66,35 @@ from bench_foundation import (  # noqa: E402  (the shared harness of the foundat
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 TARGET_FILE = 100 * MIB
+BIG_FILE = "/bench-100MiB.bin"  # added to the copy of v1.raw that is backed up
 TARGET_RATIO = 1.10
 
 
 # ---------------------------------------------------------------------------- the repository
-def prepare_repo(vmbak: str, env: dict[str, str], work: Path, v1: Path, meta: dict[str, Any]) -> tuple[Path, str]:
-    """WORKDIR/serve/repo holding one backup of v1.raw (made again only if the image changed)."""
+def prepare_repo(vmbak: str, env: dict[str, str], work: Path, v1: Path,
+                 meta: dict[str, Any]) -> tuple[Path, str, Path]:
+    """WORKDIR/serve/repo holding one backup of WORKDIR/serve/disk/disk.raw, a copy of v1.raw
+    with BIG_FILE added (both made again only if the image changed); (repo, snapshot, disk)."""
     repo, key_path = work / "repo", work / "repo.json"
-    key = {"v1_sha256": meta.get("v1_sha256"), "size": v1.stat().st_size, "mtime_ns": v1.stat().st_mtime_ns}
-    if repo.exists() and key_path.exists():
+    disk = work / "disk" / "disk.raw"
+    key = {"v1_sha256": meta.get("v1_sha256"), "size": v1.stat().st_size, "mtime_ns": v1.stat().st_mtime_ns,
+           "big_file": [BIG_FILE, TARGET_FILE]}
+    if repo.exists() and key_path.exists() and disk.exists():
         saved = json.loads(key_path.read_text())
         if saved.get("key") == key:
             say(f"using the cached backup in {repo}")
-            return repo, saved["snapshot"]
+            return repo, saved["snapshot"], disk
     shutil.rmtree(repo, ignore_errors=True)
     key_path.unlink(missing_ok=True)
-    disk = work / "disk" / "disk.raw"  # a hard link: the backed-up name stays the same
     shutil.rmtree(disk.parent, ignore_errors=True)
     disk.parent.mkdir(parents=True)
-    os.link(v1, disk)
-    say(f"backing up {v1} into {repo} ...")
+    say(f"copying {v1} and adding a {TARGET_FILE // MIB} MiB file ...")
+    run_quiet(["cp", "--sparse=always", str(v1), str(disk)])
+    src = disk.parent / "big.bin"
+    src.write_bytes(np.random.default_rng(100).bytes(TARGET_FILE))
+    run_quiet(["debugfs", "-w", "-R", f"write {src} {BIG_FILE}", str(disk)])
+    src.unlink()
+    say(f"backing up {disk} into {repo} ...")
     subprocess.run([vmbak, "-r", str(repo), "init"], env=env, check=True, capture_output=True)
     t0 = time.perf_counter()
     p = subprocess.run([vmbak, "-r", str(repo), "--json", "backup", str(disk), "--name", NAME], env=env,
@@ -92,7 +102,7 @@ def prepare_repo(vmbak: str, env: dict[str, str], work: Path, v1: Path, meta: di
     sid = json.loads(p.stdout)["id"]
     say(f"  backup {sid[:8]} in {time.perf_counter() - t0:.1f} s")
     key_path.write_text(json.dumps({"key": key, "snapshot": sid}))
-    return repo, sid
+    return repo, sid, disk
 
 
 # ---------------------------------------------------------------------------- the file and its chunks
@@ -348,16 +358,16 @@ def main(argv: list[str] | None = None) -> int:
     work = workdir / "serve"
     work.mkdir(parents=True, exist_ok=True)
     env = make_tools(args.vmbak, workdir)["vmbak"].env
-    repo, sid = prepare_repo(args.vmbak, env, work, v1, meta)
+    repo, sid, image = prepare_repo(args.vmbak, env, work, v1, meta)
 
-    files = list_files(v1)
+    files = list_files(image)
     path, size, big_enough = pick_file(files)
     say(f"file: {path} ({size / MIB:.1f} MiB)" + ("" if big_enough else
         f"; no file in the image is >= 100 MiB, this is the largest of {len(files)}"))
-    ranges = file_ranges(v1, path, size, int(meta.get("fs_block_size", 4096)))
+    ranges = file_ranges(image, path, size, int(meta.get("fs_block_size", 4096)))
     chunks = file_chunks(repo, sid, ranges)
     say(f"  {len(ranges)} block runs; {chunks['chunks']} chunks, {chunks['stored_bytes'] / MIB:.1f} MiB stored")
-    expect = image_file_bytes(v1, ranges, size)
+    expect = image_file_bytes(image, ranges, size)
     offsets = data_offsets(repo, sid, args.reads, seed=6)
 
     ex: list[Measure] = []
@@ -385,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     data = meta.get("v1_fs_used_bytes", 0)
     lines = [
         f"Medians of {args.runs} runs, {os.cpu_count()} CPUs, warm page cache; 4 GiB image, "
-        f"{data / 2**30:.2f} GiB used by ext4; AES-256-GCM, zstd 1, 1 MiB chunks.",
+        f"{data / 2**30:.2f} GiB used by ext4 plus the {TARGET_FILE // MIB} MiB file added; "
+        "AES-256-GCM, zstd 1, 1 MiB chunks.",
         "",
         f"Extract of {path} ({size / MIB:.1f} MiB" + (")" if big_enough else
                                                       "; the largest file: none is >= 100 MiB)"),
