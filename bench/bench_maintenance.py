@@ -64,9 +64,6 @@ def env_for(repo: Path) -> dict[str, str]:
 
 
 def run(m: Measure, cmd: list[str], repo: Path, log: Path) -> Measure:
-    # Write back what earlier steps left dirty first, so that no step is charged for the
-    # writeback of another's gigabytes (the restore right after a backup was, by up to 60%).
-    os.sync()
     measured(m, cmd, env_for(repo), log, repo=repo)
     if m.rc != 0:
         raise SystemExit(f"failed: {m.cmd}: {m.error}")

@@ -20,28 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fatlvm_util import tool
+from fatlvm_util import analyze_path, garbage_file, partclone_free, tool
 
-from vmbak.disks.raw import RawDisk
-from vmbak.usage import DiskUsage, analyze
+from vmbak.usage import DiskUsage
 from vmbak.usage.model import normalize, subtract, total
-
-
-def partclone_free(fs: str, image: str | os.PathLike[str], offset: int = 0) -> np.ndarray:
-    dom = f"{os.fspath(image)}.{os.getpid()}.dom"
-    try:
-        subprocess.run([tool(f"partclone.{fs}"), "-D", "-q", "-s", os.fspath(image), "-o", dom],
-                       check=True, capture_output=True)
-        free = []
-        for line in Path(dom).read_text().splitlines():
-            parts = line.split()
-            if len(parts) == 3 and parts[0].startswith("0x") and parts[2] == "?":
-                pos, size = int(parts[0], 16), int(parts[1], 16)
-                free.append((pos + offset, pos + size + offset))
-        return normalize(np.array(free, np.int64).reshape(-1, 2))
-    finally:
-        if os.path.exists(dom):
-            os.unlink(dom)
 
 
 def dumpe2fs_free(image: str | os.PathLike[str], offset: int = 0) -> np.ndarray:
@@ -71,13 +53,7 @@ def check_free_subset(ours: np.ndarray, oracle: np.ndarray, slack: int) -> int:
 
 
 def build_ext_image(path: Path, size: int, mkfs_args: list[str], files_root: Path | None, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 8 << 20)
-            f.write(rng.bytes(n))
-            left -= n
+    garbage_file(path, size, seed)
     cmd = [tool("mke2fs"), "-q", "-F", "-E", "nodiscard", *mkfs_args]
     if files_root is not None:
         cmd += ["-d", os.fspath(files_root)]
@@ -116,10 +92,7 @@ def assert_free_subset() -> Callable[..., int]:
 
 @pytest.fixture
 def analyze_image() -> Callable[[str | os.PathLike[str]], DiskUsage]:
-    def _analyze(path: str | os.PathLike[str]) -> DiskUsage:
-        with RawDisk(path) as d:
-            return analyze(d)
-    return _analyze
+    return analyze_path
 
 
 @pytest.fixture

@@ -80,7 +80,7 @@ def make_files(root: Path, seed: int, nfiles: int = 10, max_size: int = 300_000,
 
 
 def read_tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def check_subset(ours: np.ndarray, oracle: np.ndarray) -> int:

@@ -37,6 +37,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vmbak.disks.raw import RawDisk
+from vmbak.usage import fat as fatmod
 from vmbak.usage import lvm as lvmmod
 from vmbak.usage.model import Volume, normalize, subtract, total
 
@@ -126,11 +127,8 @@ def test_lvm_on_mbr_backup_restore(tmp_path, make_repo, build_ext, file_tree, or
     oracle_root = _map_free(oracle_dumpe2fs(ext), layout["root"], p2)
     used, count = fsck_fat_counts(fat)
     with RawDisk(fat) as d:
-        from vmbak.usage import fat as fatmod
         geo = fatmod.parse_boot_sector(Volume.linear(d, 0, d.size))
-    from vmbak.usage import analyze
-    with RawDisk(fat) as d:
-        fat_free = analyze(d).free
+    fat_free = analyze_path(fat).free
     assert total(fat_free) == (count - used) * geo.cluster_size
     oracle_data = _map_free(fat_free, layout["data"], p2)
     lv_free = subtract(u.free, np.array([[0, p2]], np.int64))

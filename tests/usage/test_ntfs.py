@@ -15,19 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fatlvm_util import analyze_path, corrupt, garbage_file, partclone_free, read_tree
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from xfsntfs_util import (
     MiB,
-    analyze_path,
     build_ntfs,
-    corrupt,
-    garbage_file,
     make_files,
     mounted,
     ntfscluster_free_bytes,
-    partclone_free,
-    read_tree,
     run,
     wrongly_free,
 )

@@ -17,19 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fatlvm_util import analyze_path, corrupt, garbage_file, partclone_free, read_tree
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from xfsntfs_util import (
     MiB,
-    analyze_path,
     build_xfs,
-    corrupt,
     delete_every_other,
-    garbage_file,
     make_files,
     mounted,
-    partclone_free,
-    read_tree,
     run,
     wrongly_free,
     xfs_agfl_ranges,

@@ -1,14 +1,16 @@
 """Helpers for the XFS and NTFS usage tests: real images, built by the real tools, and oracles.
 
-* ``garbage_file(path, size, seed)``: a file full of random bytes (free space holds garbage)
 * ``make_files(root, seed, n, ...)`` -> {relative path: content}
 * ``build_xfs(path, size, tree, mkfs_args, seed)``: ``mkfs.xfs -p PROTO`` on a garbage file, no mount
 * ``mounted(img, fstype)``: a loop (XFS) or ntfs-3g FUSE mount, unmounted on exit
 * ``build_ntfs(path, size, tree, mkntfs_args, seed)``: ``mkntfs`` on a garbage file, filled through
   an ntfs-3g FUSE mount
-* ``partclone_free(fs, img)``, ``xfs_db_free(img)``, ``ntfscluster_free_bytes(img)``: oracles
+* ``xfs_db_free(img)``, ``ntfscluster_free_bytes(img)``: oracles
 * ``xfs_agfl_ranges(img)``: byte ranges of the blocks on the AG free lists, from xfs_db
-* ``xfs_db(img, *cmds)``, ``read_tree(root)``, ``corrupt(src, dst, offset, data)``
+* ``xfs_db(img, *cmds)``
+
+``garbage_file``, ``read_tree``, ``partclone_free``, ``analyze_path`` and ``corrupt`` come from
+``fatlvm_util``.
 """
 
 from __future__ import annotations
@@ -23,10 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from fatlvm_util import garbage_file, tool
+from fatlvm_util import garbage_file, read_tree, tool
 
-from vmbak.disks.raw import RawDisk
-from vmbak.usage import DiskUsage, analyze
 from vmbak.usage.model import normalize, subtract, total
 
 MiB = 1 << 20
@@ -59,10 +59,6 @@ def make_files(root: Path, seed: int, n: int, max_size: int, small: int = 0, sma
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data)
     return files
-
-
-def read_tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _protofile(tree: Path, out: Path) -> Path:
@@ -189,39 +185,11 @@ def xfs_agfl_ranges(img: Path) -> np.ndarray:
     return normalize(np.array(ranges, np.int64).reshape(-1, 2))
 
 
-def partclone_free(fs: str, img: Path, offset: int = 0) -> np.ndarray:
-    dom = Path(f"{img}.{os.getpid()}.dom")
-    try:
-        run(f"partclone.{fs}", "-D", "-q", "-s", img, "-o", dom)
-        free = []
-        for line in dom.read_text().splitlines():
-            parts = line.split()
-            if len(parts) == 3 and parts[0].startswith("0x") and parts[2] == "?":
-                pos, size = int(parts[0], 16), int(parts[1], 16)
-                free.append((pos + offset, pos + size + offset))
-        return normalize(np.array(free, np.int64).reshape(-1, 2))
-    finally:
-        dom.unlink(missing_ok=True)
-
-
 def ntfscluster_free_bytes(img: Path) -> int:
     out = run("ntfscluster", "-i", img).stdout
     return int(re.search(r"bytes of free space\s*:\s*(\d+)", out).group(1))
 
 
-def analyze_path(path: Path) -> DiskUsage:
-    with RawDisk(path) as d:
-        return analyze(d)
-
-
 def wrongly_free(ours: np.ndarray, oracle_free: np.ndarray) -> int:
     """Bytes we call free that the oracle calls used (must be 0)."""
     return total(subtract(ours, oracle_free))
-
-
-def corrupt(src: Path, dst: Path, offset: int, data: bytes) -> Path:
-    shutil.copyfile(src, dst)
-    with open(dst, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
-    return dst

@@ -90,7 +90,6 @@ class QmpClient:
         self.path = path
         self.events: list[dict] = []
         self._id = 0
-        self._buf = b""
         # QEMU's monitor serves one client at a time and tears a closed connection down
         # asynchronously: a client that connects just as the previous one leaves can be
         # dropped before the greeting. Such a drop is retried a few times.

@@ -113,7 +113,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         opts = BackupOptions(name=name, mode=args.mode, changes=changes.engine_changes,
                              verify_changes=args.verify_changes, block_size=args.block_size,
                              workers=args.workers, progress=progress(args), log=lg,
-                             source=src.description, skip_unused=args.skip_unused)
+                             skip_unused=args.skip_unused)
         m = sources.run_backup(repo, src, opts, log=lg)
     emit(args, m.summary(), _line(m))
     return 0

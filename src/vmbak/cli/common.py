@@ -6,6 +6,7 @@ import argparse
 import getpass
 import json
 import os
+import subprocess
 import sys
 from typing import Any
 
@@ -80,13 +81,46 @@ def password(args: argparse.Namespace, confirm: bool = False) -> str | None:
     return None
 
 
-def open_repo(args: argparse.Namespace) -> Repository:
+def open_repo_and_password(args: argparse.Namespace) -> tuple[Repository, str | None]:
+    """The repository, and the password it was opened with (for commands that pass it on)."""
     loc = repo_location(args)
     pw = None
     # Only ask for a password when the repository needs one.
     if needs_password(loc):
         pw = password(args)
-    return Repository.open(loc, pw)
+    return Repository.open(loc, pw), pw
+
+
+def open_repo(args: argparse.Namespace) -> Repository:
+    return open_repo_and_password(args)[0]
+
+
+def run_detached(args: argparse.Namespace) -> tuple[subprocess.Popen[str], dict]:
+    """Run this command again without --background, detached, and return it with the JSON
+    line it prints once it is ready. A password asked for here (on a terminal) is passed
+    on, since the detached process has no terminal to ask on. A child that exits before
+    being ready becomes a VmbakError with its last error line."""
+    argv = [a for a in sys.argv[1:] if a != "--background"]
+    if "--json" not in argv:
+        argv.append("--json")
+    env = dict(os.environ)
+    if args.password_file is None and "VMBAK_PASSWORD" not in env and sys.stdin.isatty():
+        pw = password(args)
+        if pw is not None:
+            env["VMBAK_PASSWORD"] = pw
+    proc = subprocess.Popen([sys.executable, "-m", "vmbak.cli.main", *argv], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True,
+                            close_fds=True, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    line = proc.stdout.readline()
+    if not line:
+        err = proc.stderr.read().strip().splitlines()
+        proc.wait()
+        msg = err[-1] if err else f"exit status {proc.returncode}"
+        raise VmbakError(msg.removeprefix("vmbak: error: "))
+    info = json.loads(line)
+    info["pid"] = proc.pid
+    return proc, info
 
 
 def progress(args: argparse.Namespace) -> Progress:

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 
-from vmbak.cli.common import emit, open_repo, parse_size, password
+from vmbak.cli.common import emit, open_repo_and_password, parse_size, run_detached
 from vmbak.engine.common import human
-from vmbak.errors import VmbakError
 
 EPILOG = """examples:
   vmbak serve web:latest --socket /run/vmbak/web.sock          # read-only, Ctrl-C or SIGTERM stops it
@@ -69,9 +66,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _background(args)
     from vmbak.serve.server import Server, serve_forever
 
-    repo = open_repo(args)
+    repo, pw = open_repo_and_password(args)
     m = repo.find(args.snapshot)
-    pw = password(args) if repo.encryption != "none" else None
+    if repo.encryption == "none":
+        pw = None
     server = Server(repo, m, pw, socket=args.socket, tcp=args.tcp, allow_remote=args.allow_remote,
                     writable=args.writable, overlay=args.overlay, qmp=args.qmp, cache_bytes=args.cache_size,
                     threads=args.threads)
@@ -95,27 +93,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _background(args: argparse.Namespace) -> int:
-    argv = [a for a in sys.argv[1:] if a != "--background"]
-    if "--json" not in argv:
-        argv.append("--json")
-    env = dict(os.environ)
-    if args.password_file is None and "VMBAK_PASSWORD" not in env and sys.stdin.isatty():
-        pw = password(args)
-        if pw is not None:
-            env["VMBAK_PASSWORD"] = pw
-    proc = subprocess.Popen([sys.executable, "-m", "vmbak.cli.main", *argv], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True,
-                            close_fds=True, text=True)
+    proc, info = run_detached(args)
     assert proc.stdout is not None and proc.stderr is not None
-    line = proc.stdout.readline()
-    if not line:
-        err = proc.stderr.read().strip().splitlines()
-        proc.wait()
-        msg = err[-1] if err else f"exit status {proc.returncode}"
-        raise VmbakError(msg.removeprefix("vmbak: error: "))
-    info = json.loads(line)
     proc.stdout.close()
     proc.stderr.close()
-    info["pid"] = proc.pid
     emit(args, info, _ready_text(info))
     return 0

@@ -42,7 +42,6 @@ class BackupOptions:
     workers: int = 2
     used: np.ndarray | None = None  # bool per block; None = computed (skip_unused) or all used
     skip_unused: bool = True
-    usage_notes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # from the change source (fallbacks, repairs)
     extra: dict = field(default_factory=dict)  # kept in the manifest (e.g. a libvirt domain's XML)
     source: str = ""
@@ -158,7 +157,7 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
     size = disk.size
     nblocks = (size + bs - 1) // bs
     grid = repo.chunk_size // bs
-    notes: list[str] = list(opts.usage_notes) + list(opts.notes)
+    notes: list[str] = list(opts.notes)
 
     def note(msg: str) -> None:
         notes.append(msg)
@@ -201,7 +200,7 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
             assert parent_bht is not None
             considered |= ~used & parent_bht.any(axis=1)
             source = cm.source
-            reference = cm.reference or reference
+            reference = cm.reference
             notes.extend(cm.notes)
         elif parent is not None and opts.changes == "full":
             source = "full"

@@ -130,6 +130,13 @@ class _Copier:
                           and src.master.enc_key == dst.master.enc_key)
         # source chunk id -> (destination chunk id, destination hash rows of its blocks)
         self.memo: dict[bytes, tuple[bytes, np.ndarray | None]] = {}
+        self._zero: dict[int, np.ndarray] = {}  # block size -> destination hash of a zero block
+
+    def _zero_hash(self, bs: int) -> np.ndarray:
+        z = self._zero.get(bs)
+        if z is None:  # worker threads may both compute it: same value
+            z = self._zero[bs] = np.frombuffer(self.dst.sealer.block_hash(bytes(bs)), BHT_DTYPE)
+        return z
 
     def _read(self, cid: bytes, what: str) -> tuple[bytes, bytes, int]:
         """(sealed blob, authenticated payload, raw length) of a source chunk."""
@@ -177,8 +184,7 @@ class _Copier:
         new = dst.sealer.chunk_id(data)
         rows = None
         if nblocks:
-            zero = np.frombuffer(dst.sealer.block_hash(bytes(bs)), BHT_DTYPE)
-            rows, _ = hash_blocks(dst.sealer.block_hash, data, nblocks, bs, zero)
+            rows, _ = hash_blocks(dst.sealer.block_hash, data, nblocks, bs, self._zero_hash(bs))
         sealed = None if dst.index.usable(new) else dst.sealer.seal(payload, chunk_aad(new))
         return cid, new, sealed, raw, rows, len(blob)
 

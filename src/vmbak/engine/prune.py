@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 import numpy as np
 
 from vmbak.errors import IntegrityError, RepositoryError, VmbakError
+from vmbak.repo.backend import ObjectMissing
 from vmbak.repo.index import INDEX_AAD, decode_index, encode_index, index_id
 from vmbak.repo.marks import Mark, delete_mark, load_marks, parse_time, write_mark, write_ready
 from vmbak.repo.pack import PackWriter, pack_name, read_header
@@ -234,8 +235,10 @@ def _repack(repo: Repository, sv: Survey, repack: dict[str, np.ndarray], warning
 def _lock_gone(repo: Repository, name: str) -> bool:
     try:
         d = json.loads(repo.backend.read(name))
-    except RepositoryError:
+    except ObjectMissing:
         return True  # deleted: its process finished
+    except RepositoryError:
+        return False  # cannot be read now (I/O, network): assume alive
     except ValueError:
         return False  # unreadable: assume alive
     return bool(_lock_stale(d)) if isinstance(d, dict) else False
@@ -372,7 +375,9 @@ def prune(repo: Repository, opts: PruneOptions | None = None, log: Callable[[str
                 marks = [m for m in marks if m not in eligible]
             _fresh(repo)
             refs = references(repo)
-            sv = survey(repo)
+            # Only a sweep removes packs or index files (one prune runs at a time): without
+            # one, the first survey still holds.
+            sv = survey(repo) if eligible else sv0
             exclude = {p for m in marks for p in m.doomed}
             drop, repack, stats = plan_mark(sv, refs, exclude, opts.repack_threshold)
             if drop or repack:
@@ -393,8 +398,9 @@ def prune(repo: Repository, opts: PruneOptions | None = None, log: Callable[[str
                         _sweep(repo, now, rep, log)
                     else:
                         rep.postponed.extend(later)
-        rep.packs_after = sum(1 for _, _ in repo.backend.list("data"))
-        rep.bytes_after = sum(s for _, s in repo.backend.list("data"))
+        data = list(repo.backend.list("data"))
+        rep.packs_after = len(data)
+        rep.bytes_after = sum(s for _, s in data)
     rep.duration_s = time.monotonic() - t0
     return rep
 

@@ -32,14 +32,13 @@ import shutil
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from vmbak.changes.base import ChangeMap
 from vmbak.disks.base import DiskReader
 from vmbak.engine.backup import BackupOptions, backup
 from vmbak.errors import ChangeTrackingError, DiskError, SnapshotNotFound, VmbakError
 from vmbak.repo.manifest import Manifest
-from vmbak.repo.repository import Repository, parse_time_limit
+from vmbak.repo.repository import Repository, _parse_iso, parse_time_limit
 
 Log = Callable[[str], None]
 
@@ -443,10 +442,6 @@ def run_libvirt_backup(repo: Repository, job: LibvirtJob, opts: BackupOptions,
 
 
 # ---------------------------------------------------------------------------- libvirt restore
-def _parse_time(ts: str) -> datetime:
-    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
-
-
 def find_libvirt_backup(repo: Repository, spec: str) -> list[Manifest]:
     """The snapshots (one per disk) of the libvirt backup ``spec`` names: ``DOMAIN:latest``,
     ``DOMAIN``, ``DOMAIN@TIME``, or the id (prefix) of any of its disks' snapshots."""
@@ -465,7 +460,7 @@ def find_libvirt_backup(repo: Repository, spec: str) -> list[Manifest]:
         groups = libvirt_groups(repo, name)
         if ts:
             limit = parse_time_limit(ts)
-            groups = [g for g in groups if max(_parse_time(m.time) for m in g) <= limit]
+            groups = [g for g in groups if max(_parse_iso(m.time) for m in g) <= limit]
         if not groups:
             raise SnapshotNotFound(f"no complete libvirt backup of {name!r}" + (f" at or before {ts}" if ts else ""))
         return groups[-1]
@@ -524,7 +519,7 @@ def restore_libvirt(repo: Repository, spec: str, *, directory: str | None, new_n
     for m in group:
         lv = _lv_info(m)
         assert lv is not None
-        f = fmt or check_image_format(lv.get("format") or "raw", write=True) or "raw"
+        f = fmt or check_image_format(lv.get("format") or "raw", write=True)
         d = directory or os.path.dirname(lv.get("source") or "") or "."
         plan.append((m, lv["target"], os.path.abspath(os.path.join(d, f"{name}-{lv['target']}.{EXTENSIONS[f]}")), f))
     xml_path = os.path.join(directory or os.path.dirname(plan[0][2]), f"{name}.xml")

@@ -88,7 +88,6 @@ class SnapshotView:
         self._cached = 0
         self._inflight: dict[int, cf.Future[bytes]] = {}
         self.hits = 0
-        self.misses = 0
         self.fetched_bytes = 0  # stored (compressed, sealed) bytes read from the repository
         self.fetched_chunks = 0
         self.read_bytes = 0  # bytes handed out by pread
@@ -119,8 +118,7 @@ class SnapshotView:
             raise
         with self._lock:
             del self._inflight[n]
-            self.misses += 1
-            self.fetched_chunks += 1
+            self.fetched_chunks += 1  # each fetch is a cache miss
             self.fetched_bytes += loc.length
             if len(data) <= self.cache_bytes:
                 self._cache[n] = data
@@ -209,8 +207,8 @@ class SnapshotView:
     # ------------------------------------------------------------------ misc
     def stats(self) -> dict:
         with self._lock:
-            total = self.hits + self.misses
-            return {"cache_hits": self.hits, "cache_misses": self.misses,
+            total = self.hits + self.fetched_chunks
+            return {"cache_hits": self.hits, "cache_misses": self.fetched_chunks,
                     "hit_rate": round(self.hits / total, 4) if total else 0.0,
                     "cached_bytes": self._cached, "cache_limit": self.cache_bytes,
                     "fetched_chunks": self.fetched_chunks, "fetched_bytes": self.fetched_bytes,

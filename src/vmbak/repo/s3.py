@@ -541,7 +541,3 @@ class S3Backend:
         if self._parts is not None:
             self._parts.shutdown(wait=False)
             self._parts = None
-
-
-def is_s3_location(location: str) -> bool:
-    return location.startswith("s3:")

@@ -28,7 +28,7 @@ from typing import BinaryIO
 
 from vmbak.engine.view import RangeFile
 from vmbak.serve.files import BrowseError, Filesystem, Node
-from vmbak.usage.exfat import EOC, Geometry, parse_boot
+from vmbak.usage.exfat import EOC, Geometry, _set_checksum, parse_boot
 from vmbak.usage.model import UsageError, Volume
 
 FAT_PIECE = 64 << 10
@@ -47,15 +47,6 @@ class _FileDisk:
     def pread(self, length: int, offset: int) -> bytes:
         self.f.seek(offset)
         return self.f.read(length)
-
-
-def _set_checksum(entries: bytes) -> int:
-    s = 0
-    for i, x in enumerate(entries):
-        if i in (2, 3):
-            continue
-        s = ((((s & 1) << 15) | (s >> 1)) + x) & 0xFFFF
-    return s
 
 
 def _timestamp_ns(stamp: int, ten_ms: int, utc_offset: int) -> int:
@@ -103,7 +94,6 @@ class Exfat:
     """An exFAT filesystem in the volume file ``f``."""
 
     def __init__(self, f: RangeFile) -> None:
-        self.f = f
         self.vol = Volume(_FileDisk(f), [(0, 0, f.size)])
         try:
             self.geo: Geometry = parse_boot(self.vol)[0]

@@ -422,7 +422,12 @@ class SnapshotFiles:
             return node, out
         if node.kind != "dir":
             return node, [(norm, node)]
-        return node, sorted(((f"{base}/{e.name}", e) for e in self._list(fs, node)), key=lambda t: t[0])
+        return node, self.entries(fs, node, norm)
+
+    def entries(self, fs: Filesystem, node: Node, path: str) -> list[tuple[str, Node]]:
+        """The (path, node) entries of directory ``node`` at ``path``, sorted."""
+        base = path.rstrip("/")
+        return sorted(((f"{base}/{e.name}", e) for e in self._list(fs, node)), key=lambda t: t[0])
 
     def walk(self, fs: Filesystem, node: Node, path: str) -> Iterator[tuple[str, Node]]:
         seen: set[Any] = set()
@@ -446,9 +451,9 @@ class SnapshotFiles:
             raise BrowseError(f"{self.label}: is a directory: {norm}")
         if node.kind != "file":
             raise BrowseError(f"{self.label}: not a regular file ({node.kind}): {norm}")
-        return node, self._open(fs, node, norm)
+        return node, self.open_node(fs, node, norm)
 
-    def _open(self, fs: Filesystem, node: Node, path: str) -> BinaryIO:
+    def open_node(self, fs: Filesystem, node: Node, path: str) -> BinaryIO:
         try:
             return fs.open(node)
         except BrowseError as e:  # damaged metadata found by vmbak's own readers
@@ -460,7 +465,7 @@ class SnapshotFiles:
 
     def copy_out(self, fs: Filesystem, node: Node, path: str, write: Callable[[bytes], object]) -> int:
         """Stream a file's content to ``write`` in pieces; return the byte count."""
-        f = self._open(fs, node, path)
+        f = self.open_node(fs, node, path)
         n = 0
         try:
             while n < node.size:

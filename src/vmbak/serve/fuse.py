@@ -16,7 +16,6 @@ import errno
 import json
 import os
 import stat
-import subprocess
 import sys
 import threading
 import time
@@ -27,7 +26,7 @@ from vmbak.engine.view import SnapshotView
 from vmbak.errors import VmbakError
 from vmbak.repo.manifest import Manifest
 from vmbak.repo.repository import Repository
-from vmbak.serve.files import Node, SnapshotFiles
+from vmbak.serve.files import Filesystem, Node, SnapshotFiles
 
 DISK_INODE = 2
 FILES_INODE = 3
@@ -54,15 +53,19 @@ def _check_mountpoint(mountpoint: str) -> str:
 
 class _Trees:
     """The ``files/`` side of the mount: inode numbers for paths of a SnapshotFiles, listings,
-    open files. Every call runs under one lock (the dissect parsers share state)."""
+    open files. Every call runs under one lock (the dissect parsers share state).
+
+    Each inode keeps its node and filesystem, so listing or opening it never walks the
+    path again; the volume directories at the top (no filesystem yet) are resolved once."""
 
     def __init__(self, view: SnapshotView) -> None:
         self.view = view
         self.lock = threading.Lock()
         self._files: SnapshotFiles | None = None
-        self.paths: dict[int, tuple[str, Node]] = {FILES_INODE: ("/", Node("files", "dir", 0, 0o555))}
+        root = Node("files", "dir", 0, 0o555)
+        self.paths: dict[int, tuple[str, Node, Filesystem | None]] = {FILES_INODE: ("/", root, None)}
         self.inodes: dict[str, int] = {"/": FILES_INODE}
-        self.listings: dict[int, list[tuple[bytes, int]]] = {}
+        self.listings: dict[int, dict[bytes, int]] = {}
         self.open_files: dict[int, BinaryIO] = {}
         self._next_fh = 1
 
@@ -72,32 +75,40 @@ class _Trees:
             self._files = SnapshotFiles(self.view)
         return self._files
 
-    def inode(self, path: str, node: Node) -> int:
+    def node(self, ino: int) -> Node | None:
+        got = self.paths.get(ino)
+        return got[1] if got else None
+
+    def inode(self, path: str, node: Node, fs: Filesystem | None) -> int:
         ino = self.inodes.get(path)
         if ino is None:
             ino = self.inodes[path] = FIRST_TREE_INODE + len(self.inodes)
-        self.paths[ino] = (path, node)
+        self.paths[ino] = (path, node, fs)
         return ino
 
-    def listing(self, ino: int) -> list[tuple[bytes, int]]:
-        """(name, inode) of a directory's entries; special files (devices, fifos) are left out."""
+    def listing(self, ino: int) -> dict[bytes, int]:
+        """name -> inode of a directory's entries, in order; special files (devices, fifos)
+        are left out."""
         got = self.listings.get(ino)
         if got is None:
-            path, _node = self.paths[ino]
-            _n, entries = self.files.listdir(path)
-            got = [(os.fsencode(n.name), self.inode(p, n)) for p, n in entries if n.kind != "other"]
+            path, node, fs = self.paths[ino]
+            if fs is None:  # the top, a volume directory, or a directory of volumes (vg0/)
+                fs, _vol, node, _norm = self.files.resolve(path)
+            if fs is None:
+                entries = self.files.listdir(path)[1]
+            else:
+                entries = self.files.entries(fs, node, path)
+            got = {os.fsencode(n.name): self.inode(p, n, fs) for p, n in entries if n.kind != "other"}
             self.listings[ino] = got
         return got
 
     def lookup(self, parent: int, name: bytes) -> int | None:
-        for n, ino in self.listing(parent):
-            if n == name:
-                return ino
-        return None
+        return self.listing(parent).get(name)
 
     def open(self, ino: int) -> int:
-        path, _node = self.paths[ino]
-        _n, f = self.files.open(path)
+        path, node, fs = self.paths[ino]
+        assert fs is not None  # only files are opened, and files live in a filesystem
+        f = self.files.open_node(fs, node, path)
         fh = self._next_fh
         self._next_fh += 1
         self.open_files[fh] = f
@@ -160,8 +171,7 @@ def _operations(view: SnapshotView, file_name: str, mtime_ns: int) -> Any:
                 a.st_nlink = 1
                 a.st_size = view.size
                 a.st_blocks = (view.data_bytes + 511) // 512
-            elif inode in trees.paths:
-                _path, node = trees.paths[inode]
+            elif (node := trees.node(inode)) is not None:
                 kind = {"dir": stat.S_IFDIR, "symlink": stat.S_IFLNK}.get(node.kind, stat.S_IFREG)
                 # read-only: the backup's permission bits without write, setuid and setgid bits,
                 # and always readable (directories searchable) by the user who mounted it
@@ -198,7 +208,7 @@ def _operations(view: SnapshotView, file_name: str, mtime_ns: int) -> Any:
             return self._attr(ino)
 
         async def readlink(self, inode: int, ctx: Any) -> bytes:
-            node = trees.paths.get(inode, ("", None))[1]
+            node = trees.node(inode)
             if node is None or node.kind != "symlink":
                 raise pyfuse3.FUSEError(errno.EINVAL)
             return os.fsencode(node.target or "")
@@ -206,7 +216,7 @@ def _operations(view: SnapshotView, file_name: str, mtime_ns: int) -> Any:
         async def opendir(self, inode: int, ctx: Any) -> int:
             if inode == pyfuse3.ROOT_INODE:
                 return inode
-            node = trees.paths.get(inode, ("", None))[1]
+            node = trees.node(inode)
             if node is None or node.kind != "dir":
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
             await in_tree(trees.listing, inode)  # errors surface at opendir, not halfway
@@ -216,9 +226,8 @@ def _operations(view: SnapshotView, file_name: str, mtime_ns: int) -> Any:
             if fh == pyfuse3.ROOT_INODE:
                 entries = [(self.name, DISK_INODE), (FILES_DIR, FILES_INODE)]
             else:
-                entries = await in_tree(trees.listing, fh)
-            for i in range(start_id, len(entries)):
-                name, ino = entries[i]
+                entries = list((await in_tree(trees.listing, fh)).items())
+            for i, (name, ino) in enumerate(entries[start_id:], start_id):
                 if not pyfuse3.readdir_reply(token, name, self._attr(ino), i + 1):
                     break
 
@@ -227,7 +236,7 @@ def _operations(view: SnapshotView, file_name: str, mtime_ns: int) -> Any:
                 raise pyfuse3.FUSEError(errno.EROFS)
             if inode == DISK_INODE:
                 return pyfuse3.FileInfo(fh=0, keep_cache=True)
-            node = trees.paths.get(inode, ("", None))[1]
+            node = trees.node(inode)
             if node is None or inode in (pyfuse3.ROOT_INODE, FILES_INODE):
                 raise pyfuse3.FUSEError(errno.EISDIR if inode in (pyfuse3.ROOT_INODE, FILES_INODE)
                                         else errno.ENOENT)
@@ -323,25 +332,14 @@ def _mtime_ns(iso: str) -> int:
 
 def mount_background(args: argparse.Namespace, timeout: float = 60.0) -> dict:
     """Run ``vmbak mount`` (foreground) detached; return once it is mounted."""
-    argv = [a for a in sys.argv[1:] if a != "--background"]
-    if "--json" not in argv:
-        argv.append("--json")
+    from vmbak.cli.common import run_detached
+
     _check_mountpoint(args.mountpoint)
-    proc = subprocess.Popen([sys.executable, "-m", "vmbak.cli.main", *argv], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            close_fds=True, text=True)
-    assert proc.stdout is not None and proc.stderr is not None
-    line = proc.stdout.readline()
-    if not line:
-        err = proc.stderr.read().strip().splitlines()
-        proc.wait()
-        msg = err[-1] if err else f"exit status {proc.returncode}"
-        raise VmbakError(msg.removeprefix("vmbak: error: "))
-    info = json.loads(line)
+    proc, info = run_detached(args)
     deadline = time.monotonic() + timeout
     while not os.path.ismount(info["mountpoint"]) and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()
     proc.stderr.close()
-    info["pid"] = proc.pid
     return info

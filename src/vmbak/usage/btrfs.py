@@ -333,7 +333,7 @@ def _extent_level(r: _Reader, sb: Super, chunks: list[Chunk], roots: dict[int, t
     e = np.array(ext, np.int64).reshape(-1, 2)
     if len(e) and ((e[:, 1] <= 0).any() or (e % sb.sectorsize).any()):
         raise UsageError("misaligned or empty extent")
-    e = np.stack((e[:, 0], e[:, 0] + e[:, 1]), axis=1) if len(e) else empty_ranges()
+    e = np.stack((e[:, 0], e[:, 0] + e[:, 1]), axis=1)
     extents = normalize(e)
     if total(extents) != int((e[:, 1] - e[:, 0]).sum()):
         raise UsageError("extents overlap")
@@ -343,7 +343,10 @@ def _extent_level(r: _Reader, sb: Super, chunks: list[Chunk], roots: dict[int, t
     for c in chunks:
         g = groups.get(c.logical)
         span = np.array([[c.logical, c.logical + c.length]], np.int64)
-        inside = normalize(extents, c.logical, c.logical + c.length)
+        # extents is normalized (sorted, disjoint): clip just the ones that meet the chunk
+        lo, hi = c.logical, c.logical + c.length
+        inside = np.clip(extents[np.searchsorted(extents[:, 1], lo, "right"):
+                                 np.searchsorted(extents[:, 0], hi, "left")], lo, hi)
         covered += total(inside)
         if g is None or g[0] != c.length or g[2] != c.type or total(inside) != g[1]:
             skipped += 1

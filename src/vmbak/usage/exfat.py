@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vmbak.usage.model import FsUsage, UsageError, Volume, empty_ranges, runs_of
+from vmbak.usage.model import FsUsage, UsageError, Volume, runs_of
 
 NAME = "exfat"
 MAX_DIR_BYTES = 256 << 20  # total directory bytes read in the tree walk
@@ -126,12 +126,12 @@ class _Walker:
         self.used = np.zeros(geo.count + 2, bool)  # clusters the tree allocates
         self.dir_bytes = 0
 
-    def chain(self, first: int, nclusters: int | None, contiguous: bool) -> list[int]:
+    def chain(self, first: int, nclusters: int | None, contiguous: bool) -> list[int] | range:
         g = self.geo
         if contiguous:
             if nclusters is None or not 2 <= first or first + nclusters > g.count + 2:
                 raise UsageError("contiguous allocation outside the cluster heap")
-            return list(range(first, first + nclusters))
+            return range(first, first + nclusters)
         out = []
         c = first
         limit = g.count if nclusters is None else nclusters
@@ -149,17 +149,19 @@ class _Walker:
             raise UsageError("cluster chain shorter than its data")
         return out
 
-    def mark(self, clusters: list[int]) -> None:
-        if clusters:
+    def mark(self, clusters: list[int] | range) -> None:
+        if isinstance(clusters, range):  # contiguous, inside the heap (chain() checked)
+            self.used[clusters.start:clusters.stop] = True
+        elif clusters:
             self.used[np.array(clusters, np.int64)] = True
 
-    def read_clusters(self, clusters: list[int]) -> bytes:
+    def read_clusters(self, clusters: list[int] | range) -> bytes:
         self.dir_bytes += len(clusters) * self.geo.cluster_size
         if self.dir_bytes > MAX_DIR_BYTES:
             raise UsageError("directories too large to walk")
         parts = []
         run_start = prev = None
-        for c in clusters + [None]:
+        for c in [*clusters, None]:
             if c is not None and prev is not None and c == prev + 1:
                 prev = c
                 continue
@@ -287,6 +289,6 @@ def analyze(vol: Volume) -> FsUsage:
         raise UsageError(f"allocation bitmap calls {int((free & tree).sum())} clusters free that files use")
     for f in fats:
         free &= f[2:n] == 0
-    ranges = runs_of(free, geo.cluster_size, geo.cluster_offset(2)) if free.any() else empty_ranges()
+    ranges = runs_of(free, geo.cluster_size, geo.cluster_offset(2))
     return FsUsage(NAME, ranges, size=geo.volume_length * geo.bps, label=label.rstrip("\0"),
                    unit=geo.cluster_size, notes=notes)

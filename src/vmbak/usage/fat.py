@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vmbak.usage.model import FsUsage, UsageError, Volume, empty_ranges, runs_of
+from vmbak.usage.model import FsUsage, UsageError, Volume, runs_of
 
 NAME = "fat"
 
@@ -244,14 +244,14 @@ def _valid_short_name(name: bytes) -> bool:
     return True
 
 
-def _read_chain(vol: Volume, geo: Geometry, fat: np.ndarray, first: int, limit: int) -> bytes:
+def _read_chain(vol: Volume, geo: Geometry, fat: np.ndarray, mask: int, first: int, limit: int) -> bytes:
     parts = []
     c = first
     seen = set()
     while 2 <= c < geo.count + 2 and len(parts) < limit and c not in seen:
         seen.add(c)
         parts.append(vol.read(geo.cluster_offset(c), geo.cluster_size))
-        c = int(fat[c])
+        c = int(fat[c]) & mask
     return b"".join(parts)
 
 
@@ -262,7 +262,7 @@ def check_directories(vol: Volume, geo: Geometry, used: np.ndarray, fat: np.ndar
         rc = geo.root_cluster
         if not 2 <= rc < geo.count + 2 or not used[rc]:
             raise UsageError(f"root directory cluster {rc} is outside the data area or free")
-        raw = _read_chain(vol, geo, fat & mask, rc, MAX_ROOT_CLUSTERS)
+        raw = _read_chain(vol, geo, fat, mask, rc, MAX_ROOT_CLUSTERS)
     else:
         raw = vol.read(geo.root_offset, geo.root_dir_sectors * geo.bps)
     subdirs = []
@@ -305,7 +305,7 @@ def analyze(vol: Volume) -> FsUsage:
         used |= f != 0
     check_directories(vol, geo, used, fats[0])
     free = ~used[2:]
-    ranges = runs_of(free, geo.cluster_size, geo.data_offset) if free.any() else empty_ranges()
+    ranges = runs_of(free, geo.cluster_size, geo.data_offset)
     notes = []
     if geo.nfats == 1:
         notes.append("single FAT copy: its free entries cannot be cross-checked")

@@ -254,19 +254,6 @@ def read_vg(vol: Volume) -> tuple[str, dict[str, Any], str]:
     return name, vg, uuid
 
 
-def _map(vol: Volume, off: int, length: int) -> list[tuple[int, int]]:
-    """(disk offset, length) pieces of [off, off+length) of ``vol``, in order."""
-    out = []
-    end = off + length
-    for v, d, n in vol.segments:
-        s, e = max(off, v), min(end, v + n)
-        if e > s:
-            out.append((d + s - v, e - s))
-    if sum(n for _d, n in out) != length:
-        raise UsageError("logical volume extends past its physical volume")
-    return out
-
-
 def volumes(vol: Volume) -> list[Volume]:
     """The linear logical volumes of the PV in ``vol``; disk-coordinate segments, named vg/lv."""
     vgname, vg, uuid = read_vg(vol)
@@ -344,7 +331,10 @@ def volumes(vol: Volume) -> list[Volume]:
                 raise UsageError(f"logical volume {name!r} has gaps or overlaps in its segments")
             if pv_ext + count > pe_count:
                 raise UsageError(f"logical volume {name!r} uses extents past the end of its PV")
-            for d, n in _map(vol, pe_start + pv_ext * extent, count * extent):
+            sub = vol.sub(pe_start + pv_ext * extent, count * extent)
+            if sub.size != count * extent:
+                raise UsageError("logical volume extends past its physical volume")
+            for _v, d, n in sub.segments:
                 fixed.append((vpos, d, n))
                 vpos += n
             pos += count

@@ -290,15 +290,19 @@ class Ntfs:
         if mft.data_size < 16 * rs:
             raise UsageError("$MFT is too small")
         self.mft_runs = mft.runs
+        self._records: dict[int, list[Attribute]] = {}  # parsed records, each read once
 
     @staticmethod
     def _fixed(raw: bytes, number: int) -> bytes:
         return apply_fixups(raw, b"FILE", f"MFT record {number}")
 
     def record(self, number: int) -> list[Attribute]:
-        rs = self.geo.record_size
-        raw = read_runs(self.vol, self.geo, self.mft_runs, number * rs, rs, "$MFT")
-        return parse_record(self._fixed(raw, number), number, self.geo)
+        got = self._records.get(number)
+        if got is None:
+            rs = self.geo.record_size
+            raw = read_runs(self.vol, self.geo, self.mft_runs, number * rs, rs, "$MFT")
+            got = self._records[number] = parse_record(self._fixed(raw, number), number, self.geo)
+        return got
 
 
 def check_clean(fs: Ntfs) -> None:
@@ -370,7 +374,8 @@ def analyze(vol: Volume) -> FsUsage:
     if total(subtract(must_used, subtract(must_used, free))):
         raise UsageError("$Bitmap calls the boot sector, MFT, $MFTMirr, $LogFile or itself free")
     backup = geo.total_sectors * geo.bps
-    free = subtract(free, np.array([[0, BOOT_BYTES], [backup, backup + geo.bps]], np.int64))
+    # $Boot is in must_used, which free was just shown not to meet: only the backup boot sector
+    free = subtract(free, np.array([[backup, backup + geo.bps]], np.int64))
     return FsUsage("ntfs", free, size=min(vol.size, backup + geo.bps), label=_label(fs), unit=cs)
 
 

@@ -366,7 +366,7 @@ def _ag_free(vol: Volume, sb: Super, agno: int) -> np.ndarray:
         for _ in range(flcount):
             agfl_blocks.append(entries[i])
             i = (i + 1) % agfl_size
-    free = np.stack((bno[:, 0], bno[:, 0] + bno[:, 1]), axis=1) if len(bno) else np.zeros((0, 2), np.int64)
+    free = np.stack((bno[:, 0], bno[:, 0] + bno[:, 1]), axis=1)
     if agfl_blocks:
         a = np.array(agfl_blocks, np.int64)
         free = subtract(free, np.stack((a, a + 1), axis=1))
