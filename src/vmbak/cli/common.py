@@ -59,7 +59,8 @@ def repo_location(args: argparse.Namespace) -> str:
     return loc
 
 
-def password(args: argparse.Namespace, confirm: bool = False) -> str | None:
+def given_password(args: argparse.Namespace) -> str | None:
+    """The password from --password-file, VMBAK_PASSWORD_FILE or VMBAK_PASSWORD; never asks."""
     pf = args.password_file or os.environ.get("VMBAK_PASSWORD_FILE")
     if pf:
         try:
@@ -67,7 +68,11 @@ def password(args: argparse.Namespace, confirm: bool = False) -> str | None:
                 return f.read().rstrip("\r\n")
         except OSError as e:
             raise VmbakError(f"cannot read password file {pf}: {e.strerror}") from None
-    pw = os.environ.get("VMBAK_PASSWORD")
+    return os.environ.get("VMBAK_PASSWORD")
+
+
+def password(args: argparse.Namespace, confirm: bool = False) -> str | None:
+    pw = given_password(args)
     if pw is not None:
         return pw
     if sys.stdin.isatty():
@@ -84,10 +89,9 @@ def password(args: argparse.Namespace, confirm: bool = False) -> str | None:
 def open_repo_and_password(args: argparse.Namespace) -> tuple[Repository, str | None]:
     """The repository, and the password it was opened with (for commands that pass it on)."""
     loc = repo_location(args)
-    pw = None
-    # Only ask for a password when the repository needs one.
-    if needs_password(loc):
-        pw = password(args)
+    # Only ask for a password when the repository needs one; a password that was given
+    # goes to Repository.open regardless, which refuses an "unencrypted" repository then.
+    pw = password(args) if needs_password(loc) else given_password(args)
     return Repository.open(loc, pw), pw
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from vmbak.cli.common import apply_s3_options, emit, log, needs_password, password, progress
+from vmbak.cli.common import apply_s3_options, emit, given_password, log, needs_password, password, progress
 from vmbak.engine.common import human
 from vmbak.engine.copy import copy
 from vmbak.errors import VmbakError
@@ -68,7 +68,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
     except VmbakError as e:
         raise type(e)(f"source repository: {e}") from None
     try:
-        dst = Repository.open(dst_loc, password(args) if needs_password(dst_loc) else None)
+        dst = Repository.open(dst_loc, password(args) if needs_password(dst_loc) else given_password(args))
     except VmbakError as e:
         raise type(e)(f"destination repository: {e}") from None
     rep = copy(src, dst, args.snapshots, args.name, workers=args.workers, dry_run=args.dry_run,

@@ -128,7 +128,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _write_new_key(args: argparse.Namespace, repo: Repository) -> str:
     pw = new_password(args)
-    return save_key_file(repo.backend, wrap_key(repo.master, pw, repo.id, repo.encryption))
+    return save_key_file(repo.backend, wrap_key(repo.master, pw, repo.config))
 
 
 def cmd_add(args: argparse.Namespace) -> int:

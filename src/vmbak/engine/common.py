@@ -11,12 +11,12 @@ import numpy as np
 
 from vmbak.errors import IntegrityError
 from vmbak.repo.manifest import Manifest, is_full
-from vmbak.repo.repository import ChunkWriter, Repository
+from vmbak.repo.repository import METADATA_PIECE, ChunkWriter, Repository
 
 # A block hash table (BHT) holds the 16-byte keyed hash of each block, as two uint64
 # per row. All-zero rows mean "reads as zeros" (zero, hole or unused block).
 BHT_DTYPE = np.dtype("<u8")
-BHT_PIECE = 1 << 20  # bytes of hash table per stored chunk
+BHT_PIECE = METADATA_PIECE  # bytes of hash table per stored chunk
 
 
 def hash_blocks(block_hash: Callable[[memoryview], bytes], data: bytes, n: int, bs: int,

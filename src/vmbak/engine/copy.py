@@ -25,29 +25,18 @@ only what is still missing.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import zstandard
 
 from vmbak.engine.common import BHT_DTYPE, bounded_map, hash_blocks, store_bht
 from vmbak.engine.progress import NoProgress, Progress
 from vmbak.errors import IntegrityError, SnapshotNotFound, VmbakError
 from vmbak.repo.manifest import Manifest
-from vmbak.repo.pack import CODEC_RAW, CODEC_ZSTD, chunk_aad, pack_name
+from vmbak.repo.pack import chunk_aad, pack_name
 from vmbak.repo.repository import ChunkWriter, Repository
-
-_tls = threading.local()
-
-
-def _dctx() -> zstandard.ZstdDecompressor:
-    d = getattr(_tls, "d", None)
-    if d is None:
-        d = _tls.d = zstandard.ZstdDecompressor()
-    return d
 
 
 @dataclass
@@ -151,20 +140,7 @@ class _Copier:
         return blob, payload, loc.raw_length
 
     def _plain(self, cid: bytes, payload: bytes, raw: int, what: str) -> bytes:
-        if not payload:
-            raise IntegrityError(f"{what}: chunk {cid.hex()[:16]}: empty payload")
-        if payload[0] == CODEC_ZSTD:
-            try:
-                data = _dctx().decompress(payload[1:], max_output_size=raw)
-            except zstandard.ZstdError:
-                raise IntegrityError(f"{what}: chunk {cid.hex()[:16]}: cannot decompress") from None
-        elif payload[0] == CODEC_RAW:
-            data = payload[1:]
-        else:
-            raise IntegrityError(f"{what}: chunk {cid.hex()[:16]}: unknown codec {payload[0]}")
-        if len(data) != raw or self.src.sealer.chunk_id(data) != cid:
-            raise IntegrityError(f"{what}: chunk {cid.hex()[:16]}: content does not match its id (corrupt)")
-        return data
+        return self.src.decode_payload(cid, payload, raw, f"{what}: chunk {cid.hex()[:16]}")
 
     def job(self, item: tuple[bytes, int, int, str]) -> tuple[bytes, bytes, bytes | None, int, np.ndarray | None,
                                                            int]:

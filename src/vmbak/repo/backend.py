@@ -47,6 +47,37 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def makedirs_private(path: str, durable: bool = False) -> None:
+    """Create ``path`` and any missing parents with mode 0700 (whatever the umask; unlike
+    os.makedirs, which gives parents the default mode). With ``durable``, each new
+    directory's parent is fsynced, so that the new entry survives a crash."""
+    path = os.path.abspath(path)
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            if not os.path.isdir(d):
+                raise
+            continue
+        os.chmod(d, 0o700)  # the umask may have taken bits away; never adds any
+        if durable:
+            _fsync_dir(os.path.dirname(d))
+
+
+def create_private(path: str) -> int:
+    """Create a new file with mode 0600 (whatever the umask) and return its descriptor."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
 class LocalBackend:
     """A repository in a local directory."""
 
@@ -62,7 +93,8 @@ class LocalBackend:
     def _wrap(self, e: OSError, name: str) -> RepositoryError:
         if isinstance(e, FileNotFoundError):
             return ObjectMissing(f"repository object missing: {name}")
-        return RepositoryError(f"repository I/O error on {name}: {e.strerror or e}")
+        where = e.filename or self._path(name)
+        return RepositoryError(f"repository I/O error on {name} ({where}): {e.strerror or e}")
 
     def read(self, name: str) -> bytes:
         try:
@@ -89,7 +121,9 @@ class LocalBackend:
 
     def _ensure_dir(self, d: str) -> None:
         if d not in self._known_dirs:
-            os.makedirs(d, exist_ok=True)
+            # A new data/XX directory is fsynced into its parent before any pack lands
+            # in it: a crash must not lose the directory that holds durable packs.
+            makedirs_private(d, durable=True)
             self._known_dirs.add(d)
 
     def temp_path(self, hint: str) -> str:
@@ -100,7 +134,7 @@ class LocalBackend:
     def write(self, name: str, data: bytes) -> None:
         tmp = self.temp_path("obj")
         try:
-            with open(tmp, "wb") as f:
+            with open(create_private(tmp), "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())

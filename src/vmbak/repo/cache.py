@@ -21,6 +21,8 @@ import time
 
 import blake3
 
+from vmbak.repo.backend import makedirs_private
+
 CACHEABLE = re.compile(r"(index|snapshots)/[0-9a-f]{64}")
 _DIGEST = 32
 
@@ -70,7 +72,7 @@ class ObjectCache:
         path = self._path(name)
         d = os.path.dirname(path)
         try:
-            os.makedirs(d, mode=0o700, exist_ok=True)
+            makedirs_private(d)
             fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
             try:
                 with os.fdopen(fd, "wb") as f:

@@ -18,7 +18,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import blake3
 from cryptography.exceptions import InvalidTag
@@ -51,24 +51,45 @@ def _unb64(s: str) -> bytes:
     return base64.b64decode(s.encode(), validate=True)
 
 
+# The config fields that a key file binds (see bound_config). Changing any of them
+# without the password makes every key file refuse the repository.
+BOUND_FIELDS = ("id", "encryption", "chunk_size", "pack_size", "compression")
+
+
+def bound_config(config: dict) -> str:
+    """The canonical text of the config fields a key file binds: compact JSON, sorted keys."""
+    return json.dumps({k: config.get(k) for k in BOUND_FIELDS}, sort_keys=True, separators=(",", ":"))
+
+
 @dataclass(frozen=True)
 class MasterKey:
-    """The repository's secrets: ``id_key`` keys the chunk ids, ``enc_key`` the cipher."""
+    """The repository's secrets: ``id_key`` keys the chunk ids, ``enc_key`` the cipher.
+
+    ``config`` is the bound_config() text stored beside the secrets inside the wrapped
+    key (None in key files written before vmbak bound the config).
+    """
 
     id_key: bytes
     enc_key: bytes
+    config: str | None = field(default=None, compare=False)
 
     @classmethod
     def generate(cls) -> MasterKey:
         return cls(id_key=os.urandom(32), enc_key=os.urandom(32))
 
-    def to_json(self) -> bytes:
-        return json.dumps({"id_key": _b64(self.id_key), "enc_key": _b64(self.enc_key)}).encode()
+    def to_json(self, config: dict | None = None) -> bytes:
+        d = {"id_key": _b64(self.id_key), "enc_key": _b64(self.enc_key)}
+        if config is not None:
+            d["config"] = bound_config(config)
+        return json.dumps(d).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> MasterKey:
         d = json.loads(data)
-        k = cls(id_key=_unb64(d["id_key"]), enc_key=_unb64(d["enc_key"]))
+        bound = d.get("config")
+        if bound is not None and not isinstance(bound, str):
+            raise ValueError("bad config binding")
+        k = cls(id_key=_unb64(d["id_key"]), enc_key=_unb64(d["enc_key"]), config=bound)
         if len(k.id_key) != 32 or len(k.enc_key) != 32:
             raise ValueError("bad key length")
         return k
@@ -78,8 +99,11 @@ def _kek(password: bytes, salt: bytes, n: int, r: int, p: int) -> bytes:
     return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(password)
 
 
-def wrap_key(master: MasterKey, password: str | None, repo_id: str, encryption: str) -> dict:
-    """Return the JSON document of a key file holding ``master``."""
+def wrap_key(master: MasterKey, password: str | None, config: dict) -> dict:
+    """Return the JSON document of a key file holding ``master`` for the repository whose
+    config is ``config``; the secrets are stored with bound_config(config), so that the
+    config cannot be changed by someone who lacks the password (see docs/threat-model.md)."""
+    repo_id, encryption = config["id"], config["encryption"]
     doc: dict = {
         "version": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -88,14 +112,14 @@ def wrap_key(master: MasterKey, password: str | None, repo_id: str, encryption: 
     }
     if encryption == ENC_NONE:
         doc["kdf"] = "none"
-        doc["data"] = _b64(master.to_json())
+        doc["data"] = _b64(master.to_json(config))
         return doc
     if not password:
         raise RepositoryError("a password is required for an encrypted repository")
     salt = os.urandom(32)
     nonce = os.urandom(NONCE_LEN)
     kek = _kek(password.encode(), salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
-    ct = AESGCM(kek).encrypt(nonce, master.to_json(), b"vmbak-key:" + repo_id.encode())
+    ct = AESGCM(kek).encrypt(nonce, master.to_json(config), b"vmbak-key:" + repo_id.encode())
     doc.update(kdf="scrypt", n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, salt=_b64(salt), data=_b64(nonce + ct))
     return doc
 

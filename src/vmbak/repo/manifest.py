@@ -19,6 +19,7 @@ import numpy as np
 import zstandard
 
 from vmbak.errors import IntegrityError
+from vmbak.repo import zstd
 
 MANIFEST_MAGIC = b"VMBKMAN1"
 MANIFEST_AAD = b"vmbak-manifest"
@@ -143,35 +144,65 @@ def encode_manifest(m: Manifest) -> bytes:
     return zstandard.ZstdCompressor(level=3).compress(body)
 
 
+# Limits a manifest must respect before anything is allocated from it: its header is
+# at most MAX_HEADER bytes, the disk at most MAX_DISK_SIZE, and every array's length
+# follows from the disk's block count (see docs/repository-format.md). A crafted
+# manifest can therefore make a reader allocate no more than a real one of that
+# geometry needs.
+MAX_HEADER = 16 << 20
+MAX_DISK_SIZE = 1 << 50
+# name -> (encoding, item size in bytes or 0 for bits)
+_ARRAYS = {"used": ("bits", 0), "changed": ("bits", 0), "newly_unused": ("bits", 0),
+           "ext_start": ("<u8", 8), "ext_count": ("<u4", 4), "ext_id": ("V32", 32), "bht_chunks": ("V32", 32)}
+
+
+def _geometry(h: dict, what: str) -> int:
+    """The block count the header declares; IntegrityError if its sizes are implausible."""
+    ds, bs = h["disk_size"], h["block_size"]
+    if type(ds) is not int or type(bs) is not int or not (0 <= ds <= MAX_DISK_SIZE) \
+            or not (512 <= bs <= 1 << 30) or bs & (bs - 1):
+        raise IntegrityError(f"{what}: manifest has an implausible disk or block size")
+    return (ds + bs - 1) // bs
+
+
+def _array_bytes(a: dict, n: int, what: str) -> tuple[str, str, int, int]:
+    """(name, encoding, count, byte length) of one array entry of the header, checked
+    against the block count ``n``."""
+    name, enc, cnt = a["name"], a["encoding"], a["count"]
+    if name not in _ARRAYS or _ARRAYS[name][0] != enc or type(cnt) is not int or cnt < 0:
+        raise IntegrityError(f"{what}: manifest lists an unknown or malformed array")
+    size = _ARRAYS[name][1]
+    if size == 0 and cnt != n:
+        raise IntegrityError(f"{what}: bitmap {name} has {cnt} bits for {n} blocks")
+    if size and cnt > n + 1:  # extents cover distinct blocks; block hashes take >= 1 block each
+        raise IntegrityError(f"{what}: array {name} has {cnt} entries for {n} blocks")
+    return name, enc, cnt, (cnt + 7) // 8 if size == 0 else cnt * size
+
+
 def decode_manifest(payload: bytes, snap_id: str) -> Manifest:
     what = f"snapshot {snap_id[:8]}"
     try:
-        raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=1 << 32)
-    except zstandard.ZstdError:
-        raise IntegrityError(f"{what}: manifest cannot be decompressed") from None
-    try:
-        if raw[:8] != MANIFEST_MAGIC:
+        r = zstd.Reader(payload, f"{what}: manifest")
+        head = r.read_exact(12)
+        if head[:8] != MANIFEST_MAGIC:
             raise IntegrityError(f"{what}: bad manifest magic")
-        (hl,) = struct.unpack_from("<I", raw, 8)
-        h = json.loads(raw[12:12 + hl])
+        (hl,) = struct.unpack_from("<I", head, 8)
+        if hl > MAX_HEADER:
+            raise IntegrityError(f"{what}: manifest header of {hl} bytes is too large")
+        h = json.loads(r.read_exact(hl))
         if int(h["version"]) > MANIFEST_VERSION:
             raise IntegrityError(f"{what}: manifest version {h['version']} is newer than this vmbak")
-        pos = 12 + hl
+        n = _geometry(h, what)
         arrays: dict[str, np.ndarray] = {}
         for a in h["arrays"]:
-            cnt = int(a["count"])
-            if a["encoding"] == "bits":
-                nb = (cnt + 7) // 8
-                arr = np.unpackbits(np.frombuffer(raw, np.uint8, nb, pos), count=cnt,
-                                    bitorder="little").astype(bool)
+            name, enc, cnt, nb = _array_bytes(a, n, what)
+            raw = r.read_exact(nb)
+            if enc == "bits":
+                arr = np.unpackbits(np.frombuffer(raw, np.uint8), count=cnt, bitorder="little").astype(bool)
             else:
-                dt = np.dtype(a["encoding"])
-                nb = cnt * dt.itemsize
-                arr = np.frombuffer(raw, dt, cnt, pos)
-            if pos + nb > len(raw):
-                raise IntegrityError(f"{what}: manifest truncated")
-            pos += nb
-            arrays[a["name"]] = arr
+                arr = np.frombuffer(raw, np.dtype(enc), cnt)
+            arrays[name] = arr
+        r.expect_end()
         m = Manifest(
             name=h["name"], kind=h["type"], time=h["time"], disk_size=int(h["disk_size"]),
             block_size=int(h["block_size"]), chunk_blocks=int(h["chunk_blocks"]), source=h["source"],
@@ -185,8 +216,13 @@ def decode_manifest(payload: bytes, snap_id: str) -> Manifest:
         )
     except (KeyError, ValueError, TypeError, struct.error, json.JSONDecodeError) as e:
         raise IntegrityError(f"{what}: manifest is malformed ({e.__class__.__name__})") from None
-    if m.kind not in KINDS or m.block_size <= 0 or m.disk_size < 0:
+    if m.kind not in KINDS or not (len(m.ext_start) == len(m.ext_count) == len(m.ext_id)):
         raise IntegrityError(f"{what}: manifest has invalid fields")
+    texts = (m.name, m.time, m.source, m.hostname, m.change_source)
+    optional = (m.parent, m.reference, m.change_id)
+    if not all(isinstance(t, str) for t in texts) or not all(t is None or isinstance(t, str) for t in optional) \
+            or not isinstance(m.stats, dict) or not isinstance(m.notes, list) or not isinstance(m.extra, dict):
+        raise IntegrityError(f"{what}: manifest has fields of the wrong type")
     if not is_full(m.kind) and m.changed is None:
         raise IntegrityError(f"{what}: incremental manifest without a changed bitmap")
     return m

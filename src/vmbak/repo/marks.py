@@ -25,8 +25,10 @@ from datetime import UTC, datetime
 import zstandard
 
 from vmbak.errors import IntegrityError, RepositoryError
+from vmbak.repo import zstd
 from vmbak.repo.backend import Backend
 from vmbak.repo.crypto import Sealer
+from vmbak.repo.index import max_plain_size
 
 PRUNE_DIR = "prune"
 MARK_AAD = b"vmbak-prune-mark"
@@ -73,7 +75,7 @@ def _seal_json(sealer: Sealer, doc: dict, aad: bytes) -> bytes:
 def _open_json(sealer: Sealer, blob: bytes, aad: bytes, what: str) -> dict:
     payload = sealer.open(blob, aad, what)
     try:
-        doc = json.loads(zstandard.ZstdDecompressor().decompress(payload, max_output_size=1 << 30))
+        doc = json.loads(zstd.decompress(payload, max_plain_size(len(payload)), what))
         if not isinstance(doc, dict):
             raise ValueError
     except (zstandard.ZstdError, ValueError, UnicodeDecodeError):

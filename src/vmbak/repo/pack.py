@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import blake3
 import numpy as np
 
-from vmbak.errors import IntegrityError
-from vmbak.repo.backend import Backend
+from vmbak.errors import IntegrityError, RepositoryError
+from vmbak.repo.backend import Backend, create_private
 from vmbak.repo.crypto import Sealer
 
 PACK_MAGIC = b"VMBKPAK1"
@@ -54,7 +54,10 @@ class PackWriter:
         self.backend = backend
         self.sealer = sealer
         self.path = backend.temp_path("pack")
-        self.f = open(self.path, "wb", buffering=0)
+        try:
+            self.f = open(create_private(self.path), "wb", buffering=0)
+        except OSError as e:
+            raise self._error(e) from None
         self.hasher = blake3.blake3(max_threads=1)
         self.offset = 0
         self.ids: list[bytes] = []
@@ -62,17 +65,31 @@ class PackWriter:
         self.lens: list[int] = []
         self.raws: list[int] = []
 
+    def _error(self, e: OSError) -> RepositoryError:
+        return RepositoryError(f"cannot write a new pack of {self.backend.location} at {self.path}: "
+                               f"{e.strerror or e}")
+
+    def _write(self, data: bytes) -> None:
+        # An unbuffered write may be short (a full disk returns what fitted before it
+        # fails): write the rest, which then raises.
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[self.f.write(view):]
+        except OSError as e:
+            raise self._error(e) from None
+
     def pad(self, data: bytes) -> None:
         """Write bytes that no entry covers (readers find blobs only through the header).
         Random padding gives a pack a name no other pack had: see engine/prune.py."""
-        self.f.write(data)
+        self._write(data)
         self.hasher.update(data)
         self.offset += len(data)
 
     def add(self, chunk_id: bytes, blob: bytes, raw_len: int) -> int:
         """Append one sealed blob; return its offset."""
         off = self.offset
-        self.f.write(blob)
+        self._write(blob)
         self.hasher.update(blob)
         self.offset += len(blob)
         self.ids.append(chunk_id)
@@ -92,9 +109,12 @@ class PackWriter:
         entries["raw"] = self.raws
         header = self.sealer.seal(struct.pack("<I", len(entries)) + entries.tobytes(), HEADER_AAD)
         tail = header + TRAILER.pack(len(header), PACK_MAGIC)
-        self.f.write(tail)
+        self._write(tail)
         self.hasher.update(tail)
-        self.f.close()
+        try:
+            self.f.close()
+        except OSError as e:
+            raise self._error(e) from None
         size = self.offset + len(tail)
         pack_id = self.hasher.hexdigest()
         self.backend.write_file(pack_name(pack_id), self.path)

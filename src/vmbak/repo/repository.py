@@ -19,13 +19,15 @@ import numpy as np
 import zstandard
 
 from vmbak.errors import IntegrityError, RepositoryError, SnapshotNotFound
-from vmbak.repo.backend import Backend, LocalBackend, ObjectMissing, host_id, pid_alive
+from vmbak.repo import zstd
+from vmbak.repo.backend import Backend, LocalBackend, ObjectMissing, host_id, makedirs_private, pid_alive
 from vmbak.repo.crypto import (
     ENC_AES,
     ENC_NONE,
     ENCRYPTIONS,
     MasterKey,
     Sealer,
+    bound_config,
     open_master_key,
     save_key_file,
     wrap_key,
@@ -54,6 +56,27 @@ DEFAULT_PACK_SIZE = 32 << 20
 DEFAULT_ZSTD_LEVEL = 1
 
 SOLO_PURPOSES = ("prune",)
+METADATA_PIECE = 1 << 20  # metadata stored as chunks comes in pieces of at most this
+
+# Bounds on the config fields that size memory: a pack is built in memory up to
+# pack_size, and a chunk is decompressed into chunk_size bytes. Outside these, the
+# config is refused before anything is allocated from it.
+MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 64 << 10, 16 << 20
+MIN_PACK_SIZE, MAX_PACK_SIZE = 64 << 10, 1 << 30
+MIN_ZSTD_LEVEL, MAX_ZSTD_LEVEL = -7, 22
+
+
+def check_config_values(chunk_size: int, pack_size: int, level: int) -> None:
+    """Raise RepositoryError unless the sizes and the level are integers within the bounds
+    above (the values may come straight from a config's JSON, so their types are checked)."""
+    if type(chunk_size) is not int or chunk_size & (chunk_size - 1) or not (
+            MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE):
+        raise RepositoryError("chunk size must be a power of two between 64 KiB and 16 MiB")
+    if type(pack_size) is not int or not (MIN_PACK_SIZE <= pack_size <= MAX_PACK_SIZE):
+        raise RepositoryError("pack size must be between 64 KiB and 1 GiB")
+    if type(level) is not int or not (MIN_ZSTD_LEVEL <= level <= MAX_ZSTD_LEVEL):
+        raise RepositoryError(f"compression level must be between {MIN_ZSTD_LEVEL} and {MAX_ZSTD_LEVEL}")
+
 
 _tls = threading.local()
 
@@ -64,13 +87,6 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
         c = _tls.zc = zstandard.ZstdCompressor(level=level)
         _tls.zlevel = level
     return c
-
-
-def _decompressor() -> zstandard.ZstdDecompressor:
-    d = getattr(_tls, "zd", None)
-    if d is None:
-        d = _tls.zd = zstandard.ZstdDecompressor()
-    return d
 
 
 def open_backend(location: str) -> Backend:
@@ -94,6 +110,9 @@ class Repository:
         self.encryption: str = config["encryption"]
         self.chunk_size: int = int(config["chunk_size"])
         self.pack_size: int = int(config["pack_size"])
+        # The largest plaintext a chunk may have: chunk_size, or a piece of metadata
+        # stored as a chunk (block hash tables, engine/common.py), whichever is larger.
+        self.max_chunk: int = max(self.chunk_size, METADATA_PIECE)
         self.zstd_level: int = int(config["compression"]["level"])
         self.sealer = Sealer(master, self.encryption)
         self.master = master  # for key management (vmbak key add / passwd)
@@ -119,8 +138,7 @@ class Repository:
         if encryption == ENC_AES and not password:
             raise RepositoryError("a password is required to create an encrypted repository "
                                   "(set VMBAK_PASSWORD, use --password-file, or --encryption none)")
-        if chunk_size & (chunk_size - 1) or not (65536 <= chunk_size <= 16 << 20):
-            raise RepositoryError("chunk size must be a power of two between 64 KiB and 16 MiB")
+        check_config_values(chunk_size, pack_size, zstd_level)
         backend = open_backend(location)
         if isinstance(backend, LocalBackend):
             root = backend.root
@@ -132,9 +150,10 @@ class Repository:
                         raise RepositoryError(f"a repository already exists at {root}")
                     raise RepositoryError(f"cannot create a repository in a non-empty directory: {root}")
             try:
-                os.makedirs(root, exist_ok=True)
+                makedirs_private(root)
+                os.chmod(root, 0o700)  # also when it existed (empty): like restic and borg
                 for d in ("data", "index", "snapshots", "keys", "locks", "tmp"):
-                    os.makedirs(os.path.join(root, d), exist_ok=True)
+                    makedirs_private(os.path.join(root, d))
             except OSError as e:
                 raise RepositoryError(f"cannot create repository at {root}: {e.strerror}") from None
         else:
@@ -152,7 +171,7 @@ class Repository:
             "compression": {"codec": "zstd", "level": zstd_level},
         }
         master = MasterKey.generate()
-        keydoc = wrap_key(master, password, config["id"], encryption)
+        keydoc = wrap_key(master, password, config)
         keyname = save_key_file(backend, keydoc)
         backend.write("config", json.dumps(config, indent=1).encode())
         repo = cls(backend, config, master)
@@ -191,7 +210,27 @@ class Repository:
                 raise RepositoryError(f"repository config is damaged (missing {k})")
         if config["encryption"] not in ENCRYPTIONS:
             raise RepositoryError(f"repository uses unknown encryption {config['encryption']!r}")
+        if config["encryption"] == ENC_NONE and password:
+            # Someone who can write to the storage can replace an encrypted repository's
+            # config and key files with unencrypted ones; a client holding a password
+            # never writes plaintext into such a repository (docs/threat-model.md).
+            raise RepositoryError(
+                f"{backend.location} claims to be an unencrypted repository, but a password was given: "
+                "refusing it (an encrypted repository's config may have been replaced; if it really is "
+                "unencrypted, use it without VMBAK_PASSWORD or --password-file)")
+        comp = config["compression"]
+        if not isinstance(comp, dict) or comp.get("codec") != "zstd" or not isinstance(config["id"], str):
+            raise RepositoryError("repository config is damaged (compression or id)")
+        try:
+            check_config_values(config["chunk_size"], config["pack_size"], comp.get("level"))
+        except RepositoryError as e:
+            raise RepositoryError(f"repository config is invalid ({e}); refusing it") from None
         key_name, master = open_master_key(backend, config, password)
+        if master.config is not None and master.config != bound_config(config):
+            theirs = json.loads(master.config)
+            changed = sorted(k for k in theirs if theirs[k] != config.get(k))
+            raise IntegrityError(f"repository config does not match key file {key_name} (changed: "
+                                 f"{', '.join(changed) or 'format'}): it was tampered with; refusing it")
         repo = cls(backend, config, master)
         repo.key_name = key_name
         return repo
@@ -323,14 +362,20 @@ class Repository:
         """
         label = what or f"chunk {chunk_id.hex()[:16]}"
         payload = self.sealer.open(blob, chunk_aad(chunk_id), label)
+        return self.decode_payload(chunk_id, payload, raw_len, label, check_id)
+
+    def decode_payload(self, chunk_id: bytes, payload: bytes, raw_len: int, label: str,
+                       check_id: bool = True) -> bytes:
+        """A chunk's plaintext from its authenticated payload (codec byte and data),
+        checked against its length and (with ``check_id``) its id; thread-safe."""
         if not payload:
             raise IntegrityError(f"{label}: empty payload")
+        if raw_len > self.max_chunk:
+            raise IntegrityError(f"{label}: claims {raw_len} bytes, more than a chunk of this "
+                                 f"repository holds ({self.max_chunk})")
         codec = payload[0]
         if codec == CODEC_ZSTD:
-            try:
-                data = _decompressor().decompress(payload[1:], max_output_size=raw_len)
-            except zstandard.ZstdError:
-                raise IntegrityError(f"{label}: cannot decompress (corrupt data)") from None
+            data = zstd.decompress(memoryview(payload)[1:], raw_len, label)
         elif codec == CODEC_RAW:
             data = payload[1:]
         else:
