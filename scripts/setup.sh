@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 APT_PKGS=(python3 python3-venv python3-dev python3-libnbd libnbd-bin nbdkit nbdkit-plugin-python
           qemu-utils qemu-system-common e2fsprogs xfsprogs dosfstools mtools exfatprogs
           ntfs-3g btrfs-progs partclone fdisk lvm2 util-linux time fuse3 python3-pyfuse3
-          libvirt-daemon-system libvirt-clients python3-libvirt qemu-system-x86)
+          libvirt-daemon-system libvirt-clients python3-libvirt qemu-system-x86 strace)
 if [[ "${VMBAK_BENCH_DEPS:-0}" == 1 ]]; then
     APT_PKGS+=(restic borgbackup time)
 fi
@@ -25,6 +25,7 @@ if ((${#missing[@]})); then
     fi
     echo "setup: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    dpkg --configure -a >/dev/null 2>&1 || true  # finish what an interrupted install left half-done
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
@@ -38,7 +39,13 @@ fi
 # sees its site-packages.
 PY=/usr/bin/python3
 stamp=.venv/.vmbak-installed
-if [[ ! -x .venv/bin/python || pyproject.toml -nt $stamp ]]; then
+# A setup interrupted while the venv was made or pip ran leaves a venv without a working
+# pip (or without its python): start that venv again rather than fail on it forever.
+if [[ -e .venv ]] && ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+    echo "setup: .venv is incomplete (an interrupted setup?); making it again"
+    rm -rf .venv
+fi
+if [[ ! -x .venv/bin/python || ! -e $stamp || pyproject.toml -nt $stamp ]]; then
     [[ -x .venv/bin/python ]] || "$PY" -m venv --system-site-packages .venv
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
     .venv/bin/python -m pip install -q -e '.[dev]'
