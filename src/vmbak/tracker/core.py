@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vmbak.tracker import changelog
+from vmbak.tracker import changelog, identity
 from vmbak.tracker.formats import (
     MRT_PAGE_BITS,
     PAGE,
@@ -304,6 +304,7 @@ class Config:
     rct_interval: float = DEFAULT_RCT_INTERVAL
     mrt_sync: bool = True
     history: int = DEFAULT_HISTORY
+    hash_limit: int = identity.DEFAULT_HASH_LIMIT
     socket: str | None = None
     tcp: str | None = None
     extra: dict = field(default_factory=dict)
@@ -392,6 +393,18 @@ class Tracker:
             self.committed_id = None
             self.history = []
 
+        self.identity_check: dict | None = None
+
+        def check_stop_identity(rec: object, where: str) -> None:
+            v = identity.verify(rec, self.fd)
+            self.identity_check = {"proven": v.proven, "reason": v.reason, "from": where}
+            if v.proven:
+                notes.append(f"{v.reason} ({where}): tracking continues")
+            elif self.valid:
+                invalidate(f"{v.reason}; a scan is needed")
+            else:
+                notes.append(v.reason)
+
         mrt_generation = 0
         if mrt is not None:
             mrt_generation = int(mrt.header.get("generation", 0))
@@ -415,10 +428,7 @@ class Tracker:
                 invalidate(rct.invalid_reason or "tracking was invalid before the restart")
             if rct.clean:
                 self.recovery = "clean"
-                st = os.fstat(self.fd)
-                if rct.disk_mtime_ns is not None and rct.disk_mtime_ns != st.st_mtime_ns:
-                    invalidate("the disk was modified while it was not tracked (its modification time "
-                               "changed since the clean stop)")
+                check_stop_identity(rct.stop_identity, rct_name)
                 if mrt_err is not None and mrt_err.kind != "missing":
                     notes.append(f"{mrt_name} {mrt_err}; rebuilt from the clean {rct_name}")
             else:
@@ -432,6 +442,8 @@ class Tracker:
                     invalidate(f"unclean stop and {mrt_name} {mrt_err}: changes since the last checkpoint "
                                "cannot be proven complete")
                 else:
+                    if mrt.header.get("clean"):
+                        check_stop_identity(mrt.header.get("stop_identity"), mrt_name)
                     mid = mrt.header.get("committed_id")
                     older = {h["from"] for h in self.history}
                     if mid is None or mid == self.committed_id or mid in older:
@@ -450,6 +462,15 @@ class Tracker:
                          "region counts as changed (over-reporting)")
             if not mrt.header.get("valid", True):
                 invalidate(mrt.header.get("invalid_reason") or "tracking was invalid")
+            if mrt.header.get("clean"):
+                check_stop_identity(mrt.header.get("stop_identity"), mrt_name)
+            elif "clean" not in mrt.header:
+                # written by a vmbak that did not record clean stops in the .mrt: a clean stop
+                # followed by untracked writes cannot be told from a crash
+                invalidate(f"{identity.UNPROVEN}: {mrt_name} was written by an older vmbak that does not "
+                           "record whether the tracker stopped cleanly, nor the disk's identity")
+            else:
+                notes.append(f"{mrt_name}: the tracker did not stop cleanly (crash recovery)")
         else:
             self.tracker_id = secrets.token_hex(16)
             self._dirty = np.zeros(self.nb, bool)
@@ -472,17 +493,17 @@ class Tracker:
         self._log("start", recovery=self.recovery, tracking="valid" if self.valid else "invalid",
                   committed_id=self.committed_id, dirty_blocks=int(np.count_nonzero(self._dirty)),
                   block_size=bs, region_size=self.cfg.region_size, notes=list(notes),
-                  invalid_reason=self.invalid_reason, pid=os.getpid())
+                  invalid_reason=self.invalid_reason, identity_check=self.identity_check, pid=os.getpid())
 
     def _region_bits(self, dirty: np.ndarray) -> np.ndarray:
         return resample(dirty, self.bs, self.mrt.region, self.size)
 
     def _mrt_fields(self) -> dict:
         return {"tracker_id": self.tracker_id, "committed_id": self.committed_id, "epoch": self.epoch,
-                "valid": self.valid, "invalid_reason": self.invalid_reason}
+                "valid": self.valid, "invalid_reason": self.invalid_reason, "clean": False}
 
     # ------------------------------------------------------------------ .rct
-    def _write_rct(self, clean: bool) -> None:
+    def _write_rct(self, clean: bool, stop_identity: dict | None = None) -> None:
         """Snapshot and write the .rct (the caller may hold the gate, never _state)."""
         with self._state:
             self._stale = False
@@ -495,7 +516,7 @@ class Tracker:
                           clean=clean, committed_id=self.committed_id, epoch=self.epoch, dirty=dirty,
                           history=self.history, valid=self.valid, invalid_reason=self.invalid_reason,
                           pending_id=self.pending.change_id if self.pending else None, disk_mtime_ns=mtime,
-                          extra={"region_size": self.mrt.region})
+                          stop_identity=stop_identity, extra={"region_size": self.mrt.region})
             data = encode_rct(self.ident, st)
             try:
                 write_atomic(self.paths.rct, data)
@@ -856,7 +877,8 @@ class Tracker:
             "tracker_id": self.tracker_id, "state_dir": self.paths.state_dir,
             "rct": self.paths.rct, "mrt": self.paths.mrt, "log": self.paths.log,
             "tracking": "valid" if self.valid else "invalid", "invalid_reason": self.invalid_reason,
-            "recovery": self.recovery, "notes": list(self.notes),
+            "recovery": self.recovery, "notes": list(self.notes), "identity_check": self.identity_check,
+            "identity_hash_limit": self.cfg.hash_limit,
             "committed_change_id": self.committed_id,
             "known_change_ids": ([h["from"] for h in self.history] + [self.committed_id]
                                  if self.committed_id else []),
@@ -891,7 +913,13 @@ class Tracker:
                 err = None
                 try:
                     self.mrt.flush_pending()
-                    self._write_rct(clean=True)
+                    # What proves at the next start that nothing wrote the disk while it was not
+                    # tracked: taken after the last write, once its timestamps are in the past.
+                    os.fdatasync(self.fd)
+                    identity.settle(self.fd)
+                    ident = identity.take(self.fd, self.cfg.hash_limit)
+                    self._write_rct(clean=True, stop_identity=ident)
+                    self.mrt.rewrite(self.mrt.bits, {**self._mrt_fields(), "clean": True, "stop_identity": ident})
                 except OSError as e:
                     err = e.strerror
             self._log("stop", reason=reason, clean=err is None, error=err,
