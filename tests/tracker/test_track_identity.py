@@ -16,6 +16,11 @@ from pathlib import Path
 import pytest
 from trackutil import BS, MiB, Tracked
 
+from vmbak.errors import ChangeTrackingError
+from vmbak.tracker import identity
+from vmbak.tracker.client import TrackerClient
+from vmbak.tracker.formats import DiskIdentity, encode_rct, read_rct
+
 
 def qemu_io(uri: str, *cmds: str) -> None:
     args = ["qemu-io", "-f", "raw"]
@@ -124,3 +129,139 @@ def test_without_a_full_hash_the_change_time_still_tells(track_disk, repo, run_v
     the change time cannot be."""
     untracked_write_scenario(track_disk, repo, run_vmbak, tmp_path, how, keep_times=True,
                              start_args=("--identity-hash-limit", "0"))
+
+
+# ---------------------------------------------------------------------------- library level, fast
+def _commit(t: Tracked) -> str:
+    with TrackerClient(t.sock) as c:
+        cp = c.checkpoint(None, BS)
+        cp.commit()
+        return cp.change_id
+
+
+def _tracking(t: Tracked, since: str) -> tuple[str, str]:
+    """(tracking, invalid_reason or the identity note) after a start; the change ID is
+    accepted exactly when the tracking is valid."""
+    st = t.status()
+    with TrackerClient(t.sock) as c:
+        try:
+            c.checkpoint(since, BS).abort()
+            assert st["tracking"] == "valid"
+        except ChangeTrackingError as e:
+            assert st["tracking"] == "invalid" and "\n" not in str(e)
+    return st["tracking"], st["invalid_reason"] or (st["identity_check"] or {}).get("reason", "")
+
+
+def test_a_write_right_after_the_stop_is_seen_without_a_full_hash(track_disk) -> None:
+    """The stop waits until the clock is past the disk's timestamps: a write in the same
+    clock tick as the tracker's last one still changes them."""
+    t = track_disk("quick.raw", 8 * MiB, identity_hash_limit=0)
+    since = _commit(t)
+    qemu_io(t.uri, "write -P 0x11 0 64k")
+    t.stop()
+    with open(t.disk, "r+b") as f:
+        f.seek(6 * MiB + 12345)
+        f.write(b"x")
+    t.start()
+    state, why = _tracking(t, since)
+    assert state == "invalid" and "modification time changed" in why
+
+
+def test_an_untouched_disk_stays_tracked(track_disk) -> None:
+    """No false alarm: a clean stop and start, with a full hash and with only a sample; with
+    a full hash even a chmod is no reason to scan, with a sample it is (and says so)."""
+    for limit, name in ((256 * MiB, "full.raw"), (0, "sample.raw")):
+        t = track_disk(name, 8 * MiB, identity_hash_limit=limit)
+        since = _commit(t)
+        qemu_io(t.uri, "write -P 0x12 1M 64k")
+        t.stop()
+        t.start()
+        state, why = _tracking(t, since)
+        assert state == "valid", why
+        assert ("content hash matches" if limit else "sampled blocks are unchanged") in why
+        t.stop()
+        os.chmod(t.disk, 0o640)
+        t.start()
+        state, why = _tracking(t, since)
+        if limit:
+            assert state == "valid" and "content hash matches" in why
+        else:
+            assert state == "invalid" and "change time (ctime) changed" in why
+        t.stop()
+
+
+def test_a_clean_stop_by_an_older_vmbak_is_not_trusted(track_disk) -> None:
+    """An .rct whose clean stop recorded no identity (only the modification time): scan once."""
+    t = track_disk("old.raw", 8 * MiB)
+    since = _commit(t)
+    t.stop()
+    fd = os.open(t.disk, os.O_RDONLY)
+    ident = DiskIdentity.of(str(t.disk), fd)
+    os.close(fd)
+    st = read_rct(str(t.state("rct")), ident)
+    st.stop_identity = None
+    t.state("rct").write_bytes(encode_rct(ident, st))
+    t.start()
+    state, why = _tracking(t, since)
+    assert state == "invalid" and "recorded no disk identity" in why
+
+
+def test_sample_only_proves_a_change(tmp_path) -> None:
+    """The identity of a file: a full hash follows the logical content (a hole and written
+    zeros hash alike); a sample sees a change in a sampled block and misses others, which is
+    why a sample alone never proves a disk untouched."""
+    p = tmp_path / "d.raw"
+    with open(p, "wb") as f:
+        f.truncate(32 * MiB)
+        f.seek(MiB)
+        f.write(os.urandom(BS))
+    fd = os.open(p, os.O_RDWR)
+    try:
+        full = identity.take(fd, hash_limit=MiB)
+        assert full["hash"]["kind"] == "full" and full["hash"]["data_bytes"] == MiB  # holes are not read
+        os.pwrite(fd, bytes(BS), 20 * MiB)  # zeros over a hole: same content
+        assert identity.verify(full, fd).proven
+        sample = identity.take(fd, hash_limit=0)
+        assert sample["hash"]["kind"] == "sample" and len(sample["hash"]["offsets"]) == identity.SAMPLE_COUNT
+        offs = set(sample["hash"]["offsets"])
+        unsampled = next(o for o in range(0, 32 * MiB, BS) if o not in offs)
+        identity.settle(fd)
+        os.pwrite(fd, b"\1", unsampled)
+        assert not identity.verify(full, fd).proven
+        v = identity.verify(sample, fd)
+        assert not v.proven and "modification time" in v.reason  # the times caught it, not the sample
+        os.utime(fd, ns=(sample["mtime_ns"], sample["mtime_ns"]))
+        v = identity.verify(sample, fd)
+        assert not v.proven and "ctime" in v.reason
+        os.pwrite(fd, b"\2", sorted(offs)[1])
+        v = identity.verify(sample, fd)
+        assert not v.proven and "sampled blocks differ" in v.reason
+    finally:
+        os.close(fd)
+
+
+def test_a_block_device_is_proven_only_by_a_full_hash(tmp_path) -> None:
+    """A block device has no modification time: a matching sample proves nothing."""
+    backing = tmp_path / "loop.img"
+    backing.write_bytes(os.urandom(4 * MiB))
+    p = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"no loop device here: {p.stderr.strip()}")
+    dev = p.stdout.strip()
+    try:
+        fd = os.open(dev, os.O_RDWR)
+        try:
+            full = identity.take(fd, hash_limit=4 * MiB)
+            sample = identity.take(fd, hash_limit=MiB)
+            assert full["kind"] == "block" and full["size"] == 4 * MiB and full["mtime_ns"] is None
+            assert identity.verify(full, fd).proven
+            v = identity.verify(sample, fd)
+            assert not v.proven and "block device has no modification time" in v.reason
+            os.pwrite(fd, b"\1" * 512, 2 * MiB)
+            os.fsync(fd)
+            v = identity.verify(full, fd)
+            assert not v.proven and "content hash differs" in v.reason
+        finally:
+            os.close(fd)
+    finally:
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
