@@ -401,7 +401,7 @@ class Tracker:
             if v.proven:
                 notes.append(f"{v.reason} ({where}): tracking continues")
             elif self.valid:
-                invalidate(f"{v.reason}; a scan is needed")
+                invalidate(v.reason)
             else:
                 notes.append(v.reason)
 
