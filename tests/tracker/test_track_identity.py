@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from trackutil import BS, MiB, Tracked
 from vmbak.errors import ChangeTrackingError
 from vmbak.tracker import identity
 from vmbak.tracker.client import TrackerClient
-from vmbak.tracker.formats import DiskIdentity, encode_rct, read_rct
+from vmbak.tracker.formats import DiskIdentity, encode_rct, read_mrt, read_rct
 
 
 def qemu_io(uri: str, *cmds: str) -> None:
@@ -197,9 +198,7 @@ def test_a_clean_stop_by_an_older_vmbak_is_not_trusted(track_disk) -> None:
     t = track_disk("old.raw", 8 * MiB)
     since = _commit(t)
     t.stop()
-    fd = os.open(t.disk, os.O_RDONLY)
-    ident = DiskIdentity.of(str(t.disk), fd)
-    os.close(fd)
+    ident = _ident(t)
     st = read_rct(str(t.state("rct")), ident)
     st.stop_identity = None
     t.state("rct").write_bytes(encode_rct(ident, st))
@@ -267,3 +266,45 @@ def test_a_block_device_is_proven_only_by_a_full_hash(tmp_path) -> None:
             os.close(fd)
     finally:
         subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+@pytest.mark.parametrize("written", [True, False])
+def test_after_a_crash_a_change_later_than_the_lease_is_seen(track_disk, storm, written) -> None:
+    """kill -9, then (or not) a write into the file once the crashed tracker's lease (1 s
+    here) has run out: the .mrt's lease shows the tracker cannot have made it."""
+    t = track_disk(f"crash-{written}.raw", 8 * MiB, crash_lease=1.0, rct_interval=0.1)
+    since = _commit(t)
+    w = storm(t, 3, "--count", "100")
+    assert w.wait(60) == 0, w.stderr.read()
+    t.kill9()
+    time.sleep(1.2)
+    if written:
+        with open(t.disk, "r+b") as f:
+            f.seek(7 * MiB)
+            f.write(b"after the crash")
+    t.start()
+    state, why = _tracking(t, since)
+    if written:
+        assert state == "invalid" and "after the crashed tracker's lease ran out" in why, why
+    else:
+        assert state == "valid" and "before the crashed tracker's lease ran out" in why, why
+        assert any(n.startswith("crash recovery:") for n in t.status()["notes"])
+
+
+def test_the_lease_is_renewed_while_writing(track_disk) -> None:
+    """Writes keep the lease on stable storage ahead of them."""
+    t = track_disk("lease.raw", 8 * MiB, crash_lease=1.0)
+    for i in range(4):
+        qemu_io(t.uri, f"write -P {i + 1} {i}M 64k")
+        st = t.status()
+        lease = read_mrt(str(t.state("mrt")), _ident(t)).header["lease_until_ns"] / 1e9
+        assert lease > os.stat(t.disk).st_ctime_ns / 1e9, st
+        time.sleep(0.5)
+
+
+def _ident(t: Tracked) -> DiskIdentity:
+    fd = os.open(t.disk, os.O_RDONLY)
+    try:
+        return DiskIdentity.of(str(t.disk), fd)
+    finally:
+        os.close(fd)
