@@ -43,6 +43,14 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                    help="write the .rct back every SEC seconds (default 5)")
     s.add_argument("--state-dir", metavar="DIR", help="where DISK.vmbak.{rct,mrt,log} live (default: next "
                    "to the disk)")
+    s.add_argument("--identity-hash-limit", type=parse_size, default=256 << 20, metavar="N",
+                   help="at a clean stop, hash the whole disk when it holds at most N bytes of data (holes "
+                   "are free), so the next start can prove nothing wrote it meanwhile; a larger disk gets a "
+                   "sample hash and its times are trusted (default 256M; 0: always a sample)")
+    s.add_argument("--crash-lease", type=float, default=60.0, metavar="SEC",
+                   help="the tracker writes the disk only within SEC seconds of a lease renewed in the .mrt; "
+                   "after a crash, a disk changed after the lease counts as written by something else "
+                   "and the next backup scans (default 60)")
     s.add_argument("--foreground", action="store_true", help="stay in the foreground (do not daemonise)")
     s.add_argument("--history", type=int, default=8, help=argparse.SUPPRESS)
     s.add_argument("--no-mrt-write-through", dest="mrt_sync", action="store_false", help=argparse.SUPPRESS)
@@ -124,7 +132,8 @@ def cmd_start(args: argparse.Namespace) -> int:
                   file=sys.stderr)
     st = daemon.start(args.disk, args.socket, tcp=args.tcp, block_size=args.block_size,
                       mrt_region=args.mrt_region, rct_interval=args.rct_interval, state_dir=args.state_dir,
-                      foreground=args.foreground, mrt_sync=args.mrt_sync, history=args.history)
+                      foreground=args.foreground, mrt_sync=args.mrt_sync, history=args.history,
+                      identity_hash_limit=args.identity_hash_limit, crash_lease=args.crash_lease)
     _emit(args, st, f"tracking {st['disk']} on {st['socket']} (pid {st['pid']}, tracking {st['tracking']})"
           + "".join(f"\nnote: {n}" for n in st.get("notes") or []))
     return 0

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vmbak.tracker import changelog
+from vmbak.tracker import changelog, identity
 from vmbak.tracker.formats import (
     MRT_PAGE_BITS,
     PAGE,
@@ -58,6 +58,7 @@ DEFAULT_BLOCK_SIZE = 64 << 10
 DEFAULT_REGION_SIZE = 1 << 20
 DEFAULT_RCT_INTERVAL = 5.0
 DEFAULT_HISTORY = 8
+DEFAULT_LEASE = 60.0
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -98,6 +99,11 @@ def _libc_fallocate() -> Callable[[int, int, int, int], None] | None:
 
 
 _fallocate = _libc_fallocate()
+
+
+def _iso(ns: int) -> str:
+    t = ns / 1e9
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -180,7 +186,8 @@ class Gate:
 class Mrt:
     """The modified-region table, written through with group commit."""
 
-    def __init__(self, path: str, ident: DiskIdentity, region_size: int, sync: bool) -> None:
+    def __init__(self, path: str, ident: DiskIdentity, region_size: int, sync: bool,
+                 lease: float = DEFAULT_LEASE) -> None:
         self.path = path
         self.ident = ident
         self.region = region_size
@@ -192,22 +199,30 @@ class Mrt:
         self.fd = -1
         self.generation = 0
         self.header: dict = {}
+        self._fields: dict = {}
+        # The lease: the tracker writes the disk only before ``lease_until`` (wall clock, s), a
+        # time that a header on stable storage names. After a crash, a disk changed later than
+        # the lease was changed by something else.
+        self.lease = lease
+        self.lease_until = 0.0
         self._io = threading.Lock()
         self._plock = threading.Lock()
         self._pending: set[int] = set()
         self.syncs = 0
 
-    def _hdr(self, fields: dict) -> bytes:
+    def _hdr(self, fields: dict, lease_until: float) -> bytes:
         self.generation += 1
+        self._fields = fields
         self.header = {**self.ident.header(), **fields, "region_size": self.region, "nregions": self.n,
-                       "generation": self.generation}
+                       "generation": self.generation, "lease_until_ns": int(lease_until * 1e9)}
         return encode_mrt_header(self.header)
 
     def create(self, bits: np.ndarray, fields: dict, generation: int) -> None:
         """Write a whole new table atomically (temporary file and rename) and open it."""
         self.generation = generation
         self.bits = bits.copy()
-        hdr = self._hdr(fields)
+        lease = time.time() + self.lease
+        hdr = self._hdr(fields, lease)
         parts = [hdr, hdr]
         for i in range(self.npages):
             parts.append(encode_mrt_page(i, self.bits[i * MRT_PAGE_BITS:(i + 1) * MRT_PAGE_BITS]))
@@ -217,6 +232,7 @@ class Mrt:
             os.close(self.fd)
         self.fd = fd
         self.durable = self.bits.copy()
+        self.lease_until = lease
 
     def _write_pages(self, pages: set[int]) -> None:
         for i in sorted(pages):
@@ -258,11 +274,13 @@ class Mrt:
             new = bits.copy()
             if pend:
                 new[np.fromiter(pend, np.int64, len(pend))] = True
-            hdr = self._hdr(fields)
+            lease = time.time() + self.lease
+            hdr = self._hdr(fields, lease)
             changed = np.flatnonzero(new != self.bits)
             try:
                 _pwrite_all(self.fd, hdr, PAGE * (self.generation % 2))
                 os.fdatasync(self.fd)
+                self.lease_until = max(self.lease_until, lease)
                 self.bits = new
                 self._write_pages(set((changed // MRT_PAGE_BITS).tolist()))
                 os.fdatasync(self.fd)
@@ -273,6 +291,18 @@ class Mrt:
                 raise
             self.syncs += 2
             self.durable = new.copy()
+
+    def renew_lease(self, ahead: float) -> None:
+        """Return once the lease on stable storage runs at least ``ahead`` seconds more."""
+        with self._io:
+            if time.time() < self.lease_until - ahead:
+                return  # another writer renewed it
+            lease = time.time() + self.lease
+            hdr = self._hdr(self._fields, lease)
+            _pwrite_all(self.fd, hdr, PAGE * (self.generation % 2))
+            os.fdatasync(self.fd)
+            self.syncs += 1
+            self.lease_until = lease
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -304,6 +334,8 @@ class Config:
     rct_interval: float = DEFAULT_RCT_INTERVAL
     mrt_sync: bool = True
     history: int = DEFAULT_HISTORY
+    hash_limit: int = identity.DEFAULT_HASH_LIMIT
+    lease: float = DEFAULT_LEASE
     socket: str | None = None
     tcp: str | None = None
     extra: dict = field(default_factory=dict)
@@ -335,7 +367,8 @@ class Tracker:
         self._ctl = threading.RLock()  # serialises checkpoint / commit / abort / stop
         self._state = threading.Lock()  # state snapshot and .rct writes
         self._cow_lock = threading.Lock()
-        self.mrt = Mrt(self.paths.mrt, self.ident, cfg.region_size, cfg.mrt_sync)
+        self.mrt = Mrt(self.paths.mrt, self.ident, cfg.region_size, cfg.mrt_sync, cfg.lease)
+        self._lease_ahead = min(5.0, cfg.lease / 4)
         self.pending: Pending | None = None
         self._next: np.ndarray | None = None
         self._stale = True
@@ -392,6 +425,44 @@ class Tracker:
             self.committed_id = None
             self.history = []
 
+        self.identity_check: dict | None = None
+
+        def check_stop_identity(rec: object, where: str) -> None:
+            v = identity.verify(rec, self.fd)
+            self.identity_check = {"proven": v.proven, "reason": v.reason, "from": where}
+            if v.proven:
+                notes.append(f"{v.reason} ({where}): tracking continues")
+            elif self.valid:
+                invalidate(v.reason)
+            else:
+                notes.append(v.reason)
+
+        def check_crash_lease(hdr: dict, where: str) -> None:
+            # After a crash nothing records when the tracker died; its lease bounds when it
+            # could have written. A change of the disk after the lease was someone else's.
+            lease = hdr.get("lease_until_ns")
+            ctime = os.fstat(self.fd).st_ctime_ns
+            if not isinstance(lease, int):
+                reason = (f"{identity.UNPROVEN}: the tracker did not stop cleanly, and {where} was written by "
+                          "an older vmbak that records no lease to compare the disk's change time with")
+                proven = False
+            elif ctime > lease:
+                reason = (f"{identity.WRITTEN}: the tracker did not stop cleanly, and the disk changed at "
+                          f"{_iso(ctime)}, after the crashed tracker's lease ran out at {_iso(lease)} (a write, "
+                          "or a chmod, chown or xattr change)")
+                proven = False
+            else:
+                reason = (f"the disk last changed at {_iso(ctime)}, before the crashed tracker's lease ran out at "
+                          f"{_iso(lease)}; a write by anything else before then could not be told apart")
+                proven = True
+            self.identity_check = {"proven": proven, "reason": reason, "from": where}
+            if proven:
+                notes.append(f"crash recovery: {reason}")
+            elif self.valid:
+                invalidate(reason)
+            else:
+                notes.append(reason)
+
         mrt_generation = 0
         if mrt is not None:
             mrt_generation = int(mrt.header.get("generation", 0))
@@ -415,10 +486,7 @@ class Tracker:
                 invalidate(rct.invalid_reason or "tracking was invalid before the restart")
             if rct.clean:
                 self.recovery = "clean"
-                st = os.fstat(self.fd)
-                if rct.disk_mtime_ns is not None and rct.disk_mtime_ns != st.st_mtime_ns:
-                    invalidate("the disk was modified while it was not tracked (its modification time "
-                               "changed since the clean stop)")
+                check_stop_identity(rct.stop_identity, rct_name)
                 if mrt_err is not None and mrt_err.kind != "missing":
                     notes.append(f"{mrt_name} {mrt_err}; rebuilt from the clean {rct_name}")
             else:
@@ -440,6 +508,10 @@ class Tracker:
                         invalidate(f"{mrt_name} refers to change ID {mid}, which {rct_name} does not know")
                     if not mrt.header.get("valid", True):
                         invalidate(mrt.header.get("invalid_reason") or "tracking was invalid")
+                    if mrt.header.get("clean"):
+                        check_stop_identity(mrt.header.get("stop_identity"), mrt_name)
+                    else:
+                        check_crash_lease(mrt.header, mrt_name)
         elif mrt is not None:
             self.recovery = "mrt-only"
             self.tracker_id = str(mrt.header.get("tracker_id") or secrets.token_hex(16))
@@ -450,6 +522,16 @@ class Tracker:
                          "region counts as changed (over-reporting)")
             if not mrt.header.get("valid", True):
                 invalidate(mrt.header.get("invalid_reason") or "tracking was invalid")
+            if mrt.header.get("clean"):
+                check_stop_identity(mrt.header.get("stop_identity"), mrt_name)
+            elif "clean" not in mrt.header:
+                # written by a vmbak that did not record clean stops in the .mrt: a clean stop
+                # followed by untracked writes cannot be told from a crash
+                invalidate(f"{identity.UNPROVEN}: {mrt_name} was written by an older vmbak that does not "
+                           "record whether the tracker stopped cleanly, nor the disk's identity")
+            else:
+                notes.append(f"{mrt_name}: the tracker did not stop cleanly (crash recovery)")
+                check_crash_lease(mrt.header, mrt_name)
         else:
             self.tracker_id = secrets.token_hex(16)
             self._dirty = np.zeros(self.nb, bool)
@@ -472,17 +554,17 @@ class Tracker:
         self._log("start", recovery=self.recovery, tracking="valid" if self.valid else "invalid",
                   committed_id=self.committed_id, dirty_blocks=int(np.count_nonzero(self._dirty)),
                   block_size=bs, region_size=self.cfg.region_size, notes=list(notes),
-                  invalid_reason=self.invalid_reason, pid=os.getpid())
+                  invalid_reason=self.invalid_reason, identity_check=self.identity_check, pid=os.getpid())
 
     def _region_bits(self, dirty: np.ndarray) -> np.ndarray:
         return resample(dirty, self.bs, self.mrt.region, self.size)
 
     def _mrt_fields(self) -> dict:
         return {"tracker_id": self.tracker_id, "committed_id": self.committed_id, "epoch": self.epoch,
-                "valid": self.valid, "invalid_reason": self.invalid_reason}
+                "valid": self.valid, "invalid_reason": self.invalid_reason, "clean": False}
 
     # ------------------------------------------------------------------ .rct
-    def _write_rct(self, clean: bool) -> None:
+    def _write_rct(self, clean: bool, stop_identity: dict | None = None) -> None:
         """Snapshot and write the .rct (the caller may hold the gate, never _state)."""
         with self._state:
             self._stale = False
@@ -495,7 +577,7 @@ class Tracker:
                           clean=clean, committed_id=self.committed_id, epoch=self.epoch, dirty=dirty,
                           history=self.history, valid=self.valid, invalid_reason=self.invalid_reason,
                           pending_id=self.pending.change_id if self.pending else None, disk_mtime_ns=mtime,
-                          extra={"region_size": self.mrt.region})
+                          stop_identity=stop_identity, extra={"region_size": self.mrt.region})
             data = encode_rct(self.ident, st)
             try:
                 write_atomic(self.paths.rct, data)
@@ -542,11 +624,14 @@ class Tracker:
         try:
             if self.closed:
                 raise OSError(errno.ESHUTDOWN, "the tracker is stopping")
-            # 1. the in-memory bit, 2. the MRT bit on stable storage, 3. copy-before-write, 4. the data
+            # 1. the in-memory bit, 2. the MRT bit (and the lease) on stable storage, 3. copy-before-write,
+            # 4. the data
             self._epoch_map[b0:b1] = True
             self._stale = True
             if not self.mrt.durable[r0:r1].all():
                 self.mrt.ensure(r0, r1)
+            if time.time() >= self.mrt.lease_until - self._lease_ahead:
+                self.mrt.renew_lease(self._lease_ahead)
             if self.pending is not None:
                 self._copy_before_write(b0, b1)
             op()
@@ -856,7 +941,9 @@ class Tracker:
             "tracker_id": self.tracker_id, "state_dir": self.paths.state_dir,
             "rct": self.paths.rct, "mrt": self.paths.mrt, "log": self.paths.log,
             "tracking": "valid" if self.valid else "invalid", "invalid_reason": self.invalid_reason,
-            "recovery": self.recovery, "notes": list(self.notes),
+            "recovery": self.recovery, "notes": list(self.notes), "identity_check": self.identity_check,
+            "identity_hash_limit": self.cfg.hash_limit, "crash_lease_s": self.cfg.lease,
+            "lease_until": _iso(int(self.mrt.lease_until * 1e9)) if self.mrt.lease_until else None,
             "committed_change_id": self.committed_id,
             "known_change_ids": ([h["from"] for h in self.history] + [self.committed_id]
                                  if self.committed_id else []),
@@ -891,7 +978,13 @@ class Tracker:
                 err = None
                 try:
                     self.mrt.flush_pending()
-                    self._write_rct(clean=True)
+                    # What proves at the next start that nothing wrote the disk while it was not
+                    # tracked: taken after the last write, once its timestamps are in the past.
+                    os.fdatasync(self.fd)
+                    identity.settle(self.fd)
+                    ident = identity.take(self.fd, self.cfg.hash_limit)
+                    self._write_rct(clean=True, stop_identity=ident)
+                    self.mrt.rewrite(self.mrt.bits, {**self._mrt_fields(), "clean": True, "stop_identity": ident})
                 except OSError as e:
                     err = e.strerror
             self._log("stop", reason=reason, clean=err is None, error=err,

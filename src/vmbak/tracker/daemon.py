@@ -16,7 +16,14 @@ import time
 from vmbak.errors import DiskError, VmbakError
 from vmbak.tracker import changelog
 from vmbak.tracker.client import TrackerClient, TrackerUnavailable
-from vmbak.tracker.core import DEFAULT_BLOCK_SIZE, DEFAULT_HISTORY, DEFAULT_RCT_INTERVAL, DEFAULT_REGION_SIZE
+from vmbak.tracker.core import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_HISTORY,
+    DEFAULT_LEASE,
+    DEFAULT_RCT_INTERVAL,
+    DEFAULT_REGION_SIZE,
+)
+from vmbak.tracker.identity import DEFAULT_HASH_LIMIT
 from vmbak.tracker.paths import MAX_UNIX_PATH, StatePaths, ctl_path, state_paths
 
 PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugin.py")
@@ -110,7 +117,8 @@ def wait_gone(pid: int, timeout: float) -> bool:
 
 def nbdkit_command(disk: str, sock: str, *, tcp: str | None, block_size: int, mrt_region: int,
                    rct_interval: float, state_dir: str | None, mrt_sync: bool, history: int,
-                   foreground: bool = False) -> list[str]:
+                   foreground: bool = False, identity_hash_limit: int = DEFAULT_HASH_LIMIT,
+                   crash_lease: float = DEFAULT_LEASE) -> list[str]:
     exe = shutil.which("nbdkit") or "/usr/sbin/nbdkit"
     # nbdkit forks into the background itself: its own process then has no parent-death signal
     # (this nbdkit sets one on the process that a caller starts, even without --exit-with-parent).
@@ -118,7 +126,8 @@ def nbdkit_command(disk: str, sock: str, *, tcp: str | None, block_size: int, mr
            "python", PLUGIN,
            f"disk={disk}", f"ctl={ctl_path(sock)}", f"socket={sock}", f"blocksize={block_size}",
            f"region={mrt_region}", f"rctinterval={rct_interval}", f"history={history}",
-           f"mrtsync={1 if mrt_sync else 0}"]
+           f"mrtsync={1 if mrt_sync else 0}", f"hashlimit={identity_hash_limit}",
+           f"lease={crash_lease}"]
     if state_dir:
         cmd.append(f"statedir={state_dir}")
     if tcp:
@@ -146,7 +155,8 @@ def _startup_error(paths: StatePaths, rc: int | None) -> str:
 def start(disk: str, sock: str, *, tcp: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
           mrt_region: int = DEFAULT_REGION_SIZE, rct_interval: float = DEFAULT_RCT_INTERVAL,
           state_dir: str | None = None, foreground: bool = False, mrt_sync: bool = True,
-          history: int = DEFAULT_HISTORY, timeout: float = 60.0) -> dict:
+          history: int = DEFAULT_HISTORY, identity_hash_limit: int = DEFAULT_HASH_LIMIT,
+          crash_lease: float = DEFAULT_LEASE, timeout: float = 60.0) -> dict:
     """Start tracking ``disk`` behind the NBD socket ``sock``. Returns the tracker's status once
     both sockets accept connections (daemonised), or never returns (``foreground``)."""
     disk = os.path.abspath(disk)
@@ -167,6 +177,10 @@ def start(disk: str, sock: str, *, tcp: str | None = None, block_size: int = DEF
         raise VmbakError("--mrt-region must be a power of two of at least 4096")
     if not rct_interval > 0:
         raise VmbakError("--rct-interval must be positive")
+    if identity_hash_limit < 0:
+        raise VmbakError("--identity-hash-limit must not be negative")
+    if not crash_lease >= 0.5:
+        raise VmbakError("--crash-lease must be at least 0.5 seconds")
     if state_dir:
         state_dir = os.path.abspath(state_dir)
         try:
@@ -186,7 +200,8 @@ def start(disk: str, sock: str, *, tcp: str | None = None, block_size: int = DEF
         raise TrackerStartFailed("nbdkit is not installed (Debian packages nbdkit and nbdkit-plugin-python)")
     cmd = nbdkit_command(disk, sock, tcp=tcp_spec, block_size=block_size, mrt_region=mrt_region,
                          rct_interval=rct_interval, state_dir=state_dir, mrt_sync=mrt_sync, history=history,
-                         foreground=foreground)
+                         foreground=foreground, identity_hash_limit=identity_hash_limit,
+                         crash_lease=crash_lease)
     env = dict(os.environ, VMBAK_TRACKER_PYPATH=_python_path(), PYTHONDONTWRITEBYTECODE="1")
     if foreground:
         sys.stdout.flush()

@@ -164,6 +164,7 @@ class RctState:
     invalid_reason: str | None = None
     pending_id: str | None = None
     disk_mtime_ns: int | None = None
+    stop_identity: dict | None = None  # vmbak.tracker.identity's record, at a clean stop
     extra: dict = field(default_factory=dict)
 
 
@@ -181,7 +182,7 @@ def encode_rct(ident: DiskIdentity, st: RctState) -> bytes:
         "tracker_id": st.tracker_id, "block_size": st.block_size, "generation": st.generation,
         "clean": st.clean, "committed_id": st.committed_id, "epoch": st.epoch,
         "valid": st.valid, "invalid_reason": st.invalid_reason, "pending_id": st.pending_id,
-        "disk_mtime_ns": st.disk_mtime_ns, "nblocks": len(st.dirty),
+        "disk_mtime_ns": st.disk_mtime_ns, "stop_identity": st.stop_identity, "nblocks": len(st.dirty),
         "dirty": section(st.dirty),
         "history": [{"from": h["from"], "to": h["to"], "time": h["time"], "bitmap": section(h["bitmap"])}
                     for h in st.history],
@@ -228,6 +229,7 @@ def decode_rct(data: bytes, ident: DiskIdentity) -> RctState:
                      for h in hdr.get("history", [])],
             valid=bool(hdr.get("valid", True)), invalid_reason=hdr.get("invalid_reason"),
             pending_id=hdr.get("pending_id"), disk_mtime_ns=hdr.get("disk_mtime_ns"),
+            stop_identity=hdr.get("stop_identity"),
         )
     except StateFileError:
         raise

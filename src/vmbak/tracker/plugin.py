@@ -5,7 +5,8 @@ Run by ``vmbak track start`` as::
     nbdkit --foreground --unix SOCKET python PLUGIN.py disk=DISK ctl=SOCKET.ctl [key=value ...]
 
 Keys: disk, ctl, socket, statedir, blocksize, region, rctinterval, tcp (HOST:PORT), history,
-mrtsync (1; 0 turns the MRT's write-through off, for benchmarks only).
+hashlimit (bytes of data hashed in full at a clean stop; more: a sample), lease (seconds the
+tracker may write the disk after renewing its lease in the .mrt header), mrtsync (1; 0 turns the MRT's write-through off, for benchmarks only).
 
 The default export is the disk (read, write, flush, trim, zero, extents). The export
 ``vmbak-frozen:TOKEN`` is the read-only frozen view of the open checkpoint whose secret
@@ -27,7 +28,8 @@ import errno  # noqa: E402
 import nbdkit  # noqa: E402
 
 from vmbak.tracker.control import ControlServer, TcpForwarder  # noqa: E402
-from vmbak.tracker.core import Config, Tracker, TrackerStartError  # noqa: E402
+from vmbak.tracker.core import DEFAULT_LEASE, Config, Tracker, TrackerStartError  # noqa: E402
+from vmbak.tracker.identity import DEFAULT_HASH_LIMIT  # noqa: E402
 from vmbak.tracker.paths import FROZEN_PREFIX  # noqa: E402
 
 API_VERSION = 2
@@ -60,7 +62,9 @@ def config_complete() -> None:
         cfg = Config(disk=_keys["disk"], state_dir=_keys.get("statedir") or None,
                      block_size=int(_keys.get("blocksize", 65536)), region_size=int(_keys.get("region", 1 << 20)),
                      rct_interval=float(_keys.get("rctinterval", 5.0)), mrt_sync=_keys.get("mrtsync", "1") != "0",
-                     history=int(_keys.get("history", 8)), socket=_keys.get("socket"), tcp=_keys.get("tcp"))
+                     history=int(_keys.get("history", 8)),
+                     hash_limit=int(_keys.get("hashlimit", DEFAULT_HASH_LIMIT)),
+                     lease=float(_keys.get("lease", DEFAULT_LEASE)), socket=_keys.get("socket"), tcp=_keys.get("tcp"))
     except ValueError as e:
         _fail(f"bad plugin parameter: {e}")
     try:
