@@ -10,6 +10,7 @@ from vmbak.engine.backup import DEFAULT_BLOCK_SIZE, BackupOptions
 from vmbak.engine.backup import backup as _backup
 from vmbak.engine.check import CheckReport
 from vmbak.engine.check import check as _check
+from vmbak.engine.overwrite import check_overwrite
 from vmbak.engine.progress import Progress
 from vmbak.engine.restore import RestoreTarget
 from vmbak.engine.restore import restore as _restore
@@ -55,10 +56,14 @@ def restore(repo: Repository, snapshot: str | Manifest, target: str | os.PathLik
             progress: Progress | None = None, sync: bool = False, readback: bool = False) -> dict:
     """Restore a snapshot (a Manifest, an id prefix, ``NAME:latest`` or ``NAME@TIME``) to a raw file or device.
 
+    An existing file or block device is written over only with ``overwrite``.
+
     ``verify`` checks every block against the snapshot's block hashes as it is written;
     ``readback`` instead reads the whole target back after writing and checks that.
     """
     m = repo.find(snapshot) if isinstance(snapshot, str) else snapshot
+    if not isinstance(target, RestoreTarget):
+        check_overwrite(target, overwrite)  # a block device needs overwrite=True, like a file
     tgt = target if isinstance(target, RestoreTarget) else os.fspath(target)
     return _restore(repo, m, tgt, overwrite=overwrite, verify=verify, workers=workers, progress=progress,
                     sync=sync, readback=readback)
