@@ -172,11 +172,19 @@ def test_one_size_parser(repo, make_disk, run_vmbak) -> None:
     assert json.loads(run_vmbak("usage", disk.path, "--block-size", "64K", "--json").stdout)["size"] == 2 * MiB
 
 
-def test_n_means_dry_run_only(repo) -> None:
+def test_n_means_dry_run_only(repo, assert_cli_error) -> None:
     parser = build_parser()
     for argv in (["forget", "--keep-last", "1", "-n"], ["prune", "-n"], ["merge", "web", "--into-full", "-n"],
                  ["copy", "-n"]):
         assert parser.parse_args(argv).dry_run, argv
     assert parser.parse_args(["track", "log", "sock", "--last", "3"]).last == 3
     p = repo.run("track", "log", "sock", "-n", "3", check=False)
-    assert p.returncode == 2 and "unrecognized arguments: -n" in p.stderr and "Traceback" not in p.stderr
+    assert_cli_error(p, "unrecognized arguments: -n", "--help")
+    assert p.returncode == 2
+
+
+def test_usage_errors_are_one_line(run_vmbak, assert_cli_error) -> None:
+    assert_cli_error(run_vmbak("restore", check=False), "restore", "required: SNAP", "vmbak restore --help")
+    assert_cli_error(run_vmbak("restore", "a", "b", "c", check=False), "unrecognized arguments: c")
+    assert_cli_error(run_vmbak("backup", "--mode", "sideways", "x", check=False), "invalid choice")
+    assert_cli_error(run_vmbak("nosuchcommand", check=False), "invalid choice", "vmbak --help")

@@ -32,6 +32,12 @@ class CommandParser(argparse.ArgumentParser):
         finally:
             self._intermixing = False
 
+    def error(self, message: str):  # noqa: ANN201 - never returns
+        """A usage error is one line, like every other error (the usage is in --help)."""
+        cmd = self.prog.removeprefix("vmbak").strip()
+        where = f"{cmd}: " if cmd else ""
+        self.exit(2, f"vmbak: error: {where}{message} (see {self.prog} --help)\n")
+
 
 def parse_size(text: str) -> int:
     """An argparse type for sizes: 65536, 64K, 256M, 1G (KiB/MiB/GiB)."""
