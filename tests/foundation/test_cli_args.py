@@ -74,6 +74,8 @@ def test_restore_over_a_device_needs_overwrite(repo, make_disk, tmp_path, assert
                                 "block device", "--overwrite", "16.0 MiB", "gpt", "ext4", '"precious"')
         assert dev in line
         assert dev_file.read_bytes() == before, "the device was written without --overwrite"
+        assert_cli_error(repo.run("restore", "d:latest", dev, "--format", "qcow2", check=False),
+                         "only be restored to a file")
         r = repo.json("restore", "d:latest", dev, "--overwrite")
         assert r["verified"]
     assert dev_file.read_bytes()[:4 * MiB] == disk.read()

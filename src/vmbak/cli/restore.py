@@ -90,7 +90,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from vmbak.engine.overwrite import check_overwrite
     from vmbak.engine.restore import restore
 
-    check_overwrite(args.target, args.overwrite)  # a device needs --overwrite, like a file
+    if fmt == "raw":  # (an image format refuses a device anyway, and says why)
+        check_overwrite(args.target, args.overwrite)  # a device needs --overwrite, like a file
     repo = open_repo(args)
     m = repo.find(args.snapshot)
     tgt = ImageRestoreTarget(args.target, m.disk_size, fmt, overwrite=args.overwrite)
