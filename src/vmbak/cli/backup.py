@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vmbak.cli.common import emit, log, open_repo, progress
+from vmbak.cli.common import emit, log, open_repo, parse_size, progress
 from vmbak.engine.backup import DEFAULT_BLOCK_SIZE, MODES, BackupOptions
 from vmbak.engine.common import human
 from vmbak.errors import VmbakError
@@ -70,7 +70,8 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                    "snapshots are named DOMAIN-TARGET (db-vda) and keep the domain XML")
     p.add_argument("--libvirt-uri", metavar="URI", default="qemu:///system",
                    help="libvirt connection (default qemu:///system)")
-    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="tracking block size (bytes)")
+    p.add_argument("--block-size", type=parse_size, default=DEFAULT_BLOCK_SIZE, metavar="N",
+                   help="tracking block size (default 64K; e.g. 65536, 64K, 1M)")
     p.add_argument("--workers", type=int, default=2, help="worker threads (default 2)")
     p.add_argument("--no-skip-unused", dest="skip_unused", action="store_false",
                    help="read and store blocks that no filesystem uses (default: skip them)")

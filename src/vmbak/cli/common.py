@@ -15,6 +15,30 @@ from vmbak.errors import VmbakError
 from vmbak.repo.repository import Repository
 
 
+class CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser that takes positional arguments before, between and after options
+    (``vmbak restore web:latest --format qcow2 /tmp/x.qcow2``). A parser with subcommands
+    parses as usual; each subcommand's parser (this class too) then intermixes."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 - argparse's signature
+        if self._intermixing or any(a.nargs in (argparse.PARSER, argparse.REMAINDER)
+                                    for a in self._get_positional_actions()):
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True  # parse_known_intermixed_args calls parse_known_args twice
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+    def error(self, message: str):  # noqa: ANN201 - never returns
+        """A usage error is one line, like every other error (the usage is in --help)."""
+        cmd = self.prog.removeprefix("vmbak").strip()
+        where = f"{cmd}: " if cmd else ""
+        self.exit(2, f"vmbak: error: {where}{message} (see {self.prog} --help)\n")
+
+
 def parse_size(text: str) -> int:
     """An argparse type for sizes: 65536, 64K, 256M, 1G (KiB/MiB/GiB)."""
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}

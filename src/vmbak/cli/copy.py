@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from vmbak.cli.common import apply_s3_options, emit, given_password, log, needs_password, password, progress
@@ -53,6 +54,16 @@ def _from_password(args: argparse.Namespace) -> str | None:
     return os.environ.get("VMBAK_FROM_PASSWORD")
 
 
+def _encrypted(loc: str) -> bool:
+    """Whether the repository at ``loc`` says it is encrypted (False when that cannot be read)."""
+    from vmbak.repo.repository import open_backend
+
+    try:
+        return json.loads(open_backend(loc).read("config")).get("encryption", "none") != "none"
+    except (OSError, ValueError, AttributeError, VmbakError):
+        return False
+
+
 def cmd_copy(args: argparse.Namespace) -> int:
     apply_s3_options(args)
     src_loc = args.from_repo or os.environ.get("VMBAK_FROM_REPOSITORY")
@@ -63,9 +74,13 @@ def cmd_copy(args: argparse.Namespace) -> int:
         raise VmbakError("no destination repository: use --to-repo REPO, -r REPO or set VMBAK_REPOSITORY")
     if args.workers < 1:
         raise VmbakError("--workers must be at least 1")
+    src_pw = _from_password(args)
     try:
-        src = Repository.open(src_loc, _from_password(args))
+        src = Repository.open(src_loc, src_pw)
     except VmbakError as e:
+        if src_pw is None and _encrypted(src_loc):
+            raise VmbakError("source repository is encrypted: give its password with --from-password-file FILE, "
+                             "$VMBAK_FROM_PASSWORD_FILE or $VMBAK_FROM_PASSWORD") from None
         raise type(e)(f"source repository: {e}") from None
     try:
         dst = Repository.open(dst_loc, password(args) if needs_password(dst_loc) else given_password(args))

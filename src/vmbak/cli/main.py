@@ -8,6 +8,7 @@ import inspect
 import sys
 
 from vmbak import __version__
+from vmbak.cli.common import CommandParser
 from vmbak.errors import VmbakError
 
 GROUPS = ["repository", "backup", "restore", "snapshots", "keys", "maintenance", "copy"]
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="print only errors")
-    p = argparse.ArgumentParser(
+    p = CommandParser(  # every subcommand's parser is one too: positionals may follow options
         prog="vmbak", parents=[common],
         description="Block-level backup for virtual-machine disks: changed-block incrementals, "
         "deduplicated, compressed and encrypted repositories, chain restores.",

@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument("--format", metavar="FMT",
                    help="raw, qcow2, vhdx, vpc (vhd) or vmdk (default: from TARGET's extension "
                    ".qcow2/.vhdx/.vhd/.vmdk, else raw; with --libvirt, each disk's own format)")
-    p.add_argument("--overwrite", action="store_true", help="allow writing over an existing regular file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow writing over an existing regular file or block device")
     p.add_argument("--no-verify", action="store_true", help="skip checking the blocks against the block hashes")
     p.add_argument("--verify-readback", action="store_true",
                    help="after writing, read the whole target back and check it against the block hashes "
@@ -86,8 +87,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise VmbakError("give the TARGET to restore to (a new file or an existing file or device)")
     fmt = _format_for(args.target, args.format)
     from vmbak.disks.qemu import ImageRestoreTarget
+    from vmbak.engine.overwrite import check_overwrite
     from vmbak.engine.restore import restore
 
+    if fmt == "raw":  # (an image format refuses a device anyway, and says why)
+        check_overwrite(args.target, args.overwrite)  # a device needs --overwrite, like a file
     repo = open_repo(args)
     m = repo.find(args.snapshot)
     tgt = ImageRestoreTarget(args.target, m.disk_size, fmt, overwrite=args.overwrite)

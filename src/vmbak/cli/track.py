@@ -70,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
                         description="Every start, recovery, checkpoint, commit, abort and stop.")
     lg.add_argument("target", metavar="SOCKET|DISK")
     lg.add_argument("--state-dir", metavar="DIR", help="the state directory used at start (with DISK)")
-    lg.add_argument("-n", "--last", type=int, default=0, metavar="N", help="only the last N records")
+    lg.add_argument("--last", type=int, default=0, metavar="N", help="only the last N records")
     lg.set_defaults(func=cmd_log)
 
 

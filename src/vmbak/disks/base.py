@@ -17,7 +17,8 @@ class DiskReader(Protocol):
     description: str
 
     def pread(self, length: int, offset: int) -> bytes:
-        """Return exactly ``length`` bytes at ``offset`` (short only at the end of the disk)."""
+        """Return exactly ``length`` bytes at ``offset`` (short only at the end of the disk), as
+        ``bytes`` (never a bytearray or memoryview: parsers and hashes rely on the type)."""
         ...
 
     def data_extents(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:

@@ -28,13 +28,31 @@ def diff(repo: Repository, a: Manifest, b: Manifest, max_extents: int = 100000) 
             "extent_count": len(rs), "extents": ext, "truncated": len(rs) > max_extents}
 
 
+def referenced_bytes(m: Manifest) -> int:
+    """The disk bytes the manifest's extents hold (a partial last block counts as what it is)."""
+    if not len(m.ext_count):
+        return 0
+    bs = m.block_size
+    total = int(m.ext_count.sum()) * bs
+    nblocks = -(-m.disk_size // bs)
+    if m.disk_size % bs and bool(np.any(m.ext_start.astype(np.int64) + m.ext_count == nblocks)):
+        total -= bs - m.disk_size % bs
+    return total
+
+
+def _ratio(a: int, b: int) -> float | None:
+    return round(a / b, 3) if a > 0 and b > 0 else None
+
+
 def snapshot_stats(repo: Repository, m: Manifest) -> dict:
     s = dict(m.stats)
     raw = s.get("new_raw_bytes", 0)
     stored = s.get("new_stored_bytes", 0)
-    data = s.get("data_bytes", 0)
+    data = referenced_bytes(m)
     s["compression_ratio"] = round(raw / stored, 3) if stored else None
-    s["dedup_ratio"] = round(data / raw, 3) if raw else None
+    # the data this backup references over the part of it that was new (the block hash
+    # table, also counted in new_raw_bytes, is metadata: it is not deduplicated data)
+    s["dedup_ratio"] = _ratio(data, data - int(s.get("dedup_bytes", 0)))
     s["chain_length"] = len(repo.chain(m))
     return {"snapshot": m.summary(), "stats": s}
 
@@ -48,7 +66,10 @@ def repo_stats(repo: Repository) -> dict:
     for _, loc in index.items():
         raw_total += loc.raw_length
         stored_total += loc.length
-    referenced_data = sum(int(m.ext_count.sum()) * m.block_size for m in ms if len(m.ext_count))
+    referenced_data = sum(referenced_bytes(m) for m in ms)
+    # block hash tables are chunks too, but no extent refers to them: not deduplicated data
+    meta = {cid for m in ms for cid in m.bht_chunks}
+    meta_raw = sum(loc.raw_length for loc in (index.get(cid) for cid in meta) if loc is not None)
     logical = sum(m.disk_size for m in ms)
     return {
         "snapshots": len(ms),
@@ -61,6 +82,6 @@ def repo_stats(repo: Repository) -> dict:
         "stored_bytes": stored_total,
         "pack_bytes": pack_bytes,
         "compression_ratio": round(raw_total / stored_total, 3) if stored_total else None,
-        "dedup_ratio": round(referenced_data / raw_total, 3) if raw_total else None,
+        "dedup_ratio": _ratio(referenced_data, raw_total - meta_raw),
         "space_saving_ratio": round(logical / pack_bytes, 3) if pack_bytes else None,
     }

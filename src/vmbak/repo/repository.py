@@ -490,6 +490,8 @@ class Repository:
         cand = [m for m in ms if m.name == spec]
         if cand:
             return cand[-1]
+        if re.fullmatch(r"[0-9a-f]{1,3}", spec):
+            raise SnapshotNotFound(f"no snapshot matches {spec!r}: an id prefix needs at least 4 hex digits")
         raise SnapshotNotFound(f"no snapshot matches {spec!r}")
 
     def latest(self, name: str, full_only: bool = False) -> Manifest | None:

@@ -241,7 +241,7 @@ class FrozenReader:
 
         try:
             if length <= NBD_MAX_REQUEST:
-                return h.pread(length, offset)
+                return bytes(h.pread(length, offset))  # libnbd gives a bytearray; readers give bytes
             parts = []
             pos, end = offset, offset + length
             while pos < end:
