@@ -182,15 +182,10 @@ def open_disk(path: str, fmt: str | None = None) -> DiskReader:
     detects it unless ``fmt`` is given). Block devices and ``*.raw`` files are never probed:
     a guest could have written an image header onto its own raw disk."""
     from vmbak.disks.qemu import open_image
-    from vmbak.disks.raw import RawDisk
+    from vmbak.disks.raw import RawDisk, check_disk_path
 
+    st = check_disk_path(path)  # a FIFO, socket, directory or character device: refused unopened
     if fmt is None:
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise DiskError(f"disk not found: {path}") from None
-        except OSError as e:
-            raise DiskError(f"cannot use disk {path}: {e.strerror}") from None
         if stat.S_ISBLK(st.st_mode) or path.lower().endswith(".raw") or shutil.which("qemu-img") is None:
             return RawDisk(path)
     return open_image(path, fmt)
@@ -209,7 +204,9 @@ def open_file_source(path: str, fmt: str | None, changes: ChangeSpec, block_size
                      log: Log) -> BackupSource:
     """A disk or image file; with ``overlay``, the top layer's clusters are the changes."""
     from vmbak.changes.overlay import overlay_change_map
+    from vmbak.disks.raw import check_disk_path
 
+    check_disk_path(path)  # before qemu-img looks at it: a FIFO would block it
     notes: list[str] = []
     cm = None
     fmt = check_image_format(fmt, write=False)

@@ -1,0 +1,108 @@
+"""What a backup refuses to read, how long it waits for external tools, which names it
+accepts, what it prints from repository data, and how it notices a disk that changed
+while it was read (issue 18, defects 10, 11 and 14)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+import vmbak
+from vmbak.errors import DiskError
+
+MiB = 1 << 20
+# A FIFO given to a reader or to qemu-img used to block forever: every refusal here must
+# come back well within this.
+QUICK = 30
+
+
+# ---------------------------------------------------------------------------- defect 10
+@pytest.fixture
+def not_disks(tmp_path):
+    """A FIFO, a listening unix socket, a character device and a directory, by kind."""
+    fifo = tmp_path / "disk.fifo"
+    os.mkfifo(fifo)
+    sock_path = tmp_path / "disk.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(os.fspath(sock_path))
+    sock.listen(1)
+    d = tmp_path / "adir"
+    d.mkdir()
+    link = tmp_path / "link-to-fifo.raw"
+    link.symlink_to(fifo)
+    yield {"FIFO": fifo, "socket": sock_path, "character device": "/dev/null", "directory": d,
+           "FIFO ": link}
+    sock.close()
+
+
+@pytest.mark.parametrize("extra", [[], ["--format", "raw"], ["--format", "qcow2"], ["--changes", "overlay"]],
+                         ids=["probe", "raw", "qcow2", "overlay"])
+def test_backup_refuses_what_is_not_a_disk(repo, not_disks, assert_cli_error, extra):
+    for kind, path in not_disks.items():
+        t0 = time.monotonic()
+        p = repo.run("backup", path, "--name", "x", *extra, check=False, timeout=QUICK)
+        assert_cli_error(p, os.fspath(path), kind.strip())
+        assert time.monotonic() - t0 < QUICK
+    assert repo.snapshots() == []
+
+
+def test_api_refuses_a_fifo_without_blocking(tmp_path, not_disks):
+    repo = vmbak.Repository.init(os.fspath(tmp_path / "api-repo"), password=None, encryption="none")
+    fifo = os.fspath(not_disks["FIFO"])
+    result: list[BaseException | object] = []
+
+    def call() -> None:
+        try:
+            result.append(vmbak.backup(repo, fifo, name="x"))
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            result.append(e)
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    t.join(QUICK)
+    if t.is_alive():  # release the blocked open() before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(5)
+        pytest.fail("vmbak.backup blocked on a FIFO")
+    assert isinstance(result[0], DiskError), result
+    assert fifo in str(result[0]) and "FIFO" in str(result[0])
+    for kind in ("socket", "character device", "directory"):
+        with pytest.raises(DiskError, match=kind):
+            vmbak.open_disk(not_disks[kind])
+
+
+def test_a_fifo_backing_file_is_named_after_the_qemu_img_timeout(repo, tmp_path, assert_cli_error):
+    """qemu-img opens every file of a backing chain: a FIFO there used to hang it forever.
+    Now its run is killed after its timeout and the FIFO is named."""
+    fifo = tmp_path / "base.fifo"
+    os.mkfifo(fifo)
+    top = tmp_path / "top.qcow2"
+    subprocess.run([shutil.which("qemu-img") or "/usr/bin/qemu-img", "create", "-q", "-f", "qcow2", "-u",
+                    "-b", os.fspath(fifo), "-F", "raw", os.fspath(top), "1M"], check=True)
+    t0 = time.monotonic()
+    p = repo.run("backup", top, "--name", "x", env={"VMBAK_TOOL_TIMEOUT": "2"}, check=False, timeout=QUICK)
+    assert_cli_error(p, "backing file", os.fspath(fifo), "FIFO")
+    assert time.monotonic() - t0 < QUICK
+
+
+def test_a_hanging_qemu_img_is_stopped_and_named(repo, tmp_path, assert_cli_error):
+    """A backing file given as json: (qemu-img opens it, vmbak cannot check it first)."""
+    fifo = tmp_path / "base.fifo"
+    os.mkfifo(fifo)
+    top = tmp_path / "top.qcow2"
+    backing = "json:" + json.dumps({"driver": "raw", "file": {"driver": "file", "filename": os.fspath(fifo)}})
+    subprocess.run([shutil.which("qemu-img") or "/usr/bin/qemu-img", "create", "-q", "-f", "qcow2", "-u",
+                    "-b", backing, "-F", "raw", os.fspath(top), "1M"], check=True)
+    t0 = time.monotonic()
+    p = repo.run("backup", top, "--name", "x", env={"VMBAK_TOOL_TIMEOUT": "2"}, check=False, timeout=QUICK)
+    assert_cli_error(p, os.fspath(top), "qemu-img info", "did not finish within 2 s")
+    assert time.monotonic() - t0 < QUICK
+    p = repo.run("backup", top, "--name", "x", env={"VMBAK_TOOL_TIMEOUT": "soon"}, check=False, timeout=QUICK)
+    assert_cli_error(p, "VMBAK_TOOL_TIMEOUT")
