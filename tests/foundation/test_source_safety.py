@@ -106,3 +106,93 @@ def test_a_hanging_qemu_img_is_stopped_and_named(repo, tmp_path, assert_cli_erro
     assert time.monotonic() - t0 < QUICK
     p = repo.run("backup", top, "--name", "x", env={"VMBAK_TOOL_TIMEOUT": "soon"}, check=False, timeout=QUICK)
     assert_cli_error(p, "VMBAK_TOOL_TIMEOUT")
+
+
+# ---------------------------------------------------------------------------- defect 11
+BAD_NAMES = {
+    "newline": "web\nprod",
+    "tab": "web\tprod",
+    "escape sequence": "web\x1b[31mred",
+    "right-to-left override": "web\u202egnp.exe",
+    "NUL-like control": "web\x7f",
+    "space": "web prod",
+    "colon": "web:1",
+    "at": "web@home",
+    "slash": "web/1",
+    "leading dash": "-web",
+    "100,000 characters": "w" * 100_000,
+    "201 characters": "w" * 201,
+}
+
+
+@pytest.mark.parametrize("label", list(BAD_NAMES))
+def test_backup_refuses_a_bad_name(repo, make_disk, assert_cli_error, label):
+    disk = make_disk("n.raw", 256 * 1024, seed=3)
+    p = repo.run("backup", disk.path, f"--name={BAD_NAMES[label]}", check=False)
+    line = assert_cli_error(p, "bad backup name", "200 printable characters")
+    assert len(line) < 400 and "\x1b" not in line and "\u202e" not in line
+    assert repo.snapshots() == []
+
+
+def test_good_names_are_accepted_and_found_by_specs(repo, make_disk):
+    disk = make_disk("g.raw", 256 * 1024, seed=4)
+    for name in ("web-01.prod_2", "münchen+db", "w" * 200, "deadbeef", "latest"):
+        snap = repo.backup(disk, name)
+        assert snap["name"] == name
+        assert repo.json("stats", f"{name}:latest")["snapshot"]["id"] == snap["id"]
+
+
+def test_api_refuses_a_bad_name(tmp_path, make_disk):
+    repo = vmbak.Repository.init(os.fspath(tmp_path / "api-repo"), password=None, encryption="none")
+    disk = make_disk("a.raw", 256 * 1024, seed=5)
+    for name in ("a\nb", "x" * 201, "a:b", ""):
+        with pytest.raises(vmbak.VmbakError, match="name"):
+            vmbak.backup(repo, disk.path, name=name)
+    assert repo.manifests() == []
+
+
+HOSTILE = "evil\nfake 00000000  2020-01-01\x1b[2J\x1b]0;owned\x07\u202e"
+
+
+@pytest.fixture
+def hostile_repo(repo, make_disk):
+    """A repository whose manifest carries a name, source and note full of control
+    characters (written by another program: vmbak itself refuses such names)."""
+    disk = make_disk("h.raw", 256 * 1024, seed=6)
+    good = repo.backup(disk, "good")
+    r = repo.open()
+    m = r.load_manifest(good["id"])
+    m.name, m.source, m.notes = HOSTILE, "/dev/" + HOSTILE, [HOSTILE]
+    sid = r.save_manifest(m)
+    r.delete_manifest(good["id"])
+    return repo, sid
+
+
+def _assert_clean(text: str) -> None:
+    assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text, repr(text)
+    assert "evil\\nfake" in text, text
+
+
+def test_snapshots_table_escapes_names_from_the_repository(hostile_repo):
+    repo, sid = hostile_repo
+    out = repo.run("snapshots").stdout
+    _assert_clean(out)
+    lines = out.splitlines()
+    assert len(lines) == 3 and lines[-1] == "1 snapshots" and lines[1].startswith(sid[:8]), out
+    assert repo.snapshots()[0]["name"] == HOSTILE  # --json keeps the exact name (JSON-escaped)
+
+
+def test_other_output_escapes_names_from_the_repository(hostile_repo, tmp_path, assert_cli_error):
+    repo, sid = hostile_repo
+    out = repo.run("stats", sid[:8]).stdout
+    _assert_clean(out)
+    assert len([ln for ln in out.splitlines() if "evil" in ln]) == 2  # the title and the note
+    p = repo.run("restore", sid[:8], tmp_path / "r.raw")
+    _assert_clean(p.stdout)
+    assert len(p.stdout.splitlines()) == 1
+    p = repo.run("forget", sid[:8], "--dry-run")
+    assert "\x1b" not in p.stdout + p.stderr
+    # An error that quotes user input stays one line, whatever the input holds.
+    p = repo.run("backup", tmp_path / "no\ndisk\x1b[2J", "--name", "x", check=False)
+    line = assert_cli_error(p, "disk not found", "no\\ndisk\\x1b[2J")
+    assert "\x1b" not in line

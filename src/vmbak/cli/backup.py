@@ -7,7 +7,7 @@ import argparse
 from vmbak.cli.common import emit, log, open_repo, progress
 from vmbak.engine.backup import DEFAULT_BLOCK_SIZE, MODES, BackupOptions
 from vmbak.engine.common import human
-from vmbak.errors import VmbakError
+from vmbak.errors import VmbakError, printable
 
 EPILOG = """examples:
   vmbak backup /var/lib/images/web.raw --name web                      # first full, then incremental
@@ -141,7 +141,7 @@ def _cmd_libvirt(args: argparse.Namespace, changes) -> int:  # noqa: ANN001 - a 
 
     def each(m) -> None:  # noqa: ANN001
         if not args.json and not args.quiet:
-            print(f"{m.name}: {_line(m)}")
+            print(printable(f"{m.name}: {_line(m)}"))
 
     ms = sources.run_libvirt_backup(repo, job, opts, on_disk=each, log=lg)
     text = f"libvirt domain {domain}: {len(ms)} disks backed up at checkpoint {job.checkpoint}"

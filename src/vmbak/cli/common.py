@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from vmbak.engine.progress import BarProgress, NoProgress, Progress
-from vmbak.errors import VmbakError
+from vmbak.errors import VmbakError, printable
 from vmbak.repo.repository import Repository
 
 
@@ -132,13 +132,17 @@ def progress(args: argparse.Namespace) -> Progress:
 def log(args: argparse.Namespace):  # noqa: ANN201
     def _log(msg: str) -> None:
         if not args.quiet:
-            print(f"vmbak: {msg}", file=sys.stderr)
+            print(f"vmbak: {printable(msg)}", file=sys.stderr)
 
     return _log
 
 
 def emit(args: argparse.Namespace, data: Any, text: str | None) -> None:
+    """Print ``data`` as JSON (with --json), else ``text``, in which nothing but its own
+    line breaks may control the terminal (names and paths from a repository or a disk
+    are best escaped with ``printable`` where they are put into a line, so that a
+    newline in them cannot forge one)."""
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
     elif text is not None and not args.quiet:
-        print(text)
+        print(printable(text, keep_newlines=True))

@@ -21,13 +21,42 @@ from vmbak.changes.base import ChangeMap
 from vmbak.disks.base import DiskReader
 from vmbak.engine.common import BHT_DTYPE, bounded_map, hash_blocks, range_text, resolve_bht, runs, store_bht
 from vmbak.engine.progress import NoProgress, Progress
-from vmbak.errors import DiskError, VmbakError
+from vmbak.errors import DiskError, VmbakError, printable
 from vmbak.repo.manifest import DIFFERENTIAL, FULL, INCREMENTAL, Manifest
 from vmbak.repo.repository import Repository, _now_iso
 
 TASK_BYTES = 4 << 20
 MODES = ("auto", "full", "incremental", "differential")
 DEFAULT_BLOCK_SIZE = 1 << 16
+# Backup names: 1 to NAME_MAX printable characters, no whitespace, none of NAME_FORBIDDEN
+# (snapshot specifications are ``NAME:latest`` and ``NAME@TIME``), not starting with '-'.
+NAME_MAX = 200
+NAME_FORBIDDEN = "/:@"
+NAME_RULE = (f"a name has 1 to {NAME_MAX} printable characters, no spaces or control characters, "
+             "no '/', ':' or '@', and does not start with '-'")
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a valid backup name; a one-line VmbakError saying why not.
+
+    Names appear in snapshot specifications (``NAME:latest``, ``NAME@TIME``), in
+    tables and on command lines, so they must keep all of these unambiguous.
+    """
+    if not isinstance(name, str) or not name:
+        raise VmbakError(f"a backup needs a name ({NAME_RULE})")
+    shown = printable(name if len(name) <= 40 else name[:40] + "...")
+    why = None
+    if len(name) > NAME_MAX:
+        why = f"it has {len(name)} characters"
+    elif bad := next((c for c in name if not c.isprintable() or c.isspace()), None):
+        why = "it contains a space" if bad == " " else f"it contains the character U+{ord(bad):04X}"
+    elif bad := next((c for c in name if c in NAME_FORBIDDEN), None):
+        why = f"it contains {bad!r}"
+    elif name.startswith("-"):
+        why = "it starts with '-'"
+    if why:
+        raise VmbakError(f"bad backup name '{shown}': {why}; {NAME_RULE}")
+    return name
 
 
 @dataclass
@@ -150,8 +179,7 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
     bs = opts.block_size
     if bs & (bs - 1) or not (4096 <= bs <= repo.chunk_size):
         raise VmbakError(f"block size must be a power of two between 4 KiB and {repo.chunk_size}")
-    if not opts.name or "/" in opts.name or ":" in opts.name or "@" in opts.name:
-        raise VmbakError("backup name must be non-empty and contain no '/', ':' or '@'")
+    check_name(opts.name)
     t0 = time.monotonic()
     started = _now_iso()
     size = disk.size

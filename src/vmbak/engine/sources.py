@@ -98,12 +98,13 @@ def parse_changes(text: str) -> ChangeSpec:
 
 
 def check_name(name: str | None) -> str:
-    """A backup name as the engine accepts it; a one-line error otherwise (checked before a
-    change source opens anything)."""
-    if not name or "/" in name or ":" in name or "@" in name:
-        raise VmbakError(f"bad backup name {name!r}: it must be non-empty and contain no '/', ':' or '@'"
-                         if name else "give the backup a name with --name NAME")
-    return name
+    """A backup name as the engine accepts it (``engine.backup.check_name``); a one-line
+    error otherwise (checked before a change source opens anything)."""
+    from vmbak.engine.backup import check_name as engine_check_name
+
+    if not name:
+        raise VmbakError("give the backup a name with --name NAME")
+    return engine_check_name(name)
 
 
 def check_image_format(fmt: str | None, *, write: bool) -> str | None:
