@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -196,3 +197,145 @@ def test_other_output_escapes_names_from_the_repository(hostile_repo, tmp_path, 
     p = repo.run("backup", tmp_path / "no\ndisk\x1b[2J", "--name", "x", check=False)
     line = assert_cli_error(p, "disk not found", "no\\ndisk\\x1b[2J")
     assert "\x1b" not in line
+
+
+# ---------------------------------------------------------------------------- defect 14
+# Rewrites 64 KiB blocks FIRST, FIRST+1, ... (COUNT of them, 0: to the end) of a disk, one
+# after the other, about once a millisecond, from its first write (it then prints
+# "writing") until the file STOP exists.
+WRITER = r"""
+import os, sys, time
+path, stop, first, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+fd = os.open(path, os.O_WRONLY)
+blocks = count or max(1, os.lseek(fd, 0, os.SEEK_END) // 65536 - first)
+n = 0
+while not os.path.exists(stop):
+    os.pwrite(fd, os.urandom(65536), (first + n % blocks) * 65536)
+    if path.startswith("/dev/"):
+        os.fsync(fd)
+    n += 1
+    if n == 1:
+        print("writing", flush=True)
+    time.sleep(0.001)
+print(n, flush=True)
+"""
+
+
+class Writer:
+    """A separate process that keeps writing to a disk for as long as it runs."""
+
+    def __init__(self, path: str | os.PathLike[str], tmp, first: int = 0, count: int = 0) -> None:  # noqa: ANN001
+        self.stop = tmp / f"stop-{os.getpid()}-{id(self)}"
+        self.proc = subprocess.Popen([sys.executable, "-c", WRITER, os.fspath(path), os.fspath(self.stop),
+                                      str(first), str(count)], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "writing"
+
+    def finish(self) -> int:
+        self.stop.touch()
+        out, _ = self.proc.communicate(timeout=QUICK)
+        assert self.proc.returncode == 0
+        return int(out.strip())
+
+
+def test_a_disk_written_during_the_backup_is_marked_torn(repo, make_disk, tmp_path):
+    disk = make_disk("busy.raw", 8 * MiB, seed=11)
+    w = Writer(disk.path, tmp_path)
+    try:
+        p = repo.run("backup", disk.path, "--name", "busy", "--json")
+    finally:
+        writes = w.finish()
+    assert writes > 1
+    snap = json.loads(p.stdout)
+    assert snap["consistency"] == "torn"
+    warning = [ln for ln in p.stderr.splitlines() if "changed while it was read" in ln]
+    assert len(warning) == 1 and warning[0].startswith("vmbak: warning: ") and "torn" in warning[0]
+    assert any("changed while it was read" in n for n in snap["notes"])
+    # An incremental of the quiet disk is whole again; the torn full stays marked.
+    inc = repo.backup(disk, "busy")
+    assert inc["consistency"] == "unchanged"
+    assert [s["consistency"] for s in repo.snapshots()] == ["torn", "unchanged"]
+    lines = repo.run("snapshots").stdout.splitlines()
+    assert " full! " in lines[1] and " incremental " in lines[2] and "!" not in lines[2]
+    assert lines[-2].startswith("! torn:") and lines[-1] == "2 snapshots"
+    # Folding the chain into a synthetic full: the mark comes from the newest (a scan read all).
+    repo.run("merge", "busy", "--into-full")
+    assert [(x["type"], x["consistency"]) for x in repo.snapshots()] == [("full", "torn"),
+                                                                        ("synthetic-full", "unchanged")]
+
+
+def test_a_quiet_disk_is_not_marked(repo, make_disk):
+    disk = make_disk("quiet.raw", 8 * MiB, seed=12)
+    p = repo.run("backup", disk.path, "--name", "quiet", "--json")
+    assert json.loads(p.stdout)["consistency"] == "unchanged"
+    assert "warning" not in p.stderr
+    lines = repo.run("snapshots").stdout.splitlines()
+    assert len(lines) == 3 and "!" not in "".join(lines)
+
+
+def test_the_api_marks_a_torn_backup_too(tmp_path, make_disk):
+    repo = vmbak.Repository.init(os.fspath(tmp_path / "api-repo"), password=None, encryption="none")
+    disk = make_disk("api-busy.raw", 8 * MiB, seed=13)
+    logged: list[str] = []
+    w = Writer(disk.path, tmp_path)
+    try:
+        m = vmbak.backup(repo, disk.path, name="busy", log=logged.append)
+    finally:
+        w.finish()
+    assert m.consistency == "torn" and any("changed while it was read" in x for x in logged)
+    again = vmbak.Repository.open(repo.location, None)
+    assert again.find("busy:latest").consistency == "torn"
+
+
+def test_an_image_file_written_during_the_backup_is_marked_torn(repo, tmp_path):
+    img = tmp_path / "busy.qcow2"
+    subprocess.run([shutil.which("qemu-img") or "/usr/bin/qemu-img", "create", "-q", "-f", "qcow2",
+                    os.fspath(img), "8M"], check=True)
+    # The writer changes the image file (as a process that ignores QEMU's locks could), past
+    # its metadata, so that QEMU still reads it.
+    w = Writer(img, tmp_path, first=64, count=16)
+    try:
+        p = repo.run("backup", img, "--name", "img", "--json")
+    finally:
+        w.finish()
+    snap = json.loads(p.stdout)
+    assert snap["consistency"] == "torn" and "changed while it was read" in p.stderr
+    assert repo.backup(img, "img")["consistency"] == "unchanged"
+
+
+def test_older_manifests_without_the_field_read_fine(repo, make_disk):
+    import zstandard
+
+    from vmbak.repo.manifest import decode_manifest, encode_manifest
+
+    disk = make_disk("old.raw", 256 * 1024, seed=14)
+    m = repo.open().load_manifest(repo.backup(disk, "old")["id"])
+    m.consistency = None
+    plain = encode_manifest(m)
+    assert b'"consistency"' not in zstandard.ZstdDecompressor().decompress(plain, max_output_size=1 << 26)
+    assert decode_manifest(plain, "0" * 64).consistency is None
+
+
+@pytest.fixture
+def loop_device(tmp_path, make_disk):
+    losetup = shutil.which("losetup") or "/usr/sbin/losetup"
+    disk = make_disk("loop.raw", 4 * MiB, seed=15)
+    p = subprocess.run([losetup, "-f", "--show", os.fspath(disk.path)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"no loop device: {p.stderr.strip()}")
+    dev = p.stdout.strip()
+    yield dev
+    subprocess.run([losetup, "-d", dev], capture_output=True)
+
+
+def test_a_block_device_written_during_the_backup_is_marked_torn(repo, loop_device, tmp_path):
+    """A device's metadata does not change when it is written: blocks read again tell."""
+    p = repo.run("backup", loop_device, "--name", "dev", "--json", "--no-skip-unused")
+    assert json.loads(p.stdout)["consistency"] == "unknown" and "warning" not in p.stderr
+    w = Writer(loop_device, tmp_path)
+    try:
+        p = repo.run("backup", loop_device, "--name", "dev", "--json", "--no-skip-unused")
+    finally:
+        w.finish()
+    snap = json.loads(p.stdout)
+    assert snap["consistency"] == "torn", snap["notes"]
+    assert any("blocks read again differ" in n for n in snap["notes"])

@@ -339,6 +339,18 @@ class ImageDisk:
             self.close()
             raise
 
+    def source_state(self) -> tuple:
+        """What changes whenever the image or one of its backing files is written (see
+        ``RawDisk.source_state``): each file's inode, size, modification and change times."""
+        out = []
+        for f in [self.path, *self.backing_files]:
+            try:
+                st = os.stat(f)
+                out.append((f, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            except OSError as e:
+                out.append((f, e.errno))
+        return tuple(out)
+
     def pread(self, length: int, offset: int) -> bytes:
         if self._nbd is None:
             raise DiskError(f"image {self.path} is closed")

@@ -76,6 +76,16 @@ class RawDisk:
         except OSError:
             pass
 
+    def source_state(self) -> tuple | None:
+        """What changes whenever the file is written: its inode, size, modification and
+        change times. None for a block device, whose writes leave no trace in its metadata.
+        (A reader with this method reads a live disk directly, with no point-in-time view:
+        the backup compares the state before and after reading.)"""
+        if not self.is_file:
+            return None
+        st = os.fstat(self.fd)
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
     def pread(self, length: int, offset: int) -> bytes:
         try:
             return os.pread(self.fd, length, offset)
