@@ -109,6 +109,30 @@ def test_a_hanging_qemu_img_is_stopped_and_named(repo, tmp_path, assert_cli_erro
     assert_cli_error(p, "VMBAK_TOOL_TIMEOUT")
 
 
+def test_a_background_serve_that_never_gets_ready_is_stopped(encrypted_repo, make_disk, tmp_path,
+                                                             assert_cli_error):
+    """serve --background used to wait forever for its detached child's first line; a
+    child blocked here on a FIFO as its password file is stopped after the timeout."""
+    disk = make_disk("s.raw", 256 * 1024, seed=2)
+    encrypted_repo.backup(disk, "web")
+    fifo = tmp_path / "pw.fifo"
+    os.mkfifo(fifo)
+    t0 = time.monotonic()
+    p = encrypted_repo.run("serve", "web:latest", "--socket", tmp_path / "s.sock", "--background",
+                           "--password-file", fifo, env={"VMBAK_TOOL_TIMEOUT": "3"}, check=False, timeout=QUICK)
+    assert_cli_error(p, "did not become ready within 3 s")
+    assert time.monotonic() - t0 < QUICK
+    left = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                if os.fsencode(fifo) in f.read():
+                    left.append(d)
+        except OSError:
+            pass
+    assert not left, f"the detached child is still running: {left}"
+
+
 # ---------------------------------------------------------------------------- defect 11
 BAD_NAMES = {
     "newline": "web\nprod",
