@@ -31,3 +31,17 @@ class DiskError(VmbakError):
 
 class ChangeTrackingError(VmbakError):
     """A change source cannot prove it saw every change (the backup falls back to a scan)."""
+
+
+def printable(text: str, keep_newlines: bool = False) -> str:
+    """``text`` safe to print on a terminal: every character that is not printable
+    (newlines, tabs, escape sequences, bidi and other format characters, ...) becomes a
+    Python-style escape (``\\n``, ``\\x1b``, ``\\u202e``), so that text from a disk or a
+    repository can neither break a line or a table nor drive the terminal. With
+    ``keep_newlines``, newlines stay (for text that is several lines by design). Lone
+    surrogates (undecodable bytes of a file name) are escaped too: printing them fails."""
+    if text.isprintable():
+        return text
+    if keep_newlines:
+        return "\n".join(printable(line) for line in text.split("\n"))
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

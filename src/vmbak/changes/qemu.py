@@ -44,7 +44,6 @@ import re
 import secrets
 import shutil
 import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -57,7 +56,7 @@ import numpy as np
 from vmbak.changes.base import ChangeMap
 from vmbak.disks.base import DiskReader
 from vmbak.disks.nbd import STATE_DIRTY, NbdDisk
-from vmbak.disks.qemu import _tool
+from vmbak.disks.qemu import run_qemu_img
 from vmbak.errors import ChangeTrackingError, DiskError, VmbakError
 from vmbak.repo.backend import pid_alive
 
@@ -511,8 +510,8 @@ def open_session(qmp_socket: str, node: str, since: str | None, block_size: int,
         try:
             os.mkdir(d, 0o700)
             fleece = os.path.join(d, "fleece.qcow2")
-            p = subprocess.run([_tool("qemu-img"), "create", "-q", "-f", "qcow2", "--", fleece, str(size)],
-                               stdin=subprocess.DEVNULL, capture_output=True, text=True)
+            p = run_qemu_img(["create", "-q", "-f", "qcow2", "--", fleece, str(size)],
+                             f"cannot create the fleecing overlay in {d}")
             if p.returncode:
                 raise DiskError(f"cannot create the fleecing overlay in {d}: {p.stderr.strip()}")
             q.execute("blockdev-add", {"driver": "qcow2", "node-name": names["fleece"], "backing": nn,

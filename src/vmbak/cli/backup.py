@@ -7,7 +7,8 @@ import argparse
 from vmbak.cli.common import emit, log, open_repo, parse_size, progress
 from vmbak.engine.backup import DEFAULT_BLOCK_SIZE, MODES, BackupOptions
 from vmbak.engine.common import human
-from vmbak.errors import VmbakError
+from vmbak.errors import VmbakError, printable
+from vmbak.repo.manifest import TORN
 
 EPILOG = """examples:
   vmbak backup /var/lib/images/web.raw --name web                      # first full, then incremental
@@ -83,6 +84,8 @@ def _line(m) -> str:  # noqa: ANN001 - a Manifest
     text = (f"snapshot {m.short_id} saved ({m.kind}, source {m.change_source}): "
             f"read {human(s['read_bytes'])}, changed {human(s['changed_bytes'])}, "
             f"added {human(s['new_stored_bytes'])} in {s['duration_s']} s")
+    if m.consistency == TORN:
+        text += "; TORN: the disk changed while it was read"
     if "verify_missed_blocks" in s:
         text += f"; verify-changes: {s['verify_missed_blocks']} changed blocks missed by the change source"
     return text
@@ -142,7 +145,7 @@ def _cmd_libvirt(args: argparse.Namespace, changes) -> int:  # noqa: ANN001 - a 
 
     def each(m) -> None:  # noqa: ANN001
         if not args.json and not args.quiet:
-            print(f"{m.name}: {_line(m)}")
+            print(printable(f"{m.name}: {_line(m)}"))
 
     ms = sources.run_libvirt_backup(repo, job, opts, on_disk=each, log=lg)
     text = f"libvirt domain {domain}: {len(ms)} disks backed up at checkpoint {job.checkpoint}"

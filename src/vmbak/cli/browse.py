@@ -10,7 +10,7 @@ import time
 
 from vmbak.cli.common import emit, log, open_repo, parse_size
 from vmbak.engine.common import human
-from vmbak.errors import VmbakError
+from vmbak.errors import VmbakError, printable
 
 LS_EPILOG = """examples:
   vmbak ls web:latest                      # the volumes: /p1, /p2 ... (/disk without a partition table)
@@ -132,7 +132,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         if e.kind == "dir" and not name.endswith("/"):
             name += "/"
         tail = f" -> {e.target}" if e.target is not None else ""
-        lines.append(f"{_mode_text(e.kind, e.mode)} {e.size:>12} {when} {name}{tail}")
+        lines.append(f"{_mode_text(e.kind, e.mode)} {e.size:>12} {when} {printable(name + tail)}")
     if lines:
         print("\n".join(lines))
     return 0

@@ -6,12 +6,13 @@ import argparse
 import getpass
 import json
 import os
+import select
 import subprocess
 import sys
 from typing import Any
 
 from vmbak.engine.progress import BarProgress, NoProgress, Progress
-from vmbak.errors import VmbakError
+from vmbak.errors import VmbakError, printable
 from vmbak.repo.repository import Repository
 
 
@@ -140,6 +141,18 @@ def run_detached(args: argparse.Namespace) -> tuple[subprocess.Popen[str], dict]
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True,
                             close_fds=True, text=True)
     assert proc.stdout is not None and proc.stderr is not None
+    from vmbak.disks.qemu import tool_timeout
+
+    timeout = tool_timeout("detach")  # $VMBAK_TOOL_TIMEOUT, else DEFAULT_TOOL_TIMEOUT
+    if not select.select([proc.stdout], [], [], timeout)[0]:  # nothing read yet: the buffer is empty
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise VmbakError(f"the background vmbak {args.command} did not become ready within {timeout:g} s "
+                         "and was stopped")
     line = proc.stdout.readline()
     if not line:
         err = proc.stderr.read().strip().splitlines()
@@ -160,13 +173,17 @@ def progress(args: argparse.Namespace) -> Progress:
 def log(args: argparse.Namespace):  # noqa: ANN201
     def _log(msg: str) -> None:
         if not args.quiet:
-            print(f"vmbak: {msg}", file=sys.stderr)
+            print(f"vmbak: {printable(msg)}", file=sys.stderr)
 
     return _log
 
 
 def emit(args: argparse.Namespace, data: Any, text: str | None) -> None:
+    """Print ``data`` as JSON (with --json), else ``text``, in which nothing but its own
+    line breaks may control the terminal (names and paths from a repository or a disk
+    are best escaped with ``printable`` where they are put into a line, so that a
+    newline in them cannot forge one)."""
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
     elif text is not None and not args.quiet:
-        print(text)
+        print(printable(text, keep_newlines=True))

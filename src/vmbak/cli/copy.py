@@ -9,7 +9,7 @@ import os
 from vmbak.cli.common import apply_s3_options, emit, given_password, log, needs_password, password, progress
 from vmbak.engine.common import human
 from vmbak.engine.copy import copy
-from vmbak.errors import VmbakError
+from vmbak.errors import VmbakError, printable
 from vmbak.repo.repository import Repository
 
 EPILOG = """examples:
@@ -89,11 +89,11 @@ def cmd_copy(args: argparse.Namespace) -> int:
     rep = copy(src, dst, args.snapshots, args.name, workers=args.workers, dry_run=args.dry_run,
                progress=progress(args), log=log(args))
     if args.dry_run:
-        lines = [f"would copy snapshot {c['source'][:8]} ({c['name']} {c['type']} {c['time']})" for c in rep.copied]
+        lines = [f"would copy snapshot {c['source'][:8]} ({printable(c['name'])} {c['type']} {c['time']})" for c in rep.copied]
     else:
-        lines = [f"copied snapshot {c['source'][:8]} -> {c['destination'][:8]} ({c['name']} {c['type']} {c['time']})"
+        lines = [f"copied snapshot {c['source'][:8]} -> {c['destination'][:8]} ({printable(c['name'])} {c['type']} {c['time']})"
                  for c in rep.copied]
-    lines += [f"already present: {c['source'][:8]} as {c['destination'][:8]} ({c['name']} {c['time']})"
+    lines += [f"already present: {c['source'][:8]} as {c['destination'][:8]} ({printable(c['name'])} {c['time']})"
               for c in rep.present]
     if not args.dry_run:
         lines.append(f"{len(rep.copied)} snapshots copied, {len(rep.present)} already present; "

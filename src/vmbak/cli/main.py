@@ -9,7 +9,7 @@ import sys
 
 from vmbak import __version__
 from vmbak.cli.common import CommandParser
-from vmbak.errors import VmbakError
+from vmbak.errors import VmbakError, printable
 
 GROUPS = ["repository", "backup", "restore", "snapshots", "keys", "maintenance", "copy"]
 OPTIONAL_GROUPS = ["track", "usage_cmd", "serve", "browse"]  # present when their modules are installed
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except VmbakError as e:
-        print(f"vmbak: error: {e}", file=sys.stderr)
+        print(f"vmbak: error: {printable(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("vmbak: interrupted", file=sys.stderr)
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as e:
         name = f" {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"vmbak: error:{name} {e.strerror or e}", file=sys.stderr)
+        print(printable(f"vmbak: error:{name} {e.strerror or e}"), file=sys.stderr)
         return 1
     except MemoryError:
         print("vmbak: error: out of memory", file=sys.stderr)

@@ -10,7 +10,7 @@ from vmbak.engine.common import human
 from vmbak.engine.merge import check_mergeable, reconcile, resolve_target
 from vmbak.engine.prune import DEFAULT_REPACK_THRESHOLD, PruneOptions, prune, unlock
 from vmbak.engine.retention import Policy, forget
-from vmbak.errors import VmbakError
+from vmbak.errors import VmbakError, printable
 
 FORGET_EPILOG = """examples:
   vmbak forget --name web --keep-last 7 --keep-daily 14 --keep-weekly 8 --keep-monthly 12 --dry-run
@@ -153,7 +153,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     lines = []
     verb = "would " if args.dry_run else ""
     for name, rows in out["names"].items():
-        lines.append(f"{name}: ({res.policy})")
+        lines.append(printable(f"{name}: ({res.policy})"))
         for r in rows:
             rw = r.get("rewrite")
             extra = ""
@@ -189,11 +189,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     rw = next((r for r in res.rewrites if r.old == m.id), None)
     out["new_snapshot"] = rw.new if rw else None
     if args.dry_run:
-        text = (f"would replace snapshot {m.short_id} ({m.name} {m.time[:19]}, chain of {len(chain)}) by a "
+        text = (f"would replace snapshot {m.short_id} ({printable(m.name)} {m.time[:19]}, chain of {len(chain)}) by a "
                 f"synthetic full")
     else:
         assert rw is not None
-        text = (f"snapshot {m.short_id} ({m.name} {m.time[:19]}) replaced by synthetic full {rw.new[:8]}: "
+        text = (f"snapshot {m.short_id} ({printable(m.name)} {m.time[:19]}) replaced by synthetic full {rw.new[:8]}: "
                 f"chain of {len(chain)} folded, {rw.reused_extents} extents reused, {rw.split_extents} split, "
                 f"{human(rw.stored_bytes)} stored")
     others = [r for r in res.rewrites if r.old != m.id]

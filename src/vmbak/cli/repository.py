@@ -9,6 +9,7 @@ from vmbak.cli.common import emit, open_repo, password, progress, repo_location
 from vmbak.engine.check import check
 from vmbak.engine.common import human
 from vmbak.engine.info import repo_stats, snapshot_stats
+from vmbak.errors import printable
 from vmbak.repo.crypto import ENC_AES, ENC_NONE, ENCRYPTIONS
 from vmbak.repo.repository import Repository
 
@@ -78,7 +79,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         d = snapshot_stats(repo, m)
         s = d["stats"]
         text = "\n".join([
-            f"snapshot {m.short_id} ({m.name}, {m.kind}, {m.time})",
+            f"snapshot {m.short_id} ({printable(m.name)}, {m.kind}, {m.time})",
             f"  logical size:   {human(s.get('logical_bytes', 0))}",
             f"  used:           {human(s.get('used_bytes', s.get('logical_bytes', 0)))} "
             f"(unused blocks are neither read nor stored)",
@@ -90,12 +91,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
             f"  deduplicated:   {human(s.get('dedup_bytes', 0))}",
             f"  compression:    {s['compression_ratio'] or '-'}x",
             f"  duration:       {s.get('duration_s', 0)} s",
-        ] + [f"  note: {n}" for n in m.notes])
+        ] + [f"  note: {printable(str(n))}" for n in m.notes])
         emit(args, d, text)
         return 0
     d = repo_stats(repo)
     text = "\n".join([
-        f"snapshots:        {d['snapshots']} ({', '.join(d['names'])})",
+        f"snapshots:        {d['snapshots']} ({', '.join(printable(n) for n in d['names'])})",
         f"logical size:     {human(d['logical_bytes'])} (sum of all snapshots' disks)",
         f"unique data:      {human(d['unique_raw_bytes'])} in {d['chunks']} chunks",
         f"stored:           {human(d['pack_bytes'])} in {d['packs']} packs",

@@ -7,7 +7,7 @@ import os
 
 from vmbak.cli.common import emit, log, open_repo, progress
 from vmbak.engine.common import human
-from vmbak.errors import VmbakError
+from vmbak.errors import VmbakError, printable
 
 EPILOG = """examples:
   vmbak restore web:latest /tmp/web-restored.raw
@@ -104,7 +104,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     finally:
         tgt.close()
     r["format"] = fmt
-    text = (f"restored snapshot {m.short_id} ({m.name}, {m.time}) to {r['target']} ({fmt}): "
+    text = (f"restored snapshot {m.short_id} ({printable(m.name)}, {m.time}) to {r['target']} ({fmt}): "
             f"{human(r['written_bytes'])} written from a chain of {r['chain_length']}"
             + ((", verified (read back)" if args.verify_readback else ", verified") if r["verified"] else "") + f" in {r['duration_s']} s")
     emit(args, r, text)

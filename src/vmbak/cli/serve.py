@@ -8,6 +8,7 @@ import sys
 
 from vmbak.cli.common import emit, open_repo_and_password, parse_size, run_detached
 from vmbak.engine.common import human
+from vmbak.errors import printable
 
 EPILOG = """examples:
   vmbak serve web:latest --socket /run/vmbak/web.sock          # read-only, Ctrl-C or SIGTERM stops it
@@ -54,7 +55,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
 def _ready_text(info: dict) -> str:
     lines = [info["uri"]]
     mode = "copy-on-write into " + str(info["overlay"]) if info["writable"] else "read-only"
-    lines.append(f"vmbak: serving snapshot {info['short_id']} ({info['name']}, {info['time']}, "
+    lines.append(f"vmbak: serving snapshot {info['short_id']} ({printable(info['name'])}, {info['time']}, "
                  f"{human(info['disk_size'])}) {mode}; pid {info['pid']}")
     if info.get("qmp"):
         lines.append(f"vmbak: QMP socket {info['qmp']} (vmbak restore --from-serve makes the recovery permanent)")

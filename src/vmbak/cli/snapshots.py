@@ -7,6 +7,8 @@ import argparse
 from vmbak.cli.common import emit, open_repo
 from vmbak.engine.common import human
 from vmbak.engine.info import diff
+from vmbak.errors import printable
+from vmbak.repo.manifest import TORN
 
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
@@ -31,8 +33,11 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     repo = open_repo(args)
     ms = [m for m in repo.manifests() if not args.name or m.name == args.name]
     head = ("ID", "TIME (UTC)", "NAME", "TYPE", "SOURCE", "SIZE", "ADDED", "PARENT")
-    table = [(m.short_id, m.time[:19], m.name, m.kind, m.change_source, human(m.disk_size),
-              human(m.stats.get("new_stored_bytes", 0)), (m.parent or "")[:8]) for m in ms]
+    # Every cell from the repository is escaped: a hostile manifest cannot break the table.
+    table = [tuple(printable(str(c)) for c in (m.short_id, m.time[:19], m.name,
+                                               m.kind + ("!" if m.consistency == TORN else ""), m.change_source,
+                                               human(m.disk_size), human(m.stats.get("new_stored_bytes", 0)),
+                                               (m.parent or "")[:8])) for m in ms]
     widths = [max([len(head[i])] + [len(r[i]) for r in table]) for i in range(len(head))]
     right = {5, 6}  # sizes are right-aligned
 
@@ -41,6 +46,9 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
                          for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
 
     rows = [line(head)] + [line(r) for r in table]
+    torn = sum(m.consistency == TORN for m in ms)
+    if torn:
+        rows.append(f"! torn: the disk changed while it was read; the snapshot may be inconsistent ({torn})")
     rows.append(f"{len(ms)} snapshots")
     emit(args, [m.summary() for m in ms], "\n".join(rows))
     return 0

@@ -30,3 +30,8 @@ class DiskReader(Protocol):
         ...
 
     def close(self) -> None: ...
+
+    # Optional, not part of the protocol: ``source_state() -> tuple | None`` on a reader of
+    # a live disk read directly (no checkpoint or point-in-time view: RawDisk, ImageDisk).
+    # The backup compares it before and after reading, and reads a sample of blocks again,
+    # to tell whether the disk changed while it was read (``Manifest.consistency``).

@@ -36,7 +36,7 @@ import weakref
 from collections.abc import Iterator
 
 from vmbak.disks.nbd import NbdDisk, NbdWriter
-from vmbak.disks.raw import RawDisk
+from vmbak.disks.raw import RawDisk, check_disk_path
 from vmbak.engine.restore import RestoreTarget
 from vmbak.errors import DiskError
 
@@ -57,6 +57,10 @@ _NAMED_LIKE = {".qcow2": "qcow2", ".qcow": "qcow2", ".vhdx": "vhdx", ".vhd": "vp
                ".vdi": "vdi", ".qed": "qed"}
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
+# Seconds a run of ``qemu-img SUBCOMMAND`` may take; $VMBAK_TOOL_TIMEOUT (seconds) replaces
+# them all, e.g. for very slow storage. A run that takes longer is killed and reported.
+TOOL_TIMEOUTS = {"info": 60.0, "map": 300.0, "create": 300.0, "check": 1800.0}
+DEFAULT_TOOL_TIMEOUT = 300.0
 
 
 def _tool(name: str) -> str:
@@ -89,8 +93,35 @@ def normalize_format(fmt: str | None) -> str | None:
     return FORMAT_ALIASES.get(fmt, fmt)
 
 
+def tool_timeout(subcommand: str) -> float:
+    """How long ``qemu-img SUBCOMMAND`` may run (``TOOL_TIMEOUTS``, or $VMBAK_TOOL_TIMEOUT)."""
+    env = os.environ.get("VMBAK_TOOL_TIMEOUT")
+    if env:
+        try:
+            t = float(env)
+        except ValueError:
+            t = 0.0
+        if not t > 0:
+            raise DiskError(f"VMBAK_TOOL_TIMEOUT must be a number of seconds, not {env!r}")
+        return t
+    return TOOL_TIMEOUTS.get(subcommand, DEFAULT_TOOL_TIMEOUT)
+
+
+def run_qemu_img(args: list[str], what: str) -> subprocess.CompletedProcess[str]:
+    """Run ``qemu-img ARGS`` (stdin closed, output captured) under its timeout; a DiskError
+    ``WHAT: qemu-img SUBCOMMAND did not finish within N s`` when it takes longer (it is
+    killed). The exit status is the caller's to check."""
+    timeout = tool_timeout(args[0])
+    try:
+        return subprocess.run([_tool("qemu-img"), *args], stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise DiskError(f"{what}: qemu-img {args[0]} did not finish within {timeout:g} s and was stopped "
+                        "(is a file of the image a FIFO, or is its storage not answering?)") from None
+
+
 def _run_qemu_img(args: list[str], what: str) -> subprocess.CompletedProcess[str]:
-    p = subprocess.run([_tool("qemu-img"), *args], stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    p = run_qemu_img(args, what)
     if p.returncode != 0:
         raise DiskError(f"{what}: {_qemu_message(p.stderr, 'qemu-img')}")
     return p
@@ -111,42 +142,49 @@ def image_info(path: str, fmt: str | None = None, *, backing_chain: bool = False
 
 
 def _check_path(path: str) -> str:
-    if not os.path.lexists(path):
-        raise DiskError(f"disk not found: {path}")
-    if os.path.isdir(path):
-        raise DiskError(f"disk is a directory, not a disk image: {path}")
+    check_disk_path(path)  # never hand qemu-img a FIFO, socket, directory or character device
     if not os.access(path, os.R_OK):
         raise DiskError(f"cannot read disk {path}: permission denied")
     return os.path.abspath(path)
 
 
-def _missing_backing(path: str, fmt: str | None) -> str | None:
-    """Walk the backing chain file by file; the first backing file that is missing."""
+def _bad_backing(path: str, fmt: str | None) -> str | None:
+    """Walk the backing chain file by file (each ``qemu-img info`` opens one file only);
+    what is wrong with the first backing file that is missing or is not a file a disk
+    can be read from, or None."""
     cur, cur_fmt = path, fmt
-    for _ in range(64):
-        info = image_info(cur, cur_fmt)
-        assert isinstance(info, dict)
-        full = info.get("full-backing-filename") or info.get("backing-filename")
-        if not full:
-            return None
-        if "://" not in full and not full.startswith("json:") and not os.path.exists(full):
-            return full
-        cur, cur_fmt = full, info.get("backing-filename-format")
+    try:
+        for _ in range(64):
+            info = image_info(cur, cur_fmt)
+            assert isinstance(info, dict)
+            full = info.get("full-backing-filename") or info.get("backing-filename")
+            if not full or "://" in full or full.startswith("json:"):
+                return None
+            if not os.path.exists(full):
+                return f"backing file of image {path} is missing: {full}"
+            try:
+                check_disk_path(full)
+            except DiskError as e:
+                return f"backing file of image {path}: {e}"
+            cur, cur_fmt = full, info.get("backing-filename-format")
+    except DiskError:
+        return None
     return None
 
 
 def image_chain(path: str, fmt: str | None = None) -> list[dict]:
     """``qemu-img info`` of the image and each of its backing files, top first.
 
-    Raises DiskError naming the missing file when a backing file is missing.
+    Raises DiskError naming the backing file when one is missing or is not a regular
+    file or block device (a FIFO there would make ``qemu-img`` wait until its timeout).
     """
     path = _check_path(path)
     try:
         chain = image_info(path, fmt, backing_chain=True)
     except DiskError as e:
-        missing = _missing_backing(path, fmt)
-        if missing:
-            raise DiskError(f"backing file of image {path} is missing: {missing}") from None
+        bad = _bad_backing(path, fmt)
+        if bad:
+            raise DiskError(bad) from None
         raise e from None
     if isinstance(chain, dict):
         chain = [chain]
@@ -300,6 +338,18 @@ class ImageDisk:
         except BaseException:
             self.close()
             raise
+
+    def source_state(self) -> tuple:
+        """What changes whenever the image or one of its backing files is written (see
+        ``RawDisk.source_state``): each file's inode, size, modification and change times."""
+        out = []
+        for f in [self.path, *self.backing_files]:
+            try:
+                st = os.stat(f)
+                out.append((f, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            except OSError as e:
+                out.append((f, e.errno))
+        return tuple(out)
 
     def pread(self, length: int, offset: int) -> bytes:
         if self._nbd is None:
@@ -492,8 +542,8 @@ class ImageRestoreTarget(RestoreTarget):
         self._writer = None
         self._daemon.stop()  # clean stop: QEMU writes its metadata and closes the image
         self._daemon = None
-        p = subprocess.run([_tool("qemu-img"), "check", "-q", "-f", self.format, "--", self.path],
-                           stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        p = run_qemu_img(["check", "-q", "-f", self.format, "--", self.path],
+                         f"cannot check restored {self.format} image {self.final_path}")
         if p.returncode not in (0, 63):  # 63: the format has no check
             raise DiskError(f"restored {self.format} image {self.final_path} fails qemu-img check: "
                             f"{_qemu_message(p.stderr + p.stdout, 'qemu-img')}")

@@ -14,6 +14,31 @@ from vmbak.errors import DiskError
 _BLKGETSIZE64 = 0x80081272
 
 
+# What a file that is not a disk is, in words (by stat.S_IFMT).
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket",
+          stat.S_IFCHR: "a character device", stat.S_IFLNK: "a symbolic link"}
+
+
+def check_disk_path(path: str | os.PathLike[str]) -> os.stat_result:
+    """``stat`` a disk to read (following symbolic links) without opening it; a DiskError
+    naming the path and what it is unless it is a regular file or a block device.
+
+    Nothing is opened, so a FIFO or a socket can never make a reader (or ``qemu-img``)
+    wait forever for a writer.
+    """
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DiskError(f"disk not found: {path}") from None
+    except OSError as e:
+        raise DiskError(f"cannot use disk {path}: {e.strerror}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        what = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        raise DiskError(f"{path} is {what}, not a disk image or block device")
+    return st
+
+
 def _device_size(fd: int) -> int:
     st = os.fstat(fd)
     if stat.S_ISBLK(st.st_mode):
@@ -27,8 +52,10 @@ class RawDisk:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
+        check_disk_path(self.path)
         try:
-            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: should the path become a FIFO after the check, open does not wait.
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise DiskError(f"disk not found: {self.path}") from None
         except IsADirectoryError:
@@ -36,12 +63,11 @@ class RawDisk:
         except OSError as e:
             raise DiskError(f"cannot open disk {self.path}: {e.strerror}") from None
         st = os.fstat(self.fd)
-        if stat.S_ISDIR(st.st_mode):
-            os.close(self.fd)
-            raise DiskError(f"disk is a directory, not a disk image: {self.path}")
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             os.close(self.fd)
-            raise DiskError(f"not a regular file or block device: {self.path}")
+            what = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+            raise DiskError(f"{self.path} is {what}, not a disk image or block device")
+        os.set_blocking(self.fd, True)
         self.size = _device_size(self.fd)
         self.is_file = stat.S_ISREG(st.st_mode)
         self.description = self.path
@@ -49,6 +75,16 @@ class RawDisk:
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         except OSError:
             pass
+
+    def source_state(self) -> tuple | None:
+        """What changes whenever the file is written: its inode, size, modification and
+        change times. None for a block device, whose writes leave no trace in its metadata.
+        (A reader with this method reads a live disk directly, with no point-in-time view:
+        the backup compares the state before and after reading.)"""
+        if not self.is_file:
+            return None
+        st = os.fstat(self.fd)
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def pread(self, length: int, offset: int) -> bytes:
         try:

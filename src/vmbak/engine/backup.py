@@ -21,13 +21,45 @@ from vmbak.changes.base import ChangeMap
 from vmbak.disks.base import DiskReader
 from vmbak.engine.common import BHT_DTYPE, bounded_map, hash_blocks, range_text, resolve_bht, runs, store_bht
 from vmbak.engine.progress import NoProgress, Progress
-from vmbak.errors import DiskError, VmbakError
-from vmbak.repo.manifest import DIFFERENTIAL, FULL, INCREMENTAL, Manifest
+from vmbak.errors import DiskError, VmbakError, printable
+from vmbak.repo.manifest import DIFFERENTIAL, FULL, INCREMENTAL, TORN, UNCHANGED, UNKNOWN, Manifest
 from vmbak.repo.repository import Repository, _now_iso
 
 TASK_BYTES = 4 << 20
+# Blocks read a second time, after the backup read them, from a disk read directly (no
+# checkpoint): if any differs, the disk changed while it was read.
+SAMPLE_BLOCKS = 256
 MODES = ("auto", "full", "incremental", "differential")
 DEFAULT_BLOCK_SIZE = 1 << 16
+# Backup names: 1 to NAME_MAX printable characters, no whitespace, none of NAME_FORBIDDEN
+# (snapshot specifications are ``NAME:latest`` and ``NAME@TIME``), not starting with '-'.
+NAME_MAX = 200
+NAME_FORBIDDEN = "/:@"
+NAME_RULE = (f"a name has 1 to {NAME_MAX} printable characters, no spaces or control characters, "
+             "no '/', ':' or '@', and does not start with '-'")
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a valid backup name; a one-line VmbakError saying why not.
+
+    Names appear in snapshot specifications (``NAME:latest``, ``NAME@TIME``), in
+    tables and on command lines, so they must keep all of these unambiguous.
+    """
+    if not isinstance(name, str) or not name:
+        raise VmbakError(f"a backup needs a name ({NAME_RULE})")
+    shown = printable(name if len(name) <= 40 else name[:40] + "...")
+    why = None
+    if len(name) > NAME_MAX:
+        why = f"it has {len(name)} characters"
+    elif bad := next((c for c in name if not c.isprintable() or c.isspace()), None):
+        why = "it contains a space" if bad == " " else f"it contains the character U+{ord(bad):04X}"
+    elif bad := next((c for c in name if c in NAME_FORBIDDEN), None):
+        why = f"it contains {bad!r}"
+    elif name.startswith("-"):
+        why = "it starts with '-'"
+    if why:
+        raise VmbakError(f"bad backup name '{shown}': {why}; {NAME_RULE}")
+    return name
 
 
 @dataclass
@@ -150,8 +182,7 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
     bs = opts.block_size
     if bs & (bs - 1) or not (4096 <= bs <= repo.chunk_size):
         raise VmbakError(f"block size must be a power of two between 4 KiB and {repo.chunk_size}")
-    if not opts.name or "/" in opts.name or ":" in opts.name or "@" in opts.name:
-        raise VmbakError("backup name must be non-empty and contain no '/', ':' or '@'")
+    check_name(opts.name)
     t0 = time.monotonic()
     started = _now_iso()
     size = disk.size
@@ -163,6 +194,9 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
         notes.append(msg)
         log(msg)
 
+    # A live disk read directly (no point-in-time view) may change while it is read.
+    source_state = getattr(disk, "source_state", None)
+    state_before = source_state() if source_state is not None else None
     with repo.lock(purpose="backup"):
         parent = choose_parent(repo, opts.name, opts.mode, size, bs, note)
         kind = FULL
@@ -237,13 +271,16 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
                     zero_blocks += r.zero_blocks
                     progress.advance(r.read_bytes)
             progress.close()
+            consistency = None
+            if source_state is not None:
+                consistency = _consistency(disk, pipe, to_read, cur, state_before, source_state(), note)
             m = Manifest(
                 name=opts.name, kind=kind, time=started, disk_size=size, block_size=bs,
                 chunk_blocks=grid, source=opts.source or disk.description,
                 hostname=socket.gethostname(), change_source=source,
                 parent=parent.id if parent is not None else None, reference=reference,
                 change_id=opts.change_id or (opts.change_map.new_reference if opts.change_map else None),
-                extra=dict(opts.extra),
+                extra=dict(opts.extra), consistency=consistency,
             )
             if parent is None:
                 m.used = used
@@ -294,6 +331,34 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
             progress.close()
             raise
     return m
+
+
+def _consistency(disk: DiskReader, pipe: _Pipeline, read: np.ndarray, hashes: np.ndarray,
+                 before: tuple | None, after: tuple | None, note: Callable[[str], None]) -> str:
+    """Whether a disk read directly changed while it was read: its state (file size and
+    times) before and after, and a sample of the blocks read, read and hashed again."""
+    why = []
+    if before != after:
+        why.append("its size or modification time changed")
+    idx = np.flatnonzero(read)
+    if len(idx) > SAMPLE_BLOCKS:
+        idx = np.sort(np.random.default_rng().choice(idx, SAMPLE_BLOCKS, replace=False))
+    bs = pipe.bs
+    differ = 0
+    for b in idx.tolist():
+        want = min(bs, disk.size - b * bs)
+        data = disk.pread(want, b * bs)
+        h, _ = hash_blocks(pipe.repo.sealer.block_hash, data, 1, bs, pipe.zero_hash)
+        if len(data) != want or not np.array_equal(h[0], hashes[b]):
+            differ += 1
+    if differ:
+        why.append(f"{differ} of {len(idx)} blocks read again differ")
+    if why:
+        note(f"warning: {disk.description} changed while it was read ({'; '.join(why)}): this snapshot "
+             "may be torn (inconsistent). Back up a disk nothing writes to, or read it through a "
+             "checkpoint (vmbak track, --changes qemu:..., --libvirt)")
+        return TORN
+    return UNCHANGED if before is not None else UNKNOWN
 
 
 def used_map(disk: DiskReader, bs: int, skip_unused: bool, note: Callable[[str], None]) -> np.ndarray:

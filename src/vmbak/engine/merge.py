@@ -163,7 +163,8 @@ def collapse(repo: Repository, segment: list[Manifest], writer: ChunkWriter, wor
     out = Manifest(name=top.name, kind=SYNTHETIC if full else (top.kind if top.kind != SYNTHETIC else INCREMENTAL),
                    time=top.time, disk_size=size, block_size=bs, chunk_blocks=top.chunk_blocks,
                    source=top.source, hostname=top.hostname, change_source=top.change_source,
-                   parent=None if full else bottom.parent, reference=top.reference, change_id=top.change_id)
+                   parent=None if full else bottom.parent, reference=top.reference, change_id=top.change_id,
+                   consistency=top.consistency)
     if full:
         table = resolve_bht(repo, segment)
         used = (bottom.used.copy() if bottom.used is not None and len(bottom.used) == n

@@ -98,12 +98,13 @@ def parse_changes(text: str) -> ChangeSpec:
 
 
 def check_name(name: str | None) -> str:
-    """A backup name as the engine accepts it; a one-line error otherwise (checked before a
-    change source opens anything)."""
-    if not name or "/" in name or ":" in name or "@" in name:
-        raise VmbakError(f"bad backup name {name!r}: it must be non-empty and contain no '/', ':' or '@'"
-                         if name else "give the backup a name with --name NAME")
-    return name
+    """A backup name as the engine accepts it (``engine.backup.check_name``); a one-line
+    error otherwise (checked before a change source opens anything)."""
+    from vmbak.engine.backup import check_name as engine_check_name
+
+    if not name:
+        raise VmbakError("give the backup a name with --name NAME")
+    return engine_check_name(name)
 
 
 def check_image_format(fmt: str | None, *, write: bool) -> str | None:
@@ -182,15 +183,10 @@ def open_disk(path: str, fmt: str | None = None) -> DiskReader:
     detects it unless ``fmt`` is given). Block devices and ``*.raw`` files are never probed:
     a guest could have written an image header onto its own raw disk."""
     from vmbak.disks.qemu import open_image
-    from vmbak.disks.raw import RawDisk
+    from vmbak.disks.raw import RawDisk, check_disk_path
 
+    st = check_disk_path(path)  # a FIFO, socket, directory or character device: refused unopened
     if fmt is None:
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise DiskError(f"disk not found: {path}") from None
-        except OSError as e:
-            raise DiskError(f"cannot use disk {path}: {e.strerror}") from None
         if stat.S_ISBLK(st.st_mode) or path.lower().endswith(".raw") or shutil.which("qemu-img") is None:
             return RawDisk(path)
     return open_image(path, fmt)
@@ -209,7 +205,9 @@ def open_file_source(path: str, fmt: str | None, changes: ChangeSpec, block_size
                      log: Log) -> BackupSource:
     """A disk or image file; with ``overlay``, the top layer's clusters are the changes."""
     from vmbak.changes.overlay import overlay_change_map
+    from vmbak.disks.raw import check_disk_path
 
+    check_disk_path(path)  # before qemu-img looks at it: a FIFO would block it
     notes: list[str] = []
     cm = None
     fmt = check_image_format(fmt, write=False)

@@ -30,6 +30,11 @@ INCREMENTAL = "incremental"
 DIFFERENTIAL = "differential"
 SYNTHETIC = "synthetic-full"
 KINDS = (FULL, INCREMENTAL, DIFFERENTIAL, SYNTHETIC)
+# Manifest.consistency: what a backup that read a live disk directly saw of it.
+TORN = "torn"            # the disk changed while it was read: the snapshot may be inconsistent
+UNCHANGED = "unchanged"  # a file whose size, times and sampled blocks did not change during the read
+UNKNOWN = "unknown"      # a block device: sampled blocks did not change, but writes leave no other trace
+CONSISTENCIES = (TORN, UNCHANGED, UNKNOWN)
 
 
 def is_full(kind: str) -> bool:
@@ -61,6 +66,7 @@ class Manifest:
     stats: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    consistency: str | None = None  # None: a point-in-time view, or a manifest older than the field
     id: str = ""
 
     @property
@@ -97,6 +103,7 @@ class Manifest:
             "change_id": self.change_id,
             "stats": self.stats,
             "notes": self.notes,
+            "consistency": self.consistency,
         }
 
 
@@ -139,6 +146,8 @@ def encode_manifest(m: Manifest) -> bytes:
         "extra": m.extra,
         "arrays": [{"name": a, "encoding": enc, "count": cnt} for a, enc, cnt, _ in arrays],
     }
+    if m.consistency is not None:  # absent when there is nothing to say (as in older manifests)
+        header["consistency"] = m.consistency
     hj = json.dumps(header, sort_keys=True).encode()
     body = b"".join([MANIFEST_MAGIC, struct.pack("<I", len(hj)), hj] + [b for *_, b in arrays])
     return zstandard.ZstdCompressor(level=3).compress(body)
@@ -179,6 +188,10 @@ def _array_bytes(a: dict, n: int, what: str) -> tuple[str, str, int, int]:
     return name, enc, cnt, (cnt + 7) // 8 if size == 0 else cnt * size
 
 
+def _text_or_none(v: object) -> str | None:
+    return v if isinstance(v, str) else None
+
+
 def decode_manifest(payload: bytes, snap_id: str) -> Manifest:
     what = f"snapshot {snap_id[:8]}"
     try:
@@ -212,7 +225,7 @@ def decode_manifest(payload: bytes, snap_id: str) -> Manifest:
             ext_start=arrays["ext_start"].astype(np.uint64), ext_count=arrays["ext_count"].astype(np.uint32),
             ext_id=arrays["ext_id"], bht_chunks=[bytes(x) for x in arrays["bht_chunks"].tolist()],
             bht_count=int(h["bht_count"]), stats=h.get("stats", {}), notes=h.get("notes", []),
-            extra=h.get("extra", {}), id=snap_id,
+            extra=h.get("extra", {}), consistency=_text_or_none(h.get("consistency")), id=snap_id,
         )
     except (KeyError, ValueError, TypeError, struct.error, json.JSONDecodeError) as e:
         raise IntegrityError(f"{what}: manifest is malformed ({e.__class__.__name__})") from None

@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from vmbak.disks.qemu import _private_dir, _tool
+from vmbak.disks.qemu import _private_dir, _tool, run_qemu_img
 from vmbak.errors import DiskError, VmbakError
 from vmbak.repo.manifest import Manifest
 from vmbak.repo.repository import Repository
@@ -101,8 +101,8 @@ def prepare_overlay(path: str, snapshot: Manifest, backing_uri: str, repo_root: 
     d = os.path.dirname(path)
     if not os.path.isdir(d):
         raise DiskError(f"overlay directory does not exist: {d}")
-    p = subprocess.run([_tool("qemu-img"), "create", "-q", "-f", "qcow2", "-u", "-b", backing_uri, "-F", "raw",
-                        path, str(snapshot.disk_size)], capture_output=True, text=True)
+    p = run_qemu_img(["create", "-q", "-f", "qcow2", "-u", "-b", backing_uri, "-F", "raw", "--",
+                      path, str(snapshot.disk_size)], f"cannot create overlay {path}")
     if p.returncode != 0:
         raise DiskError(f"cannot create overlay {path}: {(p.stderr or p.stdout).strip().splitlines()[-1:]}")
     return True
