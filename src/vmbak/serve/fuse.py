@@ -26,7 +26,7 @@ from vmbak.engine.view import SnapshotView
 from vmbak.errors import VmbakError
 from vmbak.repo.manifest import Manifest
 from vmbak.repo.repository import Repository
-from vmbak.serve.files import Filesystem, Node, SnapshotFiles
+from vmbak.serve.files import Filesystem, Node, SnapshotFiles, printable, safe_name
 
 DISK_INODE = 2
 FILES_INODE = 3
@@ -51,6 +51,10 @@ def _check_mountpoint(mountpoint: str) -> str:
     return mp
 
 
+def _warn(path: str, why: str) -> None:
+    print(f"vmbak: warning: {printable(path)}: {why}", file=sys.stderr, flush=True)
+
+
 class _Trees:
     """The ``files/`` side of the mount: inode numbers for paths of a SnapshotFiles, listings,
     open files. Every call runs under one lock (the dissect parsers share state).
@@ -73,6 +77,7 @@ class _Trees:
     def files(self) -> SnapshotFiles:
         if self._files is None:
             self._files = SnapshotFiles(self.view)
+            self._files.on_problem = _warn
         return self._files
 
     def node(self, ino: int) -> Node | None:
@@ -98,7 +103,14 @@ class _Trees:
                 entries = self.files.listdir(path)[1]
             else:
                 entries = self.files.entries(fs, node, path)
-            got = {os.fsencode(n.name): self.inode(p, n, fs) for p, n in entries if n.kind != "other"}
+            got = {}
+            for p, n in entries:
+                if n.kind == "other":
+                    continue
+                if not safe_name(n.name):  # "/" or NUL inside a name: not a name FUSE can show
+                    _warn(p, "a name holding '/' or NUL; left out")
+                    continue
+                got[os.fsencode(n.name)] = self.inode(p, n, fs)
             self.listings[ino] = got
         return got
 
