@@ -17,8 +17,10 @@ written through. Files stream in pieces.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -350,6 +352,29 @@ def _why(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------- the snapshot tree
+class _ParserNotes(logging.Handler):
+    """What the dissect parsers log (at warning level and above) while a guarded operation
+    runs in this thread: damage they noticed and stepped over (a zero-length directory
+    entry ends a listing early, for one). It becomes part of the problem reported for the
+    path, instead of a stray line on stderr."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.local = threading.local()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        notes = getattr(self.local, "notes", None)
+        if notes is not None and len(notes) < 8:
+            try:
+                notes.append(printable(record.getMessage()))
+            except Exception:  # noqa: BLE001 - a message that cannot be formatted
+                notes.append(record.msg if isinstance(record.msg, str) else "parser warning")
+
+
+_NOTES = _ParserNotes()
+logging.getLogger("dissect").addHandler(_NOTES)
+
+
 class _Overtime(BaseException):
     """Raised by the timer in the main thread when one filesystem operation runs too long
     (a BaseException, so a parser's own ``except Exception`` cannot swallow it)."""
@@ -420,6 +445,7 @@ class SnapshotFiles:
         self.problems: list[tuple[str, str]] = []
         self.on_problem: Callable[[str, str], None] | None = None
         self._spent: int | None = None  # metadata bytes read by the current guarded operation
+        self.notes: list[str] = []  # what the parser logged during the last guarded operation
         try:
             table = read_table(view)
         except UsageError:
@@ -457,7 +483,6 @@ class SnapshotFiles:
         if self._spent is not None:  # already guarded: the outer bound holds
             return fn(*args)
         import signal
-        import threading
 
         timer = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
         old = None
@@ -468,6 +493,7 @@ class SnapshotFiles:
             old = signal.signal(signal.SIGALRM, overtime)
             signal.setitimer(signal.ITIMER_REAL, self.time_limit)
         self._spent = 0
+        _NOTES.local.notes = self.notes = []
         try:
             return fn(*args)
         except _Overtime:
@@ -480,6 +506,7 @@ class SnapshotFiles:
             raise BrowseError(_why(e)) from None
         finally:
             self._spent = None
+            _NOTES.local.notes = None
             if timer:
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 signal.signal(signal.SIGALRM, old)
@@ -573,13 +600,18 @@ class SnapshotFiles:
             self._guard(read)
         except BrowseError as e:
             return out, str(e)
+        if self.notes:  # the parser stopped early on damage it noticed
+            return out, self.notes[0]
         return out, None
 
-    def _list(self, fs: Filesystem, node: Node, path: str) -> list[Node]:
+    def _list(self, fs: Filesystem, node: Node, path: str, strict: bool = False) -> list[Node]:
         """The readable entries of directory ``node`` at ``path``, sorted by name; the
-        directory's and the entries' problems are reported."""
+        directory's and the entries' problems are reported. With ``strict``, a directory of
+        which nothing at all can be read raises BrowseError instead."""
         entries, err = self._read_dir(fs, node)
         if err is not None:
+            if strict and not entries:
+                raise BrowseError(f"{self.label}: {printable(path)}: directory cannot be read ({err})")
             self.problem(path, f"directory cannot be read{' completely' if entries else ''} ({err})")
         good = []
         for e in entries:
@@ -606,14 +638,12 @@ class SnapshotFiles:
             return node, out
         if node.kind != "dir":
             return node, [(norm, node)]
-        entries, err = self._read_dir(fs, node)
-        if err is not None and not entries:
-            raise BrowseError(f"{self.label}: {printable(norm)}: directory cannot be read ({err})")
-        return node, self.entries(fs, node, norm)
+        return node, self.entries(fs, node, norm, strict=True)
 
-    def entries(self, fs: Filesystem, node: Node, path: str) -> list[tuple[str, Node]]:
-        """The (path, node) entries of directory ``node`` at ``path``, sorted; problems are reported."""
-        return [(_join(path, e.name), e) for e in self._list(fs, node, path)]
+    def entries(self, fs: Filesystem, node: Node, path: str, strict: bool = False) -> list[tuple[str, Node]]:
+        """The (path, node) entries of directory ``node`` at ``path``, sorted; problems are
+        reported (with ``strict``, a directory that cannot be read at all raises BrowseError)."""
+        return [(_join(path, e.name), e) for e in self._list(fs, node, path, strict)]
 
     def walk(self, fs: Filesystem, node: Node, path: str) -> Iterator[tuple[str, Node]]:
         """``node`` and everything below it, depth first, in name order. A directory met a
@@ -716,6 +746,7 @@ class SnapshotFiles:
         resolved = [self.resolve(p) for p in paths]  # every path must exist before anything is written
         root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         state = {"count": 0, "log": log}
+        first = len(self.problems)
         try:
             for fs, _vol, node, norm in resolved:
                 if fs is None:  # a virtual directory: extract every volume below it
@@ -734,10 +765,10 @@ class SnapshotFiles:
                 self._extract_under(root_fd, [node.name if norm != "/" else "root"], fs, node, norm, report, state)
         finally:
             os.close(root_fd)
+        report["errors"] = [{"path": p, "error": why} for p, why in self.problems[first:]]
         return report
 
     def _error(self, report: dict, state: dict, path: str, why: str) -> None:
-        report["errors"].append({"path": path, "error": why})
         self.problem(path, why)
 
     def _extract_under(self, root_fd: int, rel: list[str], fs: Filesystem, node: Node, path: str, report: dict,

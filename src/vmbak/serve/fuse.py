@@ -51,8 +51,17 @@ def _check_mountpoint(mountpoint: str) -> str:
     return mp
 
 
+def _say(line: str) -> None:
+    """One line on stderr; with --background nobody may be reading it any more (a closed
+    pipe), which must not take the mount down."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 def _warn(path: str, why: str) -> None:
-    print(f"vmbak: warning: {printable(path)}: {why}", file=sys.stderr, flush=True)
+    _say(f"vmbak: warning: {printable(path)}: {why}")
 
 
 class _Trees:
@@ -102,7 +111,7 @@ class _Trees:
             if fs is None:
                 entries = self.files.listdir(path)[1]
             else:
-                entries = self.files.entries(fs, node, path)
+                entries = self.files.entries(fs, node, path, strict=True)
             got = {}
             for p, n in entries:
                 if n.kind == "other":
@@ -148,7 +157,7 @@ def _operations(view: SnapshotView, file_name: str, mtime_ns: int) -> Any:
     trees = _Trees(view)
 
     def fail(e: Exception, code: int = errno.EIO) -> Exception:
-        print(f"vmbak: error: {e}", file=sys.stderr, flush=True)
+        _say(f"vmbak: error: {e}")
         return pyfuse3.FUSEError(code)
 
     async def in_tree(fn: Callable[..., T], *args: Any) -> T:
