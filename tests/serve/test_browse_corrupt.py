@@ -116,8 +116,12 @@ def corpus(tmp_path_factory, init_repo):
 
     # p2: one file without an extent header, one directory whose data lies past the volume, a cleared inode
     img = _ext4(d, "inodes", {"data/bad.bin": b"x" * 5000, "broken/inside.txt": b"in\n", "data/cleared": b"c\n",
-                              "zero/a.txt": b"a\n", "zero/b.txt": b"b\n"})
+                              "zero/a.txt": b"a\n", "zero/b.txt": b"b\n", "explode/e.txt": b"e\n",
+                              "data/blockmap.bin": b"b" * 3000})
     _debugfs(img, "sif /data/bad.bin block[0] 0", "sif /broken block[5] 99999999", "clri /data/cleared")
+    # block-mapped inodes of a terabyte: dissect would list every block (gigabytes of memory, minutes)
+    _debugfs(img, "sif /explode flags 0", "sif /explode size 0xffffffffff", "sif /data/blockmap.bin flags 0",
+             "sif /data/blockmap.bin size 0xffffffffff")
     # a zero-length directory entry (dissect logs it and stops listing): reported, not a stray line
     block = int(run("debugfs", "-R", "blocks /zero", img).stdout.split()[0])
     with open(img, "r+b") as f:
@@ -178,6 +182,8 @@ def test_ls_recursive_lists_what_it_can(corpus):
     assert any(w.startswith("vmbak: warning: /p2/broken: directory cannot be read") for w in warnings), warnings
     assert any(w.startswith("vmbak: warning: /p2/zero: directory cannot be read (Zero-length directory entry")
                for w in warnings), warnings
+    assert any(w.startswith("vmbak: warning: /p2/explode: directory cannot be read (directory size 1099511627775 "
+                            "is larger than the volume") for w in warnings), warnings
     assert any(w.startswith("vmbak: warning: /p3: ") and "blocks or inodes per group" in w for w in warnings)
     assert warnings[-1].endswith("the listing is incomplete")
     # JSON too: the same entries, the same warnings
@@ -199,6 +205,7 @@ def test_extract_extracts_what_it_can(corpus, tmp_path):
     skipped = {s["path"]: s["reason"] for s in r["skipped"]}
     assert "/p2/data/bad.bin" in errors and "extent" in errors["/p2/data/bad.bin"].lower()
     assert "/p2/broken" in errors
+    assert "block-mapped file of 1099511627775 bytes is larger than the volume" in errors["/p2/data/blockmap.bin"]
     assert "/p3" in errors and "per group" in errors["/p3"]
     assert skipped["/p1/NUL\0NAMEX"] == "unsafe name"
     assert skipped["/p1/loop/inner/up"] == "directory loop"
@@ -303,3 +310,42 @@ def test_random_metadata_damage_never_breaks_browsing(fuzz_base, flips):
         assert e["path"].startswith("/disk")
     for _dirpath, dirs, names in os.walk(out):
         assert not any(n.endswith(".vmbak-partial") for n in names + dirs)
+
+
+# ---------------------------------------------------------------------------- limits
+@pytest.fixture(scope="module")
+def limits_tree(tmp_path_factory, init_repo):
+    d = tmp_path_factory.mktemp("limits")
+    tree = {"a/b/c/d/e/f/leaf.txt": b"leaf\n", **{f"many/m{i:02}": b"%d\n" % i for i in range(30)}, **GOOD}
+    img = build_fs("ext4", d / "deep.img", 4 * MiB, tree)
+    lib = init_repo(d / "repo").open()
+    return d, vmbak.backup(lib, img, name="deep"), lib
+
+
+@pytest.mark.parametrize("limit,value,where,message", [
+    ("max_depth", 3, "/disk/a/b/c", "more than 3 directory levels"),
+    ("max_dir_entries", 10, "/disk/many", "more than 10 entries; the rest are left out"),
+    ("max_entries", 20, None, "entries in all"),
+    ("metadata_budget", 1, "/disk", "more than 1 B of metadata read"),
+    ("time_limit", 1e-6, "/disk", "gave up after 1e-06 s"),
+])
+def test_walks_are_bounded(limits_tree, limit, value, where, message):
+    d, m, lib = limits_tree
+    # (extract resolves its paths again, which a one-byte or one-microsecond bound already refuses)
+    for op in ("walk",) if limit in ("metadata_budget", "time_limit") else ("walk", "extract"):
+        files = SnapshotFiles(SnapshotView(lib, m))
+        fs, _vol, node, norm = files.resolve("/disk")  # the volume is open: the bound is for what follows
+        setattr(files, limit, value)
+        if op == "walk":
+            listed = [p for p, _n in files.walk(fs, node, norm)]
+        else:
+            out = d / f"out-{limit}"
+            shutil.rmtree(out, ignore_errors=True)
+            report = files.extract(["/disk"], str(out))
+            assert report["errors"] and all(e["path"].startswith("/disk") for e in report["errors"])
+        assert any((where is None or p == where) and message in why for p, why in files.problems), files.problems
+        if limit == "max_depth" and op == "walk":
+            assert "/disk/a/b/c" in listed and "/disk/a/b/c/d" not in listed and "/disk/many/m29" in listed
+        if limit == "max_dir_entries" and op == "extract":
+            assert len(os.listdir(out / "disk" / "many")) == 10
+            assert (out / "disk" / "etc" / "hostname").read_bytes() == GOOD["etc/hostname"]

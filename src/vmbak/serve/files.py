@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
+from vmbak.engine.common import human
 from vmbak.engine.view import RangeFile, SnapshotView, volume_file
 from vmbak.errors import VmbakError
 from vmbak.usage import _volumes
@@ -121,9 +122,26 @@ class Filesystem:
 class _InodeFs(Filesystem):
     """ext2/3/4 and XFS: inodes with a mode, listdir() returning name -> inode."""
 
-    def __init__(self, fs: Any, fstype: str) -> None:
+    def __init__(self, fs: Any, fstype: str, volume_size: int = 0) -> None:
         self.fs = fs
         self.fstype = fstype
+        self.volume_size = volume_size
+
+    def _check(self, node: Node) -> None:
+        """Refuse what would make the parser allocate without bound: on ext, a directory
+        larger than its volume (directories have no holes), or a block-mapped (not
+        extent-mapped) file larger than its volume (dissect lists every block of it)."""
+        if self.fstype != "ext" or not self.volume_size:
+            return
+        size = int(node.obj.size)
+        if size <= self.volume_size:
+            return
+        if node.kind == "dir":
+            raise BrowseError(f"directory size {size} is larger than the volume ({self.volume_size} bytes)")
+        flags = int(node.obj.inode.i_flags)
+        if not flags & 0x80000 and not flags & 0x10000000:  # neither EXTENTS_FL nor INLINE_DATA_FL
+            raise BrowseError(f"a block-mapped file of {size} bytes is larger than the volume "
+                              f"({self.volume_size} bytes)")
 
     def _node(self, name: str, ino: Any) -> Node:
         mode = int(ino.inode.di_mode if self.fstype == "xfs" else ino.inode.i_mode)
@@ -138,12 +156,14 @@ class _InodeFs(Filesystem):
         return self._node("/", self.fs.root)
 
     def listdir(self, node: Node) -> Iterator[Node]:
+        self._check(node)
         # iterdir, not listdir: a damaged or hostile directory may hold one name twice
         for ino in node.obj.iterdir():
             if ino.filename not in (".", ".."):
                 yield self.entry(ino.filename, self._node, ino)
 
     def open(self, node: Node) -> BinaryIO:
+        self._check(node)
         return node.obj.open()
 
     def data_ranges(self, node: Node) -> list[tuple[int, int]] | None:
@@ -320,7 +340,7 @@ def open_filesystem(f: RangeFile, where: str) -> Filesystem:
         if kind == "ext":
             from dissect.extfs import ExtFS
 
-            return _InodeFs(ExtFS(f), "ext")
+            return _InodeFs(ExtFS(f), "ext", f.size)
         if kind == "xfs":
             from dissect.xfs import XFS
 
@@ -475,7 +495,7 @@ class SnapshotFiles:
         if self._spent is not None:
             self._spent += length
             if self._spent > self.metadata_budget:
-                raise BrowseError(f"more than {self.metadata_budget >> 20} MiB of metadata read; given up")
+                raise BrowseError(f"more than {human(self.metadata_budget)} of metadata read; given up")
         return self.view.pread(length, offset)
 
     def _guard(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -485,17 +505,27 @@ class SnapshotFiles:
         import signal
 
         timer = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+        armed = [False]
         old = None
-        if timer:
-            def overtime(_sig: int, _frame: object) -> None:
+
+        def overtime(_sig: int, _frame: object) -> None:
+            if armed[0]:
+                armed[0] = False
                 raise _Overtime
 
-            old = signal.signal(signal.SIGALRM, overtime)
-            signal.setitimer(signal.ITIMER_REAL, self.time_limit)
         self._spent = 0
         _NOTES.local.notes = self.notes = []
         try:
-            return fn(*args)
+            try:
+                if timer:
+                    old = signal.signal(signal.SIGALRM, overtime)
+                    armed[0] = True
+                    signal.setitimer(signal.ITIMER_REAL, self.time_limit)
+                return fn(*args)
+            finally:
+                armed[0] = False  # an alarm from here on is ignored
+                if timer:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
         except _Overtime:
             raise BrowseError(f"gave up after {self.time_limit:g} s") from None
         except BrowseError:
@@ -505,10 +535,10 @@ class SnapshotFiles:
         except Exception as e:  # noqa: BLE001 - any parser failure on damaged metadata
             raise BrowseError(_why(e)) from None
         finally:
+            armed[0] = False
             self._spent = None
             _NOTES.local.notes = None
-            if timer:
-                signal.setitimer(signal.ITIMER_REAL, 0)
+            if old is not None:
                 signal.signal(signal.SIGALRM, old)
 
     def volume_file(self, vol: VolumeInfo) -> RangeFile:
