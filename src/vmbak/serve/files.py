@@ -368,6 +368,8 @@ def _why(e: BaseException) -> str:
     except Exception:  # noqa: BLE001 - an exception that cannot even describe itself
         text = ""
     msg = printable(text.splitlines()[0]) if text else ""
+    if not msg and isinstance(e, EOFError):
+        msg = "the metadata ends early"
     return f"{type(e).__name__}: {msg}"[:200] if msg else type(e).__name__
 
 
@@ -875,6 +877,9 @@ class SnapshotFiles:
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
                 skip("a symlink is in the way")
+            elif e.errno == errno.EFBIG:
+                self._error(report, state, path, f"cannot be written: its size ({node.size} bytes) is larger "
+                                                 "than the target allows")
             elif e.errno in _FATAL_ERRNOS:
                 raise TargetError(f"cannot write {printable(path)} under {report['target']}: {e.strerror}") from None
             else:
