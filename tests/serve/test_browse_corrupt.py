@@ -92,7 +92,7 @@ def _btrfs(d: Path, seed: int) -> Path:
     fsid = data[0x10020:0x10030]
     nodes = [(o, o + 4096) for o in range(0, len(data), 4096) if data[o + 0x20:o + 0x30] == fsid and o != 0x10000]
     assert nodes
-    _scribble(img, nodes, seed, 12)
+    _scribble(img, nodes, seed, 60)
     return img
 
 
@@ -139,7 +139,7 @@ def corpus(tmp_path_factory, init_repo):
     # p4, p5: seeded random bytes over ext4 metadata
     for seed in (22, 19):
         img = _ext4(d, f"random{seed}", {f"home/f{i}": b"%d\n" % i for i in range(40)})
-        _scribble(img, _metadata_regions(img), seed, 30)
+        _scribble(img, _metadata_regions(img), seed, 80)
         images.append(img)
         parts[f"p{len(images)}"] = "random"
 
