@@ -204,7 +204,7 @@ def test_hostile_names_never_escape_the_target(make_ext4, debugfs, repo, tmp_pat
     r = repo.json("extract", sid, "/disk", "--target", target)
     reasons = {s["path"]: s["reason"] for s in r["skipped"]}
     assert reasons.get("/disk/../../pwned") == "unsafe name"
-    assert "/disk/escape" in reasons  # the directory that wanted to go through the symlink
+    assert reasons.get("/disk/escape") == "a symlink is in the way"  # the directory that wanted to go through it
     assert reasons.get("/disk/loop/again") == "directory loop"
     assert list(outside.iterdir()) == [] and not (tmp_path / "pwned").exists()
     assert os.readlink(target / "disk" / "escape") == str(outside)

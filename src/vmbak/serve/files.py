@@ -876,7 +876,7 @@ class SnapshotFiles:
             skip("already exists")
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                skip("a symlink is in the way")
+                skip("a symlink is in the way" if _is_symlink(dfd, name) else "a file is in the way")
             elif e.errno == errno.EFBIG:
                 self._error(report, state, path, f"cannot be written: its size ({node.size} bytes) is larger "
                                                  "than the target allows")
@@ -968,6 +968,13 @@ def safe_name(name: str) -> bool:
     try:
         return len(os.fsencode(name)) <= 255
     except UnicodeError:
+        return False
+
+
+def _is_symlink(dfd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode)
+    except OSError:
         return False
 
 
