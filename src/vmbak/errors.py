@@ -33,15 +33,30 @@ class ChangeTrackingError(VmbakError):
     """A change source cannot prove it saw every change (the backup falls back to a scan)."""
 
 
-def printable(text: str, keep_newlines: bool = False) -> str:
-    """``text`` safe to print on a terminal: every character that is not printable
-    (newlines, tabs, escape sequences, bidi and other format characters, ...) becomes a
-    Python-style escape (``\\n``, ``\\x1b``, ``\\u202e``), so that text from a disk or a
-    repository can neither break a line or a table nor drive the terminal. With
-    ``keep_newlines``, newlines stay (for text that is several lines by design). Lone
-    surrogates (undecodable bytes of a file name) are escaped too: printing them fails."""
-    if text.isprintable():
+def printable(text: str, keep_newlines: bool = False, slash: bool = False) -> str:
+    """``text`` safe to print on a terminal, on one line: every character that is not
+    printable (newlines, tabs, escape sequences, bidi and other format characters, ...)
+    becomes a Python-style escape (``\\n``, ``\\x1b``, ``\\u202e``), a byte that was not
+    UTF-8 (a surrogate escape of a file name) becomes ``\\xNN``, and a backslash is
+    doubled, so the result is unambiguous and text from a disk or a repository can neither
+    break a line or a table nor drive the terminal. With ``keep_newlines``, newlines stay
+    (for text that is several lines by design); with ``slash``, ``/`` is escaped too (for
+    one name, which cannot hold one)."""
+    if text.isprintable() and "\\" not in text and not (slash and "/" in text):
         return text
     if keep_newlines:
-        return "\n".join(printable(line) for line in text.split("\n"))
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+        return "\n".join(printable(line, slash=slash) for line in text.split("\n"))
+    out = []
+    for c in text:
+        o = ord(c)
+        if c == "\\":
+            out.append("\\\\")
+        elif 0xDC80 <= o <= 0xDCFF:
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif slash and c == "/":
+            out.append("\\x2f")
+        elif c.isprintable():
+            out.append(c)
+        else:
+            out.append(repr(c)[1:-1] if not 0xD800 <= o <= 0xDFFF else f"\\u{o:04x}")
+    return "".join(out)

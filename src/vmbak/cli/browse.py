@@ -67,7 +67,10 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                        description="Copy files, directories and symlinks from inside a snapshot into DIR, "
                        "keeping mode and modification time. Nothing is ever written outside DIR: names from the "
                        "backup are checked, and no symlink is followed while writing (symlinks are recreated as "
-                       "they are). Existing entries are not overwritten (they are reported as skipped).",
+                       "they are). Each file appears under its name only once it is complete (it is written to a "
+                       "temporary name and renamed). An existing file with the same content is left as it is "
+                       "(unchanged); one that differs is replaced (updated), as restic restore does. Entries that "
+                       "cannot be read are named on stderr, the rest is extracted, and the exit status is 3.",
                        epilog=EXTRACT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("snapshot", metavar="SNAP")
     p.add_argument("paths", metavar="PATH", nargs="+")
@@ -92,6 +95,9 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.set_defaults(func=cmd_mount)
 
 
+PARTIAL = 3  # some entries could not be read (restic's "partial" exit code); the rest was done
+
+
 def _files(args: argparse.Namespace):  # noqa: ANN202 - (SnapshotFiles, SnapshotView)
     from vmbak.engine.view import SnapshotView
     from vmbak.serve.files import SnapshotFiles
@@ -99,7 +105,21 @@ def _files(args: argparse.Namespace):  # noqa: ANN202 - (SnapshotFiles, Snapshot
     repo = open_repo(args)
     m = repo.find(args.snapshot)
     view = SnapshotView(repo, m, args.cache_size)
-    return SnapshotFiles(view), view
+    files = SnapshotFiles(view)
+
+    def warn(path: str, why: str) -> None:  # one line per path that cannot be read, even with -q
+        print(f"vmbak: warning: {printable(path)}: {why}", file=sys.stderr, flush=True)
+
+    files.on_problem = warn
+    return files, view
+
+
+def _partial(files, what: str) -> int:  # noqa: ANN001
+    n = len({p for p, _ in files.problems})
+    if not n:
+        return 0
+    print(f"vmbak: warning: {n} path{'s' if n != 1 else ''} could not be read; {what}", file=sys.stderr)
+    return PARTIAL
 
 
 def _mode_text(kind: str, mode: int) -> str:
@@ -107,44 +127,59 @@ def _mode_text(kind: str, mode: int) -> str:
     return stat.filemode(t | mode) if t else "?" + stat.filemode(mode)[1:]
 
 
+def _when(ns: int) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ns / 1e9)) if ns else " " * 16
+    except (OverflowError, OSError, ValueError):  # a damaged timestamp
+        return "?".ljust(16)
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
+
     files, _view = _files(args)
     node, entries = files.listdir(args.path)
     if args.recursive and node.kind == "dir":
         fs, _vol, n, norm = files.resolve(args.path)
         if fs is None:
+            top = entries
             entries = []
-            for path, e in files.listdir(args.path)[1]:
-                sub_fs, _v, sn, snorm = files.resolve(path)
+            for path, e in top:
+                try:
+                    sub_fs, _v, sn, snorm = files.resolve(path)
+                except VmbakError as err:  # a volume whose filesystem cannot be read: the others still are
+                    entries.append((path, e))
+                    files.problem(path, str(err).removeprefix(f"{files.label}:{path}: "))
+                    continue
                 if sub_fs is None:
                     entries.append((path, e))
                     continue
                 entries.extend(files.walk(sub_fs, sn, snorm))
         else:
-            entries = list(files.walk(fs, n, norm))[1:]
+            entries = files.walk(fs, n, norm)
+            next(entries)  # the directory itself
     if args.json:
         print(json.dumps([e.to_json(p) for p, e in entries], indent=2))
-        return 0
-    lines = []
-    for path, e in entries:
-        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.mtime_ns / 1e9)) if e.mtime_ns else " " * 16
-        name = path if args.recursive or node.kind != "dir" else e.name
+        return _partial(files, "the listing is incomplete")
+    out = sys.stdout
+    for path, e in entries:  # streamed: a long walk shows its progress
+        when = _when(e.mtime_ns)
+        name = printable(path) if args.recursive or node.kind != "dir" else printable(e.name, slash=True)
         if e.kind == "dir" and not name.endswith("/"):
             name += "/"
-        tail = f" -> {e.target}" if e.target is not None else ""
-        lines.append(f"{_mode_text(e.kind, e.mode)} {e.size:>12} {when} {printable(name + tail)}")
-    if lines:
-        print("\n".join(lines))
-    return 0
+        tail = f" -> {printable(e.target)}" if e.target is not None else ""
+        out.write(f"{_mode_text(e.kind, e.mode)} {e.size:>12} {when} {name}{tail}\n")
+    out.flush()
+    return _partial(files, "the listing is incomplete")
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
+
     files, _view = _files(args)
     fs, _vol, node, norm = files.resolve(args.path)
     if fs is None or node.kind == "dir":
-        raise VmbakError(f"{files.label}: is a directory: {norm}")
+        raise VmbakError(f"{files.label}: is a directory: {printable(norm)}")
     if node.kind != "file":
-        raise VmbakError(f"{files.label}: not a regular file ({node.kind}): {norm}")
+        raise VmbakError(f"{files.label}: not a regular file ({node.kind}): {printable(norm)}")
     out = sys.stdout.buffer
 
     def write(b: bytes) -> None:
@@ -155,18 +190,31 @@ def cmd_cat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _terminate_as_interrupt(_sig: int, _frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM cleans up as Ctrl-C does: no partial file is left
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
+    import signal
+
     files, view = _files(args)
-    r = files.extract(args.paths, args.target, log=log(args))
+    old = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    try:
+        r = files.extract(args.paths, args.target, log=log(args))
+    finally:
+        signal.signal(signal.SIGTERM, old)
     r["snapshot"] = view.snapshot.id
     st = view.stats()
     r["repository_bytes_read"] = st["fetched_bytes"]
     r["repository_chunks_read"] = st["fetched_chunks"]
     r["cache"] = st
+    more = [f"{r['updated']} updated" if r["updated"] else "", f"{r['unchanged']} unchanged" if r["unchanged"] else "",
+            f"{len(r['skipped'])} skipped" if r["skipped"] else "",
+            f"{len(r['errors'])} could not be read" if r["errors"] else ""]
     text = (f"extracted {r['files']} files ({human(r['bytes'])}), {r['dirs']} directories and {r['symlinks']} "
-            f"symlinks to {r['target']}" + (f"; {len(r['skipped'])} skipped" if r["skipped"] else ""))
+            f"symlinks to {r['target']}" + "".join(f"; {m}" for m in more if m))
     emit(args, r, text)
-    return 0
+    return _partial(files, "the extract is incomplete")
 
 
 def cmd_mount(args: argparse.Namespace) -> int:

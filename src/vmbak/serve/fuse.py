@@ -23,10 +23,10 @@ from collections.abc import Callable
 from typing import Any, BinaryIO, TypeVar
 
 from vmbak.engine.view import SnapshotView
-from vmbak.errors import VmbakError
+from vmbak.errors import VmbakError, printable
 from vmbak.repo.manifest import Manifest
 from vmbak.repo.repository import Repository
-from vmbak.serve.files import Filesystem, Node, SnapshotFiles
+from vmbak.serve.files import Filesystem, Node, SnapshotFiles, safe_name
 
 DISK_INODE = 2
 FILES_INODE = 3
@@ -51,6 +51,19 @@ def _check_mountpoint(mountpoint: str) -> str:
     return mp
 
 
+def _say(line: str) -> None:
+    """One line on stderr; with --background nobody may be reading it any more (a closed
+    pipe), which must not take the mount down."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _warn(path: str, why: str) -> None:
+    _say(f"vmbak: warning: {printable(path)}: {why}")
+
+
 class _Trees:
     """The ``files/`` side of the mount: inode numbers for paths of a SnapshotFiles, listings,
     open files. Every call runs under one lock (the dissect parsers share state).
@@ -73,6 +86,7 @@ class _Trees:
     def files(self) -> SnapshotFiles:
         if self._files is None:
             self._files = SnapshotFiles(self.view)
+            self._files.on_problem = _warn
         return self._files
 
     def node(self, ino: int) -> Node | None:
@@ -97,8 +111,15 @@ class _Trees:
             if fs is None:
                 entries = self.files.listdir(path)[1]
             else:
-                entries = self.files.entries(fs, node, path)
-            got = {os.fsencode(n.name): self.inode(p, n, fs) for p, n in entries if n.kind != "other"}
+                entries = self.files.entries(fs, node, path, strict=True)
+            got = {}
+            for p, n in entries:
+                if n.kind == "other":
+                    continue
+                if not safe_name(n.name):  # "/" or NUL inside a name: not a name FUSE can show
+                    _warn(p, "a name holding '/' or NUL; left out")
+                    continue
+                got[os.fsencode(n.name)] = self.inode(p, n, fs)
             self.listings[ino] = got
         return got
 
@@ -136,7 +157,7 @@ def _operations(view: SnapshotView, file_name: str, mtime_ns: int) -> Any:
     trees = _Trees(view)
 
     def fail(e: Exception, code: int = errno.EIO) -> Exception:
-        print(f"vmbak: error: {e}", file=sys.stderr, flush=True)
+        _say(f"vmbak: error: {e}")
         return pyfuse3.FUSEError(code)
 
     async def in_tree(fn: Callable[..., T], *args: Any) -> T:
