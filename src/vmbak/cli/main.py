@@ -1,14 +1,25 @@
-"""vmbak's command line: parse, call the library, print text or --json."""
+"""vmbak's command line: parse, call the library, print text or --json.
+
+Signals: SIGINT, SIGTERM and SIGHUP are handled alike from the first line of this module
+on (see vmbak.interrupts): the command cleans up (locks, partial files, child processes),
+prints one line ``vmbak: error: interrupted`` and exits with 128 + the signal number
+(130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP), as a shell reports a killed process.
+"""
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import inspect
-import sys
+from vmbak import interrupts
 
-from vmbak import __version__
-from vmbak.errors import VmbakError
+interrupts.install()  # before anything slow is imported: a signal must never print a traceback
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import inspect  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+from vmbak import __version__  # noqa: E402
+from vmbak.errors import VmbakError  # noqa: E402
 
 GROUPS = ["repository", "backup", "restore", "snapshots", "keys", "maintenance", "copy"]
 OPTIONAL_GROUPS = ["track", "usage_cmd", "serve", "browse"]  # present when their modules are installed
@@ -51,6 +62,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    interrupts.install()
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as e:  # a signal during start-up, parsing or the command
+        interrupts.run_cleanups()
+        sig = getattr(e, "signum", signal.SIGINT)
+        name = "" if sig == signal.SIGINT else f" ({signal.Signals(sig).name})"
+        try:
+            print(f"vmbak: error: interrupted{name}", file=sys.stderr)
+        except OSError:
+            pass
+        return 128 + sig
+    finally:
+        interrupts.run_cleanups()  # what an interrupted owner could not release itself
+        interrupts.quiet()  # the command is over: a late signal only ends the process
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     for k, v in (("repo", None), ("password_file", None), ("json", False), ("quiet", False)):
@@ -64,9 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     except VmbakError as e:
         print(f"vmbak: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("vmbak: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         return 1
     except OSError as e:

@@ -19,6 +19,7 @@ import numpy as np
 import zstandard
 
 from vmbak.errors import IntegrityError, RepositoryError, SnapshotNotFound
+from vmbak.interrupts import deferred
 from vmbak.repo.backend import Backend, LocalBackend, ObjectMissing, host_id, pid_alive
 from vmbak.repo.crypto import (
     ENC_AES,
@@ -207,8 +208,11 @@ class Repository:
         name = f"locks/{os.urandom(16).hex()}"
         me = {"host": socket.gethostname(), "pid": os.getpid(), "time": _now_iso(),
               "exclusive": exclusive, "purpose": purpose, "hostid": host_id()}
-        self.backend.write(name, json.dumps(me).encode())
-        self.held_locks.append(name)
+        # A signal (vmbak.interrupts) never falls between writing the lock and owning it,
+        # nor into its removal: no lock is left behind by an interrupted command.
+        with deferred():
+            self.backend.write(name, json.dumps(me).encode())
+            self.held_locks.append(name)
         try:
             for other, _ in self.backend.list("locks"):
                 if other == name:
@@ -230,8 +234,9 @@ class Repository:
                         "if that process is gone, run 'vmbak unlock'")
             yield
         finally:
-            self.held_locks.remove(name)
-            self.backend.delete(name)
+            with deferred():
+                self.held_locks.remove(name)
+                self.backend.delete(name)
 
     # ------------------------------------------------------------------ index
     @property
