@@ -14,8 +14,7 @@ installs its signal handling) before numpy and the rest of the library are loade
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
+TYPE_CHECKING = False  # typing is not imported: this package must load in no time (see cli/main.py)
 __version__ = "0.1.0"
 __all__ = ["Repository", "Manifest", "VmbakError", "backup", "restore", "check", "open_disk", "__version__"]
 
@@ -23,6 +22,8 @@ _WHERE = {"backup": "vmbak.api", "check": "vmbak.api", "open_disk": "vmbak.api",
           "VmbakError": "vmbak.errors", "Manifest": "vmbak.repo.manifest", "Repository": "vmbak.repo.repository"}
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from vmbak.api import backup, check, open_disk, restore
     from vmbak.errors import VmbakError
     from vmbak.repo.manifest import Manifest

@@ -19,10 +19,14 @@ The library never installs handlers itself; embedding programs keep their own.
 
 from __future__ import annotations
 
-import signal
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+# Only built-in modules here (no import time): the command line installs the handlers
+# before anything else is loaded.
+import _signal
+import _thread
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
 
@@ -31,27 +35,25 @@ class Interrupted(KeyboardInterrupt):
     """The process got SIGINT, SIGTERM or SIGHUP; ``exit_code`` is 128 + the signal number
     (130, 143, 129), as a shell reports a process killed by it."""
 
-    def __init__(self, signum: int = signal.SIGINT) -> None:
+    def __init__(self, signum: int = _signal.SIGINT) -> None:
         super().__init__(signum)
         self.signum = int(signum)
         self.exit_code = 128 + self.signum
 
 
-_local = threading.local()
-_state = {"installed": False, "raised": False, "pending": 0}
+# raised: the first signal was raised (cleanup runs; later signals are ignored);
+# pending: a signal held back by deferred(); depth: deferred() nesting in the main thread;
+# held: install(hold=True) holds signals until release()
+_state = {"raised": False, "pending": 0, "depth": 0, "held": False, "main": _thread.get_ident()}
 _cleanups: dict[int, Callable[[], None]] = {}
-_cleanup_lock = threading.Lock()
+_cleanup_lock = _thread.allocate_lock()
 _next_token = [0]
-
-
-def _depth() -> int:
-    return getattr(_local, "depth", 0)
 
 
 def _handler(signum: int, frame: object) -> None:
     if _state["raised"]:
-        return  # cleanup of the first signal is under way
-    if _depth() > 0:
+        return  # the cleanup of the first signal is under way
+    if _state["depth"] > 0:
         if not _state["pending"]:
             _state["pending"] = signum
         return
@@ -59,39 +61,56 @@ def _handler(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
-def install() -> None:
-    """Make SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` in the main thread."""
+def install(hold: bool = False) -> None:
+    """Make SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` in the main thread (call it
+    from the main thread). With ``hold``, a signal is held back until ``release()``:
+    the entry point holds them from its first line until it stands in the ``try`` that
+    reports them."""
+    _state["main"] = _thread.get_ident()
+    if hold and not _state["held"]:
+        _state["held"] = True
+        _state["depth"] += 1
     for name in SIGNALS:
-        sig = getattr(signal, name, None)
+        sig = getattr(_signal, name, None)
         if sig is not None:
-            signal.signal(sig, _handler)
-    _state["installed"] = True
+            _signal.signal(sig, _handler)
+
+
+def release() -> None:
+    """End an ``install(hold=True)``: raise a signal that came meanwhile."""
+    if _state["held"]:
+        _state["held"] = False
+        _Deferred().__exit__(None, None, None)
 
 
 def quiet() -> None:
-    """The command is over: from now on a signal only ends the process, silently."""
+    """The command is over: from now on these signals are ignored (the process is exiting)."""
     for name in SIGNALS:
-        sig = getattr(signal, name, None)
+        sig = getattr(_signal, name, None)
         if sig is not None:
-            signal.signal(sig, signal.SIG_IGN)
+            _signal.signal(sig, _signal.SIG_IGN)
 
 
-@contextmanager
-def deferred() -> Iterator[None]:
-    """Hold back SIGINT/SIGTERM/SIGHUP in the main thread until the block ends; a signal
-    that came meanwhile is raised as ``Interrupted`` then (unless the block already
-    raises). Keep the block short: it is not interruptible."""
-    _local.depth = _depth() + 1
-    ok = False
-    try:
-        yield
-        ok = True
-    finally:
-        _local.depth = _depth() - 1
-        if ok and _local.depth == 0 and _state["pending"] and not _state["raised"] \
-                and threading.current_thread() is threading.main_thread():
+class _Deferred:
+    def __enter__(self) -> None:
+        if _thread.get_ident() == _state["main"]:
+            _state["depth"] += 1
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if _thread.get_ident() != _state["main"]:
+            return
+        _state["depth"] -= 1
+        if exc_type is None and _state["depth"] == 0 and _state["pending"] and not _state["raised"]:
             _state["raised"] = True
             raise Interrupted(_state["pending"])
+
+
+def deferred() -> _Deferred:
+    """A context manager: hold back SIGINT/SIGTERM/SIGHUP in the main thread until the
+    block ends; a signal that came meanwhile is raised as ``Interrupted`` then (unless
+    the block already raises). Keep the block short: it is not interruptible. In other
+    threads (which never receive signals) it does nothing."""
+    return _Deferred()
 
 
 def register_cleanup(action: Callable[[], None]) -> int:

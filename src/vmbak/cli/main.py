@@ -8,24 +8,25 @@ prints one line ``vmbak: error: interrupted`` and exits with 128 + the signal nu
 
 from __future__ import annotations
 
-from vmbak import interrupts
+from vmbak import interrupts  # built-in modules only
 
-interrupts.install()  # before anything slow is imported: a signal must never print a traceback
+# Before anything slow is imported, signals are handled, and held back until main() stands
+# in the try that reports them: a signal must never print a traceback.
+interrupts.install(hold=True)
 
 import argparse  # noqa: E402
-import importlib  # noqa: E402
-import inspect  # noqa: E402
-import signal  # noqa: E402
 import sys  # noqa: E402
-
-from vmbak import __version__  # noqa: E402
-from vmbak.errors import VmbakError  # noqa: E402
 
 GROUPS = ["repository", "backup", "restore", "snapshots", "keys", "maintenance", "copy"]
 OPTIONAL_GROUPS = ["track", "usage_cmd", "serve", "browse"]  # present when their modules are installed
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+    import inspect
+
+    from vmbak import __version__
+
     # Global options are accepted before and after the command (restic style).
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-r", "--repo", default=argparse.SUPPRESS,
@@ -62,10 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    interrupts.install()
+    interrupts.install(hold=True)  # already done on import; again for a second call
     try:
-        return _main(argv)
+        interrupts.release()  # a signal that came during start-up is raised here
+        code = _main(argv)
+        interrupts.quiet()  # the command is over: a late signal only ends the process
+        return code
     except KeyboardInterrupt as e:  # a signal during start-up, parsing or the command
+        import signal
+
+        interrupts.quiet()
         interrupts.run_cleanups()
         sig = getattr(e, "signum", signal.SIGINT)
         name = "" if sig == signal.SIGINT else f" ({signal.Signals(sig).name})"
@@ -75,11 +82,13 @@ def main(argv: list[str] | None = None) -> int:
             pass
         return 128 + sig
     finally:
+        interrupts.quiet()
         interrupts.run_cleanups()  # what an interrupted owner could not release itself
-        interrupts.quiet()  # the command is over: a late signal only ends the process
 
 
 def _main(argv: list[str] | None) -> int:
+    from vmbak.errors import VmbakError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     for k, v in (("repo", None), ("password_file", None), ("json", False), ("quiet", False)):
