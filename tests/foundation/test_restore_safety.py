@@ -48,6 +48,36 @@ def test_concurrent_restores_to_one_new_path(repo, make_disk, popen_vmbak, asser
         assert sorted(os.listdir(out)) == sorted(f"t{i}.raw" for i in range(trial + 1)), os.listdir(out)
 
 
+
+def test_partial_of_a_killed_restore_is_removed_by_the_next(repo, make_disk, popen_vmbak, sha256_file,
+                                                           tmp_path) -> None:
+    """kill -9 leaves the partial file (named with the dead pid) and the lock file; the next
+    restore to that path takes the lock (the kernel dropped it), removes both, and succeeds."""
+    import signal
+    import time
+
+    disk = make_disk("big.raw", 24 * MiB, seed=21)
+    sid = repo.backup(disk, "big")["id"]
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "t.raw"
+    for _attempt in range(5):
+        p = popen_vmbak("restore", sid, target, "-q", env=repo.env())
+        while p.poll() is None and not any(".vmbak-partial." in n for n in os.listdir(out)):
+            time.sleep(0.002)
+        p.send_signal(signal.SIGKILL)
+        p.communicate()
+        if p.returncode == -signal.SIGKILL and not target.exists():
+            break
+        if target.exists():
+            target.unlink()
+    left = sorted(os.listdir(out))
+    assert any(".vmbak-partial." in n and f".{p.pid}." in n for n in left), left
+    repo.run("restore", sid, target)
+    assert sorted(os.listdir(out)) == ["t.raw"]
+    assert sha256_file(target) == sha256_file(disk.path)
+
+
 # ---------------------------------------------------------------------------- paths from repository data
 DOMAIN_XML = ("<domain type='kvm'><name>{name}</name><uuid>5e1c9a38-9c55-4a56-8f0d-6d1e54c9d0a1</uuid>"
               "<memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type></os><devices>"
