@@ -9,6 +9,7 @@ written; an existing target gets its zero ranges written (or punched) once.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
 import fcntl
 import os
 import shutil
@@ -94,15 +95,17 @@ class TargetLock:
     at once, naming the pid of the first. The kernel drops the lock of a killed process.
     """
 
-    def __init__(self, path: str, fd: int | None = None) -> None:
+    def __init__(self, path: str, fd: int | None = None, *, device: bool = False) -> None:
+        """Lock ``path``; ``fd`` is the open target (a device, or an existing file whose
+        directory cannot hold the lock file: then the file itself is locked)."""
         self.target = path
         self.lock_path: str | None = None
         self.fd = -1
         self._own_fd = False
         self._token: int | None = None
-        if fd is not None:  # a block device: lock the device
-            self._flock(fd, None)
-            self.fd = fd
+        if device:
+            assert fd is not None
+            self._lock_target(fd)
             return
         d, base = os.path.split(os.path.abspath(path))
         self.lock_path = os.path.join(d, f".{base}{LOCK}")
@@ -110,6 +113,10 @@ class TargetLock:
             try:
                 lfd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
             except OSError as e:
+                if fd is not None and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    self.lock_path = None  # a read-only directory: lock the existing file itself
+                    self._lock_target(fd)
+                    return
                 raise DiskError(f"cannot lock restore target {path}: {e.strerror}") from None
             try:
                 self._flock(lfd, self.lock_path)
@@ -129,6 +136,20 @@ class TargetLock:
         info = f"{socket.gethostname()} {os.getpid()}\n".encode()
         os.ftruncate(lfd, 0)
         os.pwrite(lfd, info, 0)
+        self._token = register_cleanup(self.release)
+
+    def _lock_target(self, fd: int) -> None:
+        # udev takes a short shared lock on a block device while it probes it: retry a while
+        deadline = time.monotonic() + 2
+        while True:
+            try:
+                self._flock(fd, None)
+                break
+            except DiskError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.fd = fd
         self._token = register_cleanup(self.release)
 
     def _flock(self, fd: int, lock_path: str | None) -> None:
@@ -235,7 +256,7 @@ class RestoreTarget:
             raise DiskError(f"cannot open restore target {path}: {e.strerror}") from None
         try:
             with deferred():
-                self.lock = TargetLock(path, None if self.is_file else self.fd)
+                self.lock = TargetLock(path, self.fd, device=not self.is_file)
             have = os.lseek(self.fd, 0, os.SEEK_END)
             if have < size:
                 raise DiskError(f"restore target too small: {path} has {have} bytes, the disk needs {size}")
