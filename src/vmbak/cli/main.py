@@ -8,14 +8,18 @@ prints one line ``vmbak: error: interrupted`` and exits with 128 + the signal nu
 
 from __future__ import annotations
 
+import sys
+
 from vmbak import interrupts  # built-in modules only
 
-# Before anything slow is imported, signals are handled, and held back until main() stands
-# in the try that reports them: a signal must never print a traceback.
-interrupts.install(hold=True)
+# When this module is the program (python -m vmbak.cli.main, or the vmbak script), signals
+# are handled before anything slow is imported, and held back until main() stands in the
+# try that reports them: a signal must never print a traceback. (Imported for another
+# purpose, the module leaves the process's signals alone until main() is called.)
+if __name__ == "__main__" or getattr(sys, "argv", [""])[0].rsplit("/", 1)[-1] == "vmbak":
+    interrupts.install(hold=True)
 
 import argparse  # noqa: E402
-import sys  # noqa: E402
 
 GROUPS = ["repository", "backup", "restore", "snapshots", "keys", "maintenance", "copy"]
 OPTIONAL_GROUPS = ["track", "usage_cmd", "serve", "browse"]  # present when their modules are installed
