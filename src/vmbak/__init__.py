@@ -7,12 +7,39 @@ Embedding example::
     snap = vmbak.backup(repo, "/var/lib/images/web.raw", name="web")  # full, then incremental
     vmbak.restore(repo, "web:latest", "/tmp/web-restored.raw")
     assert vmbak.check(repo, read_data=True).ok
+
+The names below are imported on first use, so that ``vmbak.cli.main`` starts (and
+installs its signal handling) before numpy and the rest of the library are loaded.
 """
 
-from vmbak.api import backup, check, open_disk, restore
-from vmbak.errors import VmbakError
-from vmbak.repo.manifest import Manifest
-from vmbak.repo.repository import Repository
+from __future__ import annotations
 
+TYPE_CHECKING = False  # typing is not imported: this package must load in no time (see cli/main.py)
 __version__ = "0.1.0"
 __all__ = ["Repository", "Manifest", "VmbakError", "backup", "restore", "check", "open_disk", "__version__"]
+
+_WHERE = {"backup": "vmbak.api", "check": "vmbak.api", "open_disk": "vmbak.api", "restore": "vmbak.api",
+          "VmbakError": "vmbak.errors", "Manifest": "vmbak.repo.manifest", "Repository": "vmbak.repo.repository"}
+
+if TYPE_CHECKING:
+    from typing import Any
+
+    from vmbak.api import backup, check, open_disk, restore
+    from vmbak.errors import VmbakError
+    from vmbak.repo.manifest import Manifest
+    from vmbak.repo.repository import Repository
+
+
+def __getattr__(name: str) -> Any:  # noqa: ANN401
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'vmbak' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(mod), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,21 +1,37 @@
-"""vmbak's command line: parse, call the library, print text or --json."""
+"""vmbak's command line: parse, call the library, print text or --json.
+
+Signals: SIGINT, SIGTERM and SIGHUP are handled alike from the first line of this module
+on (see vmbak.interrupts): the command cleans up (locks, partial files, child processes),
+prints one line ``vmbak: error: interrupted`` and exits with 128 + the signal number
+(130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP), as a shell reports a killed process.
+"""
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import inspect
 import sys
 
-from vmbak import __version__
-from vmbak.cli.common import CommandParser
-from vmbak.errors import VmbakError, printable
+from vmbak import interrupts  # built-in modules only
+
+# When this module is the program (python -m vmbak.cli.main, or the vmbak script), signals
+# are handled before anything slow is imported, and held back until main() stands in the
+# try that reports them: a signal must never print a traceback. (Imported for another
+# purpose, the module leaves the process's signals alone until main() is called.)
+if __name__ == "__main__" or getattr(sys, "argv", [""])[0].rsplit("/", 1)[-1] == "vmbak":
+    interrupts.install(hold=True)
+
+import argparse  # noqa: E402
 
 GROUPS = ["repository", "backup", "restore", "snapshots", "keys", "maintenance", "copy"]
 OPTIONAL_GROUPS = ["track", "usage_cmd", "serve", "browse"]  # present when their modules are installed
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+    import inspect
+
+    from vmbak import __version__
+    from vmbak.cli.common import CommandParser
+
     # Global options are accepted before and after the command (restic style).
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-r", "--repo", default=argparse.SUPPRESS,
@@ -52,6 +68,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    interrupts.install(hold=True)  # already done on import; again for a second call
+    try:
+        interrupts.release()  # a signal that came during start-up is raised here
+        code = _main(argv)
+        interrupts.quiet()  # the command is over: a late signal only ends the process
+        return code
+    except KeyboardInterrupt as e:  # a signal during start-up, parsing or the command
+        import signal
+
+        interrupts.quiet()
+        interrupts.run_cleanups()
+        sig = getattr(e, "signum", signal.SIGINT)
+        name = "" if sig == signal.SIGINT else f" ({signal.Signals(sig).name})"
+        try:
+            print(f"vmbak: error: interrupted{name}", file=sys.stderr)
+        except OSError:
+            pass
+        return 128 + sig
+    finally:
+        interrupts.quiet()
+        interrupts.run_cleanups()  # what an interrupted owner could not release itself
+
+
+def _main(argv: list[str] | None) -> int:
+    from vmbak.errors import VmbakError, printable
+
     parser = build_parser()
     args = parser.parse_args(argv)
     for k, v in (("repo", None), ("password_file", None), ("json", False), ("quiet", False)):
@@ -65,9 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     except VmbakError as e:
         print(f"vmbak: error: {printable(str(e))}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("vmbak: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         return 1
     except OSError as e:

@@ -37,8 +37,9 @@ from collections.abc import Iterator
 
 from vmbak.disks.nbd import NbdDisk, NbdWriter
 from vmbak.disks.raw import RawDisk, check_disk_path
-from vmbak.engine.restore import RestoreTarget
+from vmbak.engine.restore import RestoreTarget, TargetLock, partial_name, remove_dead_partials
 from vmbak.errors import DiskError
+from vmbak.interrupts import deferred, register_cleanup, unregister_cleanup
 
 # Formats read through QEMU. Raw is read directly.
 READ_FORMATS = ("qcow2", "vhdx", "vpc", "vmdk", "qed", "vdi")
@@ -453,6 +454,8 @@ class ImageRestoreTarget(RestoreTarget):
         self.is_file = False  # written and verified through NBD, not through a file descriptor
         self.fd = -1
         self.path = path
+        self.lock: TargetLock | None = None
+        self._token: int | None = None
         if size <= 0 or size % 512:
             raise DiskError(f"{fmt} images hold whole 512-byte sectors; the disk has {size} bytes "
                             "(restore to raw instead)")
@@ -474,13 +477,28 @@ class ImageRestoreTarget(RestoreTarget):
         if not os.path.isdir(d):
             raise DiskError(f"restore target directory does not exist: {d}")
         try:
-            self._partial_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.vmbak-partial-", dir=d)
-        except OSError as e:
-            raise DiskError(f"cannot create restore target {path}: {e.strerror}") from None
-        # The image gets its final name inside the partial directory (a vmdk names
-        # itself in its descriptor), and is renamed out of it on commit.
-        self.path = os.path.join(self._partial_dir, os.path.basename(path))
-        self.created = True
+            with deferred():
+                self.lock = TargetLock(path)
+                self._token = register_cleanup(self.close)
+            remove_dead_partials(path)
+            if os.path.lexists(path) and not overwrite:
+                raise DiskError(f"restore target {path} appeared while the restore started; "
+                                "run it again (with --overwrite to replace it)")
+            with deferred():
+                try:
+                    pd = partial_name(path)
+                    os.mkdir(pd, 0o700)
+                except OSError as e:
+                    raise DiskError(f"cannot create restore target {path}: {e.strerror}") from None
+                self._partial_dir = pd
+                # The image gets its final name inside the partial directory (a vmdk names
+                # itself in its descriptor), and is renamed out of it on commit.
+                self.path = os.path.join(self._partial_dir, os.path.basename(path))
+                self.created = True
+        except BaseException:
+            with deferred():
+                self.close()
+            raise
         try:
             opts = {**CREATE_OPTIONS[fmt], **(options or {})}
             args = ["create", "-q", "-f", fmt]
@@ -501,7 +519,8 @@ class ImageRestoreTarget(RestoreTarget):
             if self._writer.size != size:
                 raise DiskError(f"{fmt} image {path}: QEMU exports {self._writer.size} bytes, expected {size}")
         except BaseException:
-            self.discard()
+            with deferred():
+                self.close()
             raise
 
     # -- the RestoreTarget contract
@@ -550,19 +569,29 @@ class ImageRestoreTarget(RestoreTarget):
         got = int(image_info(self.path, self.format)["virtual-size"])  # type: ignore[index]
         if got != self.size:
             raise DiskError(f"restored {self.format} image has {got} bytes, expected {self.size}")
-        if sync:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if sync:
                 os.fsync(fd)
-            finally:
-                os.close(fd)
-        os.replace(self.path, self.final_path)
-        shutil.rmtree(self._partial_dir, ignore_errors=True)
-        self._partial_dir = None
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        with deferred():
+            os.replace(self.path, self.final_path)
+            shutil.rmtree(self._partial_dir, ignore_errors=True)
+            self._partial_dir = None
+            self.path = self.final_path
+            self.created = False
+        # What is at the path now must be the image that was written and checked.
+        try:
+            now = os.stat(self.final_path)
+        except OSError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            raise DiskError(f"restore target {self.final_path} was replaced by another process "
+                            "while it was being restored")
         if sync:
             _fsync_dir(os.path.dirname(os.path.abspath(self.final_path)))
-        self.path = self.final_path
-        self.created = False
 
     def discard(self) -> None:
         if self.format == "raw":
@@ -580,11 +609,17 @@ class ImageRestoreTarget(RestoreTarget):
     def close(self) -> None:
         if self.format == "raw":
             return super().close()
-        if self.created:  # never committed: the partial image is of no use
-            self.discard()
-        elif self._daemon is not None:
-            self._daemon.kill()
-            self._daemon = None
+        with deferred():
+            if self.created:  # never committed: the partial image is of no use
+                self.discard()
+            elif self._daemon is not None:
+                self._daemon.kill()
+                self._daemon = None
+            unregister_cleanup(self._token)
+            self._token = None
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
 
     def __enter__(self) -> ImageRestoreTarget:
         return self

@@ -9,7 +9,11 @@ written; an existing target gets its zero ranges written (or punched) once.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
+import fcntl
 import os
+import shutil
+import socket
 import stat
 import time
 from dataclasses import dataclass
@@ -28,6 +32,8 @@ from vmbak.engine.common import (
 )
 from vmbak.engine.progress import NoProgress, Progress
 from vmbak.errors import DiskError, IntegrityError, VmbakError
+from vmbak.interrupts import deferred, register_cleanup, unregister_cleanup
+from vmbak.repo.backend import pid_alive
 from vmbak.repo.manifest import Manifest
 from vmbak.repo.repository import Repository
 
@@ -35,14 +41,171 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
 
+PARTIAL = ".vmbak-partial."  # .NAME.vmbak-partial.HOST.PID.RANDOM: a new target being written
+LOCK = ".vmbak-lock"  # .NAME.vmbak-lock: held (flock) by the one restore writing NAME
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "_")
+
+
+def partial_name(path: str) -> str:
+    """A unique hidden name next to ``path`` for a new target being written; it embeds
+    this host and pid, so that the leftovers of dead processes can be told apart."""
+    d, base = os.path.split(os.path.abspath(path))
+    return os.path.join(d, f".{base}{PARTIAL}{_host()}.{os.getpid()}.{os.urandom(4).hex()}")
+
+
+def remove_dead_partials(path: str) -> int:
+    """Remove the partial files and directories that restores to ``path`` by processes of
+    this host that are gone left behind; return how many."""
+    d, base = os.path.split(os.path.abspath(path))
+    prefix = f".{base}{PARTIAL}"
+    host = _host()
+    removed = 0
+    try:
+        entries = [e for e in os.scandir(d) if e.name.startswith(prefix)]
+    except OSError:
+        return 0
+    for ent in entries:
+        parts = ent.name[len(prefix):].split(".")
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if pid == os.getpid() or pid_alive(pid):
+            continue
+        try:
+            if ent.is_dir(follow_symlinks=False):
+                shutil.rmtree(ent.path)
+            else:
+                os.unlink(ent.path)
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+class TargetLock:
+    """The right to write one restore target, so that two restores never write, or
+    rename into, the same path at once.
+
+    A file target is locked with ``flock`` on ``.NAME.vmbak-lock`` beside it (a new file
+    does not exist yet); the lock file is removed on release. A block device is locked
+    with ``flock`` on the device itself. The lock is non-blocking: a second restore fails
+    at once, naming the pid of the first. The kernel drops the lock of a killed process.
+    """
+
+    def __init__(self, path: str, fd: int | None = None, *, device: bool = False) -> None:
+        """Lock ``path``; ``fd`` is the open target (a device, or an existing file whose
+        directory cannot hold the lock file: then the file itself is locked)."""
+        self.target = path
+        self.lock_path: str | None = None
+        self.fd = -1
+        self._own_fd = False
+        self._token: int | None = None
+        if device:
+            assert fd is not None
+            self._lock_target(fd)
+            return
+        d, base = os.path.split(os.path.abspath(path))
+        self.lock_path = os.path.join(d, f".{base}{LOCK}")
+        while True:
+            try:
+                lfd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            except OSError as e:
+                if fd is not None and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    self.lock_path = None  # a read-only directory: lock the existing file itself
+                    self._lock_target(fd)
+                    return
+                raise DiskError(f"cannot lock restore target {path}: {e.strerror}") from None
+            try:
+                self._flock(lfd, self.lock_path)
+                st = os.fstat(lfd)
+                try:
+                    now = os.stat(self.lock_path, follow_symlinks=False)
+                except FileNotFoundError:
+                    now = None
+            except BaseException:
+                os.close(lfd)
+                raise
+            if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                break
+            os.close(lfd)  # the holder removed it while we waited: lock the new one
+        self.fd = lfd
+        self._own_fd = True
+        info = f"{socket.gethostname()} {os.getpid()}\n".encode()
+        os.ftruncate(lfd, 0)
+        os.pwrite(lfd, info, 0)
+        self._token = register_cleanup(self.release)
+
+    def _lock_target(self, fd: int) -> None:
+        # udev takes a short shared lock on a block device while it probes it: retry a while
+        deadline = time.monotonic() + 2
+        while True:
+            try:
+                self._flock(fd, None)
+                break
+            except DiskError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.fd = fd
+        self._token = register_cleanup(self.release)
+
+    def _flock(self, fd: int, lock_path: str | None) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            who = ""
+            if lock_path is not None:
+                try:
+                    host, pid = os.pread(fd, 256, 0).decode().split()
+                    who = f" (pid {pid} on {host})"
+                except (OSError, ValueError):
+                    pass
+            raise DiskError(f"restore target {self.target} is in use by another restore{who}") from None
+        except OSError as e:
+            raise DiskError(f"cannot lock restore target {self.target}: {e.strerror}") from None
+
+    def release(self) -> None:
+        with deferred():
+            unregister_cleanup(self._token)
+            self._token = None
+            if self.fd < 0:
+                return
+            if self.lock_path is not None:
+                try:
+                    os.unlink(self.lock_path)  # while still holding it: see __init__
+                except OSError:
+                    pass
+            if self._own_fd:
+                os.close(self.fd)
+            else:
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_UN)
+                except OSError:
+                    pass
+            self.fd = -1
+
+
 class RestoreTarget:
-    """Where restored bytes go. Subclass to observe or redirect writes."""
+    """Where restored bytes go. Subclass to observe or redirect writes.
+
+    A new file is written under a unique hidden name beside ``path`` (see
+    ``partial_name``) and renamed to ``path`` by ``commit``; the target is locked
+    (``TargetLock``) from construction to ``close``. Under an interrupting signal
+    (vmbak.interrupts) the partial file and the lock are removed by the command line
+    even if the signal came before the caller held the object.
+    """
 
     def __init__(self, path: str, size: int, overwrite: bool = False) -> None:
         self.path = path
         self.size = size
         self.final_path = path
         self.created = False
+        self.fd = -1
+        self.lock: TargetLock | None = None
+        self._token: int | None = None
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -53,13 +216,29 @@ class RestoreTarget:
             d = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(d):
                 raise DiskError(f"restore target directory does not exist: {d}")
-            self.path = os.path.join(d, f".{os.path.basename(path)}.vmbak-partial")
             try:
-                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                with deferred():
+                    self.lock = TargetLock(path)
+                remove_dead_partials(path)
+                if os.path.lexists(path):
+                    raise DiskError(f"restore target {path} appeared while the restore started; "
+                                    "run it again (with --overwrite to write over it)")
+                with deferred():
+                    self.path = partial_name(path)
+                    try:
+                        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                    except OSError as e:
+                        raise DiskError(f"cannot create restore target {path}: {e.strerror}") from None
+                    self.created = True
+                    self._token = register_cleanup(self.discard)
                 os.ftruncate(self.fd, size)
-            except OSError as e:
-                raise DiskError(f"cannot create restore target {path}: {e.strerror}") from None
-            self.created = True
+            except BaseException as e:
+                with deferred():
+                    self.discard()
+                    self.close()
+                if isinstance(e, OSError):
+                    raise DiskError(f"cannot create restore target {path}: {e.strerror}") from None
+                raise
             self.is_file = True
             return
         if stat.S_ISDIR(st.st_mode):
@@ -70,13 +249,21 @@ class RestoreTarget:
         if not self.is_file and not stat.S_ISBLK(st.st_mode):
             raise DiskError(f"restore target is not a regular file or block device: {path}")
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            with deferred():
+                self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                self._token = register_cleanup(self.close)
         except OSError as e:
             raise DiskError(f"cannot open restore target {path}: {e.strerror}") from None
-        have = os.lseek(self.fd, 0, os.SEEK_END)
-        if have < size:
-            os.close(self.fd)
-            raise DiskError(f"restore target too small: {path} has {have} bytes, the disk needs {size}")
+        try:
+            with deferred():
+                self.lock = TargetLock(path, self.fd, device=not self.is_file)
+            have = os.lseek(self.fd, 0, os.SEEK_END)
+            if have < size:
+                raise DiskError(f"restore target too small: {path} has {have} bytes, the disk needs {size}")
+        except BaseException:
+            with deferred():
+                self.close()
+            raise
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -117,9 +304,23 @@ class RestoreTarget:
         if sync:
             os.fsync(self.fd)
         if self.created:
-            os.replace(self.path, self.final_path)
-            self.path = self.final_path
-            self.created = False
+            with deferred():
+                os.replace(self.path, self.final_path)
+                self.path = self.final_path
+                self.created = False
+                unregister_cleanup(self._token)
+                self._token = register_cleanup(self.close)
+            # What is at the path now must be the file that was written and verified.
+            st = os.fstat(self.fd)
+            try:
+                now = os.stat(self.final_path)
+            except OSError:
+                now = None
+            if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                raise DiskError(f"restore target {self.final_path} was replaced by another process "
+                                "while it was being restored")
+            if sync:
+                _fsync_dir(os.path.dirname(os.path.abspath(self.final_path)))
 
     def discard(self) -> None:
         if self.created:
@@ -127,11 +328,33 @@ class RestoreTarget:
                 os.unlink(self.path)
             except OSError:
                 pass
+            self.created = False
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        with deferred():
+            if self.created:  # never committed: the partial file is of no use
+                self.discard()
+            unregister_cleanup(self._token)
+            self._token = None
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+
+def _fsync_dir(d: str) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @dataclass

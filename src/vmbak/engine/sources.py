@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from vmbak.changes.base import ChangeMap
 from vmbak.disks.base import DiskReader
 from vmbak.engine.backup import BackupOptions, backup
-from vmbak.errors import ChangeTrackingError, DiskError, SnapshotNotFound, VmbakError
+from vmbak.errors import ChangeTrackingError, DiskError, RepositoryError, SnapshotNotFound, VmbakError
+from vmbak.interrupts import deferred, register_cleanup, unregister_cleanup
 from vmbak.repo.manifest import Manifest
 from vmbak.repo.repository import Repository, _parse_iso, parse_time_limit
 
@@ -487,6 +488,43 @@ def _domain_exists(name: str, uri: str) -> bool:
         conn.close()
 
 
+def _plain_name(value: object) -> bool:
+    """Whether ``value`` can name a file inside a directory and nothing else."""
+    return (isinstance(value, str) and value not in ("", ".", "..") and "/" not in value and "\0" not in value
+            and len(value.encode("utf-8", "surrogateescape")) <= 200)
+
+
+def _lv_name(m: Manifest, lv: dict, key: str) -> str:
+    """A name from a libvirt backup's record that goes into a file name: a plain name only,
+    so that repository data never chooses where a restore writes."""
+    value = lv.get(key)
+    if not _plain_name(value):
+        raise RepositoryError(f"snapshot {m.short_id}: the libvirt {key} name {value!r} recorded with the backup "
+                              "is not a plain name; refusing to build a file name from it")
+    return value  # type: ignore[return-value]
+
+
+def _lv_source_dir(m: Manifest, lv: dict) -> str:
+    """The directory a disk had (the default restore directory): an absolute, normalized
+    path, or the current directory when none was recorded."""
+    source = lv.get("source") or ""
+    if not isinstance(source, str) or "\0" in source:
+        raise RepositoryError(f"snapshot {m.short_id}: the libvirt disk source {source!r} is not a path")
+    if not source:
+        return "."
+    if not os.path.isabs(source) or os.path.normpath(source) != source:
+        raise RepositoryError(f"snapshot {m.short_id}: the libvirt disk source {source!r} is not an absolute, "
+                              "normalized path; give the directory to restore to")
+    return os.path.dirname(source) or "/"
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def restore_libvirt(repo: Repository, spec: str, *, directory: str | None, new_name: str | None,
                     define: bool, fmt: str | None, uri: str, overwrite: bool = False, verify: bool = True,
                     workers: int = 2, progress: Callable[[], object] | None = None,
@@ -501,13 +539,19 @@ def restore_libvirt(repo: Repository, spec: str, *, directory: str | None, new_n
     """
     from vmbak.changes.libvirt import define_domain, rewrite_domain_xml
     from vmbak.disks.qemu import ImageRestoreTarget
-    from vmbak.engine.restore import restore
+    from vmbak.engine.restore import partial_name, restore
 
     log = log or (lambda s: None)
     group = find_libvirt_backup(repo, spec)
     first = _lv_info(group[0])
     assert first is not None
-    name = new_name or f"{first['domain']}-restored"
+    if new_name is not None:
+        if not _plain_name(new_name):
+            raise VmbakError(f"--define {new_name!r}: the name also names the restored files, so it must be a "
+                             "plain file name (no '/', not '.' or '..')")
+        name = new_name
+    else:
+        name = f"{_lv_name(group[0], first, 'domain')}-restored"
     fmt = check_image_format(fmt, write=True)
     if define and _domain_exists(name, uri):
         raise VmbakError(f"libvirt already has a domain named {name!r} (choose another name with --define)")
@@ -518,9 +562,12 @@ def restore_libvirt(repo: Repository, spec: str, *, directory: str | None, new_n
         lv = _lv_info(m)
         assert lv is not None
         f = fmt or check_image_format(lv.get("format") or "raw", write=True)
-        d = directory or os.path.dirname(lv.get("source") or "") or "."
-        plan.append((m, lv["target"], os.path.abspath(os.path.join(d, f"{name}-{lv['target']}.{EXTENSIONS[f]}")), f))
-    xml_path = os.path.join(directory or os.path.dirname(plan[0][2]), f"{name}.xml")
+        d = os.path.abspath(directory or _lv_source_dir(m, lv))
+        tgt = _lv_name(m, lv, "target")
+        path = os.path.join(d, f"{name}-{tgt}.{EXTENSIONS[f]}")
+        assert os.path.dirname(path) == d, path  # confined by _plain_name
+        plan.append((m, tgt, path, f))
+    xml_path = os.path.join(os.path.abspath(directory or os.path.dirname(plan[0][2])), f"{name}.xml")
     if os.path.exists(xml_path) and not overwrite:
         raise DiskError(f"restore target exists: {xml_path} (use --overwrite to replace it)")
     created: list[str] = []
@@ -543,11 +590,19 @@ def restore_libvirt(repo: Repository, spec: str, *, directory: str | None, new_n
             results.append({**r, "target_disk": tgt, "format": f, "name": m.name})
             log(f"restored disk {tgt} (snapshot {m.short_id}) to {path} ({f})")
         xml = rewrite_domain_xml(first["domain_xml"], name, {tgt: (path, f) for _, tgt, path, f in plan})
-        tmp = xml_path + ".vmbak-partial"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(xml + "\n")
-        os.replace(tmp, xml_path)
-        created.append(xml_path)
+        with deferred():
+            tmp = partial_name(xml_path)
+            token = register_cleanup(lambda: _unlink(tmp))
+        try:
+            with open(tmp, "x", encoding="utf-8") as fh:
+                fh.write(xml + "\n")
+            with deferred():
+                os.replace(tmp, xml_path)
+                created.append(xml_path)
+        finally:
+            with deferred():
+                _unlink(tmp)
+                unregister_cleanup(token)
         defined = define_domain(xml, uri) if define else None
         ok = True
     finally:

@@ -19,6 +19,7 @@ import numpy as np
 import zstandard
 
 from vmbak.errors import IntegrityError, RepositoryError, SnapshotNotFound
+from vmbak.interrupts import deferred, register_cleanup, unregister_cleanup
 from vmbak.repo import zstd
 from vmbak.repo.backend import Backend, LocalBackend, ObjectMissing, host_id, makedirs_private, pid_alive
 from vmbak.repo.crypto import (
@@ -246,8 +247,14 @@ class Repository:
         name = f"locks/{os.urandom(16).hex()}"
         me = {"host": socket.gethostname(), "pid": os.getpid(), "time": _now_iso(),
               "exclusive": exclusive, "purpose": purpose, "hostid": host_id()}
-        self.backend.write(name, json.dumps(me).encode())
-        self.held_locks.append(name)
+        # A signal (vmbak.interrupts) never falls between writing the lock and owning it,
+        # nor into its removal; and should this frame never reach its ``finally`` (a
+        # signal between a ``with`` statement and this generator), the command line
+        # removes the lock on its way out: no lock is left behind by an interrupted command.
+        with deferred():
+            self.backend.write(name, json.dumps(me).encode())
+            self.held_locks.append(name)
+            token = register_cleanup(lambda: self.backend.delete(name))
         try:
             for other, _ in self.backend.list("locks"):
                 if other == name:
@@ -269,8 +276,10 @@ class Repository:
                         "if that process is gone, run 'vmbak unlock'")
             yield
         finally:
-            self.held_locks.remove(name)
-            self.backend.delete(name)
+            with deferred():
+                self.held_locks.remove(name)
+                self.backend.delete(name)
+                unregister_cleanup(token)
 
     # ------------------------------------------------------------------ index
     @property

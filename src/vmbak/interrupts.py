@@ -1,0 +1,140 @@
+"""SIGINT, SIGTERM and SIGHUP end a command the same way: cleanly.
+
+The command line installs ``install()`` as the very first thing it does. Each of the
+three signals then raises ``Interrupted`` (a KeyboardInterrupt) in the main thread, so
+every ``finally`` and ``except BaseException`` that cleans up after Ctrl-C (repository
+locks, partial files, QEMU and NBD children) also runs for ``kill`` and a closed
+terminal. Only the first signal raises: later ones are ignored while the cleanup runs.
+
+Two tools close the gaps an exception raised at an arbitrary bytecode leaves:
+
+* ``deferred()``: a short critical section (create a lock file *and* remember it) in
+  which a signal is held back and raised when the section ends;
+* ``register_cleanup()``: an action (remove a partial file, release a lock) that the
+  command line runs on its way out if its owner never got the chance.
+
+This module imports nothing heavy: it must be usable before anything else is imported.
+The library never installs handlers itself; embedding programs keep their own.
+"""
+
+from __future__ import annotations
+
+# Only built-in modules here (no import time): the command line installs the handlers
+# before anything else is loaded.
+import _signal
+import _thread
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+class Interrupted(KeyboardInterrupt):
+    """The process got SIGINT, SIGTERM or SIGHUP; ``exit_code`` is 128 + the signal number
+    (130, 143, 129), as a shell reports a process killed by it."""
+
+    def __init__(self, signum: int = _signal.SIGINT) -> None:
+        super().__init__(signum)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+
+
+# raised: the first signal was raised (cleanup runs; later signals are ignored);
+# pending: a signal held back by deferred(); depth: deferred() nesting in the main thread;
+# held: install(hold=True) holds signals until release()
+_state = {"raised": False, "pending": 0, "depth": 0, "held": False, "main": _thread.get_ident()}
+_cleanups: dict[int, Callable[[], None]] = {}
+_cleanup_lock = _thread.allocate_lock()
+_next_token = [0]
+
+
+def _handler(signum: int, frame: object) -> None:
+    if _state["raised"]:
+        return  # the cleanup of the first signal is under way
+    if _state["depth"] > 0:
+        if not _state["pending"]:
+            _state["pending"] = signum
+        return
+    _state["raised"] = True
+    raise Interrupted(signum)
+
+
+def install(hold: bool = False) -> None:
+    """Make SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` in the main thread (call it
+    from the main thread). With ``hold``, a signal is held back until ``release()``:
+    the entry point holds them from its first line until it stands in the ``try`` that
+    reports them."""
+    _state["main"] = _thread.get_ident()
+    if hold and not _state["held"]:
+        _state["held"] = True
+        _state["depth"] += 1
+    for name in SIGNALS:
+        sig = getattr(_signal, name, None)
+        if sig is not None:
+            _signal.signal(sig, _handler)
+
+
+def release() -> None:
+    """End an ``install(hold=True)``: raise a signal that came meanwhile."""
+    if _state["held"]:
+        _state["held"] = False
+        _Deferred().__exit__(None, None, None)
+
+
+def quiet() -> None:
+    """The command is over: from now on these signals are ignored (the process is exiting)."""
+    for name in SIGNALS:
+        sig = getattr(_signal, name, None)
+        if sig is not None:
+            _signal.signal(sig, _signal.SIG_IGN)
+
+
+class _Deferred:
+    def __enter__(self) -> None:
+        if _thread.get_ident() == _state["main"]:
+            _state["depth"] += 1
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if _thread.get_ident() != _state["main"]:
+            return
+        _state["depth"] -= 1
+        if exc_type is None and _state["depth"] == 0 and _state["pending"] and not _state["raised"]:
+            _state["raised"] = True
+            raise Interrupted(_state["pending"])
+
+
+def deferred() -> _Deferred:
+    """A context manager: hold back SIGINT/SIGTERM/SIGHUP in the main thread until the
+    block ends; a signal that came meanwhile is raised as ``Interrupted`` then (unless
+    the block already raises). Keep the block short: it is not interruptible. In other
+    threads (which never receive signals) it does nothing."""
+    return _Deferred()
+
+
+def register_cleanup(action: Callable[[], None]) -> int:
+    """Remember ``action`` to run at exit if its owner does not unregister it; return a token."""
+    with _cleanup_lock:
+        _next_token[0] += 1
+        _cleanups[_next_token[0]] = action
+        return _next_token[0]
+
+
+def unregister_cleanup(token: int | None) -> None:
+    if token is None:
+        return
+    with _cleanup_lock:
+        _cleanups.pop(token, None)
+
+
+def run_cleanups() -> None:
+    """Run (newest first) every registered action that is still pending; never raises."""
+    with _cleanup_lock:
+        actions = [a for _, a in sorted(_cleanups.items(), reverse=True)]
+        _cleanups.clear()
+    for a in actions:
+        try:
+            a()
+        except Exception:  # noqa: BLE001, S110 - best effort on the way out
+            pass
