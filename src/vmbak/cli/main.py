@@ -8,6 +8,7 @@ import inspect
 import sys
 
 from vmbak import __version__
+from vmbak.cli.common import damage_warnings
 from vmbak.errors import VmbakError
 
 GROUPS = ["repository", "backup", "restore", "snapshots", "keys", "maintenance", "copy"]
@@ -60,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        damage_warnings(args)
+        return rc
     except VmbakError as e:
         print(f"vmbak: error: {e}", file=sys.stderr)
         return e.exit_code
