@@ -320,9 +320,10 @@ class Repository:
         is damaged: its name is not the BLAKE3 of its bytes, or it fails to open or decode."""
         blob = self.backend.read(name)
         what = f"index file {name}"
+        payload = self.sealer.open(blob, INDEX_AAD, what)
         if name.rsplit("/", 1)[-1] != index_id(blob):
-            raise IntegrityError(f"{what}: content does not match its name (renamed, truncated or tampered)")
-        _, packs = decode_index(self.sealer.open(blob, INDEX_AAD, what), what)
+            raise IntegrityError(f"{what}: content does not match its name (renamed or tampered)")
+        _, packs = decode_index(payload, what)
         return packs
 
     def write_index(self, packs: list[tuple[str, np.ndarray]]) -> str:
