@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 
 import pytest
 
@@ -266,3 +267,20 @@ def test_check_does_not_report_a_pack_a_sweep_deleted(world, enc, tmp_path):
     repo.run("prune", "--grace", "0")
     rep = repo.check(read_data=True)
     assert rep["warnings"] == []
+
+
+def test_repair_index_beside_a_running_backup(make_repo, make_disk, popen_vmbak, tmp_path, assert_same_file):
+    """The packs a running backup has landed (not yet indexed) are indexed from their
+    headers; the backup's own index file, written later, is left alone."""
+    repo = make_repo("none", pack_size=1 * MiB)
+    disk = make_disk("big.raw", 48 * MiB, seed=185)
+    proc = popen_vmbak("backup", disk.path, "--name", "big", env=repo.env())
+    data = repo.path / "data"
+    while proc.poll() is None and sum(1 for p in data.rglob("*") if p.is_file()) < 3:
+        time.sleep(0.01)
+    out = repo.json("repair", "index")
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert out["damaged_index_files"] == {}
+    repo.check(read_data=True)
+    repo.restore("big:latest", tmp_path / "o.raw")
+    assert_same_file(tmp_path / "o.raw", disk.path)
