@@ -117,11 +117,35 @@ def open_repo_and_password(args: argparse.Namespace) -> tuple[Repository, str | 
     # Only ask for a password when the repository needs one; a password that was given
     # goes to Repository.open regardless, which refuses an "unencrypted" repository then.
     pw = password(args) if needs_password(loc) else given_password(args)
-    return Repository.open(loc, pw), pw
+    repo = Repository.open(loc, pw)
+    args.opened_repos = [*getattr(args, "opened_repos", []), repo]  # for damage_warnings()
+    return repo, pw
 
 
 def open_repo(args: argparse.Namespace) -> Repository:
     return open_repo_and_password(args)[0]
+
+
+def damage_lines(repo: Repository) -> list[str]:
+    """One line for each damaged manifest and index file this process came across."""
+    out = []
+    for sid, why in sorted(repo.damaged_seen.items()):
+        out.append(f"snapshot {sid} is damaged ({why.removeprefix(f'snapshot {sid[:8]}: ')}) and is left out; "
+                   f"snapshots that depend on it cannot be restored; 'vmbak forget {sid}' removes it")
+    for name, why in sorted(repo.damaged_index_files.items()):
+        out.append(f"index file {name} is damaged ({why.removeprefix(f'index file {name}: ')}) and is skipped; its packs "
+                   "are read from their headers; 'vmbak repair index' rebuilds the index")
+    return out
+
+
+def damage_warnings(args: argparse.Namespace) -> None:
+    """After a command succeeded: warn on stderr, one line each, about the damaged
+    manifests and index files it skipped (unless the command reported them itself)."""
+    if getattr(args, "damage_reported", False):
+        return
+    for repo in getattr(args, "opened_repos", []):
+        for line in damage_lines(repo):
+            print(f"vmbak: warning: {line}", file=sys.stderr)
 
 
 def run_detached(args: argparse.Namespace) -> tuple[subprocess.Popen[str], dict]:

@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    from vmbak.cli.common import damage_warnings
     from vmbak.errors import VmbakError, printable
 
     parser = build_parser()
@@ -103,7 +104,9 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        damage_warnings(args)
+        return rc
     except VmbakError as e:
         print(f"vmbak: error: {printable(str(e))}", file=sys.stderr)
         return e.exit_code

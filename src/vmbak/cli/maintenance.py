@@ -1,4 +1,4 @@
-"""Maintenance commands: forget (retention), prune, merge, unlock."""
+"""Maintenance commands: forget (retention), prune, merge, repair, unlock."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from vmbak.cli.common import emit, log, open_repo
 from vmbak.engine.common import human
 from vmbak.engine.merge import check_mergeable, reconcile, resolve_target
 from vmbak.engine.prune import DEFAULT_REPACK_THRESHOLD, PruneOptions, prune, unlock
+from vmbak.engine.repair import repair_index
 from vmbak.engine.retention import Policy, forget
 from vmbak.errors import VmbakError, printable
 
@@ -76,6 +77,20 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_merge)
 
+    p = sub.add_parser("repair", help="repair parts of the repository",
+                       description="Repair what can be rebuilt from the data that is there.",
+                       epilog="example:\n  vmbak repair index",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    rsub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+    r = rsub.add_parser("index", parents=[parent], help="rebuild the index from the pack headers",
+                        description="Write one new index file built from the headers of every pack (packs "
+                        "describe themselves), then delete every older index file, damaged or not. Runs "
+                        "beside backups and restores, not beside prune. A damaged index file is otherwise "
+                        "skipped with a warning, and the packs it named are read from their headers.",
+                        epilog="example:\n  vmbak repair index --json",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.set_defaults(func=cmd_repair_index)
+
     p = sub.add_parser("unlock", parents=[parent], help="remove locks left by dead processes",
                        description="Without options, remove every lock that is not held by a live process "
                        "on this host (use it once you know the processes on other hosts are gone). With "
@@ -120,6 +135,8 @@ def _prune_text(r: dict) -> list[str]:
         lines.append("nothing to prune: every stored chunk is referenced")
     for p in r["postponed"]:
         lines.append(f"mark {p['mark'][:8]} not swept yet: {p['reason']}")
+    for mid in r.get("removed_damaged_marks", []):
+        lines.append(f"removed damaged prune mark {mid[:8]}")
     for w in r["warnings"]:
         lines.append(f"warning: {w}")
     if r.get("upgraded_format"):
@@ -137,6 +154,7 @@ def _run_prune(args: argparse.Namespace, repo) -> dict:  # noqa: ANN001
 
 def cmd_prune(args: argparse.Namespace) -> int:
     repo = open_repo(args)
+    args.damage_reported = True  # prune refuses to run with a damaged manifest or index file
     r = _run_prune(args, repo)
     emit(args, r, "\n".join(_prune_text(r)))
     return 0
@@ -165,6 +183,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
     lines.append(f"{verb}forget {n_del} snapshots, {verb}rewrite {len(out['rewritten'])}"
                  + (f", keep {len(out['kept_dependencies'])} that remaining snapshots need"
                     if out["kept_dependencies"] else ""))
+    for sid in out["removed_damaged"]:
+        lines.append(f"{verb}remove damaged snapshot {sid}")
     if out["recovered_interrupted"]:
         lines.append(f"finished {len(out['recovered_interrupted'])} rewrites an interrupted run had left")
     if args.prune and not args.dry_run:
@@ -200,6 +220,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if others:
         text += f"\n{len(others)} later snapshots re-pointed to it"
     emit(args, out, text)
+    return 0
+
+
+def cmd_repair_index(args: argparse.Namespace) -> int:
+    repo = open_repo(args)
+    args.damage_reported = True  # the damaged index files are what it replaces
+    r = repair_index(repo).to_json()
+    lines = [f"replaced damaged {name}: {why.removeprefix(f'index file {name}: ')}"
+             for name, why in sorted(r["damaged_index_files"].items())]
+    lines += [f"warning: {w}" for w in r["warnings"]]
+    lines.append(f"index rebuilt from the headers of {r['packs']} packs ({r['chunks']} chunks); "
+                 f"{len(r['removed_index_files'])} older index files removed")
+    emit(args, r, "\n".join(lines))
     return 0
 
 

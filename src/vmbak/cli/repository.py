@@ -62,6 +62,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     repo = open_repo(args)
+    args.damage_reported = True  # the report names damaged manifests and index files as errors
     rep = check(repo, read_data=args.read_data, progress=progress(args))
     lines = [f"{rep.snapshots} snapshots, {rep.packs} packs, {rep.chunks} chunks"
              + (f", {human(rep.bytes_read)} read" if args.read_data else "")]

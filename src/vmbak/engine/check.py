@@ -11,8 +11,9 @@ import numpy as np
 from vmbak.engine.common import bounded_map, range_text, runs
 from vmbak.engine.progress import NoProgress, Progress
 from vmbak.errors import IntegrityError, RepositoryError
-from vmbak.repo.index import INDEX_AAD, decode_index
+from vmbak.repo.backend import ObjectMissing
 from vmbak.repo.manifest import Manifest
+from vmbak.repo.marks import load_marks
 from vmbak.repo.pack import pack_name, parse_header, read_header
 from vmbak.repo.repository import Repository
 
@@ -26,6 +27,7 @@ class CheckReport:
     chunks: int = 0
     bytes_read: int = 0
     damaged_snapshots: dict[str, list[str]] = field(default_factory=dict)
+    damaged_manifests: dict[str, str] = field(default_factory=dict)  # unreadable manifests: id -> reason
 
     @property
     def ok(self) -> bool:
@@ -34,7 +36,7 @@ class CheckReport:
     def to_json(self) -> dict:
         return {"ok": self.ok, "errors": self.errors, "warnings": self.warnings, "snapshots": self.snapshots,
                 "packs": self.packs, "chunks": self.chunks, "bytes_read": self.bytes_read,
-                "damaged_snapshots": self.damaged_snapshots}
+                "damaged_snapshots": self.damaged_snapshots, "damaged_manifests": self.damaged_manifests}
 
 
 def check(repo: Repository, read_data: bool = False, workers: int = 2,
@@ -42,22 +44,36 @@ def check(repo: Repository, read_data: bool = False, workers: int = 2,
     progress = progress or NoProgress()
     rep = CheckReport()
     with repo.lock(purpose="check"):
-        # 1. index files: each must open; collect what they claim
-        claimed: dict[str, np.ndarray] = {}
-        for name, _ in repo.backend.list("index"):
-            try:
-                payload = repo.sealer.open(repo.backend.read(name), INDEX_AAD, f"index file {name}")
-                _, packs = decode_index(payload, f"index file {name}")
-            except RepositoryError as e:
-                rep.errors.append(str(e))
+        # 1. index files: each must open; collect what they claim. 2. the packs present.
+        # 3. the prune marks (read last: a pack a sweep deleted meanwhile is then either
+        # still doomed by a mark, or the index files that named it are gone, and we look again).
+        for attempt in range(10):
+            claimed, index_errors, files, gone = _read_index_files(repo)
+            if gone and attempt < 9:
                 continue
-            for pid, ent in packs:
-                claimed[pid] = ent
-        # 2. packs: every indexed pack exists, and its header agrees with the index
-        present = {name.rsplit("/", 1)[-1]: size for name, size in repo.backend.list("data")}
+            present = {name.rsplit("/", 1)[-1]: size for name, size in repo.backend.list("data")}
+            marks, mark_problems = load_marks(repo.backend, repo.sealer)
+            doomed = {p for mk in marks for p in mk.doomed}
+            lost = set(claimed) - set(present) - doomed
+            if lost and attempt < 9 and not all(repo.backend.exists(f) for f in files):
+                continue  # a prune sweep ran meanwhile: look again
+            break
+        rep.errors.extend(index_errors)
+        rep.errors.extend(f"{p}; it is never acted upon, and the next 'vmbak prune' removes it"
+                          for p in mark_problems)
         rep.packs = len(present)
         bad_chunks: dict[bytes, str] = {}
         for pid in sorted(set(claimed) - set(present)):
+            if pid in doomed:
+                # Deleted by a prune sweep (condemned by a mark): not damage. Its chunks
+                # count as missing only where no other copy is known (checked below).
+                rep.warnings.append(f"pack {pid[:16]} is condemned by a prune mark and already deleted "
+                                    "(the next 'vmbak prune' drops it from the index)")
+                for cid in claimed[pid]["id"].tolist():
+                    loc = repo.index.get(cid)
+                    if loc is None or loc.pack == pid:
+                        bad_chunks[cid] = f"pack {pid[:16]} was deleted by prune"
+                continue
             rep.errors.append(f"pack {pid[:16]} is named by the index but missing")
             for cid in claimed[pid]["id"].tolist():
                 bad_chunks[cid] = f"pack {pid[:16]} is missing"
@@ -77,7 +93,6 @@ def check(repo: Repository, read_data: bool = False, workers: int = 2,
             b = np.sort(b, order="id")
             if len(a) != len(b) or not (a == b).all():
                 rep.errors.append(f"pack {pid[:16]}: index disagrees with the pack header")
-        doomed = repo.index.doomed
         for pid in sorted(set(present) - set(claimed)):
             if pid in doomed:
                 rep.warnings.append(f"pack {pid[:16]} is condemned by a prune mark and awaits deletion "
@@ -128,14 +143,50 @@ def check(repo: Repository, read_data: bool = False, workers: int = 2,
         # 4. manifests: every chunk they name is indexed and intact
         index = repo.index
         rep.chunks = len(index)
-        try:
-            ms = repo.manifests()
-        except RepositoryError as e:
-            rep.errors.append(str(e))
-            ms = []
+        ms = repo.manifests()
         rep.snapshots = len(ms)
+        damaged = repo.damaged_manifests()
+        rep.damaged_manifests = damaged
+        for sid, deps in _dependents(ms, damaged).items():
+            why = damaged[sid].removeprefix(f"snapshot {sid[:8]}: ")
+            rep.errors.append(f"snapshot {sid} is damaged ({why})"
+                              + (f"; snapshots that depend on it cannot be restored: {', '.join(deps)}"
+                                 if deps else "")
+                              + f"; 'vmbak forget {sid}' removes it")
         _check_manifests(repo, ms, index, bad_chunks, rep)
     return rep
+
+
+def _read_index_files(repo: Repository) -> tuple[dict[str, np.ndarray], list[str], list[str], bool]:
+    """What the index files claim (pack -> entries), one error per damaged file, the files
+    listed, and whether one vanished while being read (a consolidation is under way)."""
+    claimed: dict[str, np.ndarray] = {}
+    errors: list[str] = []
+    files = sorted(n for n, _ in repo.backend.list("index"))
+    for name in files:
+        try:
+            packs = repo.read_index_file(name)
+        except ObjectMissing:
+            return claimed, errors, files, True
+        except RepositoryError as e:
+            errors.append(f"{e}; its packs are read from their headers; 'vmbak repair index' rebuilds the index")
+            continue
+        for pid, ent in packs:
+            claimed[pid] = ent
+    return claimed, errors, files, False
+
+
+def _dependents(ms: list[Manifest], damaged: dict[str, str]) -> dict[str, list[str]]:
+    """For each damaged manifest, the short ids of the readable snapshots whose chain needs it."""
+    by_id = {m.id: m for m in ms}
+    out: dict[str, list[str]] = {sid: [] for sid in sorted(damaged)}
+    for m in ms:
+        p, steps = m.parent, 0
+        while p is not None and p in by_id and steps <= len(by_id):
+            p, steps = by_id[p].parent, steps + 1
+        if p in out:
+            out[p].append(m.short_id)
+    return out
 
 
 def _own_damage(m: Manifest, index, bad_chunks: dict[bytes, str]) -> tuple[np.ndarray | None, bool]:  # noqa: ANN001

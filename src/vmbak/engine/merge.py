@@ -278,7 +278,13 @@ def plan(ms: dict[str, Manifest], delete: set[str], into_full: set[str], keep_de
             p = resolve(ms[p].parent)
             steps += 1
         if p is not None and p not in ms:
-            raise IntegrityError(f"snapshot {ms[segment[-1]].short_id}: parent snapshot {p[:8]} is missing")
+            # Its chain reaches a missing or damaged manifest: it cannot be restored. It is
+            # left as it is, or (when forgotten parents are folded into it) still points there.
+            if len(segment) == 1 and not force:
+                continue
+            if force:
+                raise IntegrityError(f"snapshot {ms[segment[-1]].short_id}: parent snapshot {p[:8]} is missing "
+                                     "or damaged")
         if len(segment) == 1 and p == y.parent and p not in rewritten:
             continue
         bottom = ms[segment[-1]]

@@ -39,7 +39,7 @@ import numpy as np
 
 from vmbak.errors import IntegrityError, RepositoryError, VmbakError
 from vmbak.repo.backend import ObjectMissing
-from vmbak.repo.index import INDEX_AAD, decode_index, encode_index, index_id
+from vmbak.repo.index import INDEX_AAD, encode_index, index_id
 from vmbak.repo.marks import Mark, delete_mark, load_marks, parse_time, write_mark, write_ready
 from vmbak.repo.pack import PackWriter, pack_name, read_header
 from vmbak.repo.repository import FORMAT_VERSION, Repository, _lock_stale
@@ -80,6 +80,7 @@ class PruneReport:
     marked: dict | None = None
     postponed: list[dict] = field(default_factory=list)
     removed_incomplete_marks: list[str] = field(default_factory=list)
+    removed_damaged_marks: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     packs_before: int = 0
     bytes_before: int = 0
@@ -91,7 +92,7 @@ class PruneReport:
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in (
-            "dry_run", "swept", "marked", "postponed", "removed_incomplete_marks", "warnings", "packs_before",
+            "dry_run", "swept", "marked", "postponed", "removed_incomplete_marks", "removed_damaged_marks", "warnings", "packs_before",
             "bytes_before", "packs_after", "bytes_after", "freed_bytes", "upgraded_format")} | {
             "duration_s": round(self.duration_s, 3)}
 
@@ -103,8 +104,11 @@ def survey(repo: Repository) -> Survey:
     files = sorted(n for n, _ in repo.backend.list("index"))
     from_index: dict[str, np.ndarray] = {}
     for name in files:
-        payload = repo.sealer.open(repo.backend.read(name), INDEX_AAD, f"index file {name}")
-        _, packs = decode_index(payload, f"index file {name}")
+        try:
+            packs = repo.read_index_file(name)
+        except IntegrityError as e:
+            raise IntegrityError(f"{e}; prune changes nothing while an index file is damaged: run "
+                                 "'vmbak repair index' first") from None
         for pid, ent in packs:
             from_index.setdefault(pid, ent)
     present = {}
@@ -133,10 +137,26 @@ def survey(repo: Repository) -> Survey:
 def references(repo: Repository) -> set[bytes]:
     """Every chunk id some snapshot names (extents and block hash tables)."""
     refs: set[bytes] = set()
-    for m in repo.manifests():  # a damaged manifest raises: prune must not guess
+    ms = repo.manifests()
+    refuse_damaged_manifests(repo)  # prune must not guess
+    for m in ms:
         refs.update(m.ext_id.tolist())
         refs.update(m.bht_chunks)
     return refs
+
+
+def refuse_damaged_manifests(repo: Repository) -> None:
+    """Stop when a manifest is damaged: what it references cannot be known, so any chunk
+    might be its, and deleting one could destroy the data of a snapshot that a copy of the
+    manifest (or undoing a rename) would bring back."""
+    damaged = repo.damaged_manifests()
+    if not damaged:
+        return
+    sid, why = sorted(damaged.items())[0]
+    more = f" (and {len(damaged) - 1} more damaged snapshots)" if len(damaged) > 1 else ""
+    raise IntegrityError(f"snapshot {sid} is damaged ({why.removeprefix(f'snapshot {sid[:8]}: ')}){more}: prune "
+                         "cannot tell what it references, so it deletes nothing; restore the file from a "
+                         f"copy, or remove it with 'vmbak forget {sid}', then prune again")
 
 
 def _fresh(repo: Repository) -> None:
@@ -347,12 +367,26 @@ def prune(repo: Repository, opts: PruneOptions | None = None, log: Callable[[str
     with repo.lock(exclusive=False, purpose="prune"):
         lock_name = list(repo.held_locks)
         own = lock_name[-1]
+        _fresh(repo)
+        refuse_damaged_manifests(repo)  # before anything changes
         sv0 = survey(repo)
         rep.warnings.extend(sv0.warnings)
         rep.packs_before = sum(1 for p in sv0.packs.values() if p.present)
         rep.bytes_before = sum(p.size for p in sv0.packs.values())
         marks, problems = load_marks(repo.backend, repo.sealer)
-        rep.warnings.extend(f"{p}; ignored (never acted upon)" for p in problems)
+        # A damaged mark is never acted upon: writers and readers already ignore it, so
+        # removing it changes nothing but the clutter (only one prune runs at a time, and
+        # objects are written whole, so it is not one being written). Its garbage, if any
+        # is left, is marked again below.
+        readable = {m.mark_id for m in marks}
+        damaged_marks = sorted({p.mark_id for p in problems} - readable)
+        for p in problems:
+            gone = p.mark_id in damaged_marks and not opts.dry_run
+            rep.warnings.append(f"{p}; never acted upon" + ("; removed" if gone else ""))
+        if not opts.dry_run:
+            for mid in damaged_marks:
+                delete_mark(repo.backend, mid)
+                rep.removed_damaged_marks.append(mid)
         # Marks without a ready record belong to a prune that died (only one runs at a time).
         if not opts.dry_run:
             for m in [m for m in marks if not m.ready]:

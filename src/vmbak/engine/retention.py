@@ -109,9 +109,11 @@ class ForgetResult:
     groups: dict[str, list[dict]] = field(default_factory=dict)  # name -> rows, newest first
     reconcile: dict = field(default_factory=dict)
     dry_run: bool = False
+    removed_damaged: list[str] = field(default_factory=list)  # damaged manifests named by full id
 
     def to_json(self) -> dict:
-        return {"policy": self.policy, "dry_run": self.dry_run, "names": self.groups, **self.reconcile}
+        return {"policy": self.policy, "dry_run": self.dry_run, "names": self.groups, **self.reconcile,
+                "removed_damaged": self.removed_damaged}
 
 
 def forget(repo: Repository, policy: Policy, *, name: str | None = None, snapshots: list[str] | None = None,
@@ -134,7 +136,11 @@ def forget(repo: Repository, policy: Policy, *, name: str | None = None, snapsho
         current = [m for m in all_ms if m.id not in obsolete]  # half-finished rewrites count once
         by_id = {m.id: m for m in current}
         explicit: set[str] = set()
+        damaged = repo.damaged_manifests()
         for spec in snapshots:
+            if spec in damaged:  # a damaged manifest goes only by its full id (see the format doc)
+                res.removed_damaged.append(spec)
+                continue
             m = repo.find(spec)
             explicit.add(obsolete.get(m.id, m.id))
         if name is not None and not any(m.name == name for m in current):
@@ -180,4 +186,8 @@ def forget(repo: Repository, policy: Policy, *, name: str | None = None, snapsho
                 row["rewrite"] = {"to": rw.new or None, "type": rw.kind, "reason": rw.reason}
             res.groups.setdefault(m.name, []).append(row)
         res.reconcile = rec.to_json()
+        if not dry_run:
+            for sid in res.removed_damaged:
+                repo.delete_manifest(sid)
+                log(f"removed damaged snapshot {sid}")
     return res

@@ -26,7 +26,7 @@ import zstandard
 
 from vmbak.errors import IntegrityError, RepositoryError
 from vmbak.repo import zstd
-from vmbak.repo.backend import Backend
+from vmbak.repo.backend import Backend, ObjectMissing
 from vmbak.repo.crypto import Sealer
 from vmbak.repo.index import max_plain_size
 
@@ -65,6 +65,17 @@ class Mark:
     @property
     def ready_name(self) -> str:
         return f"{PRUNE_DIR}/ready-{self.mark_id}"
+
+
+@dataclass(frozen=True)
+class MarkProblem:
+    """A mark or ready record that cannot be used: damaged, malformed or of a newer version."""
+
+    mark_id: str     # 32 hex
+    message: str     # one line, naming the object
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _seal_json(sealer: Sealer, doc: dict, aad: bytes) -> bytes:
@@ -108,15 +119,16 @@ def delete_mark(backend: Backend, mark_id: str) -> None:
     backend.delete(f"{PRUNE_DIR}/mark-{mark_id}")
 
 
-def load_marks(backend: Backend, sealer: Sealer) -> tuple[list[Mark], list[str]]:
-    """All readable marks (with their ready records) and one-line problems for the rest.
+def load_marks(backend: Backend, sealer: Sealer) -> tuple[list[Mark], list[MarkProblem]]:
+    """All readable marks (with their ready records) and the problems of the rest.
 
     A mark or ready record that fails authentication is never acted upon: the mark is
     not swept (and writers do not rely on it either; it only ever makes them store more).
+    An object deleted between the listing and the read (a prune finishing) is skipped.
     """
     marks: dict[str, Mark] = {}
     readies: dict[str, str] = {}
-    problems: list[str] = []
+    problems: list[MarkProblem] = []
     for name, _ in backend.list(PRUNE_DIR):
         mt = _NAME.fullmatch(name)
         if not mt:
@@ -132,8 +144,11 @@ def load_marks(backend: Backend, sealer: Sealer) -> tuple[list[Mark], list[str]]
             m = Mark(mark_id=mid, time=str(doc["time"]), doomed=doomed, host=str(doc.get("host", "")),
                      pid=int(doc.get("pid", 0)), stats=dict(doc.get("stats", {})))
             parse_time(m.time)
+        except ObjectMissing:
+            continue
         except (RepositoryError, KeyError, ValueError, TypeError) as e:
-            problems.append(str(e) if isinstance(e, RepositoryError) else f"prune mark {mid[:8]}: malformed")
+            problems.append(MarkProblem(mid, str(e) if isinstance(e, RepositoryError)
+                                        else f"prune mark {mid[:8]}: malformed"))
             continue
         if mid in readies:
             try:
@@ -146,10 +161,12 @@ def load_marks(backend: Backend, sealer: Sealer) -> tuple[list[Mark], list[str]]
                 m.locks = locks
                 m.ready_time = str(rdoc.get("time", ""))
                 m.ready = True
+            except ObjectMissing:
+                pass
             except RepositoryError as e:
-                problems.append(str(e))
+                problems.append(MarkProblem(mid, str(e)))
             except (KeyError, TypeError):
-                problems.append(f"prune ready record {mid[:8]}: malformed")
+                problems.append(MarkProblem(mid, f"prune ready record {mid[:8]}: malformed"))
         out.append(m)
     return out, problems
 

@@ -56,7 +56,9 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_PACK_SIZE = 32 << 20
 DEFAULT_ZSTD_LEVEL = 1
 
-SOLO_PURPOSES = ("prune",)
+# At most one of these runs at a time: prune (its sweep rewrites the index) and repair
+# (which rewrites it too); they run beside backups and restores.
+SOLO_PURPOSES = ("prune", "repair")
 METADATA_PIECE = 1 << 20  # metadata stored as chunks comes in pieces of at most this
 
 # Bounds on the config fields that size memory: a pack is built in memory up to
@@ -77,7 +79,6 @@ def check_config_values(chunk_size: int, pack_size: int, level: int) -> None:
         raise RepositoryError("pack size must be between 64 KiB and 1 GiB")
     if type(level) is not int or not (MIN_ZSTD_LEVEL <= level <= MAX_ZSTD_LEVEL):
         raise RepositoryError(f"compression level must be between {MIN_ZSTD_LEVEL} and {MAX_ZSTD_LEVEL}")
-
 
 _tls = threading.local()
 
@@ -121,6 +122,11 @@ class Repository:
         self._indexed_packs: set[str] = set()
         self._index_files: list[str] = []
         self._manifests: dict[str, Manifest] | None = None
+        # Manifests that failed authentication or decoding at the last listing: id -> one-line reason.
+        self._damaged: dict[str, str] = {}
+        # Index files skipped at the last index load because they failed authentication or
+        # decoding: name -> one-line reason (their packs were read from the pack headers).
+        self.damaged_index_files: dict[str, str] = {}
         self.recovered_packs = 0
         self.key_name: str = ""  # the key file that opened the repository
         self.held_locks: list[str] = []  # names of the locks this object holds
@@ -268,7 +274,7 @@ class Repository:
                         self.backend.delete(other)  # its process is gone
                     continue
                 # One prune at a time; prunes run beside backups (see engine/prune.py).
-                solo = purpose in SOLO_PURPOSES and d.get("purpose") == purpose
+                solo = purpose in SOLO_PURPOSES and d.get("purpose") in SOLO_PURPOSES
                 if exclusive or d.get("exclusive") or solo:
                     raise RepositoryError(
                         f"repository is locked by pid {d.get('pid')} on {d.get('host')} "
@@ -294,17 +300,28 @@ class Repository:
         for attempt in range(10):
             files = sorted(n for n, _ in self.backend.list("index"))
             loaded: list[tuple[str, np.ndarray]] = []
-            try:
-                for name in files:
-                    payload = self.sealer.open(self.backend.read(name), INDEX_AAD, f"index file {name}")
-                    _, packs = decode_index(payload, f"index file {name}")
-                    loaded.extend(packs)
+            damaged: dict[str, str] = {}
+            gone = False
+            for name in files:
+                try:
+                    packs = self.read_index_file(name)
+                except ObjectMissing:
+                    # A prune (or repair) consolidating the index deletes files only after
+                    # writing the one that supersedes them: list again.
+                    gone = True
+                    break
+                except IntegrityError as e:
+                    # Skipped: the packs it names describe themselves and are read from
+                    # their headers below, like packs a killed backup left unindexed.
+                    damaged[name] = str(e)
+                    continue
+                loaded.extend(packs)
+            if not gone:
                 break
-            except RepositoryError:
-                # A prune consolidating the index deletes files only after writing the one
-                # that supersedes them: list again. Anything else is an error.
-                if attempt == 9 or all(self.backend.exists(n) for n in files):
-                    raise
+            if attempt == 9:
+                raise RepositoryError("the index keeps changing while it is read (a prune or repair is "
+                                      "consolidating it); try again")
+        self.damaged_index_files = damaged
         listed = list(self.backend.list("data"))
         # Prune marks are read after data/ is listed: a pack that is unindexed because a
         # sweep is deleting it is then either still named by a mark, or already gone.
@@ -321,14 +338,17 @@ class Repository:
             idx.pack_sizes[pack_id] = size
             if pack_id in self._indexed_packs or not re.fullmatch(r"[0-9a-f]{64}", pack_id):
                 continue
-            if pack_id in doomed:
+            if pack_id in doomed and not damaged:
                 continue  # condemned by prune: never brought back
             try:
                 entries = read_header(self.backend, self.sealer, pack_id, size)
             except RepositoryError:
                 continue  # damaged (check reports it; never used) or just deleted
             idx.add_pack(pack_id, entries, size)
-            recovered.append((pack_id, entries))
+            if pack_id not in doomed:
+                # A doomed pack is used (as a last resort) only while a damaged index file
+                # may have been what named it, and never written into an index file.
+                recovered.append((pack_id, entries))
         self._index = idx
         # Only a lock holder records recovered packs in an index file: prune waits for the
         # lock holders that might not have seen its marks, never for lock-free readers.
@@ -341,6 +361,17 @@ class Repository:
         clean = getattr(self.backend, "clean_stale_temp", None)
         if clean is not None:
             clean()
+
+    def read_index_file(self, name: str) -> list[tuple[str, np.ndarray]]:
+        """The packs (and their entries) one index file names; IntegrityError if the file
+        is damaged: its name is not the BLAKE3 of its bytes, or it fails to open or decode."""
+        blob = self.backend.read(name)
+        what = f"index file {name}"
+        payload = self.sealer.open(blob, INDEX_AAD, what)
+        if name.rsplit("/", 1)[-1] != index_id(blob):
+            raise IntegrityError(f"{what}: content does not match its name (renamed or tampered)")
+        _, packs = decode_index(payload, what)
+        return packs
 
     def write_index(self, packs: list[tuple[str, np.ndarray]]) -> str:
         plain = encode_index(packs)
@@ -424,14 +455,18 @@ class Repository:
     def load_manifest(self, sid: str) -> Manifest:
         if self._manifests is not None and sid in self._manifests:
             return self._manifests[sid]
+        m = self._read_manifest(sid)
+        if self._manifests is not None:
+            self._manifests[sid] = m
+        return m
+
+    def _read_manifest(self, sid: str) -> Manifest:
+        """Read, authenticate and decode one manifest; IntegrityError if it is damaged."""
         blob = self.backend.read(f"snapshots/{sid}")
         payload = self.sealer.open(blob, MANIFEST_AAD, f"snapshot {sid[:8]}")
         if blake3.blake3(payload, key=self.sealer.id_key).hexdigest() != sid:
             raise IntegrityError(f"snapshot {sid[:8]}: content does not match its name (renamed or tampered)")
-        m = decode_manifest(payload, sid)
-        if self._manifests is not None:
-            self._manifests[sid] = m
-        return m
+        return decode_manifest(payload, sid)
 
     def delete_manifest(self, sid: str) -> None:
         """Remove a snapshot (its chunks stay until prune)."""
@@ -440,17 +475,39 @@ class Repository:
             self._manifests.pop(sid, None)
 
     def manifests(self) -> list[Manifest]:
-        """All snapshots, oldest first."""
+        """All readable snapshots, oldest first.
+
+        A manifest that fails authentication or decoding (truncated, bit-flipped, saved
+        under another manifest's name, of a newer version) is left out and recorded in
+        :meth:`damaged_manifests`: it harms only itself and the snapshots whose chain
+        needs it (:meth:`chain` names it).
+        """
         if self._manifests is None:
             ms: dict[str, Manifest] = {}
+            damaged: dict[str, str] = {}
             for name, _ in self.backend.list("snapshots"):
                 sid = name.rsplit("/", 1)[-1]
                 if not re.fullmatch(r"[0-9a-f]{64}", sid):
                     continue
-                self._manifests = ms
-                ms[sid] = self.load_manifest(sid)
+                try:
+                    ms[sid] = self._read_manifest(sid)
+                except ObjectMissing:
+                    continue  # forgotten meanwhile
+                except IntegrityError as e:
+                    damaged[sid] = str(e)
             self._manifests = ms
+            self._damaged = damaged
         return sorted(self._manifests.values(), key=lambda m: (m.time, m.id))
+
+    def damaged_manifests(self) -> dict[str, str]:
+        """Manifests left out of :meth:`manifests` because they are damaged: id -> reason."""
+        self.manifests()
+        return dict(self._damaged)
+
+    @property
+    def damaged_seen(self) -> dict[str, str]:
+        """The damaged manifests found so far, without listing the snapshots for it."""
+        return dict(self._damaged) if self._manifests is not None else {}
 
     def chain(self, m: Manifest) -> list[Manifest]:
         """The manifests needed to restore ``m``: newest first, ending at a full."""
@@ -462,6 +519,12 @@ class Repository:
                 raise IntegrityError(f"snapshot {out[-1].short_id} has no parent but is not a full backup")
             try:
                 pm = self.load_manifest(p)
+            except ObjectMissing:
+                raise IntegrityError(f"snapshot {m.short_id}: parent snapshot {p[:8]} is missing") from None
+            except IntegrityError as e:
+                reason = str(e).removeprefix(f"snapshot {p[:8]}: ")
+                raise IntegrityError(f"snapshot {m.short_id}: parent snapshot {p[:8]} is damaged ({reason})"
+                                     ) from None
             except RepositoryError:
                 raise IntegrityError(f"snapshot {m.short_id}: parent snapshot {p[:8]} is missing") from None
             if pm.id in seen or len(out) > 100000:
@@ -492,10 +555,15 @@ class Repository:
             return cand[-1]
         if re.fullmatch(r"[0-9a-f]{4,64}", spec):
             cand = [m for m in ms if m.id.startswith(spec)]
-            if len(cand) == 1:
-                return cand[0]
-            if len(cand) > 1:
+            bad = [sid for sid in self._damaged if sid.startswith(spec)]
+            if len(cand) + len(bad) > 1:
                 raise SnapshotNotFound(f"snapshot id prefix {spec!r} is ambiguous")
+            if cand:
+                return cand[0]
+            if bad:
+                reason = self._damaged[bad[0]].removeprefix(f"snapshot {bad[0][:8]}: ")
+                raise IntegrityError(f"snapshot {bad[0][:8]} is damaged ({reason}); "
+                                     f"'vmbak forget {bad[0]}' removes it")
         cand = [m for m in ms if m.name == spec]
         if cand:
             return cand[-1]
