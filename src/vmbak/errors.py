@@ -36,22 +36,20 @@ class ChangeTrackingError(VmbakError):
 def printable(text: str, keep_newlines: bool = False, slash: bool = False) -> str:
     """``text`` safe to print on a terminal, on one line: every character that is not
     printable (newlines, tabs, escape sequences, bidi and other format characters, ...)
-    becomes a Python-style escape (``\\n``, ``\\x1b``, ``\\u202e``), a byte that was not
-    UTF-8 (a surrogate escape of a file name) becomes ``\\xNN``, and a backslash is
-    doubled, so the result is unambiguous and text from a disk or a repository can neither
-    break a line or a table nor drive the terminal. With ``keep_newlines``, newlines stay
-    (for text that is several lines by design); with ``slash``, ``/`` is escaped too (for
-    one name, which cannot hold one)."""
-    if text.isprintable() and "\\" not in text and not (slash and "/" in text):
+    becomes a Python-style escape (``\\n``, ``\\x1b``, ``\\u202e``), and a byte that was
+    not UTF-8 (a surrogate escape of a file name) becomes ``\\xNN``, so that text from a
+    disk or a repository can neither break a line or a table nor drive the terminal. The
+    result is printable, so escaping it again changes nothing (layers may each escape).
+    With ``keep_newlines``, newlines stay (for text that is several lines by design); with
+    ``slash``, ``/`` is escaped too (for one name, which cannot hold one)."""
+    if text.isprintable() and not (slash and "/" in text):
         return text
     if keep_newlines:
         return "\n".join(printable(line, slash=slash) for line in text.split("\n"))
     out = []
     for c in text:
         o = ord(c)
-        if c == "\\":
-            out.append("\\\\")
-        elif 0xDC80 <= o <= 0xDCFF:
+        if 0xDC80 <= o <= 0xDCFF:
             out.append(f"\\x{o - 0xDC00:02x}")
         elif slash and c == "/":
             out.append("\\x2f")

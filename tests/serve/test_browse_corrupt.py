@@ -175,7 +175,7 @@ def test_ls_recursive_lists_what_it_can(corpus):
         for rel in GOOD:
             assert f" /{part}/{rel}\n" in out, f"/{part}/{rel} missing"
     # escaped, one line per entry: the names with NUL, newline and undecodable bytes
-    assert " /p1/NUL\\x00NAMEX\n" in out and " /p1/line\\x0abreak.txt\n" in out and " /p1/bad-\\xff\\xfe.txt\n" in out
+    assert " /p1/NUL\\x00NAMEX\n" in out and " /p1/line\\nbreak.txt\n" in out and " /p1/bad-\\xff\\xfe.txt\n" in out
     assert "/p1/nullink -> AAAA\\x00BBBB\n" in out
     assert any(w.startswith("vmbak: warning: /p1/loop/inner/up: directory loop") for w in warnings), warnings
     assert any(w.startswith("vmbak: warning: /p2/data/bad.bin") for w in warnings) is False  # listing it is fine

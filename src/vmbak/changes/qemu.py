@@ -82,6 +82,10 @@ class _EarlyClose(Exception):
     """The QMP server closed the connection before sending its greeting."""
 
 
+class _Busy(Exception):
+    """connect() found the QMP server's listen backlog full (EAGAIN)."""
+
+
 class QmpClient:
     """A minimal synchronous QMP client over a unix socket (JSON lines)."""
 
@@ -91,14 +95,17 @@ class QmpClient:
         self._id = 0
         # QEMU's monitor serves one client at a time and tears a closed connection down
         # asynchronously: a client that connects just as the previous one leaves can be
-        # dropped before the greeting. Such a drop is retried a few times.
-        for attempt in range(5):
+        # dropped before the greeting, and its listen backlog (one slot) may still be full, so
+        # that connect() fails with EAGAIN. Both are retried for a few seconds.
+        for attempt in range(10):
             try:
                 self._connect(path, timeout)
                 return
-            except _EarlyClose:
-                if attempt == 4:
-                    raise DiskError(f"QEMU closed the QMP connection {path} before greeting") from None
+            except (_EarlyClose, _Busy) as e:
+                if attempt == 9:
+                    what = "closed the QMP connection before greeting" if isinstance(e, _EarlyClose) \
+                        else "kept its QMP socket busy (its one connection slot stayed taken)"
+                    raise DiskError(f"QEMU {what}: {path}") from None
                 time.sleep(0.05 * (attempt + 1))
 
     def _connect(self, path: str, timeout: float) -> None:
@@ -114,6 +121,9 @@ class QmpClient:
         except ConnectionRefusedError:
             sock.close()
             raise DiskError(f"nothing listens on QMP socket {path} (QEMU is not running?)") from None
+        except BlockingIOError:
+            sock.close()
+            raise _Busy() from None
         except OSError as e:
             sock.close()
             raise DiskError(f"cannot connect to QMP socket {path}: {e.strerror or e}") from None

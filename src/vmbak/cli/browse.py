@@ -190,19 +190,11 @@ def cmd_cat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _terminate_as_interrupt(_sig: int, _frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM cleans up as Ctrl-C does: no partial file is left
-
-
 def cmd_extract(args: argparse.Namespace) -> int:
-    import signal
-
+    # SIGTERM and SIGHUP raise an interrupt as Ctrl-C does (vmbak.interrupts, installed by
+    # cli/main.py), so the extract's cleanup removes its partial file on all three.
     files, view = _files(args)
-    old = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
-    try:
-        r = files.extract(args.paths, args.target, log=log(args))
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    r = files.extract(args.paths, args.target, log=log(args))
     r["snapshot"] = view.snapshot.id
     st = view.stats()
     r["repository_bytes_read"] = st["fetched_bytes"]

@@ -787,6 +787,10 @@ class SnapshotFiles:
 
     def _extract_under(self, root_fd: int, rel: list[str], fs: Filesystem, node: Node, path: str, report: dict,
                        state: dict) -> None:
+        bad = [c for c in rel[:-1] if not safe_name(c)]
+        if bad:  # names from the disk (a volume group called ".."): never a path outside the target
+            self._error(report, state, path, f"unsafe volume name {printable(bad[0])!r}: not extracted")
+            return
         dfd = os.dup(root_fd)
         try:
             for comp in rel[:-1]:  # the virtual directories above a volume (vg0/root)
