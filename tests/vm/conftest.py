@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -207,6 +208,51 @@ class Guest:
                 self.dom.destroy()
             except libvirt.libvirtError:
                 pass
+
+
+def _fs(image: Path) -> str:
+    return f"{image}?offset={PART_OFFSET}"
+
+
+def check_restored_root(image: Path, workdir: Path) -> dict:
+    """What the restored root filesystem looks like, read without mounting: e2fsck -fn,
+    dumpe2fs -h, and every logged file compared with its logged sum (debugfs rdump)."""
+    fsck = subprocess.run(["e2fsck", "-fn", _fs(image)], capture_output=True, text=True)
+    head = subprocess.run(["dumpe2fs", "-h", _fs(image)], capture_output=True, text=True).stdout
+    features = next((ln.split(":", 1)[1].split() for ln in head.splitlines()
+                     if ln.startswith("Filesystem features:")), [])
+    state = next((ln.split(":", 1)[1].strip() for ln in head.splitlines() if ln.startswith("Filesystem state:")), "")
+    dump = workdir / f"rdump-{image.stem}"
+    dump.mkdir()
+    subprocess.run(["debugfs", "-R", f"rdump {WRITER_DIR} {dump}", _fs(image)], capture_output=True, check=True)
+    log_lines = (dump / "vmbak-writer" / "sums.log").read_text(errors="replace").splitlines()
+    logged: dict[str, str] = {}
+    torn_lines = 0
+    for ln in log_lines:
+        f = ln.split()
+        if len(f) == 2 and f[0] == "rm":
+            logged.pop(f"data/{f[1]}", None)
+        elif len(f) == 3 and len(f[1]) == 64:
+            logged[f[2]] = f[1]
+        else:
+            torn_lines += 1
+    missing, wrong = [], []
+    for rel, want in logged.items():
+        p = dump / "vmbak-writer" / rel
+        if not p.exists():
+            missing.append(rel)
+        elif hashlib.sha256(p.read_bytes()).hexdigest() != want:
+            wrong.append(rel)
+    newest = max((int(r.split("/")[1]) for r in logged), default=-1)
+    return {"fsck_rc": fsck.returncode, "fsck": fsck.stdout + fsck.stderr, "features": features, "state": state,
+            "log_lines": len(log_lines), "torn_lines": torn_lines, "logged_files": len(logged),
+            "missing": missing, "wrong": wrong, "newest": newest}
+
+
+@pytest.fixture(name="check_restored_root")
+def _check_restored_root_fixture():  # noqa: ANN202
+    """``check_restored_root(raw_image, workdir)`` -> dict (see the function)."""
+    return check_restored_root
 
 
 def _listening(path: str) -> bool:
