@@ -20,7 +20,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
-pytestmark = [pytest.mark.xdist_group("vm-guest"), pytest.mark.timeout(2400)]
+# the first test also builds the guest (once) and boots it
+pytestmark = [pytest.mark.xdist_group("vm-guest"), pytest.mark.timeout(4800)]
 
 
 @pytest.fixture(scope="module")

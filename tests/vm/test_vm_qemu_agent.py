@@ -24,7 +24,8 @@ import pytest
 
 from vmbak.guest.agent import AgentError, SocketAgent
 
-pytestmark = [pytest.mark.xdist_group("vm-qemu-guest"), pytest.mark.timeout(2400)]
+# the first test also builds the guest (once) and boots it
+pytestmark = [pytest.mark.xdist_group("vm-qemu-guest"), pytest.mark.timeout(4800)]
 MARKER = "VMBAK-GUEST-READY"
 
 
