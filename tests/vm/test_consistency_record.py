@@ -1,4 +1,4 @@
-"""The manifest's ``consistency`` field and the hooks of a plain DISK backup (no guest needed).
+"""The manifest's ``guest_consistency`` field and the hooks of a plain DISK backup (no guest needed).
 
 Old manifests (without the field) stay readable; a malformed field is refused; a raw
 file backed up with hooks records ``hooks``; the hooks' environment; the one-line errors.
@@ -24,13 +24,13 @@ def _manifest(**kw: object) -> Manifest:
 
 def test_manifest_consistency_roundtrip_and_old_manifests() -> None:
     c = {"level": "frozen", "freeze": "auto", "filesystems": 1, "frozen_s": 0.1}
-    m = decode_manifest(encode_manifest(_manifest(consistency=c)), "ab" * 32)
-    assert m.consistency == c and m.summary()["consistency"] == c
+    m = decode_manifest(encode_manifest(_manifest(guest_consistency=c)), "ab" * 32)
+    assert m.guest_consistency == c and m.summary()["guest_consistency"] == c
     old = decode_manifest(encode_manifest(_manifest()), "cd" * 32)  # written without the field
-    assert old.consistency is None and old.summary()["consistency"] is None
+    assert old.guest_consistency is None and old.summary()["guest_consistency"] is None
     for bad in ({"freeze": "auto"}, {"level": 3}):
         with pytest.raises(IntegrityError):
-            decode_manifest(encode_manifest(dataclasses.replace(_manifest(), consistency=bad)), "ef" * 32)
+            decode_manifest(encode_manifest(dataclasses.replace(_manifest(), guest_consistency=bad)), "ef" * 32)
 
 
 def test_file_backup_hooks(repo, make_disk, tmp_path, assert_cli_error) -> None:  # noqa: ANN001
@@ -49,14 +49,14 @@ def test_file_backup_hooks(repo, make_disk, tmp_path, assert_cli_error) -> None:
         return dict(ln.split("=", 1) for ln in (out / name).read_text().splitlines())
 
     r = repo.json("backup", disk.path, "--name", "d", "--hook-pre", pre, "--hook-post", post)
-    assert r["consistency"] == {"level": "hooks", "freeze": "auto", "hooks": ["pre"]}
+    assert r["guest_consistency"] == {"level": "hooks", "freeze": "auto", "hooks": ["pre"]}
     base = {"VMBAK_VM": "", "VMBAK_DISK": str(disk.path), "VMBAK_NAME": "d", "VMBAK_SOURCE": "file",
             "VMBAK_FREEZE": "auto"}
     assert env("pre") == {**base, "VMBAK_HOOK_PHASE": "pre"}
     assert env("post") == {**base, "VMBAK_HOOK_PHASE": "post", "VMBAK_STATUS": "ok", "VMBAK_CONSISTENCY": "hooks"}
     # no hooks: nothing recorded for a plain file; the listing shows "-"
     r2 = repo.json("backup", disk.path, "--name", "d")
-    assert r2["consistency"] is None
+    assert r2["guest_consistency"] is None
     rows = repo.run("snapshots").stdout.splitlines()
     assert rows[0].split()[-1] == "CONSISTENCY" and rows[1].split()[-1] == "hooks" and rows[2].split()[-1] == "-"
 

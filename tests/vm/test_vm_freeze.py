@@ -52,10 +52,10 @@ def test_frozen_backup_restores_clean(guest, vrepo, tmp_path, check_restored_roo
     p = vrepo.run("backup", "--libvirt", guest.name, "--json")
     took = time.monotonic() - t0
     r = json.loads(p.stdout)
-    c = r["consistency"]
+    c = r["guest_consistency"]
     assert c["level"] == "frozen" and c["freeze"] == "auto" and c["filesystems"] >= 1, (c, p.stderr)
     snap = r["snapshots"][0]
-    assert snap["consistency"] == c and snap["type"] == "full"
+    assert snap["guest_consistency"] == c and snap["type"] == "full"
     assert "frozen for" in p.stderr
     # frozen only around the checkpoint: well under the whole backup, and short
     assert c["frozen_s"] < 5 and c["frozen_s"] < took / 2, (c, took)
@@ -77,7 +77,7 @@ def test_incremental_frozen_and_per_mountpoint(guest, vrepo, tmp_path, check_res
     time.sleep(3)  # let the writer write some more
     before = guest.logged_seq()
     r = vrepo.json("backup", "--libvirt", guest.name, "--freeze", "always", "--freeze-mountpoint", "/")
-    c = r["consistency"]
+    c = r["guest_consistency"]
     assert c["level"] == "frozen" and c["filesystems"] == 1 and c["mountpoints"] == ["/"], c
     assert r["snapshots"][0]["type"] == "incremental"
     assert r["snapshots"][0]["change_source"] == "libvirt-checkpoint"
@@ -89,7 +89,7 @@ def test_incremental_frozen_and_per_mountpoint(guest, vrepo, tmp_path, check_res
 def test_unfrozen_backup_for_contrast(guest, vrepo, tmp_path, check_restored_root) -> None:  # noqa: ANN001
     p = vrepo.run("backup", "--libvirt", guest.name, "--freeze", "never", "--json")
     r = json.loads(p.stdout)
-    assert r["consistency"]["level"] == "crash" and r["consistency"]["freeze"] == "never"
+    assert r["guest_consistency"]["level"] == "crash" and r["guest_consistency"]["freeze"] == "never"
     assert "crash-consistent" in p.stderr
     res = check_restored_root(restore_vda(vrepo, guest, tmp_path, "never"), tmp_path)
     # Reported, not asserted: a crash-consistent root may need its journal replayed.
@@ -115,7 +115,7 @@ def test_hooks_environment_and_failing_pre_hook(guest, vrepo, tmp_path, assert_c
     p = vrepo.run("backup", "--libvirt", guest.name, "--hook-pre", pre, "--hook-post", post, "--json",
                   env={"VMBAK_STATE_DIR": str(tmp_path / "state")})  # vmbak's own settings stay out
     r = json.loads(p.stdout)
-    assert r["consistency"]["level"] == "frozen" and r["consistency"]["hooks"] == ["pre", "post"]
+    assert r["guest_consistency"]["level"] == "frozen" and r["guest_consistency"]["hooks"] == ["pre", "post"]
     assert "hook pre: quiesced" in p.stderr
     e1, e2 = env("pre.env"), env("post.env")
     assert e1 == {"VMBAK_HOOK_PHASE": "pre", "VMBAK_VM": guest.name, "VMBAK_DISK": "vda",
@@ -170,7 +170,7 @@ def test_kill9_while_frozen_next_run_thaws(guest, vrepo, popen_vmbak) -> None:  
     assert guest.freeze_status() == "frozen"  # left frozen by the killed vmbak
     p = vrepo.run("backup", "--libvirt", guest.name, "--json")
     assert "thawed" in p.stderr and f"pid {proc.pid}" in p.stderr, p.stderr
-    assert json.loads(p.stdout)["consistency"]["level"] == "frozen"
+    assert json.loads(p.stdout)["guest_consistency"]["level"] == "frozen"
 
 
 def test_agent_gone_auto_is_crash_consistent_always_fails(guest, vrepo, assert_cli_error) -> None:  # noqa: ANN001
@@ -187,7 +187,7 @@ def test_agent_gone_auto_is_crash_consistent_always_fails(guest, vrepo, assert_c
         assert len(vrepo.snapshots()) == n
         p = vrepo.run("backup", "--libvirt", guest.name, "--json")
         r = json.loads(p.stdout)
-        assert r["consistency"]["level"] == "crash" and "error" in r["consistency"]
+        assert r["guest_consistency"]["level"] == "crash" and "error" in r["guest_consistency"]
         assert "crash-consistent" in p.stderr
         listing = vrepo.run("snapshots", "--name", f"{guest.name}-vda").stdout.splitlines()
         assert listing[-2].split()[-1] == "crash", listing

@@ -118,7 +118,7 @@ def test_qemu_source_frozen_through_the_agent_socket(qguest, repo, tmp_path, che
     spec = f"qemu:{qguest.qmp}:vda"
     r = repo.json("backup", "--name", "q", "--changes", spec, "--guest-agent", qguest.qga, "--freeze", "always",
                   "--hook-pre", "/bin/true")
-    c = r["consistency"]
+    c = r["guest_consistency"]
     assert c["level"] == "frozen" and c["filesystems"] >= 1 and c["hooks"] == ["pre"], c
     print(f"\nqemu: frozen {c['frozen_s']:.3f} s", file=sys.stderr)
     qguest.assert_thawed()
@@ -130,7 +130,7 @@ def test_qemu_source_frozen_through_the_agent_socket(qguest, repo, tmp_path, che
 
     # an incremental through the bitmap, frozen again
     r2 = repo.json("backup", "--name", "q", "--changes", spec, "--guest-agent", qguest.qga)
-    assert r2["consistency"]["level"] == "frozen" and r2["change_source"] == "qemu-dirty-bitmap", r2
+    assert r2["guest_consistency"]["level"] == "frozen" and r2["change_source"] == "qemu-dirty-bitmap", r2
     qguest.assert_thawed()
 
     # no agent on that socket: always fails with one line and leaves nothing in QEMU; auto is crash
@@ -138,7 +138,7 @@ def test_qemu_source_frozen_through_the_agent_socket(qguest, repo, tmp_path, che
     assert_cli_error(repo.run("backup", "--name", "q", "--changes", spec, "--guest-agent", nosock,
                               "--freeze", "always", check=False), "no backup", "guest agent")
     p = repo.run("backup", "--name", "q", "--changes", spec, "--guest-agent", nosock, "--json")
-    assert json.loads(p.stdout)["consistency"]["level"] == "crash" and "crash-consistent" in p.stderr
+    assert json.loads(p.stdout)["guest_consistency"]["level"] == "crash" and "crash-consistent" in p.stderr
     assert_cli_error(repo.run("backup", "--name", "q", "--changes", spec, "--freeze", "always", check=False),
                      "--freeze always", "guest agent")
     qguest.assert_thawed()

@@ -107,7 +107,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
 
 def _line(m) -> str:  # noqa: ANN001 - a Manifest
     s = m.stats
-    level = f", {m.consistency['level']}" if m.consistency else ""
+    level = f", {m.guest_consistency['level']}" if m.guest_consistency else ""
     text = (f"snapshot {m.short_id} saved ({m.kind}, source {m.change_source}{level}): "
             f"read {human(s['read_bytes'])}, changed {human(s['changed_bytes'])}, "
             f"added {human(s['new_stored_bytes'])} in {s['duration_s']} s")
@@ -154,7 +154,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
                                  verify_changes=args.verify_changes, block_size=args.block_size,
                                  workers=args.workers, progress=progress(args), log=lg,
                                  skip_unused=args.skip_unused, notes=list(q.notes),
-                                 consistency=_consistency(q))
+                                 guest_consistency=_consistency(q))
             m = sources.run_backup(repo, src, opts, log=lg)
         ok = True
     finally:
@@ -181,7 +181,7 @@ def _quiescer(args: argparse.Namespace, lg, *, vm: str, disk: str, name: str, so
 
 
 def _consistency(q: Quiescer) -> dict | None:
-    """The manifest's consistency field: always for a point-in-time view; for a plain DISK
+    """The manifest's guest_consistency field: always for a point-in-time view; for a plain DISK
     only when hooks ran."""
     if not q.point_in_time:
         return q.record() if q.hooks.pre or q.hooks.post else None
@@ -216,7 +216,7 @@ def _cmd_libvirt(args: argparse.Namespace, changes) -> int:  # noqa: ANN001 - a 
         opts = BackupOptions(name=prefix, mode=args.mode, changes=changes.engine_changes,
                              verify_changes=args.verify_changes, block_size=args.block_size, workers=args.workers,
                              progress=progress(args), log=lg, skip_unused=args.skip_unused, notes=list(q.notes),
-                             consistency=q.record())
+                             guest_consistency=q.record())
 
         def each(m) -> None:  # noqa: ANN001
             if not args.json and not args.quiet:
@@ -228,6 +228,6 @@ def _cmd_libvirt(args: argparse.Namespace, changes) -> int:  # noqa: ANN001 - a 
         q.close(ok)
     level = q.record()["level"]
     text = f"libvirt domain {domain}: {len(ms)} disks backed up at checkpoint {job.checkpoint} ({level})"
-    emit(args, {"domain": domain, "checkpoint": job.checkpoint, "consistency": q.record(),
+    emit(args, {"domain": domain, "checkpoint": job.checkpoint, "guest_consistency": q.record(),
                 "snapshots": [m.summary() for m in ms]}, text)
     return 0

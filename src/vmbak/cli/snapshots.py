@@ -33,7 +33,7 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     head = ("ID", "TIME (UTC)", "NAME", "TYPE", "SOURCE", "SIZE", "ADDED", "PARENT", "CONSISTENCY")
     table = [(m.short_id, m.time[:19], m.name, m.kind, m.change_source, human(m.disk_size),
               human(m.stats.get("new_stored_bytes", 0)), (m.parent or "")[:8],
-              str((m.consistency or {}).get("level", "-"))) for m in ms]
+              str((m.guest_consistency or {}).get("level", "-"))) for m in ms]
     widths = [max([len(head[i])] + [len(r[i]) for r in table]) for i in range(len(head))]
     right = {5, 6}  # sizes are right-aligned
 

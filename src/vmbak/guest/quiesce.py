@@ -324,7 +324,7 @@ class Quiescer:
         self._run_post("ok")
 
     def record(self) -> dict:
-        """The manifest's ``consistency`` header field."""
+        """The manifest's ``guest_consistency`` header field."""
         out: dict = {"level": self.level or (CRASH if self.point_in_time else HOOKS), "freeze": self.mode}
         if self.level == FROZEN:
             out["filesystems"] = self.frozen_count
