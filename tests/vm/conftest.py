@@ -103,7 +103,10 @@ class Guest:
         self.disk = workdir / "vda.qcow2"
         self.console = workdir / "console.log"
         self.boot_s: float | None = None
-        self.virt = os.environ.get("VMBAK_TEST_GUEST_VIRT") or ("kvm" if _kvm_ok(conn) else "qemu")
+        # a KVM that ran nothing once is not tried again (delete the file to try again)
+        self.kvm_broken = image.parent / "kvm-runs-nothing"
+        self.virt = os.environ.get("VMBAK_TEST_GUEST_VIRT") or (
+            "kvm" if _kvm_ok(conn) and not self.kvm_broken.exists() else "qemu")
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
                         str(image / "disk.qcow2"), str(self.disk)], check=True)
         os.chmod(self.disk, 0o666)
@@ -124,6 +127,7 @@ class Guest:
                 time.sleep(0.5)
             if not self.console_text():
                 self.dom.destroy()
+                self.kvm_broken.touch()
                 self.virt = "qemu"
                 t0 = time.monotonic()
                 self._create()
