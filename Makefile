@@ -8,11 +8,13 @@ demo: setup
 
 # The suite's images and repositories peak near 5 GiB under $TMPDIR (measured with all three
 # workers); say so plainly rather than fail somewhere deep in a test with ENOSPC.
+# The VM tests boot one guest per module; --dist loadgroup keeps a module's tests (marked
+# xdist_group) on one worker. Their guest is built once into /var/cache/vmbak-test-guest.
 test: setup
 	@avail=$$(df -Pk "$${TMPDIR:-/tmp}" | awk 'NR==2 {print int($$4 / 1048576)}'); \
 	if [ "$$avail" -lt 6 ]; then echo "make test: needs about 6 GiB free in $${TMPDIR:-/tmp}; $$avail GiB free" >&2; exit 1; fi
 	.venv/bin/ruff check src tests bench
-	.venv/bin/python -m pytest -q -n 3 --maxfail=10 --durations=15
+	.venv/bin/python -m pytest -q -n 3 --dist loadgroup --maxfail=10 --durations=15
 
 lint: setup
 	.venv/bin/ruff check src tests bench

@@ -27,6 +27,7 @@ QEMU process's user so that QEMU can create the socket and the scratch files.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -276,10 +277,13 @@ def _clear_old_job(dom, tmpdir: str | None, notes: list[str]) -> None:  # noqa: 
 
 
 def begin_backup(domain: str, since: str | None, block_size: int, *, uri: str = DEFAULT_URI,
-                 tmpdir: str | None = None, log: Callable[[str], None] | None = None) -> LibvirtBackup:
+                 tmpdir: str | None = None, log: Callable[[str], None] | None = None,
+                 quiesce: Callable[[], contextlib.AbstractContextManager] | None = None) -> LibvirtBackup:
     """Start a pull-mode backup of every disk of the running ``domain``; see the module
     documentation. Raises ChangeTrackingError (after cleaning up) when ``since`` cannot
-    be used, DiskError for a domain that does not exist or does not run."""
+    be used, DiskError for a domain that does not exist or does not run. ``quiesce``
+    (e.g. ``Quiescer.frozen``) is entered just before the checkpoint is made and left as
+    soon as it exists."""
     lv = _libvirt()
     log = log or (lambda s: None)
     if since is not None and not since.startswith(PREFIX):
@@ -335,14 +339,24 @@ def begin_backup(domain: str, since: str | None, block_size: int, *, uri: str = 
                 if k.target not in tracked:
                     notes.append(f"libvirt: disk {k.target} is {k.format}, which cannot hold a checkpoint "
                                  "bitmap: it is read whole (scan) every time")
+            started = False
             try:
-                dom.backupBegin(ET.tostring(bx, encoding="unicode"), ET.tostring(cx, encoding="unicode"))
-            except lv.libvirtError as e:
-                if since is not None and ("bitmap" in _msg(e) or "checkpoint" in _msg(e)):
-                    _delete_checkpoint(dom, since)
-                    raise ChangeTrackingError(f"checkpoint {since!r} of libvirt domain {domain!r} cannot be "
-                                              f"used ({_msg(e)}); it was removed") from None
-                raise DiskError(f"libvirt cannot start a backup of {domain!r}: {_msg(e)}") from None
+                # the guest is frozen (if at all) only around the checkpoint's creation
+                with quiesce() if quiesce is not None else contextlib.nullcontext():
+                    try:
+                        dom.backupBegin(ET.tostring(bx, encoding="unicode"), ET.tostring(cx, encoding="unicode"))
+                    except lv.libvirtError as e:
+                        if since is not None and ("bitmap" in _msg(e) or "checkpoint" in _msg(e)):
+                            _delete_checkpoint(dom, since)
+                            raise ChangeTrackingError(f"checkpoint {since!r} of libvirt domain {domain!r} cannot "
+                                                      f"be used ({_msg(e)}); it was removed") from None
+                        raise DiskError(f"libvirt cannot start a backup of {domain!r}: {_msg(e)}") from None
+                    started = True
+            except BaseException:
+                if started:  # the thaw failed, or a signal came while frozen: no backup
+                    _abort_job(dom)
+                    _delete_checkpoint(dom, new)
+                raise
             views: dict[str, LibvirtDiskView] = {}
             try:
                 desc = ET.fromstring(dom.backupGetXMLDesc())

@@ -38,6 +38,7 @@ leaves nothing behind for long. Bitmaps whose names start with the bitmap prefix
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -465,7 +466,8 @@ def _check_since(q: QmpClient, node: str, since: str, bitmaps: dict[str, dict], 
 
 def open_session(qmp_socket: str, node: str, since: str | None, block_size: int, *,
                  nbd_server: str | None = None, bitmap_prefix: str = DEFAULT_BITMAP_PREFIX,
-                 tmpdir: str | None = None, log: Callable[[str], None] | None = None) -> QemuSession:
+                 tmpdir: str | None = None, log: Callable[[str], None] | None = None,
+                 quiesce: Callable[[], contextlib.AbstractContextManager] | None = None) -> QemuSession:
     """Start a backup of ``node`` (a node name, or a drive/device name) of the QEMU at
     ``qmp_socket``; see the module documentation.
 
@@ -539,7 +541,6 @@ def open_session(qmp_socket: str, node: str, since: str | None, block_size: int,
                 actions.append(_bitmap_action("block-dirty-bitmap-disable", node=nn, name=since))
             actions.append(_bitmap_action("blockdev-backup", device=nn, target=names["fleece"], sync="none",
                                           **{"job-id": names["job"]}))
-            q.execute("transaction", actions=actions)
 
             def undo_bitmaps() -> None:
                 if since is not None:
@@ -550,8 +551,16 @@ def open_session(qmp_socket: str, node: str, since: str | None, block_size: int,
                 else:
                     _remove_bitmaps(q, nn, [new])
 
-            undo.append(undo_bitmaps)
-            undo.append(lambda: _drop_job(q, names["job"]))
+            started = False
+            try:
+                # the guest is frozen (if at all) only around the transaction that makes the view
+                with quiesce() if quiesce is not None else contextlib.nullcontext():
+                    q.execute("transaction", actions=actions)
+                    started = True
+            finally:
+                if started:  # also when the thaw failed or a signal came while frozen
+                    undo.append(undo_bitmaps)
+                    undo.append(lambda: _drop_job(q, names["job"]))
             owns = nbd_server is None
             if owns:
                 sock = os.path.join(d, "nbd.sock")

@@ -8,6 +8,8 @@ from vmbak.cli.common import emit, log, open_repo, parse_size, progress
 from vmbak.engine.backup import DEFAULT_BLOCK_SIZE, MODES, BackupOptions
 from vmbak.engine.common import human
 from vmbak.errors import VmbakError, printable
+from vmbak.guest.agent import LibvirtAgent, SocketAgent
+from vmbak.guest.quiesce import FREEZE_MODES, Hooks, Quiescer
 from vmbak.repo.manifest import TORN
 
 EPILOG = """examples:
@@ -23,6 +25,9 @@ EPILOG = """examples:
   vmbak backup --name db --changes qemu:/run/qemu/db.qmp:drive0 --nbd-server /run/qemu/db.nbd
   vmbak backup --libvirt db                                            # every disk of a running domain
   vmbak backup --libvirt db --libvirt-uri qemu:///session --name nightly   # snapshots nightly-vda, ...
+  vmbak backup --libvirt db --freeze always                            # fail rather than back up unfrozen
+  vmbak backup --libvirt db --hook-pre ./quiesce.sh --hook-post ./resume.sh
+  vmbak backup --name db --changes qemu:/run/qemu/db.qmp:drive0 --guest-agent /run/qemu/db.qga
 
 change sources (--changes):
   auto, scan        read DISK, store the blocks whose hash differs from the previous backup
@@ -35,6 +40,17 @@ change sources (--changes):
                     (no DISK): a point-in-time view and a persistent dirty bitmap
 When a change source cannot prove it saw every change (unknown change ID, lost or inconsistent
 bitmap), the backup says so and reads everything (scan) from a consistent view instead.
+
+guest consistency (--libvirt, qemu:, track:):
+  --freeze auto     (default) freeze the guest's filesystems through qemu-guest-agent just before the
+                    checkpoint and thaw as soon as it exists; without an answering agent the backup is
+                    crash-consistent and says so
+  --freeze always   no agent, or a freeze that fails: error, no backup
+  --freeze never    crash-consistent
+The manifest records the level (frozen, crash, hooks); `vmbak snapshots` shows it. Hooks run as
+SCRIPT with VMBAK_HOOK_PHASE (pre|post), VMBAK_VM, VMBAK_DISK, VMBAK_NAME, VMBAK_SOURCE, VMBAK_FREEZE
+and, for post, VMBAK_STATUS (ok|failed) and VMBAK_CONSISTENCY. A failing pre hook aborts the backup;
+the post hook runs whenever the pre hook ran: after the thaw, or after the backup of a plain DISK.
 """
 
 
@@ -71,6 +87,18 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                    "snapshots are named DOMAIN-TARGET (db-vda) and keep the domain XML")
     p.add_argument("--libvirt-uri", metavar="URI", default="qemu:///system",
                    help="libvirt connection (default qemu:///system)")
+    p.add_argument("--freeze", choices=FREEZE_MODES, default="auto",
+                   help="freeze the guest's filesystems around the checkpoint: auto (default: when the guest "
+                   "agent answers), always (fail otherwise) or never")
+    p.add_argument("--freeze-mountpoint", action="append", metavar="PATH", dest="freeze_mountpoints",
+                   help="freeze only this guest mountpoint (repeat for more; default: all)")
+    p.add_argument("--guest-agent", metavar="SOCKET",
+                   help="with qemu: or track:, the unix socket of the guest's qemu-guest-agent channel "
+                   "(QEMU's chardev of the port org.qemu.guest_agent.0)")
+    p.add_argument("--hook-pre", metavar="SCRIPT", help="run before the freeze (or before a DISK is read); "
+                   "a failure aborts the backup")
+    p.add_argument("--hook-post", metavar="SCRIPT", help="run after the thaw (or after a DISK's backup), "
+                   "whenever the pre hook ran")
     p.add_argument("--block-size", type=parse_size, default=DEFAULT_BLOCK_SIZE, metavar="N",
                    help="tracking block size (default 64K; e.g. 65536, 64K, 1M)")
     p.add_argument("--workers", type=int, default=2, help="worker threads (default 2)")
@@ -81,7 +109,8 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
 
 def _line(m) -> str:  # noqa: ANN001 - a Manifest
     s = m.stats
-    text = (f"snapshot {m.short_id} saved ({m.kind}, source {m.change_source}): "
+    level = f", {m.guest_consistency['level']}" if m.guest_consistency else ""
+    text = (f"snapshot {m.short_id} saved ({m.kind}, source {m.change_source}{level}): "
             f"read {human(s['read_bytes'])}, changed {human(s['changed_bytes'])}, "
             f"added {human(s['new_stored_bytes'])} in {s['duration_s']} s")
     if m.consistency == TORN:
@@ -109,18 +138,58 @@ def cmd_backup(args: argparse.Namespace) -> int:
         raise VmbakError(f"--format goes with a DISK argument, not with --changes {changes}")
     if args.nbd_server is not None and changes.kind != "qemu":
         raise VmbakError("--nbd-server goes with --changes qemu:QMP_SOCKET:NODE")
+    if args.guest_agent is not None and changes.kind not in ("qemu", "track"):
+        raise VmbakError("--guest-agent goes with --changes qemu:QMP_SOCKET:NODE or track:SOCKET")
     repo = open_repo(args)
     lg = log(args)
-    src = sources.open_source(repo, name=name, mode=args.mode, changes=changes, disk=args.disk, fmt=args.format,
-                              block_size=args.block_size, nbd_server=args.nbd_server, log=lg)
-    with src:
-        opts = BackupOptions(name=name, mode=args.mode, changes=changes.engine_changes,
-                             verify_changes=args.verify_changes, block_size=args.block_size,
-                             workers=args.workers, progress=progress(args), log=lg,
-                             skip_unused=args.skip_unused)
-        m = sources.run_backup(repo, src, opts, log=lg)
+    disk = args.disk if changes.reads_disk_file else str(changes)
+    q = _quiescer(args, lg, vm="", disk=disk, name=name, source=changes.kind if not changes.reads_disk_file
+                  else "file", point_in_time=not changes.reads_disk_file,
+                  agent=(lambda: SocketAgent(args.guest_agent)) if args.guest_agent else None,
+                  agent_key=SocketAgent.key_for(args.guest_agent) if args.guest_agent else None)
+    ok = False
+    try:
+        q.start()
+        src = sources.open_source(repo, name=name, mode=args.mode, changes=changes, disk=args.disk,
+                                  fmt=args.format, block_size=args.block_size, nbd_server=args.nbd_server, log=lg,
+                                  quiesce=None if changes.reads_disk_file else q.frozen)
+        with src:
+            opts = BackupOptions(name=name, mode=args.mode, changes=changes.engine_changes,
+                                 verify_changes=args.verify_changes, block_size=args.block_size,
+                                 workers=args.workers, progress=progress(args), log=lg,
+                                 skip_unused=args.skip_unused, notes=list(q.notes),
+                                 guest_consistency=_consistency(q))
+            m = sources.run_backup(repo, src, opts, log=lg)
+        ok = True
+    finally:
+        q.close(ok)
     emit(args, m.summary(), _line(m))
     return 0
+
+
+def _quiescer(args: argparse.Namespace, lg, *, vm: str, disk: str, name: str, source: str,  # noqa: ANN001
+              point_in_time: bool, agent, agent_key: str | None) -> Quiescer:  # noqa: ANN001
+    if args.freeze_mountpoints and not point_in_time:
+        raise VmbakError("--freeze-mountpoint goes with --libvirt, qemu: or track: (a point-in-time view)")
+    if not point_in_time and args.freeze == "always":
+        raise VmbakError("--freeze always needs a point-in-time view of a running guest (--libvirt, qemu: "
+                         "or track:); a DISK file is read as it is")
+    hooks = Hooks(pre=args.hook_pre, post=args.hook_post,
+                  env={"VMBAK_VM": vm, "VMBAK_DISK": disk, "VMBAK_NAME": name, "VMBAK_SOURCE": source,
+                       "VMBAK_FREEZE": args.freeze})
+    q = Quiescer(mode=args.freeze, agent=agent, agent_key=agent_key, guest=f"libvirt domain {vm!r}" if vm
+                 else (f"the guest behind {disk}"), mountpoints=args.freeze_mountpoints, hooks=hooks,
+                 point_in_time=point_in_time, log=lg)
+    q.recover()
+    return q
+
+
+def _consistency(q: Quiescer) -> dict | None:
+    """The manifest's guest_consistency field: always for a point-in-time view; for a plain DISK
+    only when hooks ran."""
+    if not q.point_in_time:
+        return q.record() if q.hooks.pre or q.hooks.post else None
+    return q.record()
 
 
 def _cmd_libvirt(args: argparse.Namespace, changes) -> int:  # noqa: ANN001 - a ChangeSpec
@@ -135,19 +204,34 @@ def _cmd_libvirt(args: argparse.Namespace, changes) -> int:  # noqa: ANN001 - a 
         raise VmbakError("--libvirt needs a domain name")
     prefix = args.name or domain
     sources.check_name(f"{prefix}-vda")
+    if args.guest_agent is not None:
+        raise VmbakError("--guest-agent goes with qemu: or track:; --libvirt reaches the agent through libvirt")
     repo = open_repo(args)
     lg = log(args)
-    job = sources.open_libvirt(repo, domain, prefix=prefix, mode=args.mode, changes=changes,
-                               block_size=args.block_size, uri=args.libvirt_uri, log=lg)
-    opts = BackupOptions(name=prefix, mode=args.mode, changes=changes.engine_changes,
-                         verify_changes=args.verify_changes, block_size=args.block_size, workers=args.workers,
-                         progress=progress(args), log=lg, skip_unused=args.skip_unused)
+    uri = args.libvirt_uri
+    targets = sources.libvirt_disk_targets(domain, uri)
+    q = _quiescer(args, lg, vm=domain, disk=" ".join(targets), name=prefix, source="libvirt", point_in_time=True,
+                  agent=lambda: LibvirtAgent(uri, domain), agent_key=LibvirtAgent.key_for(uri, domain))
+    ok = False
+    try:
+        q.start()
+        job = sources.open_libvirt(repo, domain, prefix=prefix, mode=args.mode, changes=changes,
+                                   block_size=args.block_size, uri=uri, log=lg, quiesce=q.frozen)
+        opts = BackupOptions(name=prefix, mode=args.mode, changes=changes.engine_changes,
+                             verify_changes=args.verify_changes, block_size=args.block_size, workers=args.workers,
+                             progress=progress(args), log=lg, skip_unused=args.skip_unused, notes=list(q.notes),
+                             guest_consistency=q.record())
 
-    def each(m) -> None:  # noqa: ANN001
-        if not args.json and not args.quiet:
-            print(printable(f"{m.name}: {_line(m)}"))
+        def each(m) -> None:  # noqa: ANN001
+            if not args.json and not args.quiet:
+                print(printable(f"{m.name}: {_line(m)}"))
 
-    ms = sources.run_libvirt_backup(repo, job, opts, on_disk=each, log=lg)
-    text = f"libvirt domain {domain}: {len(ms)} disks backed up at checkpoint {job.checkpoint}"
-    emit(args, {"domain": domain, "checkpoint": job.checkpoint, "snapshots": [m.summary() for m in ms]}, text)
+        ms = sources.run_libvirt_backup(repo, job, opts, on_disk=each, log=lg)
+        ok = True
+    finally:
+        q.close(ok)
+    level = q.record()["level"]
+    text = f"libvirt domain {domain}: {len(ms)} disks backed up at checkpoint {job.checkpoint} ({level})"
+    emit(args, {"domain": domain, "checkpoint": job.checkpoint, "guest_consistency": q.record(),
+                "snapshots": [m.summary() for m in ms]}, text)
     return 0

@@ -32,12 +32,13 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
 def cmd_snapshots(args: argparse.Namespace) -> int:
     repo = open_repo(args)
     ms = [m for m in repo.manifests() if not args.name or m.name == args.name]
-    head = ("ID", "TIME (UTC)", "NAME", "TYPE", "SOURCE", "SIZE", "ADDED", "PARENT")
+    head = ("ID", "TIME (UTC)", "NAME", "TYPE", "SOURCE", "SIZE", "ADDED", "PARENT", "CONSISTENCY")
     # Every cell from the repository is escaped: a hostile manifest cannot break the table.
     table = [tuple(printable(str(c)) for c in (m.short_id, m.time[:19], m.name,
                                                m.kind + ("!" if m.consistency == TORN else ""), m.change_source,
                                                human(m.disk_size), human(m.stats.get("new_stored_bytes", 0)),
-                                               (m.parent or "")[:8])) for m in ms]
+                                               (m.parent or "")[:8],
+                                               (m.guest_consistency or {}).get("level", "-"))) for m in ms]
     widths = [max([len(head[i])] + [len(r[i]) for r in table]) for i in range(len(head))]
     right = {5, 6}  # sizes are right-aligned
 

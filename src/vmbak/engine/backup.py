@@ -76,6 +76,7 @@ class BackupOptions:
     skip_unused: bool = True
     notes: list[str] = field(default_factory=list)  # from the change source (fallbacks, repairs)
     extra: dict = field(default_factory=dict)  # kept in the manifest (e.g. a libvirt domain's XML)
+    guest_consistency: dict | None = None  # the manifest's guest_consistency (guest.quiesce.Quiescer.record)
     source: str = ""
     progress: Progress | None = None
     log: Callable[[str], None] | None = None
@@ -280,7 +281,7 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
                 hostname=socket.gethostname(), change_source=source,
                 parent=parent.id if parent is not None else None, reference=reference,
                 change_id=opts.change_id or (opts.change_map.new_reference if opts.change_map else None),
-                extra=dict(opts.extra), consistency=consistency,
+                extra=dict(opts.extra), consistency=consistency, guest_consistency=opts.guest_consistency,
             )
             if parent is None:
                 m.used = used

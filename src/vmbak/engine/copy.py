@@ -210,7 +210,8 @@ class _Copier:
                 reference=mapping.get(m.reference, m.reference) if m.reference else None,
                 change_id=m.change_id, used=m.used, changed=m.changed, newly_unused=m.newly_unused,
                 ext_start=m.ext_start.copy(), ext_count=m.ext_count.copy(), stats=dict(m.stats),
-                notes=list(m.notes), extra=dict(m.extra), consistency=m.consistency)
+                notes=list(m.notes), extra=dict(m.extra), consistency=m.consistency,
+                guest_consistency=m.guest_consistency)
             rep_of = new.extra.pop("replaces", None)
             if isinstance(rep_of, str) and rep_of in mapping:
                 new.extra["replaces"] = mapping[rep_of]

@@ -203,6 +203,7 @@ def collapse(repo: Repository, segment: list[Manifest], writer: ChunkWriter, wor
                           "split_extents": len(cuts), "new_chunk_bytes": stored}
     out.notes = list(top.notes)
     out.extra = dict(top.extra)
+    out.guest_consistency = top.guest_consistency  # the point in time is the top's
     return out
 
 

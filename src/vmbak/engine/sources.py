@@ -26,6 +26,7 @@ The second half restores a libvirt backup: its disks, plus the saved domain XML.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -42,6 +43,7 @@ from vmbak.repo.manifest import Manifest
 from vmbak.repo.repository import Repository, _parse_iso, parse_time_limit
 
 Log = Callable[[str], None]
+Quiesce = Callable[[], contextlib.AbstractContextManager]  # freeze/thaw around a point in time
 
 CHANGES_HELP = "auto, scan, full, overlay, track:SOCKET or qemu:QMP_SOCKET:NODE"
 LIBVIRT_KEY = "libvirt"  # manifest.extra key of a libvirt disk backup
@@ -228,8 +230,9 @@ def open_file_source(path: str, fmt: str | None, changes: ChangeSpec, block_size
 
 
 def open_track_source(sock: str, since: str | None, parent: Manifest | None, block_size: int,
-                      log: Log) -> BackupSource:
-    """A checkpoint of a disk behind ``vmbak track``."""
+                      log: Log, quiesce: Quiesce | None = None) -> BackupSource:
+    """A checkpoint of a disk behind ``vmbak track``; ``quiesce`` is entered around the
+    checkpoint's creation."""
     from vmbak.tracker.client import TrackerClient, TrackerUnavailable
 
     notes: list[str] = []
@@ -240,7 +243,8 @@ def open_track_source(sock: str, since: str | None, parent: Manifest | None, blo
                          "checkpoint (scan)")
             log(notes[-1])
         try:
-            cp = client.checkpoint(since, block_size)
+            with quiesce() if quiesce is not None else contextlib.nullcontext():
+                cp = client.checkpoint(since, block_size)
         except TrackerUnavailable:
             raise
         except ChangeTrackingError as e:
@@ -248,7 +252,8 @@ def open_track_source(sock: str, since: str | None, parent: Manifest | None, blo
                 raise
             notes.append(f"tracker: {e}; reading the whole checkpoint (scan)")
             log(notes[-1])
-            cp = client.checkpoint(None, block_size)
+            with quiesce() if quiesce is not None else contextlib.nullcontext():
+                cp = client.checkpoint(None, block_size)
     except BaseException:
         client.close()
         raise
@@ -271,19 +276,20 @@ def open_track_source(sock: str, since: str | None, parent: Manifest | None, blo
 
 
 def open_qemu_source(sock: str, node: str, since: str | None, block_size: int, nbd_server: str | None,
-                     log: Log) -> BackupSource:
-    """A point-in-time view of a node of a running QEMU, with its dirty bitmap."""
+                     log: Log, quiesce: Quiesce | None = None) -> BackupSource:
+    """A point-in-time view of a node of a running QEMU, with its dirty bitmap; ``quiesce``
+    is entered around the QMP transaction that makes the view."""
     from vmbak.changes.qemu import open_session
 
     notes: list[str] = []
     try:
-        s = open_session(sock, node, since, block_size, nbd_server=nbd_server, log=log)
+        s = open_session(sock, node, since, block_size, nbd_server=nbd_server, log=log, quiesce=quiesce)
     except ChangeTrackingError as e:
         if since is None:
             raise
         notes.append(f"qemu: {e}; reading the whole disk (scan) and starting a new bitmap")
         log(notes[-1])
-        s = open_session(sock, node, None, block_size, nbd_server=nbd_server, log=log)
+        s = open_session(sock, node, None, block_size, nbd_server=nbd_server, log=log, quiesce=quiesce)
     notes.extend(s.notes)
     if s.change_map is not None:  # the session's notes are recorded once, here
         s.change_map.notes = [n for n in s.change_map.notes if n not in s.notes]
@@ -293,15 +299,16 @@ def open_qemu_source(sock: str, node: str, since: str | None, block_size: int, n
 
 def open_source(repo: Repository, *, name: str, mode: str, changes: ChangeSpec, disk: str | None,
                 fmt: str | None, block_size: int, nbd_server: str | None = None,
-                log: Log | None = None) -> BackupSource:
-    """Open what ``vmbak backup`` reads for one disk."""
+                log: Log | None = None, quiesce: Quiesce | None = None) -> BackupSource:
+    """Open what ``vmbak backup`` reads for one disk. ``quiesce`` (``Quiescer.frozen``) is
+    entered around the creation of a point-in-time view (``track:`` and ``qemu:``)."""
     log = log or (lambda s: None)
     if changes.kind in ("track", "qemu"):
         parent = previous_snapshot(repo, name, mode)
         since = parent.change_id if parent is not None else None
         if changes.kind == "track":
-            return open_track_source(changes.socket, since, parent, block_size, log)
-        return open_qemu_source(changes.socket, changes.node, since, block_size, nbd_server, log)
+            return open_track_source(changes.socket, since, parent, block_size, log, quiesce)
+        return open_qemu_source(changes.socket, changes.node, since, block_size, nbd_server, log, quiesce)
     if disk is None:
         raise VmbakError("no disk given")
     return open_file_source(disk, fmt, changes, block_size, log)
@@ -373,7 +380,7 @@ def libvirt_groups(repo: Repository, name: str | None = None) -> list[list[Manif
 
 
 def open_libvirt(repo: Repository, domain: str, *, prefix: str, mode: str, changes: ChangeSpec,
-                 block_size: int, uri: str, log: Log | None = None) -> LibvirtJob:
+                 block_size: int, uri: str, log: Log | None = None, quiesce: Quiesce | None = None) -> LibvirtJob:
     """Start a pull-mode backup of every disk of ``domain``. Each disk's backup is named
     ``PREFIX-TARGET`` (``db-vda``); the checkpoint of the newest complete backup of the
     domain is the reference for the changes."""
@@ -391,13 +398,13 @@ def open_libvirt(repo: Repository, domain: str, *, prefix: str, mode: str, chang
             since = groups[-1][0].change_id
     notes: list[str] = []
     try:
-        b = begin_backup(domain, since, block_size, uri=uri, log=log)
+        b = begin_backup(domain, since, block_size, uri=uri, log=log, quiesce=quiesce)
     except ChangeTrackingError as e:
         if since is None:
             raise
         notes.append(f"libvirt: {e}; reading every disk whole (scan) with a new checkpoint")
         log(notes[-1])
-        b = begin_backup(domain, None, block_size, uri=uri, log=log)
+        b = begin_backup(domain, None, block_size, uri=uri, log=log, quiesce=quiesce)
     notes.extend(b.notes)
     targets = sorted(b.disks)
     srcs = []
@@ -409,6 +416,17 @@ def open_libvirt(repo: Repository, domain: str, *, prefix: str, mode: str, chang
                                  change_map=v.change_map, change_id=b.change_id, notes=list(notes),
                                  extra={LIBVIRT_KEY: info}, name=f"{prefix}-{tgt}"))
     return LibvirtJob(domain=domain, checkpoint=b.change_id, sources=srcs, notes=notes, _lv=b)
+
+
+def libvirt_disk_targets(domain: str, uri: str) -> list[str]:
+    """The targets (vda, ...) ``--libvirt DOMAIN`` would back up, for the hooks' environment."""
+    from vmbak.changes.libvirt import connect, domain_disks, lookup
+
+    conn = connect(uri)
+    try:
+        return sorted(d.target for d in domain_disks(lookup(conn, domain).XMLDesc(0)))
+    finally:
+        conn.close()
 
 
 def run_libvirt_backup(repo: Repository, job: LibvirtJob, opts: BackupOptions,

@@ -67,6 +67,7 @@ class Manifest:
     notes: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
     consistency: str | None = None  # None: a point-in-time view, or a manifest older than the field
+    guest_consistency: dict | None = None  # how the guest was quiesced (see docs/repository-format.md)
     id: str = ""
 
     @property
@@ -104,6 +105,7 @@ class Manifest:
             "stats": self.stats,
             "notes": self.notes,
             "consistency": self.consistency,
+            "guest_consistency": self.guest_consistency,
         }
 
 
@@ -148,6 +150,8 @@ def encode_manifest(m: Manifest) -> bytes:
     }
     if m.consistency is not None:  # absent when there is nothing to say (as in older manifests)
         header["consistency"] = m.consistency
+    if m.guest_consistency is not None:  # optional: absent in manifests of older versions
+        header["guest_consistency"] = m.guest_consistency
     hj = json.dumps(header, sort_keys=True).encode()
     body = b"".join([MANIFEST_MAGIC, struct.pack("<I", len(hj)), hj] + [b for *_, b in arrays])
     return zstandard.ZstdCompressor(level=3).compress(body)
@@ -225,7 +229,8 @@ def decode_manifest(payload: bytes, snap_id: str) -> Manifest:
             ext_start=arrays["ext_start"].astype(np.uint64), ext_count=arrays["ext_count"].astype(np.uint32),
             ext_id=arrays["ext_id"], bht_chunks=[bytes(x) for x in arrays["bht_chunks"].tolist()],
             bht_count=int(h["bht_count"]), stats=h.get("stats", {}), notes=h.get("notes", []),
-            extra=h.get("extra", {}), consistency=_text_or_none(h.get("consistency")), id=snap_id,
+            extra=h.get("extra", {}), consistency=_text_or_none(h.get("consistency")),
+            guest_consistency=h.get("guest_consistency"), id=snap_id,
         )
     except (KeyError, ValueError, TypeError, struct.error, json.JSONDecodeError) as e:
         raise IntegrityError(f"{what}: manifest is malformed ({e.__class__.__name__})") from None
@@ -234,7 +239,9 @@ def decode_manifest(payload: bytes, snap_id: str) -> Manifest:
     texts = (m.name, m.time, m.source, m.hostname, m.change_source)
     optional = (m.parent, m.reference, m.change_id)
     if not all(isinstance(t, str) for t in texts) or not all(t is None or isinstance(t, str) for t in optional) \
-            or not isinstance(m.stats, dict) or not isinstance(m.notes, list) or not isinstance(m.extra, dict):
+            or not isinstance(m.stats, dict) or not isinstance(m.notes, list) or not isinstance(m.extra, dict) \
+            or not (m.guest_consistency is None or isinstance(m.guest_consistency, dict)
+                    and isinstance(m.guest_consistency.get("level"), str)):
         raise IntegrityError(f"{what}: manifest has fields of the wrong type")
     if not is_full(m.kind) and m.changed is None:
         raise IntegrityError(f"{what}: incremental manifest without a changed bitmap")
