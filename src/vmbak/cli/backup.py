@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vmbak.cli.common import emit, log, open_repo, parse_size, progress
+from vmbak.cli.filters import tags_from_args
 from vmbak.engine.backup import DEFAULT_BLOCK_SIZE, MODES, BackupOptions
 from vmbak.engine.common import human
 from vmbak.errors import VmbakError, printable
@@ -13,6 +14,7 @@ from vmbak.repo.manifest import TORN
 EPILOG = """examples:
   vmbak backup /var/lib/images/web.raw --name web                      # first full, then incremental
   vmbak backup /var/lib/images/web.raw --name web --mode differential  # changes since the last full
+  vmbak backup /var/lib/images/web.raw --name web --tag nightly,pre-upgrade   # tags (see vmbak snapshots --tag)
   vmbak backup /dev/vg0/db --name db --mode full --json
   vmbak backup /var/lib/libvirt/images/db.qcow2 --name db              # qcow2, vhdx, vhd, vmdk: thin areas skipped
   vmbak backup db.img --name db --format raw                           # do not probe the format
@@ -52,6 +54,9 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                    help="raw file, block device or image file (not with track:, qemu: or --libvirt)")
     p.add_argument("--name", help="the name this disk's backups share (e.g. web); with --libvirt the prefix "
                    "of each disk's name (default: the domain name)")
+    p.add_argument("--tag", action="append", metavar="TAG[,TAG...]",
+                   help="tag the snapshot (repeatable; a,b gives two tags); tags select snapshots in "
+                   "snapshots, forget, restore and copy (--tag), and forget --keep-tag keeps them")
     p.add_argument("--mode", choices=MODES, default="auto",
                    help="auto (default): full if the name has no backup, else incremental")
     p.add_argument("--changes", default="auto", metavar="SOURCE",
@@ -84,6 +89,8 @@ def _line(m) -> str:  # noqa: ANN001 - a Manifest
     text = (f"snapshot {m.short_id} saved ({m.kind}, source {m.change_source}): "
             f"read {human(s['read_bytes'])}, changed {human(s['changed_bytes'])}, "
             f"added {human(s['new_stored_bytes'])} in {s['duration_s']} s")
+    if m.tags:
+        text += f"; tags {printable(','.join(m.tags))}"
     if m.consistency == TORN:
         text += "; TORN: the disk changed while it was read"
     if "verify_missed_blocks" in s:
@@ -100,6 +107,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     if args.libvirt_uri != "qemu:///system":
         raise VmbakError("--libvirt-uri goes with --libvirt DOMAIN")
     name = sources.check_name(args.name)
+    tags = tags_from_args(args.tag)
     if changes.reads_disk_file:
         if args.disk is None:
             raise VmbakError(f"give the DISK to back up (--changes {changes} reads a disk or image file)")
@@ -117,7 +125,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         opts = BackupOptions(name=name, mode=args.mode, changes=changes.engine_changes,
                              verify_changes=args.verify_changes, block_size=args.block_size,
                              workers=args.workers, progress=progress(args), log=lg,
-                             skip_unused=args.skip_unused)
+                             skip_unused=args.skip_unused, tags=tags)
         m = sources.run_backup(repo, src, opts, log=lg)
     emit(args, m.summary(), _line(m))
     return 0
@@ -135,13 +143,14 @@ def _cmd_libvirt(args: argparse.Namespace, changes) -> int:  # noqa: ANN001 - a 
         raise VmbakError("--libvirt needs a domain name")
     prefix = args.name or domain
     sources.check_name(f"{prefix}-vda")
+    tags = tags_from_args(args.tag)
     repo = open_repo(args)
     lg = log(args)
     job = sources.open_libvirt(repo, domain, prefix=prefix, mode=args.mode, changes=changes,
                                block_size=args.block_size, uri=args.libvirt_uri, log=lg)
     opts = BackupOptions(name=prefix, mode=args.mode, changes=changes.engine_changes,
                          verify_changes=args.verify_changes, block_size=args.block_size, workers=args.workers,
-                         progress=progress(args), log=lg, skip_unused=args.skip_unused)
+                         progress=progress(args), log=lg, skip_unused=args.skip_unused, tags=tags)
 
     def each(m) -> None:  # noqa: ANN001
         if not args.json and not args.quiet:
