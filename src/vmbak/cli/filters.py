@@ -33,7 +33,6 @@ def filter_from_args(args: argparse.Namespace) -> SnapshotFilter:
 def tags_from_args(values: list[str] | None) -> list[str]:
     """The tags ``backup --tag`` gives: each value may list several, comma-separated."""
     from vmbak.engine.backup import check_tags
-
     from vmbak.errors import VmbakError
 
     tags = []
