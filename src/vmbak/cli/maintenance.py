@@ -24,7 +24,8 @@ FORGET_EPILOG = """examples:
 keep-within DURATION keeps every snapshot newer than the newest snapshot of its name
 minus DURATION (1y2m3d4h: years, months, days, hours). --keep-tag a,b keeps snapshots
 that have both a and b; repeat it to keep either. Filters (--name, --host, --tag)
-choose the snapshots the rules apply to; the others are left alone.
+choose the snapshots the rules apply to; the others stay (one whose forgotten parent it
+needs has that parent merged into it, as below).
 
 Incremental snapshots that stay but depend on forgotten ones are merged with them
 inside the repository (nothing is read from any disk). The stayer gets a new id, and its

@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                    "(usage: vmbak restore --from-serve SOCKET TARGET)")
     p.add_argument("--workers", type=int, default=4,
                    help="worker threads (default 4: restore waits on writes more than on the CPU)")
-    add_filter_options(p, name_help="only snapshots of this disk name (with SNAP latest)")
+    add_filter_options(p, name_help="only snapshots of this disk name (useful with SNAP latest)")
     p.set_defaults(func=cmd_restore)
 
 
