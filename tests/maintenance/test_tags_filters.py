@@ -338,6 +338,9 @@ def test_a_recorded_id_survives_merge_then_forget(chain, tmp_path, assert_same_f
     assert listed[i3c]["former_ids"] == [x3, i3b] and listed[i3c]["tags"] == ["i3"]
     assert repo.snapshots("--tag", "i3")[0]["id"] == i3c
     # the forgotten snapshot's id names nothing any more
+    assert_cli_error(repo.run("restore", s2[:8], tmp_path / "gone.raw", check=False), "no snapshot matches",
+                     "forgotten", f"merged into {i3c[:8]}")
+    # (an id S2 had before its own rewrite went with it)
     assert_cli_error(repo.run("restore", x2[:8], tmp_path / "gone.raw", check=False), "no snapshot matches")
     # the untouched snapshots keep their ids
     for k in (0, 1):

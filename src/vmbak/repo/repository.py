@@ -617,6 +617,12 @@ class Repository:
             if found is not None:
                 m, alias = found
                 return selected(m), alias
+            for m in ms:  # forgotten, with its blocks merged into a snapshot that stays
+                merge = m.stats.get("merge") if isinstance(m.stats, dict) else None
+                seg = merge.get("segment") if isinstance(merge, dict) else None
+                if isinstance(seg, list) and any(isinstance(x, str) and x.startswith(spec) for x in seg[1:]):
+                    raise SnapshotNotFound(f"no snapshot matches {spec!r}: it was forgotten (what a later "
+                                           f"snapshot needed of it was merged into {m.short_id})")
         if re.fullmatch(r"[0-9a-f]{1,3}", spec):
             raise SnapshotNotFound(f"no snapshot matches {spec!r}: an id prefix needs at least 4 hex digits")
         raise SnapshotNotFound(f"no snapshot matches {spec!r}")
