@@ -241,6 +241,8 @@ def test_within_limit_calendar_arithmetic():
     assert lim(datetime(2028, 3, 31, tzinfo=UTC), "1m") == datetime(2028, 3, 2, tzinfo=UTC)  # leap year
     assert lim(datetime(2026, 1, 15, tzinfo=UTC), "1y2m3d4h") == datetime(2024, 11, 11, 20, tzinfo=UTC)
     assert lim(datetime(2026, 1, 15, tzinfo=UTC), "14m") == datetime(2024, 11, 15, tzinfo=UTC)
+    assert lim(datetime(2026, 1, 15, tzinfo=UTC), "3000000d").year == 1  # before year 1: all of time
+    assert lim(datetime(2026, 1, 15, tzinfo=UTC), "3000y").year == 1
     for bad in ("", "7", "d", "1w", "2d1y", "-1d", "1.5d", "1 d x"):
         with pytest.raises(VmbakError, match="keep-within"):
             parse_within(bad)

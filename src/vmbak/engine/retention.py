@@ -58,10 +58,13 @@ def within_limit(newest: datetime, text: str) -> datetime:
     AddDate in restic: 31 March minus 1 month is 3 March, or 2 March in a leap year)."""
     y, mo, d, h = parse_within(text)
     months = newest.year * 12 + (newest.month - 1) - (12 * y + mo)
-    if months < 12:  # before year 1
+    if months < 12:  # before year 1: every snapshot is within
         return datetime.min.replace(tzinfo=UTC)
     first = newest.replace(year=months // 12, month=months % 12 + 1, day=1)
-    return first + timedelta(days=newest.day - 1) - timedelta(days=d, hours=h)
+    try:
+        return first + timedelta(days=newest.day - 1) - timedelta(days=d, hours=h)
+    except OverflowError:
+        return datetime.min.replace(tzinfo=UTC)
 
 
 @dataclass
