@@ -190,8 +190,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
     out = res.to_json()
     lines = []
     verb = "would " if args.dry_run else ""
+    only = "" if where.empty() else f"; only snapshots matching {where.describe()}"
     for name, rows in out["names"].items():
-        lines.append(printable(f"{name}: ({res.policy})"))
+        lines.append(printable(f"{name}: ({res.policy}{only})"))
         for r in rows:
             rw = r.get("rewrite")
             extra = ""
