@@ -6,7 +6,7 @@ import os
 
 from vmbak.disks.base import DiskReader
 from vmbak.engine import sources
-from vmbak.engine.backup import DEFAULT_BLOCK_SIZE, BackupOptions
+from vmbak.engine.backup import DEFAULT_BLOCK_SIZE, BackupOptions, check_tags
 from vmbak.engine.backup import backup as _backup
 from vmbak.engine.check import CheckReport
 from vmbak.engine.check import check as _check
@@ -28,17 +28,19 @@ def open_disk(path: str | os.PathLike[str], fmt: str | None = None) -> DiskReade
 
 def backup(repo: Repository, disk: str | os.PathLike[str] | DiskReader, name: str, *, mode: str = "auto",
            changes: str = "auto", block_size: int = DEFAULT_BLOCK_SIZE, workers: int = 2,
-           progress: Progress | None = None, log=None, fmt: str | None = None) -> Manifest:  # noqa: ANN001
+           progress: Progress | None = None, log=None, fmt: str | None = None,  # noqa: ANN001
+           tags: list[str] | None = None) -> Manifest:
     """Back up a disk under ``name``; the first backup of a name is full, later ones incremental.
 
     ``mode`` is "auto", "full", "incremental" or "differential". A path is opened exactly as
     ``vmbak backup DISK`` opens it (an image file is backed up as its virtual disk; ``fmt``
-    skips probing), with ``changes`` "auto", "scan", "full" or "overlay". Returns the
-    committed manifest.
+    skips probing), with ``changes`` "auto", "scan", "full" or "overlay". ``tags`` are
+    stored in the snapshot (rules as ``vmbak backup --tag``). Returns the committed manifest.
     """
+    tags = check_tags(tags)
     if isinstance(disk, DiskReader):
         opts = BackupOptions(name=name, mode=mode, changes=changes, block_size=block_size, workers=workers,
-                             progress=progress, log=log, source=disk.description)
+                             progress=progress, log=log, source=disk.description, tags=tags)
         return _backup(repo, disk, opts)
     spec = sources.parse_changes(changes)
     if not spec.reads_disk_file:
@@ -47,7 +49,7 @@ def backup(repo: Repository, disk: str | os.PathLike[str] | DiskReader, name: st
     lg = log or (lambda s: None)
     with sources.open_file_source(os.fspath(disk), fmt, spec, block_size, lg) as src:
         opts = BackupOptions(name=name, mode=mode, changes=spec.engine_changes, block_size=block_size,
-                             workers=workers, progress=progress, log=log)
+                             workers=workers, progress=progress, log=log, tags=tags)
         return sources.run_backup(repo, src, opts, log=lg)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vmbak.cli.common import emit, log, open_repo, parse_size, progress
+from vmbak.cli.filters import tags_from_args
 from vmbak.engine.backup import DEFAULT_BLOCK_SIZE, MODES, BackupOptions
 from vmbak.engine.common import human
 from vmbak.errors import VmbakError, printable
@@ -15,6 +16,7 @@ from vmbak.repo.manifest import TORN
 EPILOG = """examples:
   vmbak backup /var/lib/images/web.raw --name web                      # first full, then incremental
   vmbak backup /var/lib/images/web.raw --name web --mode differential  # changes since the last full
+  vmbak backup /var/lib/images/web.raw --name web --tag nightly,pre-upgrade   # tags (see vmbak snapshots --tag)
   vmbak backup /dev/vg0/db --name db --mode full --json
   vmbak backup /var/lib/libvirt/images/db.qcow2 --name db              # qcow2, vhdx, vhd, vmdk: thin areas skipped
   vmbak backup db.img --name db --format raw                           # do not probe the format
@@ -68,6 +70,9 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                    help="raw file, block device or image file (not with track:, qemu: or --libvirt)")
     p.add_argument("--name", help="the name this disk's backups share (e.g. web); with --libvirt the prefix "
                    "of each disk's name (default: the domain name)")
+    p.add_argument("--tag", action="append", metavar="TAG[,TAG...]",
+                   help="tag the snapshot (repeatable; a,b gives two tags); tags select snapshots in "
+                   "snapshots, forget, restore and copy (--tag), and forget --keep-tag keeps them")
     p.add_argument("--mode", choices=MODES, default="auto",
                    help="auto (default): full if the name has no backup, else incremental")
     p.add_argument("--changes", default="auto", metavar="SOURCE",
@@ -113,6 +118,8 @@ def _line(m) -> str:  # noqa: ANN001 - a Manifest
     text = (f"snapshot {m.short_id} saved ({m.kind}, source {m.change_source}{level}): "
             f"read {human(s['read_bytes'])}, changed {human(s['changed_bytes'])}, "
             f"added {human(s['new_stored_bytes'])} in {s['duration_s']} s")
+    if m.tags:
+        text += f"; tags {printable(','.join(m.tags))}"
     if m.consistency == TORN:
         text += "; TORN: the disk changed while it was read"
     if "verify_missed_blocks" in s:
@@ -129,6 +136,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     if args.libvirt_uri != "qemu:///system":
         raise VmbakError("--libvirt-uri goes with --libvirt DOMAIN")
     name = sources.check_name(args.name)
+    tags = tags_from_args(args.tag)
     if changes.reads_disk_file:
         if args.disk is None:
             raise VmbakError(f"give the DISK to back up (--changes {changes} reads a disk or image file)")
@@ -158,7 +166,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
                                  verify_changes=args.verify_changes, block_size=args.block_size,
                                  workers=args.workers, progress=progress(args), log=lg,
                                  skip_unused=args.skip_unused, notes=list(q.notes),
-                                 guest_consistency=_consistency(q))
+                                 guest_consistency=_consistency(q), tags=tags)
             m = sources.run_backup(repo, src, opts, log=lg)
         ok = True
     finally:
@@ -204,6 +212,7 @@ def _cmd_libvirt(args: argparse.Namespace, changes) -> int:  # noqa: ANN001 - a 
         raise VmbakError("--libvirt needs a domain name")
     prefix = args.name or domain
     sources.check_name(f"{prefix}-vda")
+    tags = tags_from_args(args.tag)
     if args.guest_agent is not None:
         raise VmbakError("--guest-agent goes with qemu: or track:; --libvirt reaches the agent through libvirt")
     repo = open_repo(args)
@@ -220,7 +229,7 @@ def _cmd_libvirt(args: argparse.Namespace, changes) -> int:  # noqa: ANN001 - a 
         opts = BackupOptions(name=prefix, mode=args.mode, changes=changes.engine_changes,
                              verify_changes=args.verify_changes, block_size=args.block_size, workers=args.workers,
                              progress=progress(args), log=lg, skip_unused=args.skip_unused, notes=list(q.notes),
-                             guest_consistency=q.record())
+                             guest_consistency=q.record(), tags=tags)
 
         def each(m) -> None:  # noqa: ANN001
             if not args.json and not args.quiet:

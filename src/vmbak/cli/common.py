@@ -118,6 +118,7 @@ def open_repo_and_password(args: argparse.Namespace) -> tuple[Repository, str | 
     # goes to Repository.open regardless, which refuses an "unencrypted" repository then.
     pw = password(args) if needs_password(loc) else given_password(args)
     repo = Repository.open(loc, pw)
+    repo.note = log(args)  # e.g. "snapshot X was rewritten as Y by merge on DATE"
     args.opened_repos = [*getattr(args, "opened_repos", []), repo]  # for damage_warnings()
     return repo, pw
 

@@ -7,6 +7,7 @@ import json
 import os
 
 from vmbak.cli.common import apply_s3_options, emit, given_password, log, needs_password, password, progress
+from vmbak.cli.filters import FILTER_HELP, add_filter_options, filter_from_args
 from vmbak.engine.common import human
 from vmbak.engine.copy import copy
 from vmbak.errors import VmbakError, printable
@@ -16,11 +17,15 @@ EPILOG = """examples:
   vmbak copy --from-repo /backups/local --to-repo s3:http://10.0.0.5:9000/offsite/vmbak
   vmbak copy --from-repo /backups/local --to-repo s3:https://s3.eu-west-1.amazonaws.com/bucket/vm --name web
   vmbak copy --from-repo s3:http://10.0.0.5:9000/offsite/vmbak --to-repo /restore/repo web:latest
+  vmbak copy --from-repo /backups/local --to-repo /backups/offsite --tag monthly   # every snapshot tagged monthly
 
 The destination's password comes from --password-file or $VMBAK_PASSWORD, the source's
 from --from-password-file, $VMBAK_FROM_PASSWORD_FILE or $VMBAK_FROM_PASSWORD. The
 destination defaults to -r / $VMBAK_REPOSITORY, the source to $VMBAK_FROM_REPOSITORY.
-"""
+Filters choose the snapshots copied (and resolve SNAPs among them, as restore does); each
+is copied with its whole parent chain, whether or not the parents match.
+
+""" + FILTER_HELP
 
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
@@ -30,14 +35,14 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                        "stored there. When the repositories have different keys (or one is encrypted and the "
                        "other not), chunks are decrypted, checked and sealed again with the destination's key. "
                        "Snapshots copied before are skipped, so an interrupted copy is finished by running it "
-                       "again. Without SNAP or --name, every snapshot is copied.",
+                       "again. Without SNAP or filters, every snapshot is copied.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("snapshots", nargs="*", metavar="SNAP", help="snapshots to copy (id, NAME:latest, NAME@TIME)")
     p.add_argument("--from-repo", metavar="REPO", help="source repository (default: $VMBAK_FROM_REPOSITORY)")
     p.add_argument("--to-repo", metavar="REPO", help="destination repository (default: -r / $VMBAK_REPOSITORY)")
     p.add_argument("--from-password-file", metavar="FILE",
                    help="the source's password file (default: $VMBAK_FROM_PASSWORD_FILE, $VMBAK_FROM_PASSWORD)")
-    p.add_argument("--name", help="copy every snapshot of this disk name")
+    add_filter_options(p, name_help="copy the snapshots of this disk name (repeat for several)")
     p.add_argument("--workers", type=int, default=4, help="chunks read and converted at once (default 4)")
     p.add_argument("--dry-run", "-n", action="store_true", help="show what would be copied")
     p.set_defaults(func=cmd_copy)
@@ -86,8 +91,9 @@ def cmd_copy(args: argparse.Namespace) -> int:
         dst = Repository.open(dst_loc, password(args) if needs_password(dst_loc) else given_password(args))
     except VmbakError as e:
         raise type(e)(f"destination repository: {e}") from None
-    rep = copy(src, dst, args.snapshots, args.name, workers=args.workers, dry_run=args.dry_run,
-               progress=progress(args), log=log(args))
+    src.note = log(args)
+    rep = copy(src, dst, args.snapshots, None, workers=args.workers, dry_run=args.dry_run,
+               progress=progress(args), log=log(args), where=filter_from_args(args))
     if args.dry_run:
         lines = [f"would copy snapshot {c['source'][:8]} ({printable(c['name'])} {c['type']} {c['time']})" for c in rep.copied]
     else:

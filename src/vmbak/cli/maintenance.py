@@ -6,6 +6,7 @@ import argparse
 import re
 
 from vmbak.cli.common import emit, log, open_repo
+from vmbak.cli.filters import FILTER_HELP, add_filter_options, filter_from_args
 from vmbak.engine.common import human
 from vmbak.engine.merge import check_mergeable, reconcile, resolve_target
 from vmbak.engine.prune import DEFAULT_REPACK_THRESHOLD, PruneOptions, prune, unlock
@@ -17,11 +18,21 @@ FORGET_EPILOG = """examples:
   vmbak forget --name web --keep-last 7 --keep-daily 14 --keep-weekly 8 --keep-monthly 12 --dry-run
   vmbak forget --keep-daily 7 --prune          # every disk name, then prune
   vmbak forget 3f2a9c1e                        # one snapshot
+  vmbak forget --keep-within 7d --keep-tag release --dry-run   # the last week, and every release
+  vmbak forget --name web --tag nightly --keep-last 7          # only nightly snapshots of web are considered
+
+keep-within DURATION keeps every snapshot newer than the newest snapshot of its name
+minus DURATION (1y2m3d4h: years, months, days, hours). --keep-tag a,b keeps snapshots
+that have both a and b; repeat it to keep either. Filters (--name, --host, --tag)
+choose the snapshots the rules apply to; the others stay (one whose forgotten parent it
+needs has that parent merged into it, as below).
 
 Incremental snapshots that stay but depend on forgotten ones are merged with them
-inside the repository (the stayer gets a new id; nothing is read from any disk). With
---keep-dependencies the forgotten snapshots they need are kept instead, and listed.
-"""
+inside the repository (nothing is read from any disk). The stayer gets a new id, and its
+old id keeps naming it (vmbak restore OLD-ID works; snapshots --json lists former_ids).
+With --keep-dependencies the forgotten snapshots they need are kept instead, and listed.
+
+""" + FILTER_HELP
 
 PRUNE_EPILOG = """examples:
   vmbak prune --dry-run
@@ -42,11 +53,16 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                        "have one (UTC). A snapshot is kept if any rule keeps it. Space is freed by prune.",
                        epilog=FORGET_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("snapshots", nargs="*", metavar="SNAP", help="snapshots to forget (id, NAME:latest, NAME@TIME)")
-    p.add_argument("--name", help="apply the rules to this disk name only (default: every name)")
+    add_filter_options(p, name_help="apply the rules to this disk name only (repeat for several; default: "
+                       "every name)")
     for rule in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
         p.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N",
                        help=f"keep {'the N newest snapshots' if rule == 'last' else 'N ' + rule + ' snapshots'}"
                        " (-1: all)")
+    p.add_argument("--keep-within", default="", metavar="DURATION",
+                   help="keep snapshots newer than the newest one minus DURATION (e.g. 7d, 1y6m, 2d12h)")
+    p.add_argument("--keep-tag", action="append", default=[], metavar="TAG[,TAG...]",
+                   help="keep snapshots that have all these tags (repeat for either list)")
     p.add_argument("--keep-dependencies", action="store_true",
                    help="keep forgotten snapshots that remaining incrementals need (default: merge them)")
     p.add_argument("--dry-run", "-n", action="store_true", help="show what would stay and go, and why; change nothing")
@@ -68,7 +84,8 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                        description="Replace a snapshot (the latest of a disk name, or any snapshot) by a "
                        "synthetic full backup built inside the repository from its chain, newest first, so "
                        "that each block is taken once; no disk is read. Restores of it then need no chain. "
-                       "The snapshot gets a new id; the older snapshots of the chain stay.",
+                       "The snapshot gets a new id (its old id keeps naming it); the older snapshots of the "
+                       "chain stay.",
                        epilog="examples:\n  vmbak merge web --into-full\n  vmbak merge 3f2a9c1e --into-full --json",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", metavar="NAME|SNAP", help="a disk name (its latest snapshot) or a snapshot")
@@ -162,16 +179,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_forget(args: argparse.Namespace) -> int:
     policy = Policy(last=args.keep_last, hourly=args.keep_hourly, daily=args.keep_daily, weekly=args.keep_weekly,
-                    monthly=args.keep_monthly, yearly=args.keep_yearly)
+                    monthly=args.keep_monthly, yearly=args.keep_yearly, within=args.keep_within,
+                    tags=list(args.keep_tag))
     parse_duration(args.grace)  # fail before doing anything
+    policy.validate()
+    where = filter_from_args(args)
     repo = open_repo(args)
-    res = forget(repo, policy, name=args.name, snapshots=args.snapshots,
+    res = forget(repo, policy, snapshots=args.snapshots, where=where,
                  keep_dependencies=args.keep_dependencies, dry_run=args.dry_run, log=log(args))
     out = res.to_json()
     lines = []
     verb = "would " if args.dry_run else ""
+    only = "" if where.empty() else f"; only snapshots matching {where.describe()}"
     for name, rows in out["names"].items():
-        lines.append(printable(f"{name}: ({res.policy})"))
+        lines.append(printable(f"{name}: ({res.policy}{only})"))
         for r in rows:
             rw = r.get("rewrite")
             extra = ""
@@ -204,7 +225,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         m = resolve_target(repo, args.target)
         check_mergeable(m)
         chain = repo.chain(m)
-        res = reconcile(repo, set(), {m.id}, dry_run=args.dry_run, workers=args.workers)
+        res = reconcile(repo, set(), {m.id}, dry_run=args.dry_run, workers=args.workers, by="merge")
     out = res.to_json() | {"snapshot": m.id, "chain_length": len(chain), "dry_run": args.dry_run}
     rw = next((r for r in res.rewrites if r.old == m.id), None)
     out["new_snapshot"] = rw.new if rw else None

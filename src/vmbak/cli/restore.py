@@ -6,6 +6,7 @@ import argparse
 import os
 
 from vmbak.cli.common import emit, log, open_repo, progress
+from vmbak.cli.filters import FILTER_HELP, add_filter_options, filter_from_args
 from vmbak.engine.common import human
 from vmbak.errors import VmbakError, printable
 
@@ -13,12 +14,20 @@ EPILOG = """examples:
   vmbak restore web:latest /tmp/web-restored.raw
   vmbak restore web@2026-11-22T10:00 /tmp/web-monday.raw
   vmbak restore 3f2a9c1e /dev/vg0/web --overwrite
+  vmbak restore web:latest --tag nightly /tmp/web.raw         # the newest web snapshot tagged nightly
+  vmbak restore latest --name web --host hv1 /tmp/web.raw     # latest: the newest the filters select
   vmbak restore db:latest /tmp/db.qcow2 --format qcow2        # also raw, vhdx, vpc (or vhd), vmdk; thin
   vmbak restore db:latest /tmp/db.vhdx                        # the format follows .qcow2/.vhdx/.vhd/.vmdk
   vmbak restore --libvirt db:latest --define db-restored      # every disk, plus the saved domain XML
   vmbak restore --libvirt db@2026-11-22 /var/lib/libvirt/images/restore --format raw
   vmbak restore --from-serve /run/vmbak/web.sock /var/lib/images/web.raw   # see vmbak serve --writable
-"""
+
+With filters, NAME:latest, NAME and NAME@TIME pick the newest matching snapshot of NAME;
+`latest` picks the newest matching snapshot (the filters must select one disk name); an
+id must name a matching snapshot. An id that forget or merge rewrote still names the
+snapshot (a note on standard error says so; --json has "alias").
+
+""" + FILTER_HELP
 
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
@@ -31,7 +40,8 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                        "backup is restored and the domain XML saved with it is written beside them (and, with "
                        "--define, defined as a new domain).",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("snapshot", metavar="SNAP", help="snapshot id (prefix), NAME:latest or NAME@TIME (UTC); "
+    p.add_argument("snapshot", metavar="SNAP", help="snapshot id (prefix), NAME:latest, NAME@TIME (UTC) or "
+                   "latest (with filters); "
                    "with --libvirt, DOMAIN:latest, DOMAIN@TIME or the id of any of its disks' snapshots")
     p.add_argument("target", metavar="TARGET", nargs="?",
                    help="new file, or existing file/block device; with --libvirt, the directory for the disks "
@@ -62,6 +72,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                    "(usage: vmbak restore --from-serve SOCKET TARGET)")
     p.add_argument("--workers", type=int, default=4,
                    help="worker threads (default 4: restore waits on writes more than on the CPU)")
+    add_filter_options(p, name_help="only snapshots of this disk name (useful with SNAP latest)")
     p.set_defaults(func=cmd_restore)
 
 
@@ -75,6 +86,9 @@ def _format_for(target: str, fmt: str | None) -> str:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    where = filter_from_args(args)
+    if not where.empty() and (args.from_serve or args.libvirt):
+        raise VmbakError("--name, --host and --tag do not go with --from-serve or --libvirt")
     if args.from_serve:
         return _cmd_from_serve(args)
     if args.libvirt:
@@ -93,7 +107,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if fmt == "raw":  # (an image format refuses a device anyway, and says why)
         check_overwrite(args.target, args.overwrite)  # a device needs --overwrite, like a file
     repo = open_repo(args)
-    m = repo.find(args.snapshot)
+    m, alias = repo.resolve(args.snapshot, where)
     tgt = ImageRestoreTarget(args.target, m.disk_size, fmt, overwrite=args.overwrite)
     try:
         r = restore(repo, m, tgt, verify=not args.no_verify, workers=args.workers, progress=progress(args),
@@ -104,6 +118,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     finally:
         tgt.close()
     r["format"] = fmt
+    r["alias"] = alias  # {"id": the id asked for, "now": the snapshot's id, ...} when it was rewritten
     text = (f"restored snapshot {m.short_id} ({printable(m.name)}, {m.time}) to {r['target']} ({fmt}): "
             f"{human(r['written_bytes'])} written from a chain of {r['chain_length']}"
             + ((", verified (read back)" if args.verify_readback else ", verified") if r["verified"] else "") + f" in {r['duration_s']} s")

@@ -5,18 +5,24 @@ from __future__ import annotations
 import argparse
 
 from vmbak.cli.common import emit, open_repo
+from vmbak.cli.filters import FILTER_HELP, add_filter_options, filter_from_args
 from vmbak.engine.common import human
 from vmbak.engine.info import diff
 from vmbak.errors import printable
+from vmbak.repo.filters import filter_snapshots
 from vmbak.repo.manifest import TORN
 
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
     p = sub.add_parser("snapshots", parents=[parent], help="list snapshots",
-                       description="List the snapshots in the repository, oldest first.",
-                       epilog="examples:\n  vmbak snapshots\n  vmbak snapshots --name web --json",
+                       description="List the snapshots in the repository, oldest first, or those the "
+                       "filters select. A snapshot that forget or merge rewrote lists its earlier ids in "
+                       "--json (former_ids); those ids still name it everywhere.",
+                       epilog="examples:\n  vmbak snapshots\n  vmbak snapshots --name web --json\n"
+                       "  vmbak snapshots --tag nightly --host hv1\n  vmbak snapshots --tag weekly,verified "
+                       "--tag monthly\n\n" + FILTER_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", help="only this disk name")
+    add_filter_options(p)
     p.set_defaults(func=cmd_snapshots)
 
     p = sub.add_parser("diff", parents=[parent], help="show what changed between two snapshots",
@@ -31,14 +37,15 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
     repo = open_repo(args)
-    ms = [m for m in repo.manifests() if not args.name or m.name == args.name]
-    head = ("ID", "TIME (UTC)", "NAME", "TYPE", "SOURCE", "SIZE", "ADDED", "PARENT", "CONSISTENCY")
+    ms = filter_snapshots(repo.manifests(), filter_from_args(args))
+    head = ("ID", "TIME (UTC)", "NAME", "TYPE", "SOURCE", "SIZE", "ADDED", "PARENT", "CONSISTENCY", "TAGS")
     # Every cell from the repository is escaped: a hostile manifest cannot break the table.
     table = [tuple(printable(str(c)) for c in (m.short_id, m.time[:19], m.name,
                                                m.kind + ("!" if m.consistency == TORN else ""), m.change_source,
                                                human(m.disk_size), human(m.stats.get("new_stored_bytes", 0)),
                                                (m.parent or "")[:8],
-                                               (m.guest_consistency or {}).get("level", "-"))) for m in ms]
+                                               (m.guest_consistency or {}).get("level", "-"), ",".join(m.tags)))
+             for m in ms]
     widths = [max([len(head[i])] + [len(r[i]) for r in table]) for i in range(len(head))]
     right = {5, 6}  # sizes are right-aligned
 

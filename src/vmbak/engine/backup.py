@@ -62,6 +62,40 @@ def check_name(name: str) -> str:
     return name
 
 
+# Tags: like names (printable, no whitespace, not starting with '-'), without ','
+# (``--tag a,b`` gives two tags) and at most TAGS_MAX of them on a snapshot.
+TAG_MAX = 200
+TAGS_MAX = 100
+TAG_RULE = (f"a tag has 1 to {TAG_MAX} printable characters, no spaces, control characters or ',', "
+            "and does not start with '-'")
+
+
+def check_tags(tags: list[str] | tuple[str, ...] | None) -> list[str]:
+    """The tags of a new backup, duplicates dropped, in the order given; a one-line
+    VmbakError naming a bad tag and why."""
+    out: list[str] = []
+    for tag in tags or ():
+        if not isinstance(tag, str) or not tag:
+            raise VmbakError(f"empty tag ({TAG_RULE})")
+        shown = printable(tag if len(tag) <= 40 else tag[:40] + "...")
+        why = None
+        if len(tag) > TAG_MAX:
+            why = f"it has {len(tag)} characters"
+        elif bad := next((c for c in tag if not c.isprintable() or c.isspace()), None):
+            why = "it contains a space" if bad == " " else f"it contains the character U+{ord(bad):04X}"
+        elif "," in tag:
+            why = "it contains ','"
+        elif tag.startswith("-"):
+            why = "it starts with '-'"
+        if why:
+            raise VmbakError(f"bad tag '{shown}': {why}; {TAG_RULE}")
+        if tag not in out:
+            out.append(tag)
+    if len(out) > TAGS_MAX:
+        raise VmbakError(f"too many tags ({len(out)}); a snapshot has at most {TAGS_MAX}")
+    return out
+
+
 @dataclass
 class BackupOptions:
     name: str
@@ -77,6 +111,7 @@ class BackupOptions:
     notes: list[str] = field(default_factory=list)  # from the change source (fallbacks, repairs)
     extra: dict = field(default_factory=dict)  # kept in the manifest (e.g. a libvirt domain's XML)
     guest_consistency: dict | None = None  # the manifest's guest_consistency (guest.quiesce.Quiescer.record)
+    tags: list[str] = field(default_factory=list)  # checked with check_tags
     source: str = ""
     progress: Progress | None = None
     log: Callable[[str], None] | None = None
@@ -184,6 +219,7 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
     if bs & (bs - 1) or not (4096 <= bs <= repo.chunk_size):
         raise VmbakError(f"block size must be a power of two between 4 KiB and {repo.chunk_size}")
     check_name(opts.name)
+    check_tags(opts.tags)
     t0 = time.monotonic()
     started = _now_iso()
     size = disk.size
@@ -282,6 +318,7 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
                 parent=parent.id if parent is not None else None, reference=reference,
                 change_id=opts.change_id or (opts.change_map.new_reference if opts.change_map else None),
                 extra=dict(opts.extra), consistency=consistency, guest_consistency=opts.guest_consistency,
+                tags=check_tags(opts.tags),
             )
             if parent is None:
                 m.used = used

@@ -34,7 +34,8 @@ import numpy as np
 from vmbak.engine.common import BHT_DTYPE, bounded_map, hash_blocks, store_bht
 from vmbak.engine.progress import NoProgress, Progress
 from vmbak.errors import IntegrityError, SnapshotNotFound, VmbakError
-from vmbak.repo.manifest import Manifest
+from vmbak.repo.filters import SnapshotFilter, filter_snapshots
+from vmbak.repo.manifest import ALIASES_KEY, Manifest
 from vmbak.repo.pack import chunk_aad, pack_name
 from vmbak.repo.repository import ChunkWriter, Repository
 
@@ -62,20 +63,25 @@ class CopyReport:
         return d | {"duration_s": round(self.duration_s, 3)}
 
 
-def select(src: Repository, specs: list[str], name: str | None) -> list[Manifest]:
-    """The snapshots asked for: ``specs`` (ids, NAME:latest, NAME@TIME), plus every
-    snapshot named ``name``; everything when neither is given."""
+def select(src: Repository, specs: list[str], name: str | None, where: SnapshotFilter | None = None
+           ) -> list[Manifest]:
+    """The snapshots asked for: ``specs`` (ids, NAME:latest, NAME@TIME, resolved among
+    the snapshots ``where`` selects), plus every snapshot named ``name``; without either,
+    every snapshot ``where`` selects (everything without a filter)."""
     chosen: dict[str, Manifest] = {}
     for spec in specs:
-        m = src.find(spec)
+        m = src.find(spec, where)
         chosen[m.id] = m
     if name is not None:
         ms = [m for m in src.manifests() if m.name == name]
         if not ms:
             raise SnapshotNotFound(f"no snapshot named {name!r} in {src.location}")
-        chosen.update((m.id, m) for m in ms)
+        chosen.update((m.id, m) for m in filter_snapshots(ms, where))
     if not specs and name is None:
-        chosen = {m.id: m for m in src.manifests()}
+        for n in where.names if where is not None else ():
+            if not any(m.name == n for m in src.manifests()):
+                raise SnapshotNotFound(f"no snapshot named {n!r} in {src.location}")
+        chosen = {m.id: m for m in filter_snapshots(src.manifests(), where)}
     return sorted(chosen.values(), key=lambda m: (m.time, m.id))
 
 
@@ -211,7 +217,8 @@ class _Copier:
                 change_id=m.change_id, used=m.used, changed=m.changed, newly_unused=m.newly_unused,
                 ext_start=m.ext_start.copy(), ext_count=m.ext_count.copy(), stats=dict(m.stats),
                 notes=list(m.notes), extra=dict(m.extra), consistency=m.consistency,
-                guest_consistency=m.guest_consistency)
+                guest_consistency=m.guest_consistency, tags=list(m.tags))
+            new.extra.pop(ALIASES_KEY, None)  # ids of the source repository: they name nothing here
             rep_of = new.extra.pop("replaces", None)
             if isinstance(rep_of, str) and rep_of in mapping:
                 new.extra["replaces"] = mapping[rep_of]
@@ -241,8 +248,10 @@ class _Copier:
 
 def copy(src: Repository, dst: Repository, specs: list[str] | None = None, name: str | None = None, *,
          workers: int = 4, dry_run: bool = False, progress: Progress | None = None,
-         log: Callable[[str], None] | None = None) -> CopyReport:
-    """Copy snapshots (with their parent chains) from ``src`` to ``dst``; see the module docstring."""
+         log: Callable[[str], None] | None = None, where: SnapshotFilter | None = None) -> CopyReport:
+    """Copy snapshots (with their parent chains) from ``src`` to ``dst``; see the module
+    docstring. ``where`` filters the snapshots chosen (:func:`select`); the parents they
+    need are copied whether or not they match it."""
     progress = progress or NoProgress()
     log = log or (lambda s: None)
     t0 = time.monotonic()
@@ -251,7 +260,7 @@ def copy(src: Repository, dst: Repository, specs: list[str] | None = None, name:
     rep = CopyReport(source=src.location, destination=dst.location, dry_run=dry_run,
                      same_keys=src.sealer.id_key == dst.sealer.id_key)
     with src.lock(purpose="copy-source"), dst.lock(purpose="copy"):
-        plan = _plan(src, select(src, list(specs or []), name))
+        plan = _plan(src, select(src, list(specs or []), name, where))
         mapping = _existing(src, dst)
         todo = [m for m in plan if m.id not in mapping]
         for m in plan:

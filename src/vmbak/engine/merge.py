@@ -19,7 +19,9 @@ finishes rewrites that a killed run left half done. Its steps are ordered so tha
 kill at any moment leaves every snapshot restorable:
 
 1. write every replacement manifest (chunks first, then the manifest, as a backup
-   does). A replacement carries ``extra.replaces`` = the id it stands for;
+   does). A replacement carries ``extra.replaces`` = the id it stands for, and
+   ``extra.aliases`` = every id it had before, oldest first (so a recorded id keeps
+   resolving after any number of rewrites);
 2. delete the replaced and forgotten manifests, newest first, so a remaining manifest's
    parent is never deleted before it.
 
@@ -39,8 +41,8 @@ import numpy as np
 
 from vmbak.engine.common import BHT_DTYPE, bounded_map, load_bht, resolve_bht, runs, store_bht
 from vmbak.errors import IntegrityError, VmbakError
-from vmbak.repo.manifest import INCREMENTAL, SYNTHETIC, Manifest, is_full
-from vmbak.repo.repository import ChunkWriter, Repository
+from vmbak.repo.manifest import ALIASES_KEY, INCREMENTAL, SYNTHETIC, Manifest, is_full
+from vmbak.repo.repository import ChunkWriter, Repository, _now_iso
 
 
 @dataclass
@@ -164,7 +166,7 @@ def collapse(repo: Repository, segment: list[Manifest], writer: ChunkWriter, wor
                    time=top.time, disk_size=size, block_size=bs, chunk_blocks=top.chunk_blocks,
                    source=top.source, hostname=top.hostname, change_source=top.change_source,
                    parent=None if full else bottom.parent, reference=top.reference, change_id=top.change_id,
-                   consistency=top.consistency)
+                   consistency=top.consistency, tags=list(top.tags))
     if full:
         table = resolve_bht(repo, segment)
         used = (bottom.used.copy() if bottom.used is not None and len(bottom.used) == n
@@ -309,9 +311,10 @@ def plan(ms: dict[str, Manifest], delete: set[str], into_full: set[str], keep_de
 
 def reconcile(repo: Repository, delete: set[str] | None = None, into_full: set[str] | None = None, *,
               keep_dependencies: bool = False, dry_run: bool = False, workers: int = 2,
-              log: Callable[[str], None] | None = None) -> ReconcileResult:
+              log: Callable[[str], None] | None = None, by: str = "merge") -> ReconcileResult:
     """Delete ``delete``, turn ``into_full`` into synthetic fulls, and keep every other
-    snapshot restorable (see the module docstring). The caller holds an exclusive lock."""
+    snapshot restorable (see the module docstring). The caller holds an exclusive lock.
+    ``by`` (the command: "forget", "merge") is recorded in each replacement's aliases."""
     log = log or (lambda s: None)
     t0 = time.monotonic()
     ms = {m.id: m for m in repo.manifests()}
@@ -346,6 +349,10 @@ def reconcile(repo: Repository, delete: set[str] | None = None, into_full: set[s
             out.notes.append(f"{rw.reason} (vmbak merge, {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC)")
         out.kind = rw.kind
         out.extra["replaces"] = y.id
+        # The old id keeps resolving to the replacement, also after later rewrites (the
+        # history is carried over from y): see Repository.resolve.
+        history = [a for a in y.aliases() if a["id"] != y.id]
+        out.extra[ALIASES_KEY] = [*history, {"id": y.id, "by": by, "time": _now_iso()}]
         repo.save_manifest(out)
         new_id[rw.old] = out.id
         rw.new = out.id

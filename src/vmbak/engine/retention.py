@@ -1,20 +1,27 @@
-"""Retention rules: which snapshots a keep-last/hourly/daily/weekly/monthly/yearly policy keeps.
+"""Retention rules: which snapshots a keep-last/hourly/daily/weekly/monthly/yearly,
+keep-within and keep-tag policy keeps.
 
 The rules work as in restic and borg. Snapshots of one disk name are taken newest
 first. ``keep-last N`` keeps the N newest. Each calendar rule (hourly, daily, weekly,
 monthly, yearly) keeps the newest snapshot of each of the N most recent periods that
-hold a snapshot. A snapshot is kept if any rule keeps it, and the result says which
-rules did. All periods are in UTC, as snapshot times are; weeks are ISO weeks (Monday
-to Sunday, ``2026-W47``). A count of -1 means "every period".
+hold a snapshot. ``keep-within DURATION`` (``1y2m3d4h``: years, months, days, hours)
+keeps every snapshot newer than the newest snapshot of the name minus DURATION (as in
+restic: relative to the newest snapshot, not to the clock, so a name that stopped
+being backed up keeps its last ones). ``keep-tag`` keeps every snapshot that has all
+the tags of one of its tag lists. A snapshot is kept if any rule keeps it, and the
+result says which rules did. All periods are in UTC, as snapshot times are; weeks are
+ISO weeks (Monday to Sunday, ``2026-W47``). A count of -1 means "every period".
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from vmbak.errors import SnapshotNotFound, VmbakError
+from vmbak.repo.filters import SnapshotFilter, filter_snapshots, parse_tag_group
 from vmbak.repo.repository import Repository
 
 
@@ -30,6 +37,34 @@ def _period_formats() -> dict[str, Callable[[datetime], str]]:
 
 
 RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+DURATION_RULE = "a duration is a sequence of NUMBER UNIT with units y, m (months), d and h, e.g. 7d, 1y6m, 2d12h"
+
+
+def parse_within(text: str) -> tuple[int, int, int, int]:
+    """``1y2m3d4h`` -> (years, months, days, hours); each unit at most once, in that order,
+    at least one; a one-line VmbakError otherwise."""
+    m = re.fullmatch(r"(?:(\d+)y)?(?:(\d+)m)?(?:(\d+)d)?(?:(\d+)h)?", text.strip())
+    if not text.strip() or m is None:
+        raise VmbakError(f"cannot parse --keep-within {text!r}: {DURATION_RULE}")
+    y, mo, d, h = (int(g) if g else 0 for g in m.groups())
+    if y > 10000 or mo > 120000 or d > 3650000 or h > 87600000:
+        raise VmbakError(f"--keep-within {text!r} is too long")
+    return y, mo, d, h
+
+
+def within_limit(newest: datetime, text: str) -> datetime:
+    """The instant ``text`` (a keep-within duration) before ``newest``. Years and months
+    are calendar steps; a day that the month lacks rolls over into the next month (as Go's
+    AddDate in restic: 31 March minus 1 month is 3 March, or 2 March in a leap year)."""
+    y, mo, d, h = parse_within(text)
+    months = newest.year * 12 + (newest.month - 1) - (12 * y + mo)
+    if months < 12:  # before year 1: every snapshot is within
+        return datetime.min.replace(tzinfo=UTC)
+    first = newest.replace(year=months // 12, month=months % 12 + 1, day=1)
+    try:
+        return first + timedelta(days=newest.day - 1) - timedelta(days=d, hours=h)
+    except OverflowError:
+        return datetime.min.replace(tzinfo=UTC)
 
 
 @dataclass
@@ -42,19 +77,30 @@ class Policy:
     weekly: int = 0
     monthly: int = 0
     yearly: int = 0
+    within: str = ""  # keep-within duration ("7d", "1y2m"); "" = off
+    tags: list[str] = field(default_factory=list)  # keep-tag lists ("a,b" = both); any of them
 
     def empty(self) -> bool:
-        return all(getattr(self, r) == 0 for r in RULES)
+        return all(getattr(self, r) == 0 for r in RULES) and not self.within and not self.tags
 
     def validate(self) -> None:
         for r in RULES:
             v = getattr(self, r)
             if not isinstance(v, int) or v < -1:
                 raise VmbakError(f"--keep-{r} must be a count (or -1 for unlimited), not {v!r}")
+        if self.within:
+            parse_within(self.within)
+        for t in self.tags:
+            if not parse_tag_group(t):
+                raise VmbakError("--keep-tag needs a tag (or a list a,b)")
 
     def describe(self) -> str:
-        return ", ".join(f"keep-{r} {'all' if getattr(self, r) == -1 else getattr(self, r)}"
-                         for r in RULES if getattr(self, r)) or "no keep rules"
+        parts = [f"keep-{r} {'all' if getattr(self, r) == -1 else getattr(self, r)}"
+                 for r in RULES if getattr(self, r)]
+        if self.within:
+            parts.append(f"keep-within {self.within}")
+        parts += [f"keep-tag {t}" for t in self.tags]
+        return ", ".join(parts) or "no keep rules"
 
 
 @dataclass
@@ -74,15 +120,17 @@ def parse_snapshot_time(s: str) -> datetime:
     raise VmbakError(f"cannot parse snapshot time {s!r}")
 
 
-def apply_policy(snapshots: Iterable[tuple[str, str]], policy: Policy) -> list[Decision]:
-    """Decide for each ``(id, time)`` of one disk name; return decisions newest first.
+def apply_policy(snapshots: Iterable[tuple[str, str] | tuple[str, str, list[str]]], policy: Policy
+                 ) -> list[Decision]:
+    """Decide for each ``(id, time)`` or ``(id, time, tags)`` of one disk name; return
+    decisions newest first.
 
     Ties in time are broken by id, so the result never depends on listing order.
     """
     policy.validate()
     snaps = sorted(snapshots, key=lambda s: (s[1], s[0]), reverse=True)
-    decisions = [Decision(sid, t, False) for sid, t in snaps]
-    times = [parse_snapshot_time(t) for _, t in snaps]
+    decisions = [Decision(s[0], s[1], False) for s in snaps]
+    times = [parse_snapshot_time(s[1]) for s in snaps]
     fmts = _period_formats()
     for rule in RULES:
         count = getattr(policy, rule)
@@ -100,6 +148,20 @@ def apply_policy(snapshots: Iterable[tuple[str, str]], policy: Policy) -> list[D
             kept += 1
             d.keep = True
             d.reasons.append("last snapshot" if rule == "last" else f"{rule} {period}")
+    if policy.within and decisions:
+        limit = within_limit(times[0], policy.within)
+        for i, d in enumerate(decisions):
+            if times[i] > limit:
+                d.keep = True
+                d.reasons.append(f"within {policy.within}")
+    if policy.tags:
+        groups = [parse_tag_group(t) for t in policy.tags]
+        for s, d in zip(snaps, decisions, strict=True):
+            have = set(s[2]) if len(s) > 2 else set()  # type: ignore[misc]
+            for g in groups:
+                if set(g) <= have:
+                    d.keep = True
+                    d.reasons.append(f"tag {','.join(g)}")
     return decisions
 
 
@@ -110,26 +172,34 @@ class ForgetResult:
     reconcile: dict = field(default_factory=dict)
     dry_run: bool = False
     removed_damaged: list[str] = field(default_factory=list)  # damaged manifests named by full id
+    filter: dict | None = None  # SnapshotFilter.to_json() when one was given
 
     def to_json(self) -> dict:
         return {"policy": self.policy, "dry_run": self.dry_run, "names": self.groups, **self.reconcile,
-                "removed_damaged": self.removed_damaged}
+                "removed_damaged": self.removed_damaged, "filter": self.filter}
 
 
 def forget(repo: Repository, policy: Policy, *, name: str | None = None, snapshots: list[str] | None = None,
            keep_dependencies: bool = False, dry_run: bool = False, workers: int = 2,
-           log: Callable[[str], None] | None = None) -> ForgetResult:
+           log: Callable[[str], None] | None = None, where: SnapshotFilter | None = None) -> ForgetResult:
     """Apply ``policy`` per disk name (or to ``name`` only) and forget ``snapshots``;
     snapshots that remain and depend on forgotten ones are merged (or, with
-    ``keep_dependencies``, their dependencies are kept). Holds an exclusive lock."""
+    ``keep_dependencies``, their dependencies are kept). Holds an exclusive lock.
+
+    ``where`` (repo/filters.py) limits the rules to the snapshots it selects (the others
+    stay, untouched unless a forgotten parent is merged into them), and ``snapshots``
+    are resolved among them. Every name of ``where.names`` (and ``name``) must exist."""
     from vmbak.engine.merge import obsolete_map, reconcile
 
+    log = log or (lambda s: None)
     snapshots = snapshots or []
     if policy.empty() and not snapshots:
         raise VmbakError("nothing to forget: name snapshots or give --keep-* rules "
                          "(without a rule every snapshot would go)")
     policy.validate()
     res = ForgetResult(policy=policy.describe(), dry_run=dry_run)
+    if where is not None and not where.empty():
+        res.filter = where.to_json()
     with repo.lock(exclusive=True, purpose="forget"):
         all_ms = repo.manifests()
         obsolete = obsolete_map(all_ms)
@@ -141,31 +211,32 @@ def forget(repo: Repository, policy: Policy, *, name: str | None = None, snapsho
             if spec in damaged:  # a damaged manifest goes only by its full id (see the format doc)
                 res.removed_damaged.append(spec)
                 continue
-            m = repo.find(spec)
+            m = repo.find(spec, where)
             explicit.add(obsolete.get(m.id, m.id))
-        if name is not None and not any(m.name == name for m in current):
-            raise SnapshotNotFound(f"no snapshot named {name!r}")
+        for n in ([name] if name is not None else []) + list(where.names if where is not None else ()):
+            if not any(m.name == n for m in current):
+                raise SnapshotNotFound(f"no snapshot named {n!r}")
+        selected = [m for m in filter_snapshots(current, where) if name is None or m.name == name]
         delete: set[str] = set(explicit)
         reasons: dict[str, list[str]] = {}
         if not policy.empty():
-            names = sorted({m.name for m in current if name is None or m.name == name})
+            names = sorted({m.name for m in selected})
             for n in names:
-                group = [(m.id, m.time) for m in current if m.name == n]
+                group = [(m.id, m.time, m.tags) for m in selected if m.name == n]
                 for d in apply_policy(group, policy):
                     reasons[d.id] = d.reasons
                     if not d.keep:
                         delete.add(d.id)
         rec = reconcile(repo, delete, keep_dependencies=keep_dependencies, dry_run=dry_run, workers=workers,
-                        log=log)
+                        log=log, by="forget")
         new_of = {r.old: r for r in rec.rewrites}
-        if name is not None:
-            names_shown = {name}
-        elif not policy.empty():
-            names_shown = {m.name for m in current}
-        else:
-            names_shown = {by_id[i].name for i in explicit if i in by_id}
-        names_shown |= {by_id[i].name for i in explicit if i in by_id}
-        shown = sorted((m for m in current if m.name in names_shown), key=lambda m: (m.time, m.id), reverse=True)
+        # Shown: what the rules looked at, and the other selected snapshots of the names of
+        # snapshots named on the command line.
+        shown_ids = {m.id for m in selected} if not policy.empty() else set()
+        explicit_names = {by_id[i].name for i in explicit if i in by_id}
+        shown_ids |= {m.id for m in filter_snapshots(current, where) if m.name in explicit_names}
+        shown_ids |= {i for i in explicit if i in by_id}
+        shown = sorted((m for m in current if m.id in shown_ids), key=lambda m: (m.time, m.id), reverse=True)
         shown.sort(key=lambda m: m.name)  # names in order, each newest first
         for m in shown:
             if m.id in rec.kept_dependencies:
@@ -180,7 +251,7 @@ def forget(repo: Repository, policy: Policy, *, name: str | None = None, snapsho
                 why = list(reasons.get(m.id, [])) or (["not named"] if policy.empty() else
                                                       ["not covered by the rules (other name)"])
             row = {"id": m.id, "short_id": m.short_id, "time": m.time, "type": m.kind, "action": action,
-                   "reasons": why}
+                   "reasons": why, "tags": list(m.tags)}
             rw = new_of.get(m.id)
             if rw is not None:
                 row["rewrite"] = {"to": rw.new or None, "type": rw.kind, "reason": rw.reason}

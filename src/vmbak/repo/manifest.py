@@ -35,6 +35,8 @@ TORN = "torn"            # the disk changed while it was read: the snapshot may 
 UNCHANGED = "unchanged"  # a file whose size, times and sampled blocks did not change during the read
 UNKNOWN = "unknown"      # a block device: sampled blocks did not change, but writes leave no other trace
 CONSISTENCIES = (TORN, UNCHANGED, UNKNOWN)
+# extra key of the ids a rewritten manifest had before (engine/merge.py, docs/repository-format.md)
+ALIASES_KEY = "aliases"
 
 
 def is_full(kind: str) -> bool:
@@ -68,6 +70,7 @@ class Manifest:
     extra: dict = field(default_factory=dict)
     consistency: str | None = None  # None: a point-in-time view, or a manifest older than the field
     guest_consistency: dict | None = None  # how the guest was quiesced (see docs/repository-format.md)
+    tags: list[str] = field(default_factory=list)  # given at backup time (absent in older manifests)
     id: str = ""
 
     @property
@@ -106,7 +109,31 @@ class Manifest:
             "notes": self.notes,
             "consistency": self.consistency,
             "guest_consistency": self.guest_consistency,
+            "tags": list(self.tags),
+            "former_ids": self.former_ids(),
         }
+
+    def aliases(self) -> list[dict]:
+        """The ids this snapshot had before forget or merge rewrote it, oldest first, as
+        ``{"id", "by", "time"}`` (``by`` and ``time`` are None for a rewrite recorded only
+        in ``extra.replaces``, by a vmbak that kept no history). See docs/repository-format.md."""
+        extra = self.extra if isinstance(self.extra, dict) else {}
+        out: list[dict] = []
+        seen: set[str] = set()
+        hist = extra.get(ALIASES_KEY)
+        for a in hist if isinstance(hist, list) else []:
+            if isinstance(a, dict) and isinstance(a.get("id"), str) and a["id"] not in seen:
+                seen.add(a["id"])
+                out.append({"id": a["id"], "by": a.get("by") if isinstance(a.get("by"), str) else None,
+                            "time": a.get("time") if isinstance(a.get("time"), str) else None})
+        r = extra.get("replaces")
+        if isinstance(r, str) and r not in seen:
+            out.append({"id": r, "by": None, "time": None})
+        return out
+
+    def former_ids(self) -> list[str]:
+        """The full ids of :meth:`aliases`, oldest first."""
+        return [a["id"] for a in self.aliases()]
 
 
 def _bits(a: np.ndarray) -> bytes:
@@ -152,6 +179,8 @@ def encode_manifest(m: Manifest) -> bytes:
         header["consistency"] = m.consistency
     if m.guest_consistency is not None:  # optional: absent in manifests of older versions
         header["guest_consistency"] = m.guest_consistency
+    if m.tags:  # absent when there are none (as in older manifests)
+        header["tags"] = list(m.tags)
     hj = json.dumps(header, sort_keys=True).encode()
     body = b"".join([MANIFEST_MAGIC, struct.pack("<I", len(hj)), hj] + [b for *_, b in arrays])
     return zstandard.ZstdCompressor(level=3).compress(body)
@@ -196,6 +225,11 @@ def _text_or_none(v: object) -> str | None:
     return v if isinstance(v, str) else None
 
 
+def _tags(v: object) -> list[str]:
+    """The header's tags: a list of strings (anything else counts as no tags)."""
+    return [t for t in v if isinstance(t, str)] if isinstance(v, list) else []
+
+
 def decode_manifest(payload: bytes, snap_id: str) -> Manifest:
     what = f"snapshot {snap_id[:8]}"
     try:
@@ -230,7 +264,7 @@ def decode_manifest(payload: bytes, snap_id: str) -> Manifest:
             ext_id=arrays["ext_id"], bht_chunks=[bytes(x) for x in arrays["bht_chunks"].tolist()],
             bht_count=int(h["bht_count"]), stats=h.get("stats", {}), notes=h.get("notes", []),
             extra=h.get("extra", {}), consistency=_text_or_none(h.get("consistency")),
-            guest_consistency=h.get("guest_consistency"), id=snap_id,
+            guest_consistency=h.get("guest_consistency"), tags=_tags(h.get("tags")), id=snap_id,
         )
     except (KeyError, ValueError, TypeError, struct.error, json.JSONDecodeError) as e:
         raise IntegrityError(f"{what}: manifest is malformed ({e.__class__.__name__})") from None

@@ -10,7 +10,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
@@ -33,6 +33,7 @@ from vmbak.repo.crypto import (
     save_key_file,
     wrap_key,
 )
+from vmbak.repo.filters import SnapshotFilter
 from vmbak.repo.index import INDEX_AAD, Index, Location, decode_index, encode_index, index_id
 from vmbak.repo.manifest import MANIFEST_AAD, Manifest, decode_manifest, encode_manifest, is_full
 from vmbak.repo.marks import doomed_packs
@@ -130,6 +131,8 @@ class Repository:
         self.recovered_packs = 0
         self.key_name: str = ""  # the key file that opened the repository
         self.held_locks: list[str] = []  # names of the locks this object holds
+        # Told one line when a snapshot is found by an id it had before a rewrite (resolve).
+        self.note: Callable[[str], None] | None = None
         attach = getattr(backend, "attach_cache", None)
         if attach is not None:  # remote backends cache index files and manifests locally
             attach(self.id)
@@ -535,41 +538,117 @@ class Repository:
             out.append(pm)
         return out
 
-    def find(self, spec: str) -> Manifest:
-        """Resolve ``ID-prefix``, ``NAME:latest``, ``NAME`` or ``NAME@TIME``."""
+    def find(self, spec: str, where: SnapshotFilter | None = None) -> Manifest:
+        """Resolve a snapshot specification; see :meth:`resolve`."""
+        return self.resolve(spec, where)[0]
+
+    def resolve(self, spec: str, where: SnapshotFilter | None = None) -> tuple[Manifest, dict | None]:
+        """Resolve ``ID-prefix``, ``NAME:latest``, ``NAME``, ``NAME@TIME`` or ``latest``.
+
+        With a filter ``where`` (repo/filters.py), ``NAME:latest``, ``NAME`` and
+        ``NAME@TIME`` pick among the snapshots it selects, ``latest`` is the newest
+        snapshot it selects (they must all have one disk name), and an id must name a
+        snapshot it selects. Without one, ``latest`` needs a repository of one disk name.
+
+        An id prefix that names no snapshot but an id that forget or merge rewrote
+        (``Manifest.aliases``) resolves to the rewritten snapshot; the second value is
+        then ``{"id": old id, "now": current id, "by", "time"}`` (else None) and
+        :attr:`note`, when set, is told in one line.
+        """
         ms = self.manifests()
+        flt = where if where is not None and not where.empty() else None
+        pool = [m for m in ms if flt is None or flt.matches(m)]
+        matching = f" matches {flt.describe()}" if flt else ""
+
+        def missing_name(name: str, what: str) -> SnapshotNotFound:
+            if flt and any(m.name == name for m in ms):
+                return SnapshotNotFound(f"no snapshot of {name!r}{what}{matching}")
+            return SnapshotNotFound(f"no snapshot named {name!r}" if not what else f"no snapshot of {name!r}{what}")
+
+        def selected(m: Manifest) -> Manifest:
+            if flt and not flt.matches(m):
+                raise SnapshotNotFound(f"snapshot {m.short_id} ({m.name} {m.time[:19]}) does not match "
+                                       f"{flt.describe()}")
+            return m
+
+        if spec == "latest" and not any(m.name == "latest" for m in pool):
+            names = sorted({m.name for m in pool})
+            if not names:
+                raise SnapshotNotFound(f"no snapshot{matching}" if flt else "the repository has no snapshots")
+            if len(names) > 1:
+                shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+                raise SnapshotNotFound(f"'latest' is ambiguous: snapshots of {len(names)} disk names "
+                                       f"{'match' if flt else 'exist'} ({shown}); add --name NAME or use NAME:latest")
+            return pool[-1], None
         if ":" in spec and not spec.endswith(":latest") and "@" not in spec:
             raise SnapshotNotFound(f"bad snapshot specification {spec!r} (use ID, NAME:latest or NAME@TIME)")
         if spec.endswith(":latest"):
             name = spec[: -len(":latest")]
-            cand = [m for m in ms if m.name == name]
+            cand = [m for m in pool if m.name == name]
             if not cand:
-                raise SnapshotNotFound(f"no snapshot named {name!r}")
-            return cand[-1]
+                raise missing_name(name, "")
+            return cand[-1], None
         if "@" in spec:
             name, _, ts = spec.partition("@")
             limit = parse_time_limit(ts)
-            cand = [m for m in ms if m.name == name and _parse_iso(m.time) <= limit]
+            cand = [m for m in pool if m.name == name and _parse_iso(m.time) <= limit]
             if not cand:
-                raise SnapshotNotFound(f"no snapshot of {name!r} at or before {ts}")
-            return cand[-1]
+                raise missing_name(name, f" at or before {ts}")
+            return cand[-1], None
         if re.fullmatch(r"[0-9a-f]{4,64}", spec):
             cand = [m for m in ms if m.id.startswith(spec)]
             bad = [sid for sid in self._damaged if sid.startswith(spec)]
             if len(cand) + len(bad) > 1:
                 raise SnapshotNotFound(f"snapshot id prefix {spec!r} is ambiguous")
             if cand:
-                return cand[0]
+                return selected(cand[0]), None
             if bad:
                 reason = self._damaged[bad[0]].removeprefix(f"snapshot {bad[0][:8]}: ")
                 raise IntegrityError(f"snapshot {bad[0][:8]} is damaged ({reason}); "
                                      f"'vmbak forget {bad[0]}' removes it")
         cand = [m for m in ms if m.name == spec]
         if cand:
-            return cand[-1]
+            cand = [m for m in cand if flt is None or flt.matches(m)]
+            if not cand:
+                raise missing_name(spec, "")
+            return cand[-1], None
+        if re.fullmatch(r"[0-9a-f]{4,64}", spec):
+            found = self._alias(spec, ms)
+            if found is not None:
+                m, alias = found
+                return selected(m), alias
+            for m in ms:  # forgotten, with its blocks merged into a snapshot that stays
+                merge = m.stats.get("merge") if isinstance(m.stats, dict) else None
+                seg = merge.get("segment") if isinstance(merge, dict) else None
+                if isinstance(seg, list) and any(isinstance(x, str) and x.startswith(spec) for x in seg[1:]):
+                    raise SnapshotNotFound(f"no snapshot matches {spec!r}: it was forgotten (what a later "
+                                           f"snapshot needed of it was merged into {m.short_id})")
         if re.fullmatch(r"[0-9a-f]{1,3}", spec):
             raise SnapshotNotFound(f"no snapshot matches {spec!r}: an id prefix needs at least 4 hex digits")
         raise SnapshotNotFound(f"no snapshot matches {spec!r}")
+
+    def _alias(self, prefix: str, ms: list[Manifest]) -> tuple[Manifest, dict] | None:
+        """The live snapshot that an earlier id starting with ``prefix`` now stands for."""
+        live = {m.id for m in ms}
+        hits: dict[str, tuple[Manifest, dict]] = {}
+        for m in ms:
+            for a in m.aliases():
+                # an old id that still exists is a rewrite an interrupted run left: it is itself
+                if a["id"].startswith(prefix) and a["id"] not in live:
+                    hits.setdefault(m.id, (m, a))
+        if len(hits) > 1:
+            raise SnapshotNotFound(f"snapshot id prefix {prefix!r} is ambiguous (it names earlier ids of "
+                                   f"{len(hits)} rewritten snapshots)")
+        if not hits:
+            return None
+        m, a = next(iter(hits.values()))
+        alias = {"id": a["id"], "now": m.id, "by": a["by"], "time": a["time"]}
+        if self.note is not None:
+            how = f" by {a['by']}" if a["by"] else ""
+            when = f" on {a['time'][:10]} {a['time'][11:19]} UTC" if a["time"] else ""
+            self.note(f"snapshot {a['id'][:8]} was rewritten as {m.short_id}{how}{when}; using {m.short_id} "
+                      f"({m.name} {m.time[:19]})")
+        return m, alias
 
     def latest(self, name: str, full_only: bool = False) -> Manifest | None:
         cand = [m for m in self.manifests() if m.name == name and (not full_only or is_full(m.kind))]
