@@ -264,11 +264,12 @@ def _select_snapshots(repo, args: argparse.Namespace) -> list:  # noqa: ANN001
 def cmd_find(args: argparse.Namespace) -> int:
     from vmbak.engine.view import SnapshotView
     from vmbak.serve.files import SnapshotFiles
-    from vmbak.serve.find import Pattern, find_in
+    from vmbak.serve.find import Pattern, WalkCache, find_in
 
     patterns = [Pattern(p, args.ignore_case) for p in args.patterns]
     repo = open_repo(args)
     ms = _select_snapshots(repo, args)
+    cache = WalkCache(repo)
     found: list[dict] = []
     problems = 0
     count = 0
@@ -278,7 +279,7 @@ def cmd_find(args: argparse.Namespace) -> int:
         files = SnapshotFiles(SnapshotView(repo, m, args.cache_size))
         files.on_problem = _snapshot_warner(files.label)
         hits = 0
-        for match in find_in(files, patterns):
+        for match in find_in(files, patterns, cache):
             hits += 1
             e = match.node
             if args.json:
@@ -296,8 +297,10 @@ def cmd_find(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(found, indent=2))
     elif not args.quiet:
+        reused = (f" ({cache.reused} volume{'s' if cache.reused != 1 else ''} unchanged since an earlier "
+                  "snapshot: not walked again)") if cache.reused else ""
         print(f"{count} match{'es' if count != 1 else ''} in {hit_snapshots} of {len(ms)} "
-              f"snapshot{'s' if len(ms) != 1 else ''}")
+              f"snapshot{'s' if len(ms) != 1 else ''}{reused}")
     if problems:
         print(f"vmbak: warning: {problems} path{'s' if problems != 1 else ''} could not be read; "
               "the search is incomplete", file=sys.stderr)

@@ -14,13 +14,18 @@ any other pattern matches the end of the path (``*.conf`` matches every name end
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import io
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+import numpy as np
+
+from vmbak.engine.common import resolve_bht
 from vmbak.errors import VmbakError, printable
+from vmbak.repo.repository import Repository
 from vmbak.serve.files import PIECE, BrowseError, Filesystem, Node, SnapshotFiles, safe_name
 
 
@@ -97,25 +102,79 @@ class Match:
         return self.node.to_json(self.path)
 
 
-def find_in(files: SnapshotFiles, patterns: list[Pattern]) -> Iterator[Match]:
+class WalkCache:
+    """What :func:`find_in` found in each volume, by the volume's content: a volume whose
+    disk blocks all have the same hashes (block hash tables) as one already searched, at
+    the same place on the disk, holds the same files, so its matches and problems are
+    taken over instead of walking it again. ``walked`` and ``reused`` count volumes."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.found: dict[bytes, tuple[list[Match], list[tuple[str, str]]]] = {}
+        self.walked = 0
+        self.reused = 0
+
+    def fingerprints(self, files: SnapshotFiles) -> dict[str, bytes]:
+        """Volume name -> a digest of its disk blocks' hashes and its layout; {} when the
+        block hash tables cannot be read (then everything is walked)."""
+        m = files.view.snapshot
+        try:
+            table = resolve_bht(self.repo, self.repo.chain(m))
+        except VmbakError:
+            return {}
+        bs = m.block_size
+        out = {}
+        for name, vol in files.volumes.items():
+            h = hashlib.blake2b(repr((bs, m.disk_size, vol.segments)).encode(), digest_size=32)
+            for _v, d, n in vol.segments:
+                h.update(np.ascontiguousarray(table[d // bs: -(-(d + n) // bs)]).tobytes())
+            out[name] = h.digest()
+        return out
+
+
+def find_in(files: SnapshotFiles, patterns: list[Pattern], cache: WalkCache | None = None) -> Iterator[Match]:
     """Every entry of every volume of ``files`` whose path matches any of ``patterns``, in
     path order (volumes in table order, then depth first by name). Volumes and directories
-    that cannot be read are reported through ``files.problem`` and skipped."""
+    that cannot be read are reported through ``files.problem`` and skipped. With ``cache``
+    (shared by the snapshots of one search), a volume already searched in another snapshot
+    with the same content is not walked again: its matches and problems are repeated."""
     def descend(path: str) -> bool:
         return any(p.may_match_below(path) for p in patterns)
 
+    fps = cache.fingerprints(files) if cache is not None else {}
     for name, vol in files.volumes.items():
         vpath = "/" + name
         if not any(p.match(vpath) or p.may_match_below(vpath) for p in patterns):
             continue  # an anchored pattern that cannot reach this volume: it is not even opened
+        fp = fps.get(name)
+        if cache is not None and fp is not None and fp in cache.found:
+            cache.reused += 1
+            matches, problems = cache.found[fp]
+            for path, why in problems:
+                files.problem(path, why)
+            yield from matches
+            continue
+        first = len(files.problems)
+        matches = []
         try:
             fs, root = files.volume_root(vol)
         except BrowseError as e:
             files.problem(vpath, str(e).removeprefix(f"{files.label}:{vpath}: "))
-            continue
-        for path, node in files.walk(fs, root, vpath, descend):
-            if any(p.match(path) for p in patterns):
-                yield Match(path, node)
+        else:
+            for path, node in files.walk(fs, root, vpath, descend):
+                if any(p.match(path) for p in patterns):
+                    m = Match(path, node)
+                    matches.append(m)
+                    yield m
+        if cache is not None:
+            cache.walked += 1
+            if fp is not None:
+                cache.found[fp] = ([Match(m.path, _bare(m.node)) for m in matches], files.problems[first:])
+
+
+def _bare(node: Node) -> Node:
+    """``node`` without its parser object (kept in a cache for reporting only)."""
+    return Node(node.name, node.kind, node.size, node.mode, node.mtime_ns, node.target, node.ident)
 
 
 # ---------------------------------------------------------------------------- dump
