@@ -298,3 +298,21 @@ def test_help_has_examples(run_vmbak):
                          ("diff", "--files")):
         out = run_vmbak(cmd, "--help").stdout
         assert "examples:" in out and example in out, out
+
+
+def test_diff_files_after_the_disk_grew(make_repo, tmp_path):
+    """Without comparable block hash tables (the disk size changed), every file of the same
+    size is read from both snapshots; only real differences are listed."""
+    repo = make_repo()
+    files = {"a.txt": b"a\n" * 1000, "sub/b.bin": np.random.default_rng(5).bytes(70_000), "sub/c.txt": b"c\n"}
+    img = build_fs("ext4", tmp_path / "grow.img", 4 * MiB, files)
+    s1 = repo.backup(img, "grow")["id"]
+    (tmp_path / "new.txt").write_bytes(b"new\n")
+    _debugfs(img, f"write {tmp_path / 'new.txt'} /sub/new.txt")
+    with open(img, "r+b") as f:
+        f.truncate(5 * MiB)
+    s2 = repo.backup(img, "grow")["id"]
+    doc = repo.json("diff", s1, s2, "--files")
+    assert [(c["modifier"], c["path"]) for c in doc["changes"]] == [("+", "/disk/sub/new.txt")]
+    assert doc["volumes_unchanged"] == [] and doc["files_proven_by_blocks"] == 0
+    assert doc["files_read"] == 3 and doc["bytes_read"] == 2 * sum(len(v) for v in files.values())
