@@ -207,6 +207,7 @@ def test_dump_directory_is_a_tar(snaps, tmp_path):
     assert members["p2/data/abs"][0].linkname == "/etc/passwd"
     # the same through a file: appears only once whole; extracted by tar, byte for byte
     target = tmp_path / "p2.tar"
+    (tmp_path / ".p2.tar.vmbak-partial").write_bytes(b"left by a killed dump")
     r = repo.json("dump", s1, "/p2/etc", "--target", target)
     assert r["type"] == "dir" and r["files"] == 4 and r["dirs"] == 2 and target.read_bytes()
     assert not list(tmp_path.glob(".*vmbak-partial"))
@@ -224,6 +225,7 @@ def test_dump_directory_is_a_tar(snaps, tmp_path):
     members = _members(p.stdout)
     assert members["p1/boot/vmlinuz"][1] == P1["boot/vmlinuz"] and members["p3/keep/a.conf"][1] == b"a\n"
     assert "p3/data/bad.bin" not in members and "p3/bad" in members
+    assert "." not in members and "" not in members and members["p1"][0].isdir()  # "/" itself is no entry
 
 
 def test_dump_refuses_a_terminal(snaps, assert_cli_error, tmp_path):

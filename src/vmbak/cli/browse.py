@@ -276,7 +276,13 @@ def cmd_find(args: argparse.Namespace) -> int:
     hit_snapshots = 0
     out = sys.stdout
     for m in ms:
-        files = SnapshotFiles(SnapshotView(repo, m, args.cache_size))
+        try:
+            files = SnapshotFiles(SnapshotView(repo, m, args.cache_size))
+        except VmbakError as e:  # a broken chain: the other snapshots are still searched
+            print(f"vmbak: warning: snapshot {m.short_id}: cannot be read ({printable(str(e))}); not searched",
+                  file=sys.stderr, flush=True)
+            problems += 1
+            continue
         files.on_problem = _snapshot_warner(files.label)
         hits = 0
         for match in find_in(files, patterns, cache):
@@ -329,6 +335,10 @@ def cmd_dump(args: argparse.Namespace) -> int:
         raise VmbakError(f"--target {printable(args.target)} is a directory; give a file name")
     d, base = os.path.split(target)
     tmp = os.path.join(d, f".{base}.vmbak-partial")
+    try:
+        os.unlink(tmp)  # left by a dump that was killed
+    except FileNotFoundError:
+        pass
     try:
         with open(tmp, "xb") as f:
             r = dump(files, args.path, f)

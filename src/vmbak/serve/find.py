@@ -242,7 +242,8 @@ def _tree(files: SnapshotFiles, path: str) -> Iterator[tuple[Filesystem | None, 
         return
     # a virtual directory ("/", "/vg0"): itself, the directories above the volumes, the volumes
     parts = files.split(norm)
-    yield None, norm, node
+    if parts:  # "/" itself is no entry: tar -x would give its mode to the directory it extracts into
+        yield None, norm, Node(node.name, "dir", 0, 0o755)
     made = {norm.rstrip("/") or "/"}
     for name, vol in files.volumes.items():
         vparts = name.split("/")
@@ -252,7 +253,7 @@ def _tree(files: SnapshotFiles, path: str) -> Iterator[tuple[Filesystem | None, 
             d = "/" + "/".join(vparts[:i])
             if d not in made:
                 made.add(d)
-                yield None, d, Node(vparts[i - 1], "dir", 0, 0o555)
+                yield None, d, Node(vparts[i - 1], "dir", 0, 0o755)
         vpath = "/" + name
         try:
             vfs, root = files.volume_root(vol)
@@ -275,11 +276,11 @@ def dump_tar(files: SnapshotFiles, path: str, out: BinaryIO) -> dict:
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
                       errors="surrogateescape") as tar:
         for fs, p, node in _tree(files, path):
-            if node.name != "/" and not safe_name(node.name):
+            if not safe_name(node.name):
                 report["skipped"].append({"path": p, "reason": "name tar cannot hold"})
                 files.problem(p, "left out of the archive: tar cannot hold this name")
                 continue
-            info = tarfile.TarInfo(_tar_name(p) or ".")
+            info = tarfile.TarInfo(_tar_name(p))
             info.mode = node.mode & 0o7777
             info.mtime = max(0, node.mtime_ns // 1_000_000_000)
             info.uid = info.gid = 0
