@@ -318,3 +318,18 @@ def test_diff_files_after_the_disk_grew(make_repo, tmp_path):
     assert [(c["modifier"], c["path"]) for c in doc["changes"]] == [("+", "/disk/sub/new.txt")]
     assert doc["volumes_unchanged"] == [] and doc["files_proven_by_blocks"] == 0
     assert doc["files_read"] == 3 and doc["bytes_read"] == 2 * sum(len(v) for v in files.values())
+
+
+def test_python_api(snaps):
+    import vmbak.api
+
+    repo, s1, s2, _d = snaps
+    lib = repo.open()
+    r = vmbak.api.find(lib, ["/p2/etc/*.conf"], [s1])
+    assert sorted(m["path"] for m in r["matches"]) == ["/p2/etc/app.conf", "/p2/etc/old.conf"] and not r["errors"]
+    buf = io.BytesIO()
+    assert vmbak.api.dump(lib, s1, "/p2/data/same.bin", buf)["bytes"] == 200_000
+    assert buf.getvalue() == P2["data/same.bin"]
+    d = vmbak.api.diff_files(lib, s1, s2)
+    assert ("M", "/p2/data/inplace.bin") in {(c["modifier"], c["path"]) for c in d["changes"]}
+    assert [e["path"] for e in d["errors"]] == ["/p2/broken"]
