@@ -279,6 +279,7 @@ def test_diff_files(snaps):
     assert changes[("M", "/p2/lnk")]["what"] == ["target"]
     assert {(m, p.rstrip("/") if m != "T" else p + "/") for m, p in changes if m != "U"} == EXPECTED
     assert doc["a"] == s1 and doc["b"] == s2 and doc["stats"]["files"]["added"] == 2
+    assert [(e["snapshot"], e["path"]) for e in doc["errors"]] == [(s2, "/p2/broken")]
     assert doc["volumes_unchanged"] == ["/p1", "/p3"]  # proven by the block hashes: not even walked
     # ten files of the same size in both: each proven equal by its blocks, or read only where
     # its blocks changed (a 64 KiB block holds many small files and inodes): far less than all

@@ -389,7 +389,8 @@ def diff_files(args: argparse.Namespace) -> int:
         elif not args.quiet:
             out.write(f"{c.modifier:<5}{printable(c.path)}{'/' if c.kind == 'dir' else ''}\n")
     problems = len({p for p, _ in fa.problems} | {p for p, _ in fb.problems})
-    doc = {"a": a.id, "b": b.id, "changes": changes, "stats": counts, **fd.stats}
+    errors = [{"snapshot": m.id, "path": p, "error": why} for m, f in ((a, fa), (b, fb)) for p, why in f.problems]
+    doc = {"a": a.id, "b": b.id, "changes": changes, "stats": counts, **fd.stats, "errors": errors}
     if args.json:
         print(json.dumps(doc, indent=2))
     elif not args.quiet:
