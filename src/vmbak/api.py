@@ -74,3 +74,57 @@ def restore(repo: Repository, snapshot: str | Manifest, target: str | os.PathLik
 def check(repo: Repository, read_data: bool = False) -> CheckReport:
     """Check the repository's structure and, with ``read_data``, every stored byte."""
     return _check(repo, read_data=read_data)
+
+
+# ---------------------------------------------------------------------------- files across snapshots
+def find(repo: Repository, patterns: list[str], snapshots: list[Manifest | str] | None = None, *,
+         ignore_case: bool = False) -> dict:
+    """Entries whose path matches any of ``patterns`` (restic-style, as ``vmbak find``) in
+    ``snapshots`` (default: all). Returns {"matches": [as ``find --json``], "errors":
+    [{"snapshot", "path", "error"}]} for the paths that could not be read."""
+    from vmbak.engine.view import SnapshotView
+    from vmbak.serve.files import SnapshotFiles
+    from vmbak.serve.find import Pattern, WalkCache, find_in
+
+    pats = [Pattern(p, ignore_case) for p in patterns]
+    ms = repo.manifests() if snapshots is None else [repo.find(s) if isinstance(s, str) else s for s in snapshots]
+    cache = WalkCache(repo)
+    out: dict = {"matches": [], "errors": []}
+    for m in ms:
+        files = SnapshotFiles(SnapshotView(repo, m))
+        for match in find_in(files, pats, cache):
+            out["matches"].append({"snapshot": m.id, "short_id": m.short_id, "snapshot_name": m.name,
+                                   "snapshot_time": m.time, **match.to_json()})
+        out["errors"] += [{"snapshot": m.id, "path": p, "error": why} for p, why in files.problems]
+    return out
+
+
+def dump(repo: Repository, snapshot: str | Manifest, path: str, out) -> dict:  # noqa: ANN001 - a binary file
+    """Write ``path`` of ``snapshot`` to the binary file ``out`` as ``vmbak dump`` does (a
+    file's bytes, a directory as a tar stream); returns counts and "errors"."""
+    from vmbak.engine.view import SnapshotView
+    from vmbak.serve.files import SnapshotFiles
+    from vmbak.serve.find import dump as _dump
+
+    m = repo.find(snapshot) if isinstance(snapshot, str) else snapshot
+    files = SnapshotFiles(SnapshotView(repo, m))
+    r = _dump(files, path, out)
+    r["errors"] = [{"path": p, "error": why} for p, why in files.problems]
+    return r
+
+
+def diff_files(repo: Repository, a: str | Manifest, b: str | Manifest, *, metadata: bool = False) -> dict:
+    """The file-level differences between two snapshots of one disk, as ``vmbak diff
+    --files --json`` prints them ("changes", counts), with "errors" for unreadable paths."""
+    from vmbak.engine.view import SnapshotView
+    from vmbak.serve.files import SnapshotFiles
+    from vmbak.serve.treediff import FileDiff, changed_blocks, check_same_disk
+
+    ma = repo.find(a) if isinstance(a, str) else a
+    mb = repo.find(b) if isinstance(b, str) else b
+    check_same_disk(ma, mb)
+    fa, fb = SnapshotFiles(SnapshotView(repo, ma)), SnapshotFiles(SnapshotView(repo, mb))
+    fd = FileDiff(fa, fb, changed_blocks(repo, ma, mb), ma.block_size, metadata=metadata)
+    changes = [c.to_json() for c in fd.changes()]
+    errors = [{"snapshot": m.id, "path": p, "error": why} for m, f in ((ma, fa), (mb, fb)) for p, why in f.problems]
+    return {"a": ma.id, "b": mb.id, "changes": changes, **fd.stats, "errors": errors}

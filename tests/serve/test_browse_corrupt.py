@@ -349,3 +349,46 @@ def test_walks_are_bounded(limits_tree, limit, value, where, message):
         if limit == "max_dir_entries" and op == "extract":
             assert len(os.listdir(out / "disk" / "many")) == 10
             assert (out / "disk" / "etc" / "hostname").read_bytes() == GOOD["etc/hostname"]
+
+
+# ---------------------------------------------------------------------------- find, dump, diff --files
+def test_find_and_dump_go_on_past_damage(corpus, tmp_path):
+    import tarfile
+
+    repo, sid, parts = corpus
+    p = repo.run("find", "*", "-s", sid, check=False, timeout=OPEN_TIMEOUT)
+    assert p.returncode == 3 and "Traceback" not in p.stderr
+    assert all(ln.startswith(f"vmbak: warning: snapshot {sid[:8]}: /") for ln in p.stderr.splitlines()[:-1])
+    for part in ("p1", "p2"):
+        for rel in GOOD:
+            assert f" /{part}/{rel}\n" in p.stdout
+    target = tmp_path / "all.tar"
+    d = repo.run("dump", sid, "/", "--target", target, check=False, timeout=OPEN_TIMEOUT)
+    assert d.returncode == 3 and "Traceback" not in d.stderr
+    assert not list(tmp_path.glob(".*vmbak-partial"))
+    with tarfile.open(target, "r:", encoding="utf-8", errors="surrogateescape") as t:
+        members = {m.name: m for m in t}
+        for part in ("p1", "p2"):
+            for rel, content in GOOD.items():
+                assert t.extractfile(members[f"{part}/{rel}"]).read() == content
+    assert "p2/data/bad.bin" not in members and "p1/line\nbreak.txt" in members
+    assert not any("\0" in n for n in members)
+
+
+def test_diff_files_reads_both_damaged_trees_alike(corpus):
+    """Without block hashes to prove anything, a damaged snapshot compared with itself is
+    walked and read on both sides: problems are reported, and nothing is called added,
+    removed or changed on the strength of what could not be read."""
+    from vmbak.serve.treediff import FileDiff
+
+    repo, sid, parts = corpus
+    lib = repo.open()
+    m = lib.find(sid)
+    fa, fb = SnapshotFiles(SnapshotView(lib, m)), SnapshotFiles(SnapshotView(lib, m))
+    for f in (fa, fb):
+        f.time_limit = 10.0
+    t = time.monotonic()
+    changes = list(FileDiff(fa, fb, None, m.block_size).changes())
+    assert time.monotonic() - t < OPEN_TIMEOUT
+    assert changes == []
+    assert {p for p, _ in fa.problems} and {p for p, _ in fb.problems} >= {"/p2/broken"}

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from vmbak.cli.common import emit, open_repo
+from vmbak.cli.common import emit, open_repo, parse_size
 from vmbak.cli.filters import FILTER_HELP, add_filter_options, filter_from_args
 from vmbak.engine.common import human
 from vmbak.engine.info import diff
-from vmbak.errors import printable
+from vmbak.errors import VmbakError, printable
 from vmbak.repo.filters import filter_snapshots
 from vmbak.repo.manifest import TORN
 
@@ -27,11 +27,23 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
 
     p = sub.add_parser("diff", parents=[parent], help="show what changed between two snapshots",
                        description="Compare two snapshots of the same disk block by block (by their block "
-                       "hashes; no data is read) and list the changed extents and bytes.",
-                       epilog="example:\n  vmbak diff 3f2a9c1e web:latest --json",
+                       "hashes; no data is read) and list the changed extents and bytes. With --files, compare the file "
+                       "trees inside them instead (restic's diff): + added, - removed, M content changed, T type "
+                       "changed, U (with --metadata) mode or modification time changed; paths that cannot be read "
+                       "are named on stderr and the exit status is 3.",
+                       epilog="examples:\n  vmbak diff 3f2a9c1e web:latest --json\n"
+                       "  vmbak diff web@2026-11-20 web:latest --files          # + new, - removed, M changed, T type\n"
+                       "  vmbak diff 3f2a9c1e 9b0d7e11 --files --metadata --json",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("a", metavar="SNAP_A")
     p.add_argument("b", metavar="SNAP_B")
+    p.add_argument("--files", action="store_true",
+                   help="list the files added (+), removed (-), changed (M) and changed in type (T) "
+                   "(docs/browse.md)")
+    p.add_argument("--metadata", action="store_true", help="with --files: also files whose mode or "
+                   "modification time alone changed (U)")
+    p.add_argument("--cache-size", type=parse_size, default=256 << 20, metavar="N",
+                   help="with --files: memory for decompressed chunks (default 256M)")
     p.set_defaults(func=cmd_diff)
 
 
@@ -63,6 +75,12 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
+    if args.files:
+        from vmbak.cli.browse import diff_files
+
+        return diff_files(args)
+    if args.metadata:
+        raise VmbakError("--metadata needs --files")
     repo = open_repo(args)
     a = repo.find(args.a)
     b = repo.find(args.b)

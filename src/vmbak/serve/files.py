@@ -108,6 +108,12 @@ class Filesystem:
         the filesystem tells; None when it does not (then the whole file is read)."""
         return None
 
+    def extents(self, node: Node) -> list[tuple[int, int, int]] | None:
+        """Where a file's data lies in its volume: (file offset, volume offset, length) runs
+        in file order (holes left out), when the filesystem tells cheaply; None when it does
+        not (inline data, or a filesystem without this)."""
+        return None
+
     @staticmethod
     def entry(name: str, make: Callable[..., Node], *args: Any) -> Node:
         """``make(name, *args)``, or an "error" node naming what went wrong."""
@@ -184,6 +190,22 @@ class _InodeFs(Filesystem):
                     out[-1] = (out[-1][0], out[-1][1] + n)
                 else:
                     out.append((pos, n))
+            pos += int(count) * bs
+        return out
+
+
+    def extents(self, node: Node) -> list[tuple[int, int, int]] | None:
+        if self.fstype != "ext" or node.obj.inode.i_flags & 0x10000000:  # not ext, or inline data
+            return None
+        bs = int(self.fs.block_size)
+        out: list[tuple[int, int, int]] = []
+        pos = 0
+        for block, count in node.obj.dataruns():
+            if pos >= node.size:
+                break
+            n = min(int(count) * bs, node.size - pos)
+            if block is not None and n > 0:
+                out.append((pos, int(block) * bs, n))
             pos += int(count) * bs
         return out
 
@@ -622,18 +644,25 @@ class SnapshotFiles:
         """The readable entries of directory ``node`` at ``path``, sorted by name; the
         directory's and the entries' problems are reported. With ``strict``, a directory of
         which nothing at all can be read raises BrowseError instead."""
+        return self.listing(fs, node, path, strict)[0]
+
+    def listing(self, fs: Filesystem, node: Node, path: str, strict: bool = False) -> tuple[list[Node], set[str], bool]:
+        """As ``_list`` (problems reported), and also the names of the entries that cannot be
+        read and whether the directory could be read to its end."""
         entries, err = self._read_dir(fs, node)
         if err is not None:
             if strict and not entries:
                 raise BrowseError(f"{self.label}: {printable(path)}: directory cannot be read ({err})")
             self.problem(path, f"directory cannot be read{' completely' if entries else ''} ({err})")
         good = []
+        bad: set[str] = set()
         for e in entries:
             if e.kind == "error":
                 self.problem(_join(path, e.name), f"cannot be read ({e.error})")
+                bad.add(e.name)
             else:
                 good.append(e)
-        return sorted(good, key=lambda x: x.name)
+        return sorted(good, key=lambda x: x.name), bad, err is None
 
     def listdir(self, path: str) -> tuple[Node, list[tuple[str, Node]]]:
         """The node at ``path`` and, for a directory, its entries as (path, node), sorted."""
@@ -659,17 +688,19 @@ class SnapshotFiles:
         reported (with ``strict``, a directory that cannot be read at all raises BrowseError)."""
         return [(_join(path, e.name), e) for e in self._list(fs, node, path, strict)]
 
-    def walk(self, fs: Filesystem, node: Node, path: str) -> Iterator[tuple[str, Node]]:
+    def walk(self, fs: Filesystem, node: Node, path: str,
+             descend: Callable[[str], bool] | None = None) -> Iterator[tuple[str, Node]]:
         """``node`` and everything below it, depth first, in name order. A directory met a
         second time (a loop, or a directory hard link) is listed once; depth and the entry
-        count are bounded; problems are reported and the walk goes on."""
+        count are bounded; problems are reported and the walk goes on. With ``descend``,
+        a directory is listed only if ``descend(its path)`` is true (it is still yielded)."""
         seen: set[Any] = set()
         count = 0
         stack: list[tuple[str, Node, int]] = [(path, node, 0)]
         while stack:
             p, n, depth = stack.pop()
             yield p, n
-            if n.kind != "dir":
+            if n.kind != "dir" or (descend is not None and not descend(p)):
                 continue
             if n.ident is not None:
                 if n.ident in seen:
@@ -700,10 +731,12 @@ class SnapshotFiles:
         except BrowseError as e:
             raise BrowseError(f"{self.label}: {printable(path)} cannot be read ({e})") from None
 
-    def pieces(self, fs: Filesystem, node: Node, path: str, sparse: bool = False) -> Iterator[tuple[int, bytes]]:
+    def pieces(self, fs: Filesystem, node: Node, path: str, sparse: bool = False,
+               only: list[tuple[int, int]] | None = None) -> Iterator[tuple[int, bytes]]:
         """A file's content as (offset, bytes) pieces of at most PIECE bytes, in order.
         With ``sparse``, ranges the filesystem says are holes are left out (they read as
-        zeros). Raises BrowseError (naming ``path``) when the file cannot be read whole."""
+        zeros); with ``only``, just these (offset, length) ranges are read. Raises
+        BrowseError (naming ``path``) when the file cannot be read whole."""
         def fail(why: str) -> BrowseError:
             return BrowseError(f"{self.label}: {printable(path)} cannot be read ({why})")
 
@@ -715,7 +748,7 @@ class SnapshotFiles:
             except BrowseError as e:
                 raise fail(str(e)) from None
         if ranges is None:
-            ranges = [(0, node.size)]
+            ranges = [(0, node.size)] if only is None else only
         for start, length in ranges:
             pos, end = start, start + length
             try:
