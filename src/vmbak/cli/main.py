@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-r", "--repo", default=argparse.SUPPRESS,
                         help="repository location (default: $VMBAK_REPOSITORY)")
     common.add_argument("--password-file", default=argparse.SUPPRESS,
-                        help="read the password from this file (default: $VMBAK_PASSWORD)")
+                        help="read the password from this file (default: $VMBAK_PASSWORD_FILE, "
+                        "else $VMBAK_PASSWORD, else a prompt on a terminal)")
+    common.add_argument("--password-command", default=argparse.SUPPRESS, metavar="CMD",
+                        help="run CMD (no shell) and take the first line it prints as the password "
+                        "(default: $VMBAK_PASSWORD_COMMAND)")
     common.add_argument("--s3-endpoint", default=argparse.SUPPRESS, metavar="URL",
                         help="S3 endpoint for s3:BUCKET/PREFIX locations (default: $VMBAK_S3_ENDPOINT)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
@@ -97,7 +101,7 @@ def _main(argv: list[str] | None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    for k, v in (("repo", None), ("password_file", None), ("json", False), ("quiet", False)):
+    for k, v in (("repo", None), ("password_file", None), ("password_command", None), ("json", False), ("quiet", False)):
         if not hasattr(args, k):
             setattr(args, k, v)
     if not getattr(args, "func", None):
