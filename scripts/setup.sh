@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 APT_PKGS=(python3 python3-venv python3-dev python3-libnbd libnbd-bin nbdkit nbdkit-plugin-python
           qemu-utils qemu-system-common e2fsprogs xfsprogs dosfstools mtools exfatprogs
           ntfs-3g btrfs-progs partclone fdisk lvm2 util-linux time fuse3 python3-pyfuse3
-          libvirt-daemon-system libvirt-clients python3-libvirt qemu-system-x86 strace)
+          libvirt-daemon-system libvirt-clients python3-libvirt qemu-system-x86 strace
+          zsh fish groff-base man-db)
 if [[ "${VMBAK_BENCH_DEPS:-0}" == 1 ]]; then
     APT_PKGS+=(restic borgbackup time)
 fi

@@ -21,7 +21,7 @@ if __name__ == "__main__" or getattr(sys, "argv", [""])[0].rsplit("/", 1)[-1] ==
 
 import argparse  # noqa: E402
 
-GROUPS = ["repository", "backup", "restore", "snapshots", "keys", "maintenance", "copy"]
+GROUPS = ["repository", "backup", "restore", "snapshots", "keys", "maintenance", "copy", "completion", "manpage"]
 OPTIONAL_GROUPS = ["track", "usage_cmd", "serve", "browse"]  # present when their modules are installed
 
 
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-r", "--repo", default=argparse.SUPPRESS,
                         help="repository location (default: $VMBAK_REPOSITORY)")
-    common.add_argument("--password-file", default=argparse.SUPPRESS,
+    common.add_argument("--password-file", default=argparse.SUPPRESS, metavar="FILE",
                         help="read the password from this file (default: $VMBAK_PASSWORD_FILE, "
                         "else $VMBAK_PASSWORD, else a prompt on a terminal)")
     common.add_argument("--password-command", default=argparse.SUPPRESS, metavar="CMD",
