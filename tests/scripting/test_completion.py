@@ -75,6 +75,29 @@ def test_bash_and_zsh_complete_commands_options_and_paths(shell, run_vmbak, tmp_
     assert "--password-command" in c("snapshots", "--pass")   # global options follow the command too
 
 
+# An interactive zsh on a pseudo-terminal (zsh's own zpty module): it sources the script, gets a
+# line typed with TAB at the end, and the test waits until the completed text shows on its screen.
+ZPTY = """
+zmodload zsh/zpty
+zpty z 'zsh -f -i'
+zpty -w z "PS1='READY> '; source ${(q)1}"
+zpty -r z junk '*READY> *'
+zpty -w -n z "$2"$'\\t'
+zpty -r z out "*$3*" && print -r -- FOUND
+zpty -d z
+"""
+
+
+@pytest.mark.parametrize(("typed", "shown"), [("vmbak res", "vmbak restore"),
+                                              ("vmbak restore --fo", "vmbak restore --format"),
+                                              ("vmbak -r rep", "vmbak -r repodir")])
+def test_zsh_completes_interactively(typed, shown, run_vmbak, tmp_path, workdir) -> None:  # noqa: ANN001
+    script = _script(run_vmbak, tmp_path, "zsh")
+    p = subprocess.run(["timeout", "60", "zsh", "-f", "-c", ZPTY, "zsh", str(script), typed, shown], cwd=workdir,
+                       capture_output=True, text=True, timeout=90, env={**os.environ, "HOME": str(tmp_path)})
+    assert "FOUND" in p.stdout, (p.returncode, p.stdout, p.stderr)
+
+
 def test_fish_completes(run_vmbak, tmp_path, workdir) -> None:  # noqa: ANN001
     script = _script(run_vmbak, tmp_path, "fish")
     subprocess.run(["fish", "-n", str(script)], check=True, timeout=60)
