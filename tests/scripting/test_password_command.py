@@ -84,3 +84,31 @@ def test_copy_from_password_command(enc, make_repo, make_disk, run_vmbak) -> Non
     p = run_vmbak("copy", "--from-repo", enc.path, "--to-repo", dst.path, check=False,
                   env={"VMBAK_FROM_PASSWORD_COMMAND": "false"})
     assert "$VMBAK_FROM_PASSWORD_COMMAND 'false' exited with status 1" in p.stderr
+
+
+def test_background_server_runs_the_command_once(enc, make_disk, run_vmbak, tmp_path: Path) -> None:  # noqa: ANN001
+    """serve --background: the command runs in the starting process; the detached server gets its
+    answer (it has no terminal to prompt on) and does not run it again."""
+    import json
+    import os
+    import signal
+
+    enc.backup(make_disk("bg.raw", 1 << 20), "bg")
+    count = tmp_path / "runs"
+    cmd = shlex.join([sys.executable, "-c", f"import os; open({str(count)!r}, 'a').write(f'{{os.getppid()}} '); "
+                      "print('s3cret pass')"])
+    sock = tmp_path / "bg.sock"
+    for how in (["--password-command", cmd], [f"--password-c={cmd}"]):
+        count.write_text("")
+        out = run_vmbak("-r", enc.path, "serve", "bg:latest", "--socket", sock, "--background", "--json", *how,
+                        env={"VMBAK_PASSWORD": None})
+        info = json.loads(out.stdout)
+        try:
+            runs = count.read_text().split()
+            assert sock.exists() and len(runs) == 1, runs
+            assert int(runs[0]) != info["pid"]  # run by the starting process, not by the server
+        finally:
+            os.kill(info["pid"], signal.SIGTERM)
+            end = time.monotonic() + 20
+            while os.path.exists(f"/proc/{info['pid']}") and time.monotonic() < end:
+                time.sleep(0.1)

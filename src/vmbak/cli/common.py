@@ -242,6 +242,22 @@ def damage_warnings(args: argparse.Namespace) -> None:
             print(f"vmbak: warning: {line}", file=sys.stderr)
 
 
+def _without_password_command(argv: list[str]) -> list[str]:
+    """``argv`` without --password-command CMD (or --password-command=CMD, or an abbreviation
+    that argparse accepts, such as --password-c CMD)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        opt, eq, _ = a.partition("=")
+        if len(opt) >= len("--password-c") and "--password-command".startswith(opt):
+            skip = not eq
+            continue
+        out.append(a)
+    return out
+
+
 def run_detached(args: argparse.Namespace) -> tuple[subprocess.Popen[str], dict]:
     """Run this command again without --background, detached, and return it with the JSON
     line it prints once it is ready. A password asked for here (on a terminal) is passed
@@ -251,7 +267,16 @@ def run_detached(args: argparse.Namespace) -> tuple[subprocess.Popen[str], dict]
     if "--json" not in argv:
         argv.append("--json")
     env = dict(os.environ)
-    if args.password_file is None and "VMBAK_PASSWORD" not in env and sys.stdin.isatty():
+    if getattr(args, "password_command", None) or (not args.password_file and env.get("VMBAK_PASSWORD_COMMAND")):
+        # The password command runs once, here, where it may prompt on the terminal; the
+        # detached process (no terminal) gets its answer instead of running it again.
+        pw = given_password(args)
+        argv = _without_password_command(argv)
+        for k in ("VMBAK_PASSWORD_COMMAND", "VMBAK_PASSWORD_FILE"):
+            env.pop(k, None)
+        if pw is not None:
+            env["VMBAK_PASSWORD"] = pw
+    elif args.password_file is None and "VMBAK_PASSWORD" not in env and sys.stdin.isatty():
         pw = password(args)
         if pw is not None:
             env["VMBAK_PASSWORD"] = pw
