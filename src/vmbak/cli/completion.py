@@ -11,6 +11,7 @@ An argument can state its kind itself: ``p.add_argument(...).complete = "file"``
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -94,9 +95,8 @@ def path_kind(a: argparse.Action) -> str:
 
 
 def first_line(text: str | None) -> str:
-    t = " ".join((text or "").split())
-    if "%(default)s" in t or "%(" in t:
-        t = t.replace("%(default)s", "")
+    """The first sentence of a help text, on one line (argparse's %(...)s fields left out)."""
+    t = re.sub(r"\s*%\([a-z_]+\)s", "", " ".join((text or "").split()))
     return t.split(". ")[0]
 
 
