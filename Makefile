@@ -1,4 +1,4 @@
-.PHONY: setup demo test lint bench clean clean-bench test-ceph
+.PHONY: setup demo test lint bench clean clean-bench test-ceph man
 
 setup:
 	@bash scripts/setup.sh
@@ -15,6 +15,11 @@ test: setup
 	if [ "$$avail" -lt 6 ]; then echo "make test: needs about 6 GiB free in $${TMPDIR:-/tmp}; $$avail GiB free" >&2; exit 1; fi
 	.venv/bin/ruff check src tests bench
 	.venv/bin/python -m pytest -q -n 3 --dist loadgroup --maxfail=10 --durations=15
+
+# The manual page vmbak(1), generated from the command-line parser: man -l build/vmbak.1
+man: setup
+	@mkdir -p build
+	.venv/bin/vmbak man > build/vmbak.1.tmp && mv build/vmbak.1.tmp build/vmbak.1
 
 lint: setup
 	.venv/bin/ruff check src tests bench

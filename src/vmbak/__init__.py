@@ -8,6 +8,9 @@ Embedding example::
     vmbak.restore(repo, "web:latest", "/tmp/web-restored.raw")
     assert vmbak.check(repo, read_data=True).ok
 
+docs/api.md has an example of every function (change maps, diff, forget, prune, stats,
+check, ls, cat, extract).
+
 The names below are imported on first use, so that ``vmbak.cli.main`` starts (and
 installs its signal handling) before numpy and the rest of the library are loaded.
 """
@@ -16,15 +19,33 @@ from __future__ import annotations
 
 TYPE_CHECKING = False  # typing is not imported: this package must load in no time (see cli/main.py)
 __version__ = "0.1.0"
-__all__ = ["Repository", "Manifest", "VmbakError", "backup", "restore", "check", "open_disk", "__version__"]
+__all__ = ["Repository", "Manifest", "VmbakError", "backup", "restore", "check", "open_disk", "__version__",
+           "ChangeMap", "Policy", "change_map", "diff", "forget", "prune", "stats", "ls", "cat", "extract"]
 
 _WHERE = {"backup": "vmbak.api", "check": "vmbak.api", "open_disk": "vmbak.api", "restore": "vmbak.api",
           "VmbakError": "vmbak.errors", "Manifest": "vmbak.repo.manifest", "Repository": "vmbak.repo.repository"}
+_WHERE.update(dict.fromkeys(("change_map", "diff", "forget", "prune", "stats", "ls", "cat", "extract"), "vmbak.api"))
+_WHERE.update(ChangeMap="vmbak.changes.base", Policy="vmbak.engine.retention")
 
 if TYPE_CHECKING:
     from typing import Any
 
-    from vmbak.api import backup, check, open_disk, restore
+    from vmbak.api import (
+        backup,
+        cat,
+        change_map,
+        check,
+        diff,
+        extract,
+        forget,
+        ls,
+        open_disk,
+        prune,
+        restore,
+        stats,
+    )
+    from vmbak.changes.base import ChangeMap
+    from vmbak.engine.retention import Policy
     from vmbak.errors import VmbakError
     from vmbak.repo.manifest import Manifest
     from vmbak.repo.repository import Repository

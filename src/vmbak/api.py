@@ -1,22 +1,40 @@
-"""The embeddable Python API. See README.md ("Python API")."""
+"""The embeddable Python API. See docs/api.md (an example of every function) and README.md.
+
+Every function is a thin call into the engine that the command line uses too, so the
+library and ``vmbak COMMAND`` behave alike; errors are ``vmbak.VmbakError`` (subclasses in
+``vmbak.errors``).
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+from vmbak.changes.base import ChangeMap
 from vmbak.disks.base import DiskReader
 from vmbak.engine import sources
 from vmbak.engine.backup import DEFAULT_BLOCK_SIZE, BackupOptions, check_tags
 from vmbak.engine.backup import backup as _backup
 from vmbak.engine.check import CheckReport
 from vmbak.engine.check import check as _check
+from vmbak.engine.info import diff as _diff
+from vmbak.engine.info import repo_stats as _repo_stats
+from vmbak.engine.info import snapshot_stats as _snapshot_stats
 from vmbak.engine.overwrite import check_overwrite
 from vmbak.engine.progress import Progress
+from vmbak.engine.prune import DEFAULT_GRACE_S, DEFAULT_REPACK_THRESHOLD, PruneOptions, PruneReport
+from vmbak.engine.prune import prune as _prune
 from vmbak.engine.restore import RestoreTarget
 from vmbak.engine.restore import restore as _restore
+from vmbak.engine.retention import ForgetResult, Policy
+from vmbak.engine.retention import forget as _forget
 from vmbak.errors import VmbakError
 from vmbak.repo.manifest import Manifest
 from vmbak.repo.repository import Repository
+
+if TYPE_CHECKING:
+    from vmbak.serve.files import SnapshotFiles
 
 
 def open_disk(path: str | os.PathLike[str], fmt: str | None = None) -> DiskReader:
@@ -28,19 +46,31 @@ def open_disk(path: str | os.PathLike[str], fmt: str | None = None) -> DiskReade
 
 def backup(repo: Repository, disk: str | os.PathLike[str] | DiskReader, name: str, *, mode: str = "auto",
            changes: str = "auto", block_size: int = DEFAULT_BLOCK_SIZE, workers: int = 2,
-           progress: Progress | None = None, log=None, fmt: str | None = None,  # noqa: ANN001
-           tags: list[str] | None = None) -> Manifest:
+           progress: Progress | None = None, log: Callable[[str], None] | None = None, fmt: str | None = None,
+           change_map: ChangeMap | None = None, verify_changes: bool = False,
+           skip_unused: bool = True, tags: list[str] | None = None) -> Manifest:
     """Back up a disk under ``name``; the first backup of a name is full, later ones incremental.
 
     ``mode`` is "auto", "full", "incremental" or "differential". A path is opened exactly as
     ``vmbak backup DISK`` opens it (an image file is backed up as its virtual disk; ``fmt``
     skips probing), with ``changes`` "auto", "scan", "full" or "overlay". ``tags`` are
     stored in the snapshot (rules as ``vmbak backup --tag``). Returns the committed manifest.
+
+    ``change_map`` is the caller's own changed-block tracking (a ``vmbak.ChangeMap``): only
+    its blocks are read when its ``reference`` equals the parent snapshot's ``change_id``
+    (otherwise the disk is scanned, and a note says why); its ``new_reference`` becomes this
+    snapshot's ``change_id``, for the next one. ``verify_changes`` also scans everything and
+    notes blocks the map missed. ``skip_unused=False`` stores blocks that no filesystem uses
+    too (``--no-skip-unused``), so that a restore gives back every byte, not just every used one.
     """
     tags = check_tags(tags)
+    if change_map is not None and changes != "auto":
+        raise VmbakError("give either change_map or changes, not both")
     if isinstance(disk, DiskReader):
         opts = BackupOptions(name=name, mode=mode, changes=changes, block_size=block_size, workers=workers,
-                             progress=progress, log=log, source=disk.description, tags=tags)
+                             progress=progress, log=log, source=disk.description, change_map=change_map,
+                             change_id=change_map.new_reference if change_map is not None else None,
+                             verify_changes=verify_changes, skip_unused=skip_unused, tags=tags)
         return _backup(repo, disk, opts)
     spec = sources.parse_changes(changes)
     if not spec.reads_disk_file:
@@ -48,8 +78,11 @@ def backup(repo: Repository, disk: str | os.PathLike[str] | DiskReader, name: st
     sources.check_name(name)
     lg = log or (lambda s: None)
     with sources.open_file_source(os.fspath(disk), fmt, spec, block_size, lg) as src:
+        if change_map is not None:
+            src.change_map, src.change_id = change_map, change_map.new_reference
         opts = BackupOptions(name=name, mode=mode, changes=spec.engine_changes, block_size=block_size,
-                             workers=workers, progress=progress, log=log, tags=tags)
+                             workers=workers, progress=progress, log=log, verify_changes=verify_changes,
+                             skip_unused=skip_unused, tags=tags)
         return sources.run_backup(repo, src, opts, log=lg)
 
 
@@ -72,7 +105,10 @@ def restore(repo: Repository, snapshot: str | Manifest, target: str | os.PathLik
 
 
 def check(repo: Repository, read_data: bool = False) -> CheckReport:
-    """Check the repository's structure and, with ``read_data``, every stored byte."""
+    """Verify the repository: every pack the index names exists and agrees with it, and every
+    chunk a snapshot names is present; with ``read_data``, every stored byte is read and
+    authenticated too (``vmbak check [--read-data]``). ``report.ok`` says whether all is well;
+    ``report.errors`` name the damaged snapshots and block ranges."""
     return _check(repo, read_data=read_data)
 
 
@@ -128,3 +164,160 @@ def diff_files(repo: Repository, a: str | Manifest, b: str | Manifest, *, metada
     changes = [c.to_json() for c in fd.changes()]
     errors = [{"snapshot": m.id, "path": p, "error": why} for m, f in ((ma, fa), (mb, fb)) for p, why in f.problems]
     return {"a": ma.id, "b": mb.id, "changes": changes, **fd.stats, "errors": errors}
+
+
+# ---------------------------------------------------------------------------- change maps
+def change_map(repo: Repository, name: str, changes: str, disk: str | os.PathLike[str] | None = None, *,
+               mode: str = "auto", block_size: int = DEFAULT_BLOCK_SIZE, fmt: str | None = None,
+               log: Callable[[str], None] | None = None) -> ChangeMap | None:
+    """What the change source ``changes`` reports as changed for the next backup of ``name``,
+    without backing anything up: "overlay" (the clusters of ``disk``'s top qcow2 layer),
+    "track:SOCKET" (a ``vmbak track`` tracker) or "qemu:QMP_SOCKET:NODE" (a QEMU dirty bitmap).
+
+    The source is left as it was: a tracker's checkpoint or QEMU's bitmap is aborted, so the
+    next backup still gets every change. Returns None when the source has nothing to offer
+    (no earlier snapshot to be relative to, or an overlay that cannot be read): a backup then
+    reads the whole disk. ``ChangeMap.bitmap`` has one bool per ``block_size`` block.
+    """
+    spec = sources.parse_changes(changes)
+    if spec.kind not in ("overlay", "track", "qemu"):
+        raise VmbakError(f"changes={changes!r} is not a change source with a map: give overlay, "
+                         "track:SOCKET or qemu:QMP_SOCKET:NODE")
+    sources.check_name(name)
+    with sources.open_source(repo, name=name, mode=mode, changes=spec,
+                             disk=os.fspath(disk) if disk is not None else None, fmt=fmt,
+                             block_size=block_size, log=log) as src:
+        src.abort()
+        return src.change_map
+
+
+def diff(repo: Repository, a: str | Manifest, b: str | Manifest) -> dict:
+    """The blocks whose content differs between snapshots ``a`` and ``b`` of one disk, found by
+    their block hashes (no data is read), as ``vmbak diff A B --json`` prints them: a dict with
+    ``changed_blocks``, ``changed_bytes``, ``block_size``, ``extent_count`` and ``extents``
+    (a list of ``{"offset", "length"}`` in bytes)."""
+    ma = repo.find(a) if isinstance(a, str) else a
+    mb = repo.find(b) if isinstance(b, str) else b
+    return _diff(repo, ma, mb)
+
+
+# ---------------------------------------------------------------------------- retention and space
+def forget(repo: Repository, snapshots: list[str] | None = None, *, name: str | None = None,
+           keep_last: int = 0, keep_hourly: int = 0, keep_daily: int = 0, keep_weekly: int = 0,
+           keep_monthly: int = 0, keep_yearly: int = 0, policy: Policy | None = None,
+           keep_dependencies: bool = False, dry_run: bool = False,
+           log: Callable[[str], None] | None = None) -> ForgetResult:
+    """Forget ``snapshots`` (ids, ``NAME:latest``, ``NAME@TIME``) and the snapshots no keep rule
+    keeps, per disk name (or of ``name`` only), as ``vmbak forget`` does. ``keep_*`` counts
+    (-1: all) or a ``Policy`` give the rules. Incrementals that stay but depend on forgotten
+    snapshots are merged with them (new ids), or with ``keep_dependencies`` their parents
+    stay. ``result.to_json()`` is what ``vmbak forget --json`` prints. Space is freed by prune.
+    """
+    if policy is None:
+        policy = Policy(last=keep_last, hourly=keep_hourly, daily=keep_daily, weekly=keep_weekly,
+                        monthly=keep_monthly, yearly=keep_yearly)
+    return _forget(repo, policy, name=name, snapshots=list(snapshots or []), keep_dependencies=keep_dependencies,
+                   dry_run=dry_run, log=log)
+
+
+def prune(repo: Repository, *, grace_s: float = DEFAULT_GRACE_S, repack_threshold: float = DEFAULT_REPACK_THRESHOLD,
+          dry_run: bool = False, log: Callable[[str], None] | None = None) -> PruneReport:
+    """Free the space of data no snapshot references, as ``vmbak prune`` does: a run marks
+    garbage packs (and repacks packs that are at least ``repack_threshold`` garbage); packs
+    are deleted by a run after ``grace_s`` seconds once every operation that was running at
+    marking time has finished (``grace_s=0``: at once, when nothing else is running)."""
+    return _prune(repo, PruneOptions(grace_s=grace_s, repack_threshold=repack_threshold, dry_run=dry_run), log=log)
+
+
+def stats(repo: Repository, snapshot: str | Manifest | None = None) -> dict:
+    """Space statistics, as ``vmbak stats [SNAP] --json`` prints them: without ``snapshot`` the
+    repository's totals (``snapshots``, ``chunks``, ``pack_bytes``, ``dedup_ratio``,
+    ``compression_ratio``, ...); with one, ``{"snapshot": summary, "stats": {...}}`` with what
+    that backup read, found new and stored."""
+    if snapshot is None:
+        return _repo_stats(repo)
+    return _snapshot_stats(repo, repo.find(snapshot) if isinstance(snapshot, str) else snapshot)
+
+
+# ---------------------------------------------------------------------------- browsing
+DEFAULT_BROWSE_CACHE = 256 << 20
+
+
+def _files(repo: Repository, snapshot: str | Manifest, cache_bytes: int,
+           on_problem: Callable[[str, str], None] | None) -> SnapshotFiles:
+    from vmbak.engine.view import SnapshotView
+    from vmbak.serve.files import SnapshotFiles
+
+    m = repo.find(snapshot) if isinstance(snapshot, str) else snapshot
+    files = SnapshotFiles(SnapshotView(repo, m, cache_bytes))
+    files.on_problem = on_problem
+    return files
+
+
+def ls(repo: Repository, snapshot: str | Manifest, path: str = "/", *, recursive: bool = False,
+       cache_bytes: int = DEFAULT_BROWSE_CACHE, on_problem: Callable[[str, str], None] | None = None) -> list[dict]:
+    """The entries of a directory inside a snapshot (or the one entry at ``path``), as
+    ``vmbak ls --json`` prints them: dicts with ``name``, ``path``, ``type`` ("file", "dir",
+    "symlink", "other"), ``size``, ``mode`` (octal text), ``mtime`` (ISO 8601) and ``target``.
+    The top level holds the volumes (``/p1``, ``/p2``, ``/vg0/root``; ``/disk`` without a
+    partition table). With ``recursive``, everything below ``path``. Entries that cannot be
+    read are passed to ``on_problem(path, why)`` and left out; the rest is listed."""
+    files = _files(repo, snapshot, cache_bytes, on_problem)
+    try:
+        node, entries = files.listdir(path)
+        if recursive and node.kind == "dir":
+            fs, _vol, n, norm = files.resolve(path)
+            if fs is None:  # above the filesystems: walk each volume below
+                top, entries = entries, []
+                for p, e in top:
+                    try:
+                        sub_fs, _v, sn, snorm = files.resolve(p)
+                    except VmbakError as err:  # a volume that cannot be read: the others still are
+                        entries.append((p, e))
+                        files.problem(p, str(err).removeprefix(f"{files.label}:{p}: "))
+                        continue
+                    if sub_fs is None:
+                        entries.append((p, e))
+                    else:
+                        entries.extend(files.walk(sub_fs, sn, snorm))
+            else:
+                walked = files.walk(fs, n, norm)
+                next(walked)  # the directory itself
+                entries = list(walked)
+        return [e.to_json(p) for p, e in entries]
+    finally:
+        files.view.close()
+
+
+def cat(repo: Repository, snapshot: str | Manifest, path: str, *,
+        cache_bytes: int = DEFAULT_BROWSE_CACHE) -> bytes:
+    """The content of the regular file at ``path`` inside a snapshot (``vmbak cat``); only the
+    chunks holding it are fetched. For a large file, ``extract`` streams it to disk instead."""
+    files = _files(repo, snapshot, cache_bytes, None)
+    try:
+        fs, _vol, node, norm = files.resolve(path)
+        if fs is None or node.kind == "dir":
+            raise VmbakError(f"{files.label}: is a directory: {norm}")
+        if node.kind != "file":
+            raise VmbakError(f"{files.label}: not a regular file ({node.kind}): {norm}")
+        parts: list[bytes] = []
+        files.copy_out(fs, node, norm, parts.append)
+        return b"".join(parts)
+    finally:
+        files.view.close()
+
+
+def extract(repo: Repository, snapshot: str | Manifest, paths: list[str], target: str | os.PathLike[str], *,
+            cache_bytes: int = DEFAULT_BROWSE_CACHE, on_problem: Callable[[str, str], None] | None = None,
+            log: Callable[[str], None] | None = None) -> dict:
+    """Copy files, directories and symlinks at ``paths`` inside a snapshot into the directory
+    ``target`` (created if missing), keeping mode and modification time, as ``vmbak extract``
+    does: nothing is written outside ``target``, and each file appears under its name only once
+    it is whole. Returns the report ``vmbak extract --json`` prints (``files``, ``dirs``,
+    ``symlinks``, ``bytes``, ``updated``, ``unchanged``, ``skipped``, ``errors``, ``target``);
+    entries that cannot be read are in ``errors`` (and passed to ``on_problem``)."""
+    files = _files(repo, snapshot, cache_bytes, on_problem)
+    try:
+        return files.extract(list(paths), os.fspath(target), log=log)
+    finally:
+        files.view.close()

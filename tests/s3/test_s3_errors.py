@@ -18,9 +18,19 @@ def test_bad_credentials(make_s3_repo, assert_cli_error, s3):
 
 def test_missing_bucket(make_s3_repo, assert_cli_error, s3):
     repo = make_s3_repo(encryption="none", bucket="vmbak-no-such-bucket-here", init=False)
-    for args in (("snapshots",), ("init", "--encryption", "none")):
-        p = repo.run(*args, check=False)
-        assert_cli_error(p, "vmbak-no-such-bucket-here", "does not exist")
+    p = repo.run("snapshots", check=False)
+    assert_cli_error(p, "vmbak-no-such-bucket-here", "does not exist")
+
+
+def test_init_creates_a_missing_bucket(make_s3_repo, s3):
+    """As restic's init does: the bucket is created, and the repository works at once."""
+    repo = make_s3_repo(encryption="none", bucket="vmbak-made-by-init", prefix="vm", init=False)
+    out = repo.json("init", "--encryption", "none")
+    assert out["created_bucket"] is True
+    s3.client().head_bucket(Bucket="vmbak-made-by-init")
+    assert repo.snapshots() == []
+    again = make_s3_repo(encryption="none", bucket="vmbak-made-by-init", prefix="other", init=False)
+    assert again.json("init", "--encryption", "none")["created_bucket"] is False
 
 
 def test_foreign_bucket(make_s3_repo, s3_bucket, assert_cli_error, s3):

@@ -84,16 +84,110 @@ def repo_location(args: argparse.Namespace) -> str:
     return loc
 
 
-def given_password(args: argparse.Namespace) -> str | None:
-    """The password from --password-file, VMBAK_PASSWORD_FILE or VMBAK_PASSWORD; never asks."""
-    pf = args.password_file or os.environ.get("VMBAK_PASSWORD_FILE")
-    if pf:
+PASSWORD_COMMAND_TIMEOUT = 60.0  # seconds; $VMBAK_TOOL_TIMEOUT replaces it, as it does every tool's
+
+
+def _read_password_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().rstrip("\r\n")
+    except OSError as e:
+        raise VmbakError(f"cannot read password file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise VmbakError(f"cannot read password file {path}: it is not UTF-8 text") from None
+
+
+def run_password_command(command: str, option: str = "--password-command") -> str:
+    """Run ``command`` (split like a shell line, but run without a shell) and return the
+    first line of its standard output: the password. It inherits standard input, so that
+    it may prompt; its standard error is captured. A command that cannot be started, exits
+    non-zero, prints nothing or runs longer than PASSWORD_COMMAND_TIMEOUT ($VMBAK_TOOL_TIMEOUT)
+    seconds is a VmbakError naming the command (never its output)."""
+    import shlex
+
+    try:
+        argv = shlex.split(command)
+    except ValueError as e:
+        raise VmbakError(f"{option} {command!r} cannot be parsed: {e}") from None
+    if not argv:
+        raise VmbakError(f"{option} is empty")
+    timeout = PASSWORD_COMMAND_TIMEOUT
+    env_t = os.environ.get("VMBAK_TOOL_TIMEOUT")
+    if env_t:
         try:
-            with open(pf, encoding="utf-8") as f:
-                return f.read().rstrip("\r\n")
-        except OSError as e:
-            raise VmbakError(f"cannot read password file {pf}: {e.strerror}") from None
-    return os.environ.get("VMBAK_PASSWORD")
+            timeout = float(env_t)
+        except ValueError:
+            timeout = 0.0
+        if not timeout > 0:
+            raise VmbakError(f"VMBAK_TOOL_TIMEOUT must be a number of seconds, not {env_t!r}")
+    what = f"{option} {command!r}"
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True)
+    except OSError as e:
+        raise VmbakError(f"{what} cannot be run: {e.strerror or e}") from None
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # a child it left behind may hold the pipes open: do not wait for their end
+        for f in (proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
+        proc.wait()
+        raise VmbakError(f"{what} did not finish within {timeout:g} s and was stopped") from None
+    finally:
+        if proc.poll() is None:  # interrupted (a signal): do not leave it running
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in err.decode("utf-8", "replace").splitlines() if ln.strip()]
+        status = (f"was killed by signal {-proc.returncode}" if proc.returncode < 0
+                  else f"exited with status {proc.returncode}")
+        raise VmbakError(f"{what} {status}" + (f": {lines[-1][:200]}" if lines else ""))
+    try:
+        text = out.decode("utf-8")
+    except UnicodeDecodeError:
+        raise VmbakError(f"{what} printed something that is not UTF-8 text") from None
+    pw = text.split("\n", 1)[0].rstrip("\r")
+    if not pw:
+        raise VmbakError(f"{what} printed no password (its first line of output is empty)")
+    return pw
+
+
+def resolve_password(file_opt: str | None, command_opt: str | None, prefix: str = "VMBAK_",
+                     option: str = "--password") -> str | None:
+    """The password from a file or command given as an option, else from the environment.
+
+    Precedence: ``{option}-file`` or ``{option}-command`` on the command line (not both), then
+    ``${prefix}PASSWORD_FILE`` or ``${prefix}PASSWORD_COMMAND`` (not both), then
+    ``${prefix}PASSWORD``; None when none of these is set (never asks)."""
+    if file_opt and command_opt:
+        raise VmbakError(f"{option}-file and {option}-command cannot both be given")
+    if file_opt:
+        return _read_password_file(file_opt)
+    if command_opt:
+        return run_password_command(command_opt, f"{option}-command")
+    env_file = os.environ.get(f"{prefix}PASSWORD_FILE")
+    env_cmd = os.environ.get(f"{prefix}PASSWORD_COMMAND")
+    if env_file and env_cmd:
+        raise VmbakError(f"${prefix}PASSWORD_FILE and ${prefix}PASSWORD_COMMAND are both set: unset one")
+    if env_file:
+        return _read_password_file(env_file)
+    if env_cmd:
+        return run_password_command(env_cmd, f"${prefix}PASSWORD_COMMAND")
+    return os.environ.get(f"{prefix}PASSWORD")
+
+
+def given_password(args: argparse.Namespace) -> str | None:
+    """The password from --password-file or --password-command, else $VMBAK_PASSWORD_FILE or
+    $VMBAK_PASSWORD_COMMAND, else $VMBAK_PASSWORD; never asks. (A command runs at most once per
+    process: its answer is kept on ``args``.)"""
+    cached = getattr(args, "_given_password", None)
+    if cached is not None:
+        return cached
+    pw = resolve_password(getattr(args, "password_file", None), getattr(args, "password_command", None))
+    if pw is not None:
+        args._given_password = pw
+    return pw
 
 
 def password(args: argparse.Namespace, confirm: bool = False) -> str | None:
@@ -149,6 +243,22 @@ def damage_warnings(args: argparse.Namespace) -> None:
             print(f"vmbak: warning: {line}", file=sys.stderr)
 
 
+def _without_password_command(argv: list[str]) -> list[str]:
+    """``argv`` without --password-command CMD (or --password-command=CMD, or an abbreviation
+    that argparse accepts, such as --password-c CMD)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        opt, eq, _ = a.partition("=")
+        if len(opt) >= len("--password-c") and "--password-command".startswith(opt):
+            skip = not eq
+            continue
+        out.append(a)
+    return out
+
+
 def run_detached(args: argparse.Namespace) -> tuple[subprocess.Popen[str], dict]:
     """Run this command again without --background, detached, and return it with the JSON
     line it prints once it is ready. A password asked for here (on a terminal) is passed
@@ -158,7 +268,16 @@ def run_detached(args: argparse.Namespace) -> tuple[subprocess.Popen[str], dict]
     if "--json" not in argv:
         argv.append("--json")
     env = dict(os.environ)
-    if args.password_file is None and "VMBAK_PASSWORD" not in env and sys.stdin.isatty():
+    if getattr(args, "password_command", None) or (not args.password_file and env.get("VMBAK_PASSWORD_COMMAND")):
+        # The password command runs once, here, where it may prompt on the terminal; the
+        # detached process (no terminal) gets its answer instead of running it again.
+        pw = given_password(args)
+        argv = _without_password_command(argv)
+        for k in ("VMBAK_PASSWORD_COMMAND", "VMBAK_PASSWORD_FILE"):
+            env.pop(k, None)
+        if pw is not None:
+            env["VMBAK_PASSWORD"] = pw
+    elif args.password_file is None and "VMBAK_PASSWORD" not in env and sys.stdin.isatty():
         pw = password(args)
         if pw is not None:
             env["VMBAK_PASSWORD"] = pw

@@ -6,7 +6,16 @@ import argparse
 import json
 import os
 
-from vmbak.cli.common import apply_s3_options, emit, given_password, log, needs_password, password, progress
+from vmbak.cli.common import (
+    apply_s3_options,
+    emit,
+    given_password,
+    log,
+    needs_password,
+    password,
+    progress,
+    resolve_password,
+)
 from vmbak.cli.filters import FILTER_HELP, add_filter_options, filter_from_args
 from vmbak.engine.common import human
 from vmbak.engine.copy import copy
@@ -19,9 +28,11 @@ EPILOG = """examples:
   vmbak copy --from-repo s3:http://10.0.0.5:9000/offsite/vmbak --to-repo /restore/repo web:latest
   vmbak copy --from-repo /backups/local --to-repo /backups/offsite --tag monthly   # every snapshot tagged monthly
 
-The destination's password comes from --password-file or $VMBAK_PASSWORD, the source's
-from --from-password-file, $VMBAK_FROM_PASSWORD_FILE or $VMBAK_FROM_PASSWORD. The
-destination defaults to -r / $VMBAK_REPOSITORY, the source to $VMBAK_FROM_REPOSITORY.
+The destination's password comes from --password-file, --password-command,
+$VMBAK_PASSWORD_FILE, $VMBAK_PASSWORD_COMMAND or $VMBAK_PASSWORD; the source's from
+--from-password-file, --from-password-command, $VMBAK_FROM_PASSWORD_FILE,
+$VMBAK_FROM_PASSWORD_COMMAND or $VMBAK_FROM_PASSWORD (in that order). The destination
+defaults to -r / $VMBAK_REPOSITORY, the source to $VMBAK_FROM_REPOSITORY.
 Filters choose the snapshots copied (and resolve SNAPs among them, as restore does); each
 is copied with its whole parent chain, whether or not the parents match.
 
@@ -42,6 +53,8 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument("--to-repo", metavar="REPO", help="destination repository (default: -r / $VMBAK_REPOSITORY)")
     p.add_argument("--from-password-file", metavar="FILE",
                    help="the source's password file (default: $VMBAK_FROM_PASSWORD_FILE, $VMBAK_FROM_PASSWORD)")
+    p.add_argument("--from-password-command", metavar="CMD",
+                   help="run CMD (no shell) for the source's password (default: $VMBAK_FROM_PASSWORD_COMMAND)")
     add_filter_options(p, name_help="copy the snapshots of this disk name (repeat for several)")
     p.add_argument("--workers", type=int, default=4, help="chunks read and converted at once (default 4)")
     p.add_argument("--dry-run", "-n", action="store_true", help="show what would be copied")
@@ -49,14 +62,8 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
 
 
 def _from_password(args: argparse.Namespace) -> str | None:
-    pf = args.from_password_file or os.environ.get("VMBAK_FROM_PASSWORD_FILE")
-    if pf:
-        try:
-            with open(pf, encoding="utf-8") as f:
-                return f.read().rstrip("\r\n")
-        except OSError as e:
-            raise VmbakError(f"cannot read password file {pf}: {e.strerror}") from None
-    return os.environ.get("VMBAK_FROM_PASSWORD")
+    return resolve_password(args.from_password_file, args.from_password_command, prefix="VMBAK_FROM_",
+                            option="--from-password")
 
 
 def _encrypted(loc: str) -> bool:
@@ -85,7 +92,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
     except VmbakError as e:
         if src_pw is None and _encrypted(src_loc):
             raise VmbakError("source repository is encrypted: give its password with --from-password-file FILE, "
-                             "$VMBAK_FROM_PASSWORD_FILE or $VMBAK_FROM_PASSWORD") from None
+                             "--from-password-command CMD, $VMBAK_FROM_PASSWORD_FILE or $VMBAK_FROM_PASSWORD") from None
         raise type(e)(f"source repository: {e}") from None
     try:
         dst = Repository.open(dst_loc, password(args) if needs_password(dst_loc) else given_password(args))

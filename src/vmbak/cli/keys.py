@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     q.set_defaults(func=cmd_list)
     q = ks.add_parser("add", parents=[parent, new_pw], help="add a password",
                       description="Add a key file holding the same master key under a new password. "
-                      "The current password (VMBAK_PASSWORD, --password-file or a prompt) opens the "
+                      "The current password (VMBAK_PASSWORD, --password-file, --password-command or a prompt) opens the "
                       "repository; the new one comes from --new-password-file, $VMBAK_NEW_PASSWORD or a "
                       "prompt.",
                       epilog="example:\n  vmbak key add --new-password-file /root/second.pw",

@@ -21,7 +21,7 @@ if __name__ == "__main__" or getattr(sys, "argv", [""])[0].rsplit("/", 1)[-1] ==
 
 import argparse  # noqa: E402
 
-GROUPS = ["repository", "backup", "restore", "snapshots", "keys", "maintenance", "copy"]
+GROUPS = ["repository", "backup", "restore", "snapshots", "keys", "maintenance", "copy", "completion", "manpage"]
 OPTIONAL_GROUPS = ["track", "usage_cmd", "serve", "browse"]  # present when their modules are installed
 
 
@@ -36,8 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-r", "--repo", default=argparse.SUPPRESS,
                         help="repository location (default: $VMBAK_REPOSITORY)")
-    common.add_argument("--password-file", default=argparse.SUPPRESS,
-                        help="read the password from this file (default: $VMBAK_PASSWORD)")
+    common.add_argument("--password-file", default=argparse.SUPPRESS, metavar="FILE",
+                        help="read the password from this file (default: $VMBAK_PASSWORD_FILE, "
+                        "else $VMBAK_PASSWORD, else a prompt on a terminal)")
+    common.add_argument("--password-command", default=argparse.SUPPRESS, metavar="CMD",
+                        help="run CMD (no shell) and take the first line it prints as the password "
+                        "(default: $VMBAK_PASSWORD_COMMAND)")
     common.add_argument("--s3-endpoint", default=argparse.SUPPRESS, metavar="URL",
                         help="S3 endpoint for s3:BUCKET/PREFIX locations (default: $VMBAK_S3_ENDPOINT)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
@@ -97,7 +101,7 @@ def _main(argv: list[str] | None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    for k, v in (("repo", None), ("password_file", None), ("json", False), ("quiet", False)):
+    for k, v in (("repo", None), ("password_file", None), ("password_command", None), ("json", False), ("quiet", False)):
         if not hasattr(args, k):
             setattr(args, k, v)
     if not getattr(args, "func", None):

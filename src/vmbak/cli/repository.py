@@ -17,7 +17,8 @@ from vmbak.repo.repository import Repository
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
     p = sub.add_parser("init", parents=[parent], help="create a new repository",
                        description="Create a new, empty repository. It is encrypted (AES-256-GCM, key "
-                       "wrapped with scrypt) unless --encryption none is given.",
+                       "wrapped with scrypt) unless --encryption none is given. For an S3 location, a bucket "
+                       "that does not exist is created (in the client's region).",
                        epilog="example:\n  VMBAK_PASSWORD=secret vmbak -r /backups/repo init",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encryption", choices=ENCRYPTIONS, default=ENC_AES)
@@ -55,8 +56,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     if args.encryption == ENC_NONE and not args.json:
         print("WARNING: this repository is NOT encrypted: anyone who can read it can read your disks",
               file=sys.stderr)
-    emit(args, {"repository": repo.location, "id": repo.id, "encryption": repo.encryption},
-         f"created repository {repo.id[:8]} at {repo.location} (encryption: {repo.encryption})")
+    created_bucket = bool(getattr(repo.backend, "created_bucket", False))
+    emit(args, {"repository": repo.location, "id": repo.id, "encryption": repo.encryption,
+                "created_bucket": created_bucket},
+         ("created bucket " + repo.backend.bucket + "\n" if created_bucket else "")
+         + f"created repository {repo.id[:8]} at {repo.location} (encryption: {repo.encryption})")
     return 0
 
 

@@ -144,7 +144,7 @@ def unwrap_key(doc: dict, password: str | None, repo_id: str, name: str,
             raise RepositoryError(f"key file {name}: unknown key derivation {kdf!r}")
         if password is None:
             raise RepositoryError("this repository is encrypted: a password is required "
-                                  "(VMBAK_PASSWORD, --password-file, or a terminal prompt)")
+                                  "(VMBAK_PASSWORD, --password-file, --password-command, or a terminal prompt)")
         n, r, p = int(doc["n"]), int(doc["r"]), int(doc["p"])
         if not (1 < n <= 1 << 22 and 0 < r <= 64 and 0 < p <= 16):
             raise RepositoryError(f"key file {name}: implausible scrypt parameters")

@@ -7,6 +7,9 @@ Locations::
     s3:BUCKET[/PREFIX]                                    endpoint from --s3-endpoint / $VMBAK_S3_ENDPOINT,
                                                           else the AWS tools' own configuration
 
+``vmbak init`` creates the bucket when it does not exist (in the client's region), as
+restic does; every other command needs it to exist.
+
 Each repository object is the S3 object ``PREFIX/<name>`` (the same names as in a local
 repository directory). Credentials, region and profile come from where the AWS tools
 find them (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, ``~/.aws``).
@@ -144,6 +147,7 @@ class S3Backend:
         self.location = self.loc.url()
         self.bucket = self.loc.bucket
         self.prefix = self.loc.prefix
+        self.created_bucket = False  # set by prepare_init when it had to create the bucket
         self.concurrency = _env_int("VMBAK_S3_CONCURRENCY", 4, 1)
         self.pack_writers = _env_int("VMBAK_S3_UPLOADS", 2, 1)  # read by ChunkWriter
         self.part_size = _env_int("VMBAK_S3_PART_SIZE", 8 * MiB, 5 * MiB)
@@ -508,9 +512,46 @@ class S3Backend:
             return obj["Key"][len(self.prefix):]
         return None
 
+    def bucket_exists(self) -> bool:
+        """Whether the bucket exists (a clear error if the credentials or the endpoint fail)."""
+        missing = False
+
+        def head() -> None:
+            nonlocal missing
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except self._bx.ClientError as e:
+                if str(e.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchBucket", "NotFound"):
+                    missing = True
+                    return
+                raise
+
+        self._call("check", f"bucket {self.bucket}", head)
+        return not missing
+
+    def create_bucket(self) -> None:
+        """Create the bucket, in the client's region (as restic's init does)."""
+        kw: dict[str, Any] = {"Bucket": self.bucket}
+        region = self.client.meta.region_name
+        if region and region != "us-east-1":  # us-east-1 is the default, and refuses to be named
+            kw["CreateBucketConfiguration"] = {"LocationConstraint": region}
+
+        def create() -> None:
+            try:
+                self.client.create_bucket(**kw)
+            except self._bx.ClientError as e:
+                if str(e.response.get("Error", {}).get("Code", "")) != "BucketAlreadyOwnedByYou":
+                    raise
+
+        self._call("create", f"bucket {self.bucket}", create)
+        self.created_bucket = True
+
     def prepare_init(self) -> None:
-        """Refuse to create a repository where something already is."""
-        self.check_bucket()
+        """Create the bucket if it does not exist; refuse to create a repository where
+        something already is."""
+        if not self.bucket_exists():
+            self.create_bucket()
+            return
         first = self.first_object()
         if first is not None:
             if self.exists("config"):
