@@ -219,3 +219,31 @@ schedule = "0 3 * * *"
     assert [s["id"] for s in repo.snapshots()] == res["snapshots"]
     assert sp2.stop() == 0
     assert repo.check(read_data=True)["ok"]
+
+
+def test_missed_schedule_runs_once_at_start(server_env, make_repo, make_disk) -> None:
+    repo = make_repo("none")
+    disk = make_disk("m.raw", 1 * MiB, seed=5)
+    body = _repo_config(repo) + f'''
+[jobs.m]
+repository = "main"
+disk = "{disk.path}"
+schedule = "* * * * * */3"
+'''
+    server_env.write_config(server_env.header() + body)
+    sp = server_env.start()
+    sp.wait_for(lambda: [r for r in sp.runs("m") if r["state"] == "succeeded"], 60, "a scheduled run")
+    assert sp.stop() == 0
+    time.sleep(3.5)  # at least one schedule passes while no server runs
+    sp = server_env.start()
+    missed = sp.wait_for(lambda: [r for r in sp.runs("m") if r["trigger"] == "missed"], 10, "the missed run")
+    assert len(missed) == 1 and missed[0]["scheduled"]
+    assert sp.stop() == 0
+    # with run_missed = false, nothing is caught up
+    server_env.write_config(server_env.header(run_missed="false") + body)
+    time.sleep(3.5)
+    sp = server_env.start()
+    time.sleep(1)
+    assert len([r for r in sp.runs("m") if r["trigger"] == "missed"]) == 1
+    assert sp.stop() == 0
+    assert _locks(repo) == []
