@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import hmac
 import tarfile
-import threading
 import time
 from collections.abc import Iterator
-from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -23,7 +21,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 
 from vmbak import __version__
 from vmbak.errors import SnapshotNotFound, VmbakError
-from vmbak.server.config import RepositoryConfig, is_loopback
+from vmbak.server.config import is_loopback
 
 READ_METHODS = ("GET", "HEAD")
 
@@ -60,28 +58,6 @@ class AuthMiddleware(BaseHTTPMiddleware):
         return await call_next(request)
 
 
-class _Repos:
-    """Opened repositories for the API: the key is derived once (scrypt is slow); every
-    request gets a fresh Repository object sharing it, so it sees the repository as it is now."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._open: dict[tuple, Any] = {}
-
-    def get(self, rc: RepositoryConfig):  # noqa: ANN201
-        from vmbak.repo.repository import Repository
-        from vmbak.server.service import open_repository
-
-        key = (rc.location, rc.password_file, rc.s3_endpoint)
-        with self._lock:
-            base = self._open.get(key)
-        if base is None:
-            base = open_repository(rc)
-            with self._lock:
-                self._open[key] = base
-        return Repository(base.backend, base.config, base.master)
-
-
 def _safe_path(path: str) -> str:
     if "\x00" in path:
         raise HTTPException(400, "a path may not contain NUL")
@@ -99,7 +75,7 @@ def create_app(service) -> FastAPI:  # noqa: ANN001, C901 - a Service; one funct
                   "changes need the admin token. See docs/server.md.")
     app.state.service = service
     app.add_middleware(AuthMiddleware)
-    repos = _Repos()
+    repos = service.repos
 
     def job_json(key: str) -> dict:
         job = service.config.jobs[key]

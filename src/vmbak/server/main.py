@@ -101,12 +101,14 @@ def serve(config: Config, ready: callable | None = None) -> int:  # type: ignore
         sched = loop.create_task(service.run_forever())
         web = loop.create_task(server.serve(sockets=[sock]))
         scheme = "https" if config.server.tls_cert else "http"
-        log(f"listening on {scheme}://{config.server.listen} ({len(config.jobs)} jobs, history "
+        log(f"listening on {scheme}://{config.server.listen} ({len(config.jobs)} job{'s' * (len(config.jobs) != 1)}, history "
             f"{history.path}, pid {os.getpid()})")
         if ready is not None:
             ready()
         await asyncio.wait([web, sched, loop.create_task(done.wait())], return_when=asyncio.FIRST_COMPLETED)
+        failed = None
         if web.done() and not done.is_set():  # the web server failed (TLS files, ...)
+            failed = f"the HTTP server stopped: {web.exception() or 'at start'}" if not web.cancelled() else "stopped"
             await service.stop()
         if sched.done() and sched.exception() is not None and not done.is_set():
             log(f"error: the scheduler stopped: {sched.exception()!r}")
@@ -118,10 +120,13 @@ def serve(config: Config, ready: callable | None = None) -> int:  # type: ignore
         with contextlib.suppress(BaseException):
             await sched
         log("stopped")
+        return failed
 
     try:
-        asyncio.run(main())
+        failed = asyncio.run(main())
     finally:
         history.close()
         sock.close()
+    if failed:
+        raise VmbakError(failed)
     return 0

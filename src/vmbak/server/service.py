@@ -21,6 +21,7 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -134,7 +135,8 @@ class Service:
         self.repo_info: dict[str, dict] = {}  # repository key -> {"latest": {name: time}, "size": bytes, ...}
         self.on_finish: list[Callable[[dict], None]] = []  # metrics, notifications
         self.on_stale: list[Callable[[str, float, str | None], None]] = []
-        self._loop_task: asyncio.Task | None = None
+        self._exprs: dict[tuple[str, str], str] = {}
+        self.repos = RepoCache()
 
     # ------------------------------------------------------------------ schedule
     @staticmethod
@@ -162,7 +164,7 @@ class Service:
             for kind, expr in job.schedules().items():
                 key = (job.key, kind)
                 old = self.due.get(key)
-                prev_expr = getattr(self, "_exprs", {}).get(key)
+                prev_expr = self._exprs.get(key)
                 due[key] = old if old is not None and prev_expr == expr else self.next_time(expr, now)
         self.due = due
         self._exprs = {(j.key, k): e for j in self.config.jobs.values() for k, e in j.schedules().items()}
@@ -424,7 +426,7 @@ class Service:
 
     async def refresh_repo(self, repo: RepositoryConfig) -> None:
         try:
-            self.repo_info[repo.key] = await asyncio.to_thread(repository_facts, repo)
+            self.repo_info[repo.key] = await asyncio.to_thread(repository_facts, self.repos.get(repo))
         except Exception as e:  # noqa: BLE001 - facts for metrics; the runs report real errors
             self.repo_info[repo.key] = {"error": str(e), "latest": {}, "size": None}
         self.wake.set()
@@ -486,11 +488,31 @@ def open_repository(repo: RepositoryConfig):  # noqa: ANN201 - a vmbak Repositor
     return Repository.open(repo.location, pw)
 
 
-def repository_facts(repo: RepositoryConfig) -> dict:
+class RepoCache:
+    """Opened repositories: the key is derived once (scrypt takes a while); ``get`` returns
+    a fresh Repository object sharing it, which sees the repository as it is now."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[tuple, object] = {}
+
+    def get(self, rc: RepositoryConfig):  # noqa: ANN201 - a vmbak Repository
+        from vmbak.repo.repository import Repository
+
+        key = (rc.location, rc.password_file, rc.s3_endpoint)
+        with self._lock:
+            base = self._open.get(key)
+        if base is None:
+            base = open_repository(rc)
+            with self._lock:
+                self._open[key] = base
+        return Repository(base.backend, base.config, base.master)
+
+
+def repository_facts(r) -> dict:  # noqa: ANN001 - a vmbak Repository
     """The newest snapshot time of each disk name and the repository's size (for metrics and staleness)."""
     from vmbak.engine.retention import parse_snapshot_time
 
-    r = open_repository(repo)
     latest: dict[str, float] = {}
     counts: dict[str, int] = {}
     for m in r.manifests():
