@@ -94,6 +94,14 @@ to = ["admin@localhost"]
     assert by["web"]["next_run"]["backup"] and by["db"]["next_run"] == {}
     assert by["db"]["last_run"]["state"] == "succeeded"
 
+    # ---- prune and verify, on demand (their schedules work as backups' do)
+    for kind in ("prune", "verify"):
+        p = server_env.vmbak("jobs", "run", "db", "--kind", kind, "--wait", "--json", "--config", str(server_env.config))
+        r = json.loads(p.stdout)
+        assert r["state"] == "succeeded" and r["kind"] == kind, r
+        cmd = {"prune": "$ vmbak prune", "verify": "$ vmbak check"}[kind]
+        assert any(cmd in line for line in sp.get(f"/api/v1/runs/{r['id']}").json()["log"])
+
     # ---- a failing job notifies by webhook and email
     r = sp.post("/api/v1/jobs/broken/run").json()["run"]
     failed = sp.wait_run(r["id"])

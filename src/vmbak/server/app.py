@@ -257,16 +257,16 @@ def create_app(service) -> FastAPI:  # noqa: ANN001, C901 - a Service; one funct
         path = _safe_path(path)
         _k, m, files = snapshot_files(sid, repository)
         fs, _vol, node, norm = files.resolve(path)
-        name = (norm.rstrip("/").rsplit("/", 1)[-1] or m.name).replace('"', "_")
+        name = norm.rstrip("/").rsplit("/", 1)[-1] or m.name
         if fs is not None and node.kind == "file":
             return StreamingResponse((piece for _off, piece in files.pieces(fs, node, norm)),
                                      media_type="application/octet-stream",
                                      headers={"Content-Length": str(node.size),
-                                              "Content-Disposition": f'attachment; filename="{name}"'})
+                                              "Content-Disposition": _attachment(name)})
         if node.kind != "dir":
             raise HTTPException(400, f"{norm} is a {node.kind}: only files and directories can be downloaded")
         return StreamingResponse(_tar_stream(files, norm), media_type="application/x-tar",
-                                 headers={"Content-Disposition": f'attachment; filename="{name}.tar"'})
+                                 headers={"Content-Disposition": _attachment(f"{name}.tar")})
 
     # ------------------------------------------------------------------ metrics
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -280,6 +280,14 @@ def create_app(service) -> FastAPI:  # noqa: ANN001, C901 - a Service; one funct
         return Response(generate_latest(reg), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _attachment(name: str) -> str:
+    """A Content-Disposition for any file name: an ASCII fallback and the exact name (RFC 6266)."""
+    from urllib.parse import quote
+
+    plain = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in name)
+    return f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quote(name.encode('utf-8', 'surrogateescape'), safe='')}"
 
 
 def _tar_stream(files, top: str) -> Iterator[bytes]:  # noqa: ANN001 - SnapshotFiles

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import sys
@@ -39,12 +40,15 @@ def log(msg: str) -> None:
     print(f"vmbak server: {msg}", file=sys.stderr, flush=True)
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _die_with_parent(parent: int) -> None:
+    """In a job's child, between fork and exec: get SIGTERM when the server dies, even by SIGKILL."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except OSError:
         pass
+    if os.getppid() != parent:  # the server died before the line above: do not start at all
+        os._exit(143)
 
 
 class RWLock:
@@ -327,7 +331,7 @@ class Service:
         run.log.append(f"{now_iso()} $ {shown}")
         proc = await asyncio.create_subprocess_exec(
             *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env=J.child_env(run.repo), preexec_fn=_die_with_parent, start_new_session=True, limit=1 << 24)
+            env=J.child_env(run.repo), preexec_fn=functools.partial(_die_with_parent, os.getpid()), start_new_session=True, limit=1 << 24)
         run.proc = proc
         stderr: list[str] = []
 
