@@ -122,3 +122,13 @@ location = "{repo.path}"
     assert "server.listen" in lines[0] and "allow_remote" in lines[0]
     server_env.write_config(text.replace("[server]\n", "[server]\nallow_remote = true\n"))
     server_env.vmbak("server", "--config", str(server_env.config), "--check")
+
+
+def test_jobs_without_a_server(server_env, make_repo) -> None:
+    repo = make_repo("none")
+    server_env.write_config(server_env.header() + f'\n[repositories.main]\nlocation = "{repo.path}"\n')
+    p = server_env.vmbak("jobs", "--config", str(server_env.config), check=False)
+    lines = _problems(p)
+    assert len(lines) == 1 and "cannot reach the vmbak server" in lines[0]
+    p = server_env.vmbak("jobs", "run", "x", "--config", str(server_env.config), check=False)
+    assert len(_problems(p)) == 1

@@ -225,8 +225,43 @@ schedule = "0 3 * * *"
     res = sp2.wait_run(again[0]["id"], 180)
     assert res["state"] == "succeeded", res
     assert [s["id"] for s in repo.snapshots()] == res["snapshots"]
+    # SIGTERM mid-job: the run is aborted cleanly, the server exits 0
+    disk.write_random(0, 64 * MiB, seed=12)
+    rid = sp2.post("/api/v1/jobs/big/run").json()["run"]["id"]
+    sp2.wait_for(lambda: _locks(repo), 60, "the second backup to take its lock")
     assert sp2.stop() == 0
+    assert _locks(repo) == []
+    assert len(repo.snapshots()) == 1
+    sp3 = server_env.start()
+    stopped = sp3.get(f"/api/v1/runs/{rid}").json()
+    assert stopped["state"] == "interrupted" and stopped["error"] == "the server is stopping", stopped
+    again = sp3.wait_for(lambda: [r for r in sp3.runs("big") if r["trigger"] == "resumed" and r["id"] > rid], 30,
+                         "the run stopped by SIGTERM to run again")
+    assert sp3.wait_run(again[0]["id"], 180)["state"] == "succeeded"
+    assert sp3.stop() == 0
+    assert len(repo.snapshots()) == 2
     assert repo.check(read_data=True)["ok"]
+
+
+def test_concurrency_limit_and_no_double_start(server_env, make_repo, make_disk) -> None:
+    repo = make_repo("none")
+    jobs = ""
+    for name in ("a", "b", "c"):
+        d = make_disk(f"{name}.raw", 24 * MiB, seed=ord(name))
+        jobs += f'\n[jobs.{name}]\nrepository = "main"\ndisk = "{d.path}"\n'
+    server_env.write_config(server_env.header(max_concurrent_jobs=2) + _repo_config(repo) + jobs)
+    sp = server_env.start()
+    ids = [sp.post(f"/api/v1/jobs/{n}/run").json()["run"]["id"] for n in ("a", "b", "c")]
+    assert sp.post("/api/v1/jobs/a/run").status == 409
+    states = sp.wait_for(lambda: [r["state"] for r in sp.runs()] if any(r["state"] == "running"
+                                                                       for r in sp.runs()) else None, 30, "a run")
+    assert states.count("running") <= 2
+    runs = [sp.wait_run(i) for i in ids]
+    assert all(r["state"] == "succeeded" for r in runs), runs
+    spans = sorted((r["started"], r["ended"]) for r in runs)
+    # never three at once: the third started only after one of the first two had ended
+    assert spans[2][0] >= min(spans[0][1], spans[1][1]), spans
+    assert sp.stop() == 0
 
 
 def test_missed_schedule_runs_once_at_start(server_env, make_repo, make_disk) -> None:
@@ -244,14 +279,16 @@ schedule = "* * * * * */3"
     assert sp.stop() == 0
     time.sleep(3.5)  # at least one schedule passes while no server runs
     sp = server_env.start()
-    missed = sp.wait_for(lambda: [r for r in sp.runs("m") if r["trigger"] == "missed"], 10, "the missed run")
-    assert len(missed) == 1 and missed[0]["scheduled"]
+    # a run the stop interrupted runs again ("resumed"), else the missed schedule runs ("missed"): once
+    want = "resumed" if sp.runs("m")[0]["state"] == "interrupted" else "missed"
+    caught = sp.wait_for(lambda: [r for r in sp.runs("m") if r["trigger"] == want], 10, f"the {want} run")
+    assert len(caught) == 1 and len([r for r in sp.runs("m") if r["trigger"] in ("missed", "resumed")]) == 1
     assert sp.stop() == 0
     # with run_missed = false, nothing is caught up
     server_env.write_config(server_env.header(run_missed="false") + body)
     time.sleep(3.5)
     sp = server_env.start()
     time.sleep(1)
-    assert len([r for r in sp.runs("m") if r["trigger"] == "missed"]) == 1
+    assert len([r for r in sp.runs("m") if r["trigger"] in ("missed", "resumed")]) == 1
     assert sp.stop() == 0
     assert _locks(repo) == []

@@ -108,6 +108,7 @@ class Run:
     log: list[str] = field(default_factory=list)
     proc: asyncio.subprocess.Process | None = None
     abort_reason: str | None = None
+    abort_state: str = "aborted"  # "interrupted" when the server stops: run again at the next start
     task: asyncio.Task | None = None
     bytes_read: int = 0
     bytes_added: int = 0
@@ -174,23 +175,30 @@ class Service:
         self._exprs = {(j.key, k): e for j in self.config.jobs.values() for k, e in j.schedules().items()}
 
     def catch_up(self) -> None:
-        """At start: runs the last server left unfinished are marked interrupted and run
-        again; schedules missed while no server ran run once (``run_missed``)."""
-        again: set[tuple[str, str]] = set()
+        """At start: runs the last server left unfinished are marked interrupted; a job
+        whose last run was interrupted (the server died or stopped during it) runs again;
+        schedules missed while no server ran run once (``run_missed``)."""
         for r in self.history.interrupted_runs():
             self.history.mark_interrupted(r["id"], "the server stopped before the run finished")
             log(f"run {r['id']} ({r['job']} {r['kind']}) was left unfinished by the last server: interrupted")
-            again.add((r["job"], r["kind"]))
+        again = set()
+        for job in self.config.jobs.values():
+            for kind in ("backup", "prune", "verify"):
+                last = self.history.last_run(job.key, kind)
+                if last is not None and last["state"] == "interrupted":
+                    again.add((job.key, kind))
         now = self._now()
         for job in self.config.jobs.values():
             missed_ok = self.config.server.run_missed if job.run_missed is None else job.run_missed
             if not job.enabled or not missed_ok:
                 continue
+            for kind in sorted(k for j, k in again if j == job.key):
+                self.enqueue(job.key, kind, "resumed", None)
             for kind, expr in job.schedules().items():
                 last = self.history.last_tick(job.key, kind)
                 prev = self.prev_time(expr, now)
                 if (job.key, kind) in again:
-                    self.enqueue(job.key, kind, "resumed", None)
+                    continue
                 elif last is not None and prev.astimezone(UTC) > parse_iso(last):
                     log(f"{job.key} {kind}: the run scheduled for {prev.isoformat(timespec='seconds')} was missed: "
                         "running it now")
@@ -270,7 +278,7 @@ class Service:
             else:
                 await coro
         except Aborted as e:
-            state, error, code = "aborted", str(e), run.proc.returncode if run.proc else None
+            state, error, code = run.abort_state, str(e), run.proc.returncode if run.proc else None
         except StepFailed as e:
             state, error, code = "failed", e.error, e.code
         except Exception as e:  # noqa: BLE001 - a run's failure never stops the server
@@ -355,16 +363,18 @@ class Service:
             raise StepFailed(J.error_of(result, stderr) or f"exit status {code}", code)
         return result
 
-    async def abort(self, run: Run, why: str) -> None:
+    async def abort(self, run: Run, why: str, state: str = "aborted") -> None:
         """Abort a run cleanly: its child gets SIGTERM (it releases its lock and aborts its
-        change source, as on Ctrl-C), then SIGKILL if it has not ended after ``stop_timeout``."""
+        change source, as on Ctrl-C), then SIGKILL if it has not ended after ``stop_timeout``.
+        ``state`` is what the run ends as: "aborted", or "interrupted" (run again at the next start)."""
         if run.abort_reason:
             return
         run.abort_reason = why
+        run.abort_state = state
         if run in self.queue:
             self.queue.remove(run)
             self.history.start_run(run.id)
-            self.history.finish_run(run.id, "aborted", exit_code=None, error=why, bytes_read=0, bytes_added=0,
+            self.history.finish_run(run.id, state, exit_code=None, error=why, bytes_read=0, bytes_added=0,
                                     snapshots=[], forgotten=[], result=None, log=[])
             self.active.pop(run.id, None)
             return
@@ -384,12 +394,12 @@ class Service:
         """Stop scheduling; abort (or, with stop = "finish", wait for) running runs."""
         if self.stopping:
             for run in list(self.active.values()):  # a second signal: abort now
-                await self.abort(run, "the server is stopping")
+                await self.abort(run, "the server is stopping", "interrupted")
             return
         self.stopping = True
         self.wake.set()
         for run in list(self.queue):
-            await self.abort(run, "the server stopped before the run started")
+            await self.abort(run, "the server stopped before the run started", "interrupted")
         running = [r for r in self.active.values() if r.task is not None]
         if self.config.server.stop == "finish":
             log(f"stopping: waiting for {len(running)} running jobs to finish")
@@ -398,7 +408,7 @@ class Service:
             running = [r for r in running if r.task in pending]
         if running:
             log(f"stopping: aborting {len(running)} running jobs")
-        await asyncio.gather(*(self.abort(r, "the server is stopping") for r in running))
+        await asyncio.gather(*(self.abort(r, "the server is stopping", "interrupted") for r in running))
         tasks = [r.task for r in running if r.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=self.config.server.stop_timeout + 5)
