@@ -129,9 +129,14 @@ def create_app(service) -> FastAPI:  # noqa: ANN001, C901 - a Service; one funct
             except SnapshotNotFound as e:
                 raise HTTPException(404, str(e)) from None
             except VmbakError as e:
+                from vmbak.serve.files import BrowseError
+
                 msg = str(e)
-                code = 404 if "no such file" in msg else 400 if "not allowed" in msg or "is a directory" in msg \
-                    or "not a regular file" in msg or "not a directory" in msg else 500
+                code = 500  # the repository cannot be read, damaged data, ...
+                if isinstance(e, BrowseError):  # a path inside a snapshot
+                    code = 404 if "no such file" in msg else 400 if any(
+                        w in msg for w in ("not allowed", "is a directory", "not a regular file", "not a directory")
+                    ) else 422  # exists, but its filesystem or entry cannot be read
                 raise HTTPException(code, msg) from None
         return wrapper
 

@@ -401,7 +401,7 @@ class Service:
         for run in list(self.queue):
             await self.abort(run, "the server stopped before the run started", "interrupted")
         running = [r for r in self.active.values() if r.task is not None]
-        if self.config.server.stop == "finish":
+        if self.config.server.stop == "finish" and running:
             log(f"stopping: waiting for {len(running)} running jobs to finish")
             done, pending = await asyncio.wait([r.task for r in running], timeout=self.config.server.stop_timeout) \
                 if running else (set(), set())
