@@ -37,7 +37,7 @@ def _forget_rows(result: object, name: str) -> list[dict]:
     return []
 
 
-def test_scheduled_backups_api_metrics_notifications(server_env, make_repo, make_ext4, make_disk,
+def test_scheduled_backups_api_metrics_notifications(server_env, make_repo, make_ext4, make_disk, debugfs,
                                                      webhook_receiver, smtp_server) -> None:
     repo = make_repo("aes-256-gcm", password="correct horse battery staple")
     disk, files = make_ext4("db.img", 24 * MiB)  # backed up on demand: browsed below
@@ -150,6 +150,22 @@ to = ["admin@localhost"]
             r = sp.get(f"/api/v1/snapshots/{sid}/{what}?path={bad}")
             assert r.status == 400, (what, bad, r.status, r.body)
     assert sp.get("/api/v1/snapshots/ffffffff/files?path=/").status == 404
+    # ---- restore to a path on the server (admin only)
+    target = server_env.dir / "restored.img"
+    body = json.dumps({"target": str(target)}).encode()
+    ctype = {"Content-Type": "application/json"}
+    r = sp.request("POST", f"/api/v1/snapshots/{sid}/restore", token="read", data=body, headers=ctype)
+    assert r.status == 403
+    r = sp.request("POST", f"/api/v1/snapshots/{sid}/restore", data=json.dumps({"target": "rel"}).encode(),
+                   headers=ctype)
+    assert r.status == 400
+    r = sp.request("POST", f"/api/v1/snapshots/{sid}/restore", data=body, headers=ctype)
+    assert r.status == 202, r
+    res = sp.wait_run(r.json()["run"]["id"])
+    assert res["state"] == "succeeded" and res["job"] == "(restore)", res
+    assert target.stat().st_size == disk.size
+    assert debugfs(target, "cat /etc/hostname").encode() == files["etc/hostname"]
+
     snap = sp.get(f"/api/v1/snapshots/{sid}").json()
     assert snap["chain"][0]["id"] == sid and snap["repository"] == "main"
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from vmbak import __version__
@@ -24,6 +25,15 @@ from vmbak.errors import SnapshotNotFound, VmbakError
 from vmbak.server.config import is_loopback
 
 READ_METHODS = ("GET", "HEAD")
+
+
+class RestoreRequest(BaseModel):
+    """Where to restore a snapshot: a path on the server (a new file, or with overwrite an
+    existing file or block device), and optionally an image format (raw, qcow2, vhdx, vpc, vmdk)."""
+
+    target: str
+    overwrite: bool = False
+    format: str | None = None
 
 
 def _check_token(given: str, expected: str | None) -> bool:
@@ -243,6 +253,18 @@ def create_app(service) -> FastAPI:  # noqa: ANN001, C901 - a Service; one funct
 
         k, repo, m = find_snapshot(sid, repository)
         return k, m, SnapshotFiles(SnapshotView(repo, m))
+
+    @app.post("/api/v1/snapshots/{sid}/restore", status_code=202,
+              summary="Restore a snapshot to a path on the server (admin); a run of the job '(restore)'")
+    @vmbak_errors
+    def restore_snapshot(sid: str, body: RestoreRequest, repository: str | None = None) -> JSONResponse:
+        if "\x00" in body.target or not body.target.startswith("/"):
+            raise HTTPException(400, "target must be an absolute path on the server")
+        k, _repo, m = find_snapshot(sid, repository)
+        if service.stopping:
+            raise HTTPException(503, "the server is stopping")
+        run = service.loop_call(service.enqueue_restore, k, m.id, m.name, body.target, body.overwrite, body.format)
+        return JSONResponse({"run": run.to_json()}, status_code=202)
 
     @app.get("/api/v1/snapshots/{sid}/files", summary="List a directory (or describe a file) inside a snapshot")
     @vmbak_errors

@@ -81,6 +81,16 @@ def verify_command(job: JobConfig, repo: RepositoryConfig) -> list[str]:
     return [*VMBAK, "check", "--json", *repo_args(repo), *(["--read-data"] if job.verify_read_data else [])]
 
 
+def restore_command(repo: RepositoryConfig, snapshot: str, target: str, overwrite: bool = False,
+                    format: str | None = None) -> list[str]:  # noqa: A002 - the option's name
+    cmd = [*VMBAK, "restore", snapshot, target, "--json", *repo_args(repo)]
+    if overwrite:
+        cmd.append("--overwrite")
+    if format:
+        cmd += ["--format", format]
+    return cmd
+
+
 def last_json(stdout: str) -> object:
     """The result a ``--json`` command printed: the whole output as one JSON document, or
     else its last line that is JSON (newer commands print JSON lines, status messages first)."""

@@ -33,6 +33,7 @@ from vmbak.server.config import Config, JobConfig, RepositoryConfig, load
 from vmbak.server.history import History, now_iso, parse_iso
 
 PR_SET_PDEATHSIG = 1
+RESTORE_JOB = "(restore)"  # the job name of restores started through the API
 
 
 def log(msg: str) -> None:
@@ -115,6 +116,7 @@ class Run:
     snapshots: list[str] = field(default_factory=list)
     forgotten: list[str] = field(default_factory=list)
     results: list[object] = field(default_factory=list)
+    restore: dict = field(default_factory=dict)  # kind "restore": snapshot, target, overwrite, format
 
     def to_json(self) -> dict:
         return {"id": self.id, "job": self.job.key, "kind": self.kind, "trigger": self.trigger, "state": self.state,
@@ -226,6 +228,20 @@ class Service:
         self.wake.set()
         return run, None
 
+    def enqueue_restore(self, repo_key: str, snapshot: str, name: str, target: str, overwrite: bool,
+                        fmt: str | None) -> Run:
+        """Queue a restore of ``snapshot`` (a full id) to ``target``, a path on this machine.
+        Restores are runs of the pseudo-job ``RESTORE_JOB``; several may run at once (each
+        locks its own target)."""
+        job = JobConfig(RESTORE_JOB, repo_key, name)
+        rid = self.history.add_run(RESTORE_JOB, "restore", "manual", None)
+        run = Run(rid, job, self.config.repositories[repo_key], "restore", "manual", None)
+        run.restore = {"snapshot": snapshot, "target": target, "overwrite": overwrite, "format": fmt}
+        self.active[rid] = run
+        self.queue.append(run)
+        self.wake.set()
+        return run
+
     def _dispatch(self) -> None:
         while self.queue and not self.stopping and self._running() < self.config.server.max_concurrent_jobs:
             run = self.queue.pop(0)
@@ -234,8 +250,25 @@ class Service:
     def _running(self) -> int:
         return sum(1 for r in self.active.values() if r.state == "running")
 
+    def loop_call(self, fn: Callable, *args: object) -> object:
+        """Call ``fn(*args)`` in the service's event loop (where its state lives) from a
+        worker thread, and return what it returns."""
+        import concurrent.futures
+
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def go() -> None:
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(e)
+
+        self.loop.call_soon_threadsafe(go)
+        return fut.result(60)
+
     # ------------------------------------------------------------------ the loop
     async def run_forever(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self._schedule_all()
         self.catch_up()
         asyncio.get_running_loop().create_task(self.refresh_all_repos())
@@ -331,6 +364,11 @@ class Service:
         elif run.kind == "verify":
             async with lock.shared():
                 await self._step(run, J.verify_command(job, repo))
+        elif run.kind == "restore":
+            async with lock.shared():
+                res = await self._step(run, J.restore_command(repo, **run.restore))
+            if isinstance(res, dict):
+                run.bytes_read = int(res.get("written_bytes", 0) or 0)
 
     async def _step(self, run: Run, cmd: list[str]) -> object:
         if run.abort_reason:
