@@ -73,6 +73,7 @@ repository = "main"
 disk = "c.raw"
 libvirt = "c"
 mode = "sideways"
+before = 3
 
 [notify]
 webhook = "ftp://example"
@@ -80,7 +81,7 @@ webhook = "ftp://example"
     lines = _problems(server_env.vmbak("server", "--config", str(server_env.config), "--check", check=False))
     text = "\n".join(lines)
     for key in ("server.max_concurrent_jobs", "repositories.main.colour", "jobs.a.repository", "jobs.a.schedule",
-                "jobs.a.keep.fortnightly", "jobs.b:", "jobs.b.schedule", "jobs.c:", "jobs.c.mode", "notify.webhook"):
+                "jobs.a.keep.fortnightly", "jobs.b:", "jobs.b.schedule", "jobs.c:", "jobs.c.mode", "jobs.c.before", "notify.webhook"):
         assert f": {key}" in text, (key, text)
     # the server refuses to start on the same file, with one line naming the first problem
     p = server_env.vmbak("server", "--config", str(server_env.config), check=False)

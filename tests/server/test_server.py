@@ -54,6 +54,8 @@ keep = {{ last = 2 }}
 repository = "main"
 disk = "{disk.path}"
 name = "db"
+before = "echo before $VMBAK_JOB $VMBAK_RUN_ID >> {server_env.dir / 'hooks.log'}"
+after = ["/bin/sh", "-c", "echo after $VMBAK_RESULT $VMBAK_SNAPSHOTS >> {server_env.dir / 'hooks.log'}"]
 
 [jobs.broken]
 repository = "main"
@@ -95,6 +97,8 @@ to = ["admin@localhost"]
     p = server_env.vmbak("jobs", "run", "db", "--wait", "--json", "--config", str(server_env.config))
     db_run = json.loads(p.stdout)
     assert db_run["state"] == "succeeded" and db_run["trigger"] == "manual" and db_run["snapshots"]
+    hooks_log = (server_env.dir / "hooks.log").read_text().splitlines()
+    assert hooks_log == [f"before db {db_run['id']}", f"after succeeded {db_run['snapshots'][0]}"], hooks_log
     first = sp.post("/api/v1/jobs/web/run")
     second = sp.post("/api/v1/jobs/web/run")
     assert first.status in (202, 409) and second.status == 409, (first, second)

@@ -28,7 +28,7 @@ SERVER_KEYS = {"listen", "token_file", "read_token_file", "tls_cert", "tls_key",
 REPO_KEYS = {"location", "password_file", "s3_endpoint"}
 JOB_KEYS = {"repository", "disk", "libvirt", "libvirt_uri", "changes", "name", "schedule", "mode", "format", "keep",
             "prune", "prune_grace", "verify", "verify_read_data", "run_missed", "workers", "enabled",
-            "stale_after_hours", "timeout"}
+            "stale_after_hours", "timeout", "before", "after"}
 NOTIFY_KEYS = {"on_success", "on_failure", "stale_after_hours", "webhook", "webhook_timeout", "email"}
 EMAIL_KEYS = {"host", "port", "from", "to", "starttls", "ssl", "username", "password_file", "timeout"}
 TOP_KEYS = {"server", "repositories", "jobs", "notify"}
@@ -101,6 +101,8 @@ class JobConfig:
     enabled: bool = True
     stale_after_hours: float | None = None
     timeout: float | None = None
+    before: list[str] | None = None  # argv of a hook run before each backup (a string: through /bin/sh -c)
+    after: list[str] | None = None  # ... and after it, whatever its result
 
     def schedules(self) -> dict[str, str]:
         """The cron expression of each kind of work this job does: backup, prune, verify."""
@@ -442,6 +444,16 @@ def _jobs(c: _Checker, t: dict, repos: dict[str, RepositoryConfig]) -> dict[str,
         jc.stale_after_hours = float(sh) if sh is not None else None
         to = c.get(j, "timeout", f"{kp}.timeout", (int, float))
         jc.timeout = float(to) if to is not None else None
+        for hook in ("before", "after"):
+            h = j.get(hook)
+            if h is None:
+                continue
+            if isinstance(h, str) and h.strip():
+                setattr(jc, hook, ["/bin/sh", "-c", h])
+            elif isinstance(h, list) and h and all(isinstance(x, str) for x in h):
+                setattr(jc, hook, list(h))
+            else:
+                c.add(f"{kp}.{hook}", "must be a shell command (a string) or a command and its arguments (a list)")
         out[key] = jc
     return out
 

@@ -316,6 +316,12 @@ class Service:
             state, error, code = "failed", e.error, e.code
         except Exception as e:  # noqa: BLE001 - a run's failure never stops the server
             state, error, code = "failed", f"{type(e).__name__}: {e}", None
+        if run.kind == "backup" and run.job.after and not (state == "interrupted" and self.stopping):
+            try:
+                await self._hook(run, "after", run.job.after, {"VMBAK_RESULT": state,
+                                                               "VMBAK_SNAPSHOTS": " ".join(run.snapshots)})
+            except Exception as e:  # noqa: BLE001 - StepFailed, OSError (no such program), ...
+                run.log.append(f"{now_iso()} warning: {e}")
         if error:
             run.log.append(f"{now_iso()} error: {error}")
         self.history.finish_run(run.id, state, exit_code=code, error=error, bytes_read=run.bytes_read,
@@ -338,6 +344,8 @@ class Service:
         job, repo = run.job, run.repo
         lock = self._lock(repo.key)
         if run.kind == "backup":
+            if job.before:
+                await self._hook(run, "before", job.before, {})
             cmds = await asyncio.to_thread(J.backup_commands, job, repo)
             if not cmds:
                 raise StepFailed(f"no libvirt domain matches {job.libvirt!r}", None)
@@ -400,6 +408,29 @@ class Service:
         if code != 0:
             raise StepFailed(J.error_of(result, stderr) or f"exit status {code}", code)
         return result
+
+    async def _hook(self, run: Run, which: str, argv: list[str], extra: dict[str, str]) -> None:
+        """Run a job's before/after hook; its output goes to the run's log. A before hook that
+        fails fails the run (nothing is backed up); an after hook's failure is a warning, and
+        it runs whatever the result, also after an abort."""
+        if run.abort_reason and which == "before":
+            raise Aborted(run.abort_reason)
+        run.log.append(f"{now_iso()} {which} hook: {' '.join(argv)}")
+        env = {**J.child_env(run.repo), "VMBAK_JOB": run.job.key, "VMBAK_NAME": run.job.name,
+               "VMBAK_RUN_ID": str(run.id), **extra}
+        env.pop("VMBAK_PASSWORD_FILE", None)  # a hook gets no repository password
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            env=env, preexec_fn=functools.partial(_die_with_parent, os.getpid()), start_new_session=True)
+        run.proc = proc
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            run.log.append(f"{now_iso()} {which}: {raw.decode('utf-8', 'replace').rstrip()}")
+        code = await proc.wait()
+        if code != 0:
+            if run.abort_reason and which == "before":
+                raise Aborted(run.abort_reason)
+            raise StepFailed(f"the {which} hook failed (exit status {code})", code)
 
     async def abort(self, run: Run, why: str, state: str = "aborted") -> None:
         """Abort a run cleanly: its child gets SIGTERM (it releases its lock and aborts its
