@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import socket
+from collections.abc import Callable
 
 from vmbak.errors import VmbakError
 from vmbak.server.config import Config
@@ -38,8 +39,8 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(config: Config, ready: callable | None = None) -> int:  # type: ignore[valid-type]
-    """Run until SIGTERM/SIGINT; return the exit status."""
+def serve(config: Config, ready: Callable[[], None] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; return the exit status. ``ready`` is called once it listens."""
     import uvicorn
 
     from vmbak.server.app import create_app
