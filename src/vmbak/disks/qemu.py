@@ -37,7 +37,13 @@ from collections.abc import Iterator
 
 from vmbak.disks.nbd import NbdDisk, NbdWriter
 from vmbak.disks.raw import RawDisk, check_disk_path
-from vmbak.engine.restore import RestoreTarget, TargetLock, partial_name, remove_dead_partials
+from vmbak.engine.restore import (
+    RestoreTarget,
+    TargetLock,
+    check_landed,
+    partial_name,
+    remove_dead_partials,
+)
 from vmbak.errors import DiskError
 from vmbak.interrupts import deferred, register_cleanup, unregister_cleanup
 
@@ -582,16 +588,7 @@ class ImageRestoreTarget(RestoreTarget):
             self._partial_dir = None
             self.path = self.final_path
             self.created = False
-        # What is at the path now must be the image that was written and checked.
-        try:
-            now = os.stat(self.final_path)
-        except OSError:
-            now = None
-        if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-            raise DiskError(f"restore target {self.final_path} was replaced by another process "
-                            "while it was being restored")
-        if sync:
-            _fsync_dir(os.path.dirname(os.path.abspath(self.final_path)))
+        check_landed(self.final_path, st, sync)  # the image that was written and checked
 
     def discard(self) -> None:
         if self.format == "raw":
@@ -627,15 +624,3 @@ class ImageRestoreTarget(RestoreTarget):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def _fsync_dir(d: str) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

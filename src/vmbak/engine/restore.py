@@ -310,17 +310,7 @@ class RestoreTarget:
                 self.created = False
                 unregister_cleanup(self._token)
                 self._token = register_cleanup(self.close)
-            # What is at the path now must be the file that was written and verified.
-            st = os.fstat(self.fd)
-            try:
-                now = os.stat(self.final_path)
-            except OSError:
-                now = None
-            if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-                raise DiskError(f"restore target {self.final_path} was replaced by another process "
-                                "while it was being restored")
-            if sync:
-                _fsync_dir(os.path.dirname(os.path.abspath(self.final_path)))
+            check_landed(self.final_path, os.fstat(self.fd), sync)
 
     def discard(self) -> None:
         if self.created:
@@ -344,7 +334,22 @@ class RestoreTarget:
                 self.fd = -1
 
 
-def _fsync_dir(d: str) -> None:
+def check_landed(path: str, written: os.stat_result, sync: bool) -> None:
+    """After a rename into place: what is at ``path`` must be the file that was written and
+    verified (``written``), not one another process put there; with ``sync``, the
+    directory entry is made durable."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        now = None
+    if now is None or (now.st_dev, now.st_ino) != (written.st_dev, written.st_ino):
+        raise DiskError(f"restore target {path} was replaced by another process while it was being restored")
+    if sync:
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def fsync_dir(d: str) -> None:
+    """Flush a directory's entries to stable storage; best effort (errors are ignored)."""
     try:
         fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
