@@ -18,7 +18,15 @@ EPILOG = """examples:
   vmbak restore --libvirt db:latest --define db-restored      # every disk, plus the saved domain XML
   vmbak restore --libvirt db@2026-11-22 /var/lib/libvirt/images/restore --format raw
   vmbak restore --from-serve /run/vmbak/web.sock /var/lib/images/web.raw   # see vmbak serve --writable
+  vmbak restore web:latest /tmp/web.raw --ignore-errors       # a damaged repository: salvage what is there
+
+With --ignore-errors, blocks whose chunk is missing or fails verification are left as
+zeros and the restore goes on; every such block range is listed (text and --json
+"damaged"), the target is still completed and renamed into place (whole, with those
+ranges zeroed), and the exit status is 3 (partial restore).
 """
+
+PARTIAL_EXIT = 3  # restic's code for "restored, but some data could not be read"
 
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
@@ -45,6 +53,9 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument("--verify-readback", action="store_true",
                    help="after writing, read the whole target back and check it against the block hashes "
                    "(slower; catches a target that does not keep what it was given)")
+    p.add_argument("--ignore-errors", action="store_true",
+                   help="restore what can be restored: leave blocks of missing or corrupt chunks as zeros, "
+                   "list every damaged block range, complete the target, and exit with status 3")
     p.add_argument("--sync", action="store_true",
                    help="flush the restored data to stable storage before reporting success")
     p.add_argument("--libvirt", action="store_true",
@@ -75,6 +86,8 @@ def _format_for(target: str, fmt: str | None) -> str:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    if args.ignore_errors and (args.from_serve or args.libvirt):
+        raise VmbakError("--ignore-errors restores one snapshot; it does not go with --libvirt or --from-serve")
     if args.from_serve:
         return _cmd_from_serve(args)
     if args.libvirt:
@@ -97,7 +110,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     tgt = ImageRestoreTarget(args.target, m.disk_size, fmt, overwrite=args.overwrite)
     try:
         r = restore(repo, m, tgt, verify=not args.no_verify, workers=args.workers, progress=progress(args),
-                    sync=args.sync, readback=args.verify_readback)
+                    sync=args.sync, readback=args.verify_readback, ignore_errors=args.ignore_errors)
     except BaseException:
         tgt.discard()  # a new file or image never appears half written
         raise
@@ -107,8 +120,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
     text = (f"restored snapshot {m.short_id} ({printable(m.name)}, {m.time}) to {r['target']} ({fmt}): "
             f"{human(r['written_bytes'])} written from a chain of {r['chain_length']}"
             + ((", verified (read back)" if args.verify_readback else ", verified") if r["verified"] else "") + f" in {r['duration_s']} s")
-    emit(args, r, text)
-    return 0
+    lines = [text] + [f"warning: {w}" for w in r["warnings"]]
+    if r["damaged"]:
+        lost = sum(d["length"] for d in r["damaged"])
+        lines.append(f"PARTIAL: {len(r['damaged'])} damaged block ranges ({human(lost)}) could not be restored "
+                     "and hold zeros:")
+        for d in r["damaged"]:
+            end = d["start_block"] + d["blocks"] - 1
+            lines.append(f"  blocks {d['start_block']}-{end} (bytes {d['offset']}-{d['offset'] + d['length'] - 1}) "
+                         f"of snapshot {d['snapshot']}: {d['reason']}")
+    emit(args, r, "\n".join(lines))
+    return PARTIAL_EXIT if r["damaged"] else 0
 
 
 def _cmd_libvirt(args: argparse.Namespace) -> int:
