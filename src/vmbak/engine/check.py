@@ -38,8 +38,10 @@ from vmbak.repo.repository import Repository
 @dataclass
 class Subset:
     """Which packs a ``--read-data-subset`` reads: ``n/t`` (a fixed partition of the packs
-    by id, so that runs 1/t .. t/t read every pack exactly once), ``x%`` (a random choice
-    of that share of the packs) or a size (random packs up to that many stored bytes)."""
+    by id, so that runs 1/t .. t/t read every pack exactly once), ``x%`` (that share of the
+    packs) or a size (packs up to that many stored bytes). The last two choose at random
+    among the packs verified longest ago (never verified first), so that repeated runs
+    cover the whole repository: ceil(100/x) runs of ``x%`` read every pack."""
 
     text: str
     n: int = 0
@@ -47,16 +49,18 @@ class Subset:
     percent: float = 0.0
     size: int = 0
 
-    def select(self, packs: dict[str, int]) -> list[str]:
-        """The chosen pack ids, sorted, from ``packs`` (id -> stored size)."""
+    def select(self, packs: dict[str, int], last: dict[str, str] | None = None) -> list[str]:
+        """The chosen pack ids, sorted, from ``packs`` (id -> stored size); ``last`` gives
+        the time each pack was last verified (coverage records)."""
         if self.t:
             return sorted(p for p in packs if int(p, 16) % self.t == self.n - 1)
         rng = random.SystemRandom()
-        ids = sorted(packs)
+        last = last or {}
+        keyed = {p: rng.random() for p in packs}
+        ids = sorted(packs, key=lambda p: (last.get(p, ""), keyed[p]))
         if self.percent:
             k = min(len(ids), math.ceil(len(ids) * self.percent / 100))
-            return sorted(rng.sample(ids, k))
-        rng.shuffle(ids)
+            return sorted(ids[:k])
         out, total = [], 0
         for p in ids:
             if total + packs[p] <= self.size:
@@ -319,7 +323,7 @@ def _read_packs(repo: Repository, rep: CheckReport, present: dict[str, int], cla
     cov = load_coverage(repo.backend, repo.sealer)
     for p in cov.problems:
         rep.warnings.append(f"{p}; it is ignored (the packs it named count as not verified)")
-    chosen = subset.select(present) if subset else sorted(present)
+    chosen = subset.select(present, cov.packs) if subset else sorted(present)
     sel: dict = {"subset": subset.text if subset else None, "chosen": len(chosen)}
     if older_than is not None:
         limit = datetime.now(UTC).timestamp() - older_than
