@@ -50,6 +50,7 @@ class Coverage:
     packs: dict[str, str] = field(default_factory=dict)   # pack id -> time last verified
     runs: dict[str, RunInfo] = field(default_factory=dict)
     records: list[str] = field(default_factory=list)      # names of the records merged
+    record_runs: dict[str, str] = field(default_factory=dict)  # record name -> its run
     problems: list[str] = field(default_factory=list)     # one line per unreadable record
 
     def last_verified(self, pack_id: str) -> datetime | None:
@@ -92,12 +93,30 @@ def load_coverage(backend: Backend, sealer: Sealer) -> Coverage:
             cov.problems.append(str(e) if isinstance(e, RepositoryError) else f"{what}: malformed")
             continue
         cov.records.append(name)
+        cov.record_runs[name] = run
         for pid, t in packs.items():
             if t > cov.packs.get(pid, ""):
                 cov.packs[pid] = t
         info = cov.runs.setdefault(run, RunInfo(run, started))
         info.final = info.final or bool(doc.get("final", False))
     return cov
+
+
+def load_coverage_of(backend: Backend, sealer: Sealer, names: list[str]) -> dict[str, str]:
+    """The merged pack times of some records (those that cannot be read are left out)."""
+    out: dict[str, str] = {}
+    for name in names:
+        try:
+            doc = _open_json(sealer, backend.read(name), VERIFY_AAD, f"verification record {name[-32:-24]}")
+            packs = doc["packs"]
+            if not isinstance(packs, dict):
+                continue
+        except (RepositoryError, KeyError, TypeError):
+            continue
+        for p, t in packs.items():
+            if isinstance(p, str) and isinstance(t, str) and t > out.get(p, ""):
+                out[p] = t
+    return out
 
 
 class CoverageWriter:
@@ -138,18 +157,26 @@ class CoverageWriter:
         return name
 
     def finish(self, merged: Coverage, present: set[str], consolidate_over: int = 16) -> None:
-        """Write the final record; when many records exist, fold them (and this run's) into
-        one that names only packs still present, then delete the records folded in."""
+        """Write the final record; when many records exist, fold the records read at the start
+        (and this run's) into one that names only packs still present, then delete the
+        records folded in. Records of unfinished runs that started after this one stay (they
+        may still be running elsewhere); pack times are kept as they were, so a run whose
+        records were folded can still be resumed while any record of it remains."""
         if len(merged.records) + len(self.written) + 1 <= consolidate_over:
             self.flush(final=True)
             return
-        packs = {p: t for p, t in merged.packs.items() if p in present}
-        packs.update(self.verified)
+        fold = [n for n in merged.records
+                if merged.runs[merged.record_runs[n]].final or merged.runs[merged.record_runs[n]].started <= self.started]
+        folded = load_coverage_of(self.backend, self.sealer, fold)
+        packs = {p: t for p, t in folded.items() if p in present}
+        for p, t in self.verified.items():
+            if t > packs.get(p, ""):
+                packs[p] = t
         self.pending = {}
         mine = list(self.written)
         if self.flush(final=True, packs=packs) is None:
             return
-        for name in [*merged.records, *mine]:
+        for name in [*fold, *mine]:
             try:
                 self.backend.delete(name)
             except RepositoryError:
