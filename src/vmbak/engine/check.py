@@ -10,6 +10,7 @@ and decompression release the GIL, so the threads run in parallel.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import errno
 import math
 import os
@@ -133,108 +134,102 @@ def default_workers() -> int:
 
 def check(repo: Repository, read_data: bool = False, workers: int | None = None,
           progress: Progress | None = None, subset: Subset | None = None, resume: bool = False,
-          older_than: float | None = None) -> CheckReport:
+          older_than: float | None = None, locked: bool = False) -> CheckReport:
     """Check the repository's structure and, with ``read_data`` (or a ``subset``), read and
     verify packs. ``older_than`` (seconds) reads only packs not verified that recently;
     ``resume`` skips the packs the last unfinished run verified. Every pack read and found
-    sound is recorded in the repository's verification coverage (``verify/``)."""
-    with repo.lock(purpose="check"):
-        return check_locked(repo, read_data, workers, progress, subset, resume, older_than)
-
-
-def check_locked(repo: Repository, read_data: bool = False, workers: int | None = None,
-                 progress: Progress | None = None, subset: Subset | None = None, resume: bool = False,
-                 older_than: float | None = None) -> CheckReport:
-    """:func:`check` for a caller that holds a lock on the repository."""
+    sound is recorded in the repository's verification coverage (``verify/``). With
+    ``locked``, the caller already holds a lock (repair does)."""
     t_start = time.monotonic()
     progress = progress or NoProgress()
     workers = workers or default_workers()
     read_data = read_data or subset is not None or resume or older_than is not None
     rep = CheckReport()
-    # 1. index files: each must open; collect what they claim. 2. the packs present.
-    # 3. the prune marks (read last: a pack a sweep deleted meanwhile is then either
-    # still doomed by a mark, or the index files that named it are gone, and we look again).
-    for attempt in range(10):
-        claimed, index_errors, files, gone = _read_index_files(repo)
-        if gone and attempt < 9:
-            continue
-        present = {name.rsplit("/", 1)[-1]: size for name, size in repo.backend.list("data")}
-        marks, mark_problems = load_marks(repo.backend, repo.sealer)
-        doomed = {p for mk in marks for p in mk.doomed}
-        lost = set(claimed) - set(present) - doomed
-        if lost and attempt < 9 and not all(repo.backend.exists(f) for f in files):
-            continue  # a prune sweep ran meanwhile: look again
-        break
-    rep.errors.extend(index_errors)
-    rep.errors.extend(f"{p}; it is never acted upon, and the next 'vmbak prune' removes it"
-                      for p in mark_problems)
-    rep.packs = len(present)
-    bad_chunks = rep.bad_chunks
-    for pid in sorted(set(claimed) - set(present)):
-        if pid in doomed:
-            # Deleted by a prune sweep (condemned by a mark): not damage. Its chunks
-            # count as missing only where no other copy is known (checked below).
-            rep.warnings.append(f"pack {pid[:16]} is condemned by a prune mark and already deleted "
-                                "(the next 'vmbak prune' drops it from the index)")
+    with contextlib.nullcontext() if locked else repo.lock(purpose="check"):
+        # 1. index files: each must open; collect what they claim. 2. the packs present.
+        # 3. the prune marks (read last: a pack a sweep deleted meanwhile is then either
+        # still doomed by a mark, or the index files that named it are gone, and we look again).
+        for attempt in range(10):
+            claimed, index_errors, files, gone = _read_index_files(repo)
+            if gone and attempt < 9:
+                continue
+            present = {name.rsplit("/", 1)[-1]: size for name, size in repo.backend.list("data")}
+            marks, mark_problems = load_marks(repo.backend, repo.sealer)
+            doomed = {p for mk in marks for p in mk.doomed}
+            lost = set(claimed) - set(present) - doomed
+            if lost and attempt < 9 and not all(repo.backend.exists(f) for f in files):
+                continue  # a prune sweep ran meanwhile: look again
+            break
+        rep.errors.extend(index_errors)
+        rep.errors.extend(f"{p}; it is never acted upon, and the next 'vmbak prune' removes it"
+                          for p in mark_problems)
+        rep.packs = len(present)
+        bad_chunks = rep.bad_chunks
+        for pid in sorted(set(claimed) - set(present)):
+            if pid in doomed:
+                # Deleted by a prune sweep (condemned by a mark): not damage. Its chunks
+                # count as missing only where no other copy is known (checked below).
+                rep.warnings.append(f"pack {pid[:16]} is condemned by a prune mark and already deleted "
+                                    "(the next 'vmbak prune' drops it from the index)")
+                for cid in claimed[pid]["id"].tolist():
+                    loc = repo.index.get(cid)
+                    if loc is None or loc.pack == pid:
+                        bad_chunks[cid] = f"pack {pid[:16]} was deleted by prune"
+                continue
+            rep.errors.append(f"pack {pid[:16]} is named by the index but missing")
+            rep.bad_packs[pid] = "missing"
             for cid in claimed[pid]["id"].tolist():
-                loc = repo.index.get(cid)
-                if loc is None or loc.pack == pid:
-                    bad_chunks[cid] = f"pack {pid[:16]} was deleted by prune"
-            continue
-        rep.errors.append(f"pack {pid[:16]} is named by the index but missing")
-        rep.bad_packs[pid] = "missing"
-        for cid in claimed[pid]["id"].tolist():
-            bad_chunks[cid] = f"pack {pid[:16]} is missing"
-    for pid in sorted(set(claimed) & set(present)):
-        try:
-            hdr = read_header(repo.backend, repo.sealer, pid, present[pid])
-        except RepositoryError as e:
-            rep.errors.append(str(e))
-            rep.bad_packs[pid] = str(e)
-            for cid in claimed[pid]["id"].tolist():
-                bad_chunks[cid] = f"pack {pid[:16]} is damaged"
-            continue
-        a = np.sort(hdr[["id", "off", "len", "raw"]].astype(hdr.dtype), order="id")
-        b_src = claimed[pid]
-        b = np.zeros(len(b_src), hdr.dtype)
-        for f in ("id", "off", "len", "raw"):
-            b[f] = b_src[f]
-        b = np.sort(b, order="id")
-        if len(a) != len(b) or not (a == b).all():
-            rep.errors.append(f"pack {pid[:16]}: index disagrees with the pack header")
-    for pid in sorted(set(present) - set(claimed)):
-        if pid in doomed:
-            rep.warnings.append(f"pack {pid[:16]} is condemned by a prune mark and awaits deletion "
-                                "(the next 'vmbak prune' sweeps it)")
-        else:
+                bad_chunks[cid] = f"pack {pid[:16]} is missing"
+        for pid in sorted(set(claimed) & set(present)):
             try:
-                read_header(repo.backend, repo.sealer, pid, present[pid])
-            except ObjectMissing:
-                continue
+                hdr = read_header(repo.backend, repo.sealer, pid, present[pid])
             except RepositoryError as e:
-                rep.warnings.append(f"{e}; it is in no index file, so nothing uses it "
-                                    "('vmbak repair snapshots' sets it aside)")
+                rep.errors.append(str(e))
                 rep.bad_packs[pid] = str(e)
+                for cid in claimed[pid]["id"].tolist():
+                    bad_chunks[cid] = f"pack {pid[:16]} is damaged"
                 continue
-            rep.warnings.append(f"pack {pid[:16]} is not in any index file (left by an interrupted "
-                                "backup; its chunks are used)")
-    # 3. read the packs (data check)
-    if read_data:
-        _read_packs(repo, rep, present, claimed, workers, progress, subset, resume, older_than)
-    # 4. manifests: every chunk they name is indexed and intact
-    index = repo.index
-    rep.chunks = len(index)
-    ms = repo.manifests()
-    rep.snapshots = len(ms)
-    damaged = repo.damaged_manifests()
-    rep.damaged_manifests = damaged
-    for sid, deps in _dependents(ms, damaged).items():
-        why = damaged[sid].removeprefix(f"snapshot {sid[:8]}: ")
-        rep.errors.append(f"snapshot {sid} is damaged ({why})"
-                          + (f"; snapshots that depend on it cannot be restored: {', '.join(deps)}"
-                             if deps else "")
-                          + f"; 'vmbak forget {sid}' removes it")
-    _check_manifests(repo, ms, index, bad_chunks, rep)
+            a = np.sort(hdr[["id", "off", "len", "raw"]].astype(hdr.dtype), order="id")
+            b_src = claimed[pid]
+            b = np.zeros(len(b_src), hdr.dtype)
+            for f in ("id", "off", "len", "raw"):
+                b[f] = b_src[f]
+            b = np.sort(b, order="id")
+            if len(a) != len(b) or not (a == b).all():
+                rep.errors.append(f"pack {pid[:16]}: index disagrees with the pack header")
+        for pid in sorted(set(present) - set(claimed)):
+            if pid in doomed:
+                rep.warnings.append(f"pack {pid[:16]} is condemned by a prune mark and awaits deletion "
+                                    "(the next 'vmbak prune' sweeps it)")
+            else:
+                try:
+                    read_header(repo.backend, repo.sealer, pid, present[pid])
+                except ObjectMissing:
+                    continue
+                except RepositoryError as e:
+                    rep.warnings.append(f"{e}; it is in no index file, so nothing uses it "
+                                        "('vmbak repair snapshots' sets it aside)")
+                    rep.bad_packs[pid] = str(e)
+                    continue
+                rep.warnings.append(f"pack {pid[:16]} is not in any index file (left by an interrupted "
+                                    "backup; its chunks are used)")
+        # 3. read the packs (data check)
+        if read_data:
+            _read_packs(repo, rep, present, claimed, workers, progress, subset, resume, older_than)
+        # 4. manifests: every chunk they name is indexed and intact
+        index = repo.index
+        rep.chunks = len(index)
+        ms = repo.manifests()
+        rep.snapshots = len(ms)
+        damaged = repo.damaged_manifests()
+        rep.damaged_manifests = damaged
+        for sid, deps in _dependents(ms, damaged).items():
+            why = damaged[sid].removeprefix(f"snapshot {sid[:8]}: ")
+            rep.errors.append(f"snapshot {sid} is damaged ({why})"
+                              + (f"; snapshots that depend on it cannot be restored: {', '.join(deps)}"
+                                 if deps else "")
+                              + f"; 'vmbak forget {sid}' removes it")
+        _check_manifests(repo, ms, index, bad_chunks, rep)
     rep.duration_s = time.monotonic() - t_start
     return rep
 

@@ -13,6 +13,7 @@ has just landed is complete, so naming it is correct.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -48,72 +49,68 @@ class RepairReport:
                 "packs": self.packs, "chunks": self.chunks, "warnings": self.warnings}
 
 
-def repair_index(repo: Repository, log: Callable[[str], None] | None = None, dry_run: bool = False) -> RepairReport:
+def repair_index(repo: Repository, log: Callable[[str], None] | None = None, dry_run: bool = False,
+                 locked: bool = False) -> RepairReport:
     """Replace every index file by one built from the pack headers (see the module docstring);
-    with ``dry_run``, only report what would be done."""
-    with repo.lock(purpose="repair"):
-        return repair_index_locked(repo, log, dry_run)
-
-
-def repair_index_locked(repo: Repository, log: Callable[[str], None] | None = None,
-                        dry_run: bool = False) -> RepairReport:
-    """:func:`repair_index` for a caller that holds a lock excluding prune."""
+    with ``dry_run``, only report what would be done. With ``locked``, the caller already
+    holds a lock that excludes prune."""
     log = log or (lambda s: None)
     rep = RepairReport()
-    files = sorted(n for n, _ in repo.backend.list("index"))
-    from_index: dict[str, np.ndarray] = {}
-    for name in files:
-        try:
-            packs = repo.read_index_file(name)
-        except ObjectMissing:
-            continue
-        except IntegrityError as e:
-            rep.damaged_index_files[name] = str(e)
-            log(f"{e}; replaced")
-            continue
-        rep.index_files_read += 1
-        for pid, ent in packs:
-            from_index.setdefault(pid, ent)
-    present = {}
-    for name, size in repo.backend.list("data"):
-        pid = name.rsplit("/", 1)[-1]
-        if _HEX64.fullmatch(pid) and name == pack_name(pid):
-            present[pid] = size
-    keep: list[tuple[str, np.ndarray]] = []
-    for pid in sorted(present):
-        try:
-            ent = read_header(repo.backend, repo.sealer, pid, present[pid])
-        except ObjectMissing:
-            continue  # deleted meanwhile (only a prune deletes packs, and it is locked out)
-        except RepositoryError as e:
-            if pid in from_index:
-                ent = from_index[pid]
-                rep.warnings.append(f"{e}; its entries are taken from the index file that names it")
-            else:
-                rep.warnings.append(f"{e}; it stays out of the index (its chunks are not used)")
+    with contextlib.nullcontext() if locked else repo.lock(purpose="repair"):
+        files = sorted(n for n, _ in repo.backend.list("index"))
+        from_index: dict[str, np.ndarray] = {}
+        for name in files:
+            try:
+                packs = repo.read_index_file(name)
+            except ObjectMissing:
                 continue
-        keep.append((pid, ent))
-    for pid in sorted(set(from_index) - set(present)):
-        rep.warnings.append(f"pack {pid[:16]} is named by the index but missing; it is left out")
-    rep.packs = len(keep)
-    rep.chunks = int(sum(len(e) for _, e in keep))
-    new_name = None
-    if dry_run:
-        rep.removed_index_files = list(files)
-        return rep
-    if keep:
-        plain = encode_index(keep, [f.rsplit("/", 1)[-1] for f in files])
-        blob = repo.sealer.seal(plain, INDEX_AAD)
-        new_name = f"index/{index_id(blob)}"
-        repo.backend.write(new_name, blob)  # first the new index ...
-        rep.new_index = new_name
-    for f in files:  # ... then the ones it supersedes
-        if f != new_name:
-            repo.backend.delete(f)
-            rep.removed_index_files.append(f)
-    repo._index = None  # noqa: SLF001 - the index changed under us
-    log(f"index rebuilt from {len(keep)} pack headers: {rep.chunks} chunks; "
-        f"{len(rep.removed_index_files)} index files replaced")
+            except IntegrityError as e:
+                rep.damaged_index_files[name] = str(e)
+                log(f"{e}; replaced")
+                continue
+            rep.index_files_read += 1
+            for pid, ent in packs:
+                from_index.setdefault(pid, ent)
+        present = {}
+        for name, size in repo.backend.list("data"):
+            pid = name.rsplit("/", 1)[-1]
+            if _HEX64.fullmatch(pid) and name == pack_name(pid):
+                present[pid] = size
+        keep: list[tuple[str, np.ndarray]] = []
+        for pid in sorted(present):
+            try:
+                ent = read_header(repo.backend, repo.sealer, pid, present[pid])
+            except ObjectMissing:
+                continue  # deleted meanwhile (only a prune deletes packs, and it is locked out)
+            except RepositoryError as e:
+                if pid in from_index:
+                    ent = from_index[pid]
+                    rep.warnings.append(f"{e}; its entries are taken from the index file that names it")
+                else:
+                    rep.warnings.append(f"{e}; it stays out of the index (its chunks are not used)")
+                    continue
+            keep.append((pid, ent))
+        for pid in sorted(set(from_index) - set(present)):
+            rep.warnings.append(f"pack {pid[:16]} is named by the index but missing; it is left out")
+        rep.packs = len(keep)
+        rep.chunks = int(sum(len(e) for _, e in keep))
+        new_name = None
+        if dry_run:
+            rep.removed_index_files = list(files)
+            return rep
+        if keep:
+            plain = encode_index(keep, [f.rsplit("/", 1)[-1] for f in files])
+            blob = repo.sealer.seal(plain, INDEX_AAD)
+            new_name = f"index/{index_id(blob)}"
+            repo.backend.write(new_name, blob)  # first the new index ...
+            rep.new_index = new_name
+        for f in files:  # ... then the ones it supersedes
+            if f != new_name:
+                repo.backend.delete(f)
+                rep.removed_index_files.append(f)
+        repo._index = None  # noqa: SLF001 - the index changed under us
+        log(f"index rebuilt from {len(keep)} pack headers: {rep.chunks} chunks; "
+            f"{len(rep.removed_index_files)} index files replaced")
     return rep
 
 
@@ -256,12 +253,12 @@ def repair_snapshots(repo: Repository, read_data: bool = False, dry_run: bool = 
     packs aside, rebuild the index, and replace each manifest that references a lost chunk
     (or whose parent was replaced) by one in which those blocks read as zeros, naming them.
     The originals are moved to ``repaired/`` and removed by the next prune."""
-    from vmbak.engine.check import check_locked
+    from vmbak.engine.check import check
 
     log = log or (lambda s: None)
     rep = RepairSnapshotsReport(dry_run=dry_run)
     with repo.lock(exclusive=True, purpose="repair"):
-        chk = check_locked(repo, read_data=read_data)
+        chk = check(repo, read_data=read_data, locked=True)
         if chk.damaged_manifests:
             rep.warnings.append(f"{len(chk.damaged_manifests)} manifests are damaged and cannot be repaired here "
                                 "('vmbak forget <id>' removes them); snapshots that depend on them are left as "
@@ -291,7 +288,7 @@ def repair_snapshots(repo: Repository, read_data: bool = False, dry_run: bool = 
                 except ObjectMissing:
                     continue
             if bad:
-                rep.index = repair_index_locked(repo, log).to_json()
+                rep.index = repair_index(repo, log, locked=True).to_json()
             repo._index = None  # noqa: SLF001 - reload: salvaged packs in, damaged ones out
             index = repo.index
 
