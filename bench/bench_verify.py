@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -88,25 +89,31 @@ def main(argv: list[str] | None = None) -> int:
     workers = [int(w) for w in args.workers.split(",")]
     rates: dict[tuple[str, int], list[float]] = {}
     walls: dict[tuple[str, int], list[float]] = {}
+    cpus: dict[tuple[str, int], list[float]] = {}
     stored = {}
     for run in range(args.runs):
         for enc, repo in repos.items():
             for w in workers:
                 t0 = time.monotonic()
+                ru = resource.getrusage(resource.RUSAGE_CHILDREN)
                 r = vmbak(args, repo, "check", "--read-data", "--workers", str(w), password=enc != "none")
+                ru2 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 walls.setdefault((enc, w), []).append(time.monotonic() - t0)
+                cpu = (ru2.ru_utime + ru2.ru_stime) - (ru.ru_utime + ru.ru_stime)
+                cpus.setdefault((enc, w), []).append(r["bytes_read"] / cpu / (1 << 30))
                 rates.setdefault((enc, w), []).append(r["read_bytes_per_s"] / (1 << 30))
                 stored[enc] = r["bytes_read"]
                 print(f"run {run + 1}: {enc:12} workers={w}: {rates[(enc, w)][-1]:.2f} GiB/s "
                       f"(wall {walls[(enc, w)][-1]:.2f} s)", flush=True)
     print(f"\nimage {args.size} MiB; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"{'repository':14} {'workers':>7} {'stored':>10} {'median GiB/s':>13} {'median wall s':>14}")
+    print(f"{'repository':14} {'workers':>7} {'stored':>10} {'median GiB/s':>13} {'median wall s':>14} "
+          f"{'GiB per CPU-s':>14}")
     result = []
     for (enc, w), rs in rates.items():
-        med, wall = statistics.median(rs), statistics.median(walls[(enc, w)])
-        print(f"{enc:14} {w:7} {stored[enc] / (1 << 30):9.2f}G {med:13.2f} {wall:14.2f}")
+        med, wall, eff = statistics.median(rs), statistics.median(walls[(enc, w)]), statistics.median(cpus[(enc, w)])
+        print(f"{enc:14} {w:7} {stored[enc] / (1 << 30):9.2f}G {med:13.2f} {wall:14.2f} {eff:14.2f}")
         result.append({"encryption": enc, "workers": w, "stored_bytes": stored[enc], "gib_per_s": rs,
-                       "median_gib_per_s": med, "median_wall_s": wall})
+                       "median_gib_per_s": med, "median_wall_s": wall, "median_gib_per_cpu_s": eff})
     (work / "results.json").write_text(json.dumps(result, indent=1))
     return 0
 
