@@ -17,7 +17,7 @@ CHECK_EPILOG = """examples:
   vmbak check                                   # structure: packs, index, snapshots
   vmbak check --read-data                       # read and verify every stored byte
   vmbak check --read-data-subset 3/7            # day 3 of a weekly cycle: each pack read once a week
-  vmbak check --read-data-subset 10%            # a random tenth of the packs
+  vmbak check --read-data-subset 10%            # a tenth of the packs: ten runs read them all
   vmbak check --read-data-subset 50G            # random packs, up to 50 GiB
   vmbak check --read-data --older-than 30d      # only packs not verified in the last 30 days
   vmbak check --read-data --resume              # go on where a killed run stopped
@@ -68,7 +68,8 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument("--read-data", action="store_true", help="read and verify every chunk")
     p.add_argument("--read-data-subset", metavar="SUBSET", type=_subset,
                    help="read only some packs: n/t (the n-th of t fixed parts: t runs read every pack once), "
-                   "x%% (a random share) or a size such as 50G (random packs up to that many bytes)")
+                   "x%% (that share of the packs) or a size such as 50G (packs up to that many bytes); x%% and a size "
+                   "choose at random among the packs verified longest ago, so repeated runs cover everything")
     p.add_argument("--older-than", metavar="DURATION", type=_duration,
                    help="read only packs not verified within DURATION (e.g. 12h, 30d); implies --read-data")
     p.add_argument("--resume", action="store_true",
