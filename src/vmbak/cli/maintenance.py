@@ -89,7 +89,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
 
     p = sub.add_parser("repair", help="repair parts of the repository",
                        description="Repair what can be rebuilt from the data that is there.",
-                       epilog="example:\n  vmbak repair index",
+                       epilog="examples:\n  vmbak repair index\n  vmbak repair snapshots --dry-run",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     rsub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
     r = rsub.add_parser("index", parents=[parent], help="rebuild the index from the pack headers",
