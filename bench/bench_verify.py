@@ -36,13 +36,13 @@ PASSWORD = "bench verify"
 MiB = 1 << 20
 
 
-def build_image(path: Path, size_mib: int, seed: int = 20261202) -> None:
+def build_image(path: Path, size_mib: int, kind: str = "mixed", seed: int = 20261202) -> None:
     rng = np.random.default_rng(seed)
     words = [b"GET", b"/index.html", b"200", b"kernel:", b"eth0", b"link", b"up", b"user", b"session",
              b"opened", b"for", b"root", b"systemd[1]:", b"Started", b"daily", b"apt", b"upgrade", b"INFO"]
     with open(path, "wb") as f:
         for i in range(size_mib // 4):
-            if i % 2 == 0:
+            if kind == "random" or i % 2 == 0:
                 f.write(rng.bytes(4 * MiB))
             else:
                 idx = rng.integers(0, len(words), 4 * MiB // 5)
@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=1536, help="image size in MiB (default 1536)")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--kind", choices=("mixed", "random"), default="mixed",
+                    help="mixed: half random, half text (default); random: incompressible only")
     ap.add_argument("--workers", default="1,2,4")
     ap.add_argument("--workdir", default=str(ROOT / "bench" / "work"))
     ap.add_argument("--vmbak", default=None, help="vmbak executable (default: this Python's vmbak module)")
@@ -72,13 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     args.vmbak = [args.vmbak] if args.vmbak else [sys.executable, "-m", "vmbak.cli.main"]
     work = Path(args.workdir) / "verify"
     work.mkdir(parents=True, exist_ok=True)
-    img = work / f"disk-{args.size}.raw"
+    tag = f"{args.size}" if args.kind == "mixed" else f"{args.size}-random"
+    img = work / f"disk-{tag}.raw"
     if not img.exists():
         print(f"building {img} ...", flush=True)
-        build_image(img, args.size)
+        build_image(img, args.size, args.kind)
     repos = {}
     for enc in ("aes-256-gcm", "none"):
-        repo = work / f"repo-{args.size}-{enc}"
+        repo = work / f"repo-{tag}-{enc}"
         if not (repo / "config").exists():
             shutil.rmtree(repo, ignore_errors=True)
             pw = enc != "none"
