@@ -298,3 +298,16 @@ def test_help_and_errors(world, tmp_path, run_vmbak, assert_cli_error):
     assert_cli_error(r.run("restore", "--libvirt", "x:latest", "--ignore-errors", check=False), "ignore-errors")
     d = r.json("repair", "index", "--dry-run")
     assert d["dry_run"] is True
+
+
+def test_damaged_coverage_record_is_ignored_with_a_warning(world, tmp_path):
+    r = copy(world, "aes-256-gcm", tmp_path / "r")
+    n = len(packs(r))
+    check_json(r, "--read-data-subset", "1/2")
+    (rec,) = list((r.path / "verify").iterdir())
+    data = bytearray(rec.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    rec.write_bytes(bytes(data))
+    rep = check_json(r, "--read-data", "--older-than", "1h")  # a warning, not an error
+    assert rep["packs_read"] == n  # what the damaged record named counts as not verified
+    assert any("verification record" in w for w in rep["warnings"])
