@@ -18,12 +18,14 @@ EPILOG = """examples:
   vmbak restore --libvirt db:latest --define db-restored      # every disk, plus the saved domain XML
   vmbak restore --libvirt db@2026-11-22 /var/lib/libvirt/images/restore --format raw
   vmbak restore --from-serve /run/vmbak/web.sock /var/lib/images/web.raw   # see vmbak serve --writable
-  vmbak restore web:latest /tmp/web.raw --ignore-errors       # a damaged repository: salvage what is there
+"""
 
-With --ignore-errors, blocks whose chunk is missing or fails verification are left as
-zeros and the restore goes on; every such block range is listed (text and --json
-"damaged"), the target is still completed and renamed into place (whole, with those
-ranges zeroed), and the exit status is 3 (partial restore).
+IGNORE_ERRORS_HELP = """
+With --ignore-errors (e.g. vmbak restore web:latest /tmp/web.raw --ignore-errors), blocks
+whose chunk is missing or fails verification are left as zeros and the restore goes on;
+every such block range is listed (text and --json "damaged"), the target is still
+completed and renamed into place (whole, with those ranges zeroed), and the exit status
+is 3 (partial restore).
 """
 
 PARTIAL_EXIT = 3  # restic's code for "restored, but some data could not be read"
@@ -38,7 +40,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                        "appears only once it is complete and verified. With --libvirt, every disk of a libvirt "
                        "backup is restored and the domain XML saved with it is written beside them (and, with "
                        "--define, defined as a new domain).",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=EPILOG + IGNORE_ERRORS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("snapshot", metavar="SNAP", help="snapshot id (prefix), NAME:latest or NAME@TIME (UTC); "
                    "with --libvirt, DOMAIN:latest, DOMAIN@TIME or the id of any of its disks' snapshots")
     p.add_argument("target", metavar="TARGET", nargs="?",
