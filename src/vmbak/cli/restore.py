@@ -28,6 +28,7 @@ completed and renamed into place (whole, with those ranges zeroed), and the exit
 is 3 (partial restore).
 """
 
+EPILOG += IGNORE_ERRORS_HELP
 PARTIAL_EXIT = 3  # restic's code for "restored, but some data could not be read"
 
 
@@ -40,7 +41,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                        "appears only once it is complete and verified. With --libvirt, every disk of a libvirt "
                        "backup is restored and the domain XML saved with it is written beside them (and, with "
                        "--define, defined as a new domain).",
-                       epilog=EPILOG + IGNORE_ERRORS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("snapshot", metavar="SNAP", help="snapshot id (prefix), NAME:latest or NAME@TIME (UTC); "
                    "with --libvirt, DOMAIN:latest, DOMAIN@TIME or the id of any of its disks' snapshots")
     p.add_argument("target", metavar="TARGET", nargs="?",
@@ -88,8 +89,6 @@ def _format_for(target: str, fmt: str | None) -> str:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    if args.ignore_errors and (args.from_serve or args.libvirt):
-        raise VmbakError("--ignore-errors restores one snapshot; it does not go with --libvirt or --from-serve")
     if args.from_serve:
         return _cmd_from_serve(args)
     if args.libvirt:
@@ -140,6 +139,8 @@ def _cmd_libvirt(args: argparse.Namespace) -> int:
 
     if args.verify_readback:
         raise VmbakError("--verify-readback is not available with --libvirt")
+    if args.ignore_errors:
+        raise VmbakError("--ignore-errors restores one snapshot; it does not go with --libvirt")
 
     repo = open_repo(args)
     r = restore_libvirt(repo, args.snapshot, directory=args.target, new_name=args.define,
@@ -160,6 +161,8 @@ def _cmd_from_serve(args: argparse.Namespace) -> int:
 
     if args.target is not None:  # with --from-serve the only positional argument is TARGET
         raise VmbakError("usage: vmbak restore --from-serve SOCKET TARGET")
+    if args.ignore_errors:
+        raise VmbakError("--ignore-errors restores a snapshot; it does not go with --from-serve")
     bar = progress(args)
     started = [False]
 
