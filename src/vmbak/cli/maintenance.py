@@ -45,6 +45,16 @@ they were marked has finished.
 """
 
 
+REPAIR_SNAPSHOTS_EPILOG = """examples:
+  vmbak repair snapshots --dry-run
+  vmbak repair snapshots --read-data          # corrupt chunks too, not only missing packs
+  vmbak restore web:latest /tmp/web.raw       # restores again: the lost ranges are zeros
+
+After a repair, a snapshot that lost data keeps its name and time but gets a new id; its
+'notes' name the lost block ranges, and 'extra.replaces' the id it replaces.
+"""
+
+
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
     p = sub.add_parser("forget", parents=[parent], help="remove snapshots by retention rules",
                        description="Remove snapshots, named or chosen by keep rules applied to each disk "
@@ -96,7 +106,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
 
     p = sub.add_parser("repair", help="repair parts of the repository",
                        description="Repair what can be rebuilt from the data that is there.",
-                       epilog="example:\n  vmbak repair index",
+                       epilog="examples:\n  vmbak repair index\n  vmbak repair snapshots --dry-run",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     rsub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
     r = rsub.add_parser("index", parents=[parent], help="rebuild the index from the pack headers",
@@ -104,9 +114,25 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                         "describe themselves), then delete every older index file, damaged or not. Runs "
                         "beside backups and restores, not beside prune. A damaged index file is otherwise "
                         "skipped with a warning, and the packs it named are read from their headers.",
-                        epilog="example:\n  vmbak repair index --json",
+                        epilog="examples:\n  vmbak repair index --dry-run\n  vmbak repair index --json",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("--dry-run", "-n", action="store_true", help="show what would be done; change nothing")
     r.set_defaults(func=cmd_repair_index)
+    r = rsub.add_parser("snapshots", parents=[parent], help="rewrite snapshots that reference lost data",
+                        description="Make every snapshot restorable after data was lost (missing or damaged "
+                        "packs, lost index files): chunks that still read are copied out of damaged packs, "
+                        "the damaged packs are set aside, the index is rebuilt, and every snapshot that "
+                        "references a lost chunk is replaced by one in which those blocks restore as zeros "
+                        "(the lost block ranges are named, here and in the new snapshot's notes); "
+                        "incrementals whose parent was replaced are re-pointed. Restores of unaffected "
+                        "snapshots do not change. The replaced snapshots and the damaged packs are kept under "
+                        "repaired/ until the next 'vmbak prune'. Afterwards 'vmbak check' is clean. Takes an "
+                        "exclusive lock.",
+                        epilog=REPAIR_SNAPSHOTS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("--read-data", action="store_true",
+                   help="also read every pack, so that corrupt chunks (not only missing ones) count as lost")
+    r.add_argument("--dry-run", "-n", action="store_true", help="show what would be rewritten; change nothing")
+    r.set_defaults(func=cmd_repair_snapshots)
 
     p = sub.add_parser("unlock", parents=[parent], help="remove locks left by dead processes",
                        description="Without options, remove every lock that is not held by a live process "
@@ -156,6 +182,9 @@ def _prune_text(r: dict) -> list[str]:
         lines.append(f"removed damaged prune mark {mid[:8]}")
     for w in r["warnings"]:
         lines.append(f"warning: {w}")
+    if r.get("removed_repaired"):
+        lines.append(f"{'would remove' if r['dry_run'] else 'removed'} {len(r['removed_repaired'])} objects that "
+                     "'vmbak repair snapshots' had set aside (repaired/)")
     if r.get("upgraded_format"):
         lines.append("repository format upgraded to version 2 (vmbak before prune support can no longer open it)")
     lines.append(f"repository: {r['packs_before']} packs, {human(r['bytes_before'])} -> {r['packs_after']} packs, "
@@ -247,12 +276,45 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_repair_index(args: argparse.Namespace) -> int:
     repo = open_repo(args)
     args.damage_reported = True  # the damaged index files are what it replaces
-    r = repair_index(repo).to_json()
+    r = repair_index(repo, dry_run=args.dry_run).to_json() | {"dry_run": args.dry_run}
+    if args.dry_run:
+        emit(args, r, f"would rebuild the index from the headers of {r['packs']} packs ({r['chunks']} chunks) and "
+             f"replace {len(r['removed_index_files'])} index files"
+             + "".join(f"\nwarning: {w}" for w in r["warnings"]))
+        return 0
     lines = [f"replaced damaged {name}: {why.removeprefix(f'index file {name}: ')}"
              for name, why in sorted(r["damaged_index_files"].items())]
     lines += [f"warning: {w}" for w in r["warnings"]]
     lines.append(f"index rebuilt from the headers of {r['packs']} packs ({r['chunks']} chunks); "
                  f"{len(r['removed_index_files'])} older index files removed")
+    emit(args, r, "\n".join(lines))
+    return 0
+
+
+def cmd_repair_snapshots(args: argparse.Namespace) -> int:
+    from vmbak.engine.repair import repair_snapshots
+
+    repo = open_repo(args)
+    args.damage_reported = True
+    r = repair_snapshots(repo, read_data=args.read_data, dry_run=args.dry_run, log=log(args)).to_json()
+    would = "would be " if args.dry_run else ""
+    lines = [f"damaged pack {pid[:16]}: {why}" for pid, why in r["bad_packs"].items()]
+    if r["salvaged_chunks"]:
+        lines.append(f"{'would ' if args.dry_run else ''}copy {r['salvaged_chunks']} chunks that still read out of damaged packs")
+    if r["set_aside_packs"]:
+        lines.append(f"set {len(r['set_aside_packs'])} damaged packs aside (repaired/data/, removed by prune)")
+    for rw in r["rewritten"]:
+        new = f" by {rw['new'][:8]}" if rw["new"] else ""
+        lost = ", ".join(f"blocks {d['start_block']}-{d['start_block'] + d['blocks'] - 1} (bytes {d['offset']}-"
+                         f"{d['offset'] + d['length'] - 1})" for d in rw["lost"])
+        lines.append(printable(f"snapshot {rw['old'][:8]} ({rw['name']} {rw['time'][:19]}) {would}replaced{new}: "
+                               f"{rw['reason']}" + (f"; zeros in {lost}" if lost else "; restores fully")))
+    lines += [f"warning: {w}" for w in r["warnings"]]
+    if not r["rewritten"] and not r["bad_packs"]:
+        lines.append("nothing to repair: every snapshot's data is there")
+    else:
+        lines.append(f"{r['lost_chunks']} chunks lost; {len(r['rewritten'])} snapshots {would}replaced"
+                     + ("" if args.dry_run else "; the originals are kept in repaired/ until 'vmbak prune'"))
     emit(args, r, "\n".join(lines))
     return 0
 

@@ -9,9 +9,39 @@ from vmbak.cli.common import emit, open_repo, password, progress, repo_location
 from vmbak.engine.check import check
 from vmbak.engine.common import human
 from vmbak.engine.info import repo_stats, snapshot_stats
-from vmbak.errors import printable
+from vmbak.errors import VmbakError, printable
 from vmbak.repo.crypto import ENC_AES, ENC_NONE, ENCRYPTIONS
 from vmbak.repo.repository import Repository
+
+CHECK_EPILOG = """examples:
+  vmbak check                                   # structure: packs, index, snapshots
+  vmbak check --read-data                       # read and verify every stored byte
+  vmbak check --read-data-subset 3/7            # day 3 of a weekly cycle: each pack read once a week
+  vmbak check --read-data-subset 10%            # a tenth of the packs: ten runs read them all
+  vmbak check --read-data-subset 50G            # random packs, up to 50 GiB
+  vmbak check --read-data --older-than 30d      # only packs not verified in the last 30 days
+  vmbak check --read-data --resume              # go on where a killed run stopped
+"""
+
+
+def _subset(text: str):  # noqa: ANN202 - an argparse type
+    from vmbak.engine.check import parse_subset
+    from vmbak.errors import VmbakError
+
+    try:
+        return parse_subset(text)
+    except VmbakError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _duration(text: str) -> float:
+    from vmbak.cli.maintenance import parse_duration
+    from vmbak.errors import VmbakError
+
+    try:
+        return parse_duration(text)
+    except VmbakError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
@@ -32,10 +62,22 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                        description="Check that every pack the index names exists and agrees with the "
                        "index, and that every chunk any snapshot names is present. With --read-data, read "
                        "and authenticate every stored byte. Reports name the damaged snapshots and block "
-                       "ranges. Exits 1 if anything is wrong.",
-                       epilog="example:\n  vmbak check --read-data",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       "ranges. Exits 1 if anything is wrong. Packs are read by a pool of threads; every pack "
+                       "read and found sound is recorded in the repository (verify/), shared by every host, so "
+                       "later runs can read only what was not verified recently or was not reached.",
+                       epilog=CHECK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--read-data", action="store_true", help="read and verify every chunk")
+    p.add_argument("--read-data-subset", metavar="SUBSET", type=_subset,
+                   help="read only some packs: n/t (the n-th of t fixed parts: t runs read every pack once), "
+                   "x%% (that share of the packs) or a size such as 50G (packs up to that many bytes); x%% and a size "
+                   "choose at random among the packs verified longest ago, so repeated runs cover everything")
+    p.add_argument("--older-than", metavar="DURATION", type=_duration,
+                   help="read only packs not verified within DURATION (e.g. 12h, 30d); implies --read-data")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the packs the last check run verified if it did not finish (it was killed); "
+                   "implies --read-data")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="threads reading packs (default: one per core, at least 2)")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("stats", parents=[parent], help="show space and deduplication statistics",
@@ -67,9 +109,16 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     repo = open_repo(args)
     args.damage_reported = True  # the report names damaged manifests and index files as errors
-    rep = check(repo, read_data=args.read_data, progress=progress(args))
-    lines = [f"{rep.snapshots} snapshots, {rep.packs} packs, {rep.chunks} chunks"
-             + (f", {human(rep.bytes_read)} read" if args.read_data else "")]
+    if args.workers is not None and args.workers < 1:
+        raise VmbakError("--workers must be at least 1")
+    rep = check(repo, read_data=args.read_data, progress=progress(args), subset=args.read_data_subset,
+                resume=args.resume, older_than=args.older_than, workers=args.workers)
+    reading = args.read_data or args.read_data_subset or args.resume or args.older_than is not None
+    lines = [f"{rep.snapshots} snapshots, {rep.packs} packs, {rep.chunks} chunks"]
+    if reading:
+        rate = f" ({human(rep.bytes_read / rep.read_seconds)}/s)" if rep.read_seconds > 0 else ""
+        lines.append(f"read and verified {len(rep.read_packs)} packs, {human(rep.bytes_read)}{rate}; "
+                     f"{rep.skipped_packs} packs not read (outside the selection)")
     lines += [f"warning: {w}" for w in rep.warnings]
     lines += [f"error: {e}" for e in rep.errors]
     lines.append("no errors found" if rep.ok else f"{len(rep.errors)} errors found")

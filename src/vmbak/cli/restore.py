@@ -29,6 +29,17 @@ snapshot (a note on standard error says so; --json has "alias").
 
 """ + FILTER_HELP
 
+IGNORE_ERRORS_HELP = """
+With --ignore-errors (e.g. vmbak restore web:latest /tmp/web.raw --ignore-errors), blocks
+whose chunk is missing or fails verification are left as zeros and the restore goes on;
+every such block range is listed (text and --json "damaged"), the target is still
+completed and renamed into place (whole, with those ranges zeroed), and the exit status
+is 3 (partial restore).
+"""
+
+EPILOG += IGNORE_ERRORS_HELP
+PARTIAL_EXIT = 3  # restic's code for "restored, but some data could not be read"
+
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
     p = sub.add_parser("restore", parents=[parent], help="restore a snapshot to a file, image or device",
@@ -55,6 +66,9 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument("--verify-readback", action="store_true",
                    help="after writing, read the whole target back and check it against the block hashes "
                    "(slower; catches a target that does not keep what it was given)")
+    p.add_argument("--ignore-errors", action="store_true",
+                   help="restore what can be restored: leave blocks of missing or corrupt chunks as zeros, "
+                   "list every damaged block range, complete the target, and exit with status 3")
     p.add_argument("--sync", action="store_true",
                    help="flush the restored data to stable storage before reporting success")
     p.add_argument("--libvirt", action="store_true",
@@ -111,7 +125,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     tgt = ImageRestoreTarget(args.target, m.disk_size, fmt, overwrite=args.overwrite)
     try:
         r = restore(repo, m, tgt, verify=not args.no_verify, workers=args.workers, progress=progress(args),
-                    sync=args.sync, readback=args.verify_readback)
+                    sync=args.sync, readback=args.verify_readback, ignore_errors=args.ignore_errors)
     except BaseException:
         tgt.discard()  # a new file or image never appears half written
         raise
@@ -122,8 +136,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
     text = (f"restored snapshot {m.short_id} ({printable(m.name)}, {m.time}) to {r['target']} ({fmt}): "
             f"{human(r['written_bytes'])} written from a chain of {r['chain_length']}"
             + ((", verified (read back)" if args.verify_readback else ", verified") if r["verified"] else "") + f" in {r['duration_s']} s")
-    emit(args, r, text)
-    return 0
+    lines = [text] + [f"warning: {w}" for w in r["warnings"]]
+    if r["damaged"]:
+        lost = sum(d["length"] for d in r["damaged"])
+        lines.append(f"PARTIAL: {len(r['damaged'])} damaged block ranges ({human(lost)}) could not be restored "
+                     "and hold zeros:")
+        for d in r["damaged"]:
+            end = d["start_block"] + d["blocks"] - 1
+            lines.append(f"  blocks {d['start_block']}-{end} (bytes {d['offset']}-{d['offset'] + d['length'] - 1}) "
+                         f"of snapshot {d['snapshot']}: {d['reason']}")
+    emit(args, r, "\n".join(lines))
+    return PARTIAL_EXIT if r["damaged"] else 0
 
 
 def _cmd_libvirt(args: argparse.Namespace) -> int:
@@ -131,6 +154,8 @@ def _cmd_libvirt(args: argparse.Namespace) -> int:
 
     if args.verify_readback:
         raise VmbakError("--verify-readback is not available with --libvirt")
+    if args.ignore_errors:
+        raise VmbakError("--ignore-errors restores one snapshot; it does not go with --libvirt")
 
     repo = open_repo(args)
     r = restore_libvirt(repo, args.snapshot, directory=args.target, new_name=args.define,
@@ -151,6 +176,8 @@ def _cmd_from_serve(args: argparse.Namespace) -> int:
 
     if args.target is not None:  # with --from-serve the only positional argument is TARGET
         raise VmbakError("usage: vmbak restore --from-serve SOCKET TARGET")
+    if args.ignore_errors:
+        raise VmbakError("--ignore-errors restores a snapshot; it does not go with --from-serve")
     bar = progress(args)
     started = [False]
 

@@ -1,21 +1,96 @@
-"""Repository check: structure (packs, index, manifests) and, with read_data, every chunk."""
+"""Repository check: structure (packs, index, manifests) and, with read_data, every chunk.
+
+Reading the data can be limited to a subset of the packs (``n/t``, ``x%``, a size), to
+packs not verified recently, or to what an interrupted run did not reach; every pack
+found sound is recorded in the repository's verification coverage (repo/coverage.py),
+which every host shares. Packs are read whole by a thread pool; hashing, decryption
+and decompression release the GIL, so the threads run in parallel.
+"""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import errno
+import math
+import os
+import random
+import re
+import threading
+import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import blake3
 import numpy as np
 
 from vmbak.engine.common import bounded_map, range_text, runs
 from vmbak.engine.progress import NoProgress, Progress
-from vmbak.errors import IntegrityError, RepositoryError
-from vmbak.repo.backend import ObjectMissing
+from vmbak.errors import IntegrityError, RepositoryError, VmbakError
+from vmbak.repo import zstd
+from vmbak.repo.backend import LocalBackend, ObjectMissing
+from vmbak.repo.coverage import CoverageWriter, load_coverage
 from vmbak.repo.manifest import Manifest
 from vmbak.repo.marks import load_marks
-from vmbak.repo.pack import pack_name, parse_header, read_header
+from vmbak.repo.pack import CODEC_RAW, CODEC_ZSTD, chunk_aad, pack_name, parse_header, read_header
 from vmbak.repo.repository import Repository
+
+
+@dataclass
+class Subset:
+    """Which packs a ``--read-data-subset`` reads: ``n/t`` (a fixed partition of the packs
+    by id, so that runs 1/t .. t/t read every pack exactly once), ``x%`` (that share of the
+    packs) or a size (packs up to that many stored bytes). The last two choose at random
+    among the packs verified longest ago (never verified first), so that repeated runs
+    cover the whole repository: ceil(100/x) runs of ``x%`` read every pack."""
+
+    text: str
+    n: int = 0
+    t: int = 0
+    percent: float = 0.0
+    size: int = 0
+
+    def select(self, packs: dict[str, int], last: dict[str, str] | None = None) -> list[str]:
+        """The chosen pack ids, sorted, from ``packs`` (id -> stored size); ``last`` gives
+        the time each pack was last verified (coverage records)."""
+        if self.t:
+            return sorted(p for p in packs if int(p, 16) % self.t == self.n - 1)
+        rng = random.SystemRandom()
+        last = last or {}
+        keyed = {p: rng.random() for p in packs}
+        ids = sorted(packs, key=lambda p: (last.get(p, ""), keyed[p]))
+        if self.percent:
+            k = min(len(ids), math.ceil(len(ids) * self.percent / 100))
+            return sorted(ids[:k])
+        out, total = [], 0
+        for p in ids:
+            if total + packs[p] <= self.size:
+                out.append(p)
+                total += packs[p]
+        return sorted(out)
+
+
+def parse_subset(text: str) -> Subset:
+    """``n/t`` (1 <= n <= t), ``x%`` (0 < x <= 100) or a size such as ``500M``, ``50G``
+    (K, M, G, T: powers of 1024); VmbakError otherwise."""
+    s = text.strip()
+    m = re.fullmatch(r"(\d+)/(\d+)", s)
+    if m:
+        n, t = int(m.group(1)), int(m.group(2))
+        if not 1 <= n <= t:
+            raise VmbakError(f"bad subset {text!r}: in n/t, n must be from 1 to t")
+        return Subset(text, n=n, t=t)
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)%", s)
+    if m:
+        x = float(m.group(1))
+        if not 0 < x <= 100:
+            raise VmbakError(f"bad subset {text!r}: a percentage must be above 0 and at most 100")
+        return Subset(text, percent=x)
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", s.lower())
+    if m and float(m.group(1)) > 0:
+        mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2)]
+        return Subset(text, size=int(float(m.group(1)) * mult))
+    raise VmbakError(f"bad subset {text!r} (use n/t such as 1/7, a percentage such as 10%, or a size such as 50G)")
 
 
 @dataclass
@@ -28,6 +103,15 @@ class CheckReport:
     bytes_read: int = 0
     damaged_snapshots: dict[str, list[str]] = field(default_factory=dict)
     damaged_manifests: dict[str, str] = field(default_factory=dict)  # unreadable manifests: id -> reason
+    read_packs: list[str] = field(default_factory=list)       # packs read with --read-data*, sorted
+    skipped_packs: int = 0        # present packs not read (outside the subset, recently verified, resumed)
+    selection: dict = field(default_factory=dict)              # how the packs to read were chosen
+    duration_s: float = 0.0
+    read_seconds: float = 0.0     # time spent reading and verifying packs
+    # Not in the JSON: what repair needs. chunk id -> why it cannot be used; packs that are
+    # missing or damaged (named by the index, or present with an unreadable header or bad data).
+    bad_chunks: dict[bytes, str] = field(default_factory=dict)
+    bad_packs: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -36,14 +120,32 @@ class CheckReport:
     def to_json(self) -> dict:
         return {"ok": self.ok, "errors": self.errors, "warnings": self.warnings, "snapshots": self.snapshots,
                 "packs": self.packs, "chunks": self.chunks, "bytes_read": self.bytes_read,
-                "damaged_snapshots": self.damaged_snapshots, "damaged_manifests": self.damaged_manifests}
+                "damaged_snapshots": self.damaged_snapshots, "damaged_manifests": self.damaged_manifests,
+                "read_packs": self.read_packs, "packs_read": len(self.read_packs),
+                "skipped_packs": self.skipped_packs, "selection": self.selection,
+                "duration_s": round(self.duration_s, 3), "read_seconds": round(self.read_seconds, 3),
+                "read_bytes_per_s": round(self.bytes_read / self.read_seconds) if self.read_seconds else None}
 
 
-def check(repo: Repository, read_data: bool = False, workers: int = 2,
-          progress: Progress | None = None) -> CheckReport:
+def default_workers() -> int:
+    """Threads that read and verify packs: one per core, at least two (reads overlap the CPU work)."""
+    return max(2, os.cpu_count() or 2)
+
+
+def check(repo: Repository, read_data: bool = False, workers: int | None = None,
+          progress: Progress | None = None, subset: Subset | None = None, resume: bool = False,
+          older_than: float | None = None, locked: bool = False) -> CheckReport:
+    """Check the repository's structure and, with ``read_data`` (or a ``subset``), read and
+    verify packs. ``older_than`` (seconds) reads only packs not verified that recently;
+    ``resume`` skips the packs the last unfinished run verified. Every pack read and found
+    sound is recorded in the repository's verification coverage (``verify/``). With
+    ``locked``, the caller already holds a lock (repair does)."""
+    t_start = time.monotonic()
     progress = progress or NoProgress()
+    workers = workers or default_workers()
+    read_data = read_data or subset is not None or resume or older_than is not None
     rep = CheckReport()
-    with repo.lock(purpose="check"):
+    with contextlib.nullcontext() if locked else repo.lock(purpose="check"):
         # 1. index files: each must open; collect what they claim. 2. the packs present.
         # 3. the prune marks (read last: a pack a sweep deleted meanwhile is then either
         # still doomed by a mark, or the index files that named it are gone, and we look again).
@@ -62,7 +164,7 @@ def check(repo: Repository, read_data: bool = False, workers: int = 2,
         rep.errors.extend(f"{p}; it is never acted upon, and the next 'vmbak prune' removes it"
                           for p in mark_problems)
         rep.packs = len(present)
-        bad_chunks: dict[bytes, str] = {}
+        bad_chunks = rep.bad_chunks
         for pid in sorted(set(claimed) - set(present)):
             if pid in doomed:
                 # Deleted by a prune sweep (condemned by a mark): not damage. Its chunks
@@ -75,6 +177,7 @@ def check(repo: Repository, read_data: bool = False, workers: int = 2,
                         bad_chunks[cid] = f"pack {pid[:16]} was deleted by prune"
                 continue
             rep.errors.append(f"pack {pid[:16]} is named by the index but missing")
+            rep.bad_packs[pid] = "missing"
             for cid in claimed[pid]["id"].tolist():
                 bad_chunks[cid] = f"pack {pid[:16]} is missing"
         for pid in sorted(set(claimed) & set(present)):
@@ -82,6 +185,7 @@ def check(repo: Repository, read_data: bool = False, workers: int = 2,
                 hdr = read_header(repo.backend, repo.sealer, pid, present[pid])
             except RepositoryError as e:
                 rep.errors.append(str(e))
+                rep.bad_packs[pid] = str(e)
                 for cid in claimed[pid]["id"].tolist():
                     bad_chunks[cid] = f"pack {pid[:16]} is damaged"
                 continue
@@ -98,48 +202,20 @@ def check(repo: Repository, read_data: bool = False, workers: int = 2,
                 rep.warnings.append(f"pack {pid[:16]} is condemned by a prune mark and awaits deletion "
                                     "(the next 'vmbak prune' sweeps it)")
             else:
+                try:
+                    read_header(repo.backend, repo.sealer, pid, present[pid])
+                except ObjectMissing:
+                    continue
+                except RepositoryError as e:
+                    rep.warnings.append(f"{e}; it is in no index file, so nothing uses it "
+                                        "('vmbak repair snapshots' sets it aside)")
+                    rep.bad_packs[pid] = str(e)
+                    continue
                 rep.warnings.append(f"pack {pid[:16]} is not in any index file (left by an interrupted "
                                     "backup; its chunks are used)")
-        # 3. read every pack (data check)
+        # 3. read the packs (data check)
         if read_data:
-            progress.start(sum(present.values()), "check")
-
-            def read_pack(pid: str) -> tuple[str, list[tuple[bytes, str]], int, str | None]:
-                size = present[pid]
-                try:
-                    data = repo.backend.read(pack_name(pid))
-                except RepositoryError as e:
-                    return pid, [], size, str(e)
-                if blake3.blake3(data).hexdigest() != pid:
-                    err = f"pack {pid[:16]}: content does not match its name (corrupt)"
-                else:
-                    err = None
-                try:
-                    hdr = parse_header(repo.sealer, data, len(data), f"pack {pid[:16]}")
-                except IntegrityError as e:
-                    return pid, [], size, str(e)
-                bad = []
-                for cid, off, ln, raw in zip(hdr["id"].tolist(), hdr["off"].tolist(), hdr["len"].tolist(),
-                                             hdr["raw"].tolist(), strict=True):
-                    try:
-                        repo.decode_chunk(cid, data[off:off + ln], raw)
-                    except IntegrityError as e:
-                        bad.append((cid, str(e)))
-                return pid, bad, size, err
-
-            with cf.ThreadPoolExecutor(max(1, workers)) as pool:
-                for pid, bad, size, err in bounded_map(pool, read_pack, sorted(present), 2 * workers):
-                    rep.bytes_read += size
-                    progress.advance(size)
-                    if err:
-                        rep.errors.append(err)
-                        if not bad and pid in claimed:
-                            for cid in claimed[pid]["id"].tolist():
-                                bad_chunks.setdefault(cid, err)
-                    for cid, msg in bad:
-                        rep.errors.append(f"pack {pid[:16]}: {msg}")
-                        bad_chunks[cid] = msg
-            progress.close()
+            _read_packs(repo, rep, present, claimed, workers, progress, subset, resume, older_than)
         # 4. manifests: every chunk they name is indexed and intact
         index = repo.index
         rep.chunks = len(index)
@@ -154,7 +230,140 @@ def check(repo: Repository, read_data: bool = False, workers: int = 2,
                                  if deps else "")
                               + f"; 'vmbak forget {sid}' removes it")
         _check_manifests(repo, ms, index, bad_chunks, rep)
+    rep.duration_s = time.monotonic() - t_start
     return rep
+
+
+_tls = threading.local()
+
+
+def _read_pack(repo: Repository, pid: str) -> memoryview:
+    """A pack's bytes. From a local directory they are read into a buffer this thread
+    reuses (no fresh allocation and page faults per pack); other backends read as usual."""
+    name = pack_name(pid)
+    backend = repo.backend
+    if not isinstance(backend, LocalBackend):
+        return memoryview(backend.read(name))
+    try:
+        with open(os.path.join(backend.root, name), "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            buf = getattr(_tls, "buf", None)
+            if buf is None or len(buf) < size:
+                buf = _tls.buf = bytearray(max(size, 1 << 20))
+            mv = memoryview(buf)
+            n = 0
+            while n < size:
+                got = f.readinto(mv[n:size])
+                if not got:
+                    break
+                n += got
+            return mv[:n]
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            raise ObjectMissing(f"repository object missing: {name}") from None
+        raise RepositoryError(f"repository I/O error on {name}: {e.strerror or e}") from None
+
+
+def _verify_chunk(repo: Repository, cid: bytes, blob: memoryview, raw: int, label: str) -> None:
+    """Authenticate one blob, decompress it and check its length and id (no copies of
+    stored plaintext); IntegrityError if anything is wrong."""
+    payload = repo.sealer.open(blob, chunk_aad(cid), label)
+    if not payload:
+        raise IntegrityError(f"{label}: empty payload")
+    if raw > repo.max_chunk:
+        raise IntegrityError(f"{label}: claims {raw} bytes, more than a chunk of this repository holds "
+                             f"({repo.max_chunk})")
+    body = memoryview(payload)[1:]
+    if payload[0] == CODEC_ZSTD:
+        data: bytes | memoryview = zstd.decompress(body, raw, label)
+    elif payload[0] == CODEC_RAW:
+        data = body
+    else:
+        raise IntegrityError(f"{label}: unknown codec {payload[0]}")
+    if len(data) != raw or repo.sealer.chunk_id(data) != cid:
+        raise IntegrityError(f"{label}: content does not match its id (corrupt data)")
+
+
+def _verify_pack(repo: Repository, pid: str) -> tuple[list[tuple[bytes, str]], str | None]:
+    """Read one pack whole and verify it: its name (BLAKE3 of its bytes), its header, and
+    every chunk (authenticated, decompressed, length and id checked). Returns the bad
+    chunks and a pack-level error. Thread-safe; the heavy work releases the GIL."""
+    try:
+        data = _read_pack(repo, pid)
+    except RepositoryError as e:
+        return [], str(e)
+    err = None
+    if blake3.blake3(data).hexdigest() != pid:
+        err = f"pack {pid[:16]}: content does not match its name (corrupt)"
+    try:
+        hdr = parse_header(repo.sealer, data, len(data), f"pack {pid[:16]}")
+    except IntegrityError as e:
+        return [], str(e)
+    bad = []
+    for cid, off, ln, raw in zip(hdr["id"].tolist(), hdr["off"].tolist(), hdr["len"].tolist(),
+                                 hdr["raw"].tolist(), strict=True):
+        label = f"chunk {cid.hex()[:16]}"
+        try:
+            _verify_chunk(repo, cid, data[off:off + ln], raw, label)
+        except IntegrityError as e:
+            bad.append((cid, str(e)))
+    return bad, err
+
+
+def _read_packs(repo: Repository, rep: CheckReport, present: dict[str, int], claimed: dict[str, np.ndarray],
+                workers: int, progress: Progress, subset: Subset | None, resume: bool,
+                older_than: float | None) -> None:
+    """Choose the packs to read (subset, age, resume), read them in parallel and record
+    the sound ones in the verification coverage."""
+    cov = load_coverage(repo.backend, repo.sealer)
+    for p in cov.problems:
+        rep.warnings.append(f"{p}; it is ignored (the packs it named count as not verified)")
+    chosen = subset.select(present, cov.packs) if subset else sorted(present)
+    sel: dict = {"subset": subset.text if subset else None, "chosen": len(chosen)}
+    if older_than is not None:
+        limit = datetime.now(UTC).timestamp() - older_than
+        before = len(chosen)
+        chosen = [p for p in chosen if (t := cov.last_verified(p)) is None or t.timestamp() < limit]
+        sel["older_than_s"] = older_than
+        sel["recently_verified"] = before - len(chosen)
+    if resume:
+        run = cov.unfinished_run()
+        if run is None:
+            sel["resumed"] = None
+            rep.warnings.append("nothing to resume: the last check run finished; reading the selection whole")
+        else:
+            before = len(chosen)
+            chosen = [p for p in chosen if cov.packs.get(p, "") < run.started]
+            sel["resumed"] = {"run": run.run, "started": run.started, "already_verified": before - len(chosen)}
+    rep.selection = sel
+    rep.skipped_packs = len(present) - len(chosen)
+    every = int(os.environ.get("VMBAK_VERIFY_RECORD_PACKS", "64") or 64)
+    writer = CoverageWriter(repo.backend, repo.sealer, every_packs=every)
+    progress.start(sum(present[p] for p in chosen), "check")
+    t0 = time.monotonic()
+    with cf.ThreadPoolExecutor(max(1, workers), thread_name_prefix="vmbak-check") as pool:
+        for pid, (bad, err) in zip(chosen, bounded_map(pool, lambda p: _verify_pack(repo, p),
+                                                       chosen, 2 * workers), strict=True):
+            size = present[pid]
+            rep.bytes_read += size
+            rep.read_packs.append(pid)
+            progress.advance(size)
+            if err:
+                rep.errors.append(err)
+                rep.bad_packs[pid] = err
+                if not bad and pid in claimed:
+                    for cid in claimed[pid]["id"].tolist():
+                        rep.bad_chunks.setdefault(cid, err)
+            for cid, msg in bad:
+                rep.errors.append(f"pack {pid[:16]}: {msg}")
+                rep.bad_chunks[cid] = msg
+                rep.bad_packs.setdefault(pid, msg)
+            if not err and not bad:
+                writer.add(pid)
+    rep.read_seconds = time.monotonic() - t0
+    progress.close()
+    writer.finish(cov, set(present))
+    rep.warnings.extend(writer.errors)
 
 
 def _read_index_files(repo: Repository) -> tuple[dict[str, np.ndarray], list[str], list[str], bool]:

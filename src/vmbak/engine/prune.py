@@ -88,12 +88,13 @@ class PruneReport:
     bytes_after: int = 0
     freed_bytes: int = 0
     upgraded_format: bool = False
+    removed_repaired: list[str] = field(default_factory=list)  # originals 'repair snapshots' kept
     duration_s: float = 0.0
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in (
             "dry_run", "swept", "marked", "postponed", "removed_incomplete_marks", "removed_damaged_marks", "warnings", "packs_before",
-            "bytes_before", "packs_after", "bytes_after", "freed_bytes", "upgraded_format")} | {
+            "bytes_before", "packs_after", "bytes_after", "freed_bytes", "upgraded_format", "removed_repaired")} | {
             "duration_s": round(self.duration_s, 3)}
 
 
@@ -432,6 +433,12 @@ def prune(repo: Repository, opts: PruneOptions | None = None, log: Callable[[str
                         _sweep(repo, now, rep, log)
                     else:
                         rep.postponed.extend(later)
+        # The originals 'vmbak repair snapshots' replaced (and the damaged packs it set
+        # aside) are kept until a prune: their chunks were not counted as referenced above.
+        for name, _ in list(repo.backend.list("repaired")):
+            if not opts.dry_run:
+                repo.backend.delete(name)
+            rep.removed_repaired.append(name)
         data = list(repo.backend.list("data"))
         rep.packs_after = len(data)
         rep.bytes_after = sum(s for _, s in data)

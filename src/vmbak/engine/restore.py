@@ -408,8 +408,15 @@ def plan(chain: list[Manifest]) -> tuple[list[_Job], np.ndarray]:
 
 def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *,
             overwrite: bool = False, verify: bool = True, workers: int = 4,
-            progress: Progress | None = None, sync: bool = False, readback: bool = False) -> dict:
+            progress: Progress | None = None, sync: bool = False, readback: bool = False,
+            ignore_errors: bool = False) -> dict:
     """Restore ``snapshot`` to ``target`` (a path or a RestoreTarget); return statistics.
+
+    With ``ignore_errors``, a chunk that is missing or fails verification (and blocks that
+    do not match the block hashes) does not stop the restore: those blocks are left as
+    zeros, every such range is listed in the result's ``damaged`` (sorted, adjacent ranges
+    with the same reason joined) and ``complete`` is False. The target is still committed
+    (a new file appears under its name): it is whole, with named holes.
 
     With ``verify``, every block is checked against the snapshot's block hashes: the bytes
     handed to the target are hashed just before they are written (and the blocks meant to
@@ -423,42 +430,69 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
         bs = snapshot.block_size
         size = snapshot.disk_size
         jobs, data_mask = plan(chain)
+        damaged: list[tuple[int, int, str, str]] = []  # (first block, count, snapshot short id, reason)
+        warnings: list[str] = []
         # Read packs in order, so the repository is read sequentially.
         locs = {}
+        kept = []
         for j in jobs:
             if j.chunk_id not in locs:
                 loc = repo.index.get(j.chunk_id)
                 if loc is None:
                     m = chain[j.level]
-                    raise IntegrityError(f"chunk {j.chunk_id.hex()[:16]} (blocks {j.start}-{j.start + j.count - 1} "
-                                         f"of snapshot {m.short_id}) is missing from the repository")
+                    if not ignore_errors:
+                        raise IntegrityError(f"chunk {j.chunk_id.hex()[:16]} (blocks {j.start}-"
+                                             f"{j.start + j.count - 1} of snapshot {m.short_id}) is missing "
+                                             "from the repository")
+                    for a, b in j.sub or [(j.start, j.count)]:
+                        damaged.append((a, b, m.short_id, f"chunk {j.chunk_id.hex()[:16]} is missing"))
+                    continue
                 locs[j.chunk_id] = loc
+            kept.append(j)
+        jobs = kept
         jobs.sort(key=lambda j: (locs[j.chunk_id].pack, locs[j.chunk_id].offset))
-        expected = resolve_bht(repo, chain) if verify else None
+        expected = None
+        if verify:
+            try:
+                expected = resolve_bht(repo, chain)
+            except IntegrityError as e:
+                if not ignore_errors:
+                    raise
+                warnings.append(f"{e}; blocks were checked against their chunk ids only")
         inline = expected is not None and not readback
-        if inline:
-            assert expected is not None
+        if expected is not None:
             missing = expected.any(axis=1) & ~data_mask
             if missing.any():
                 ms, ml = runs(missing)
-                raise IntegrityError(f"snapshot {snapshot.short_id}: blocks {range_text(ms.tolist(), ml.tolist())} "
-                                     "hold data per the block hashes but no chunk covers them")
+                if not ignore_errors:
+                    raise IntegrityError(f"snapshot {snapshot.short_id}: blocks {range_text(ms.tolist(), ml.tolist())} "
+                                         "hold data per the block hashes but no chunk covers them")
+                for a, b in zip(ms.tolist(), ml.tolist(), strict=True):
+                    damaged.append((a, b, snapshot.short_id, "hold data per the block hashes but no chunk covers them"))
             zero_hash = np.frombuffer(repo.sealer.block_hash(bytes(bs)), BHT_DTYPE)
         tgt = target if isinstance(target, RestoreTarget) else RestoreTarget(target, size, overwrite)
         ok = False
         try:
             written = 0
 
-            def run(job: _Job) -> int:
+            def run(job: _Job) -> tuple[int, list[tuple[int, int, str, str]]]:
                 m = chain[job.level]
                 what = (f"chunk {job.chunk_id.hex()[:16]} (blocks {job.start}-{job.start + job.count - 1} "
                         f"of snapshot {m.short_id})")
-                data = repo.read_at(job.chunk_id, locs[job.chunk_id], what, check_id=not inline)
-                if len(data) != min(job.count * bs, size - job.start * bs):
-                    raise IntegrityError(f"{what}: has the wrong length")
+                pieces = job.sub or [(job.start, job.count)]
+                try:
+                    data = repo.read_at(job.chunk_id, locs[job.chunk_id], what, check_id=not inline)
+                    if len(data) != min(job.count * bs, size - job.start * bs):
+                        raise IntegrityError(f"{what}: has the wrong length")
+                except IntegrityError as e:
+                    if not ignore_errors:
+                        raise
+                    why = str(e).removeprefix(what + ": ")
+                    return 0, [(a, b, m.short_id, f"chunk {job.chunk_id.hex()[:16]}: {why}") for a, b in pieces]
                 mv = memoryview(data)
                 n = 0
-                for a, b in job.sub or [(job.start, job.count)]:
+                lost: list[tuple[int, int, str, str]] = []
+                for a, b in pieces:
                     piece = mv[(a - job.start) * bs:(a - job.start + b) * bs]
                     if inline:
                         assert expected is not None
@@ -466,21 +500,34 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
                         bad = (h != expected[a:a + b]).any(axis=1)
                         if bad.any():
                             bs_, bl = runs(bad)
-                            raise IntegrityError(
-                                f"{what}: blocks {range_text((bs_ + a).tolist(), bl.tolist())} do not match "
-                                "the snapshot's block hashes (corrupt data); the restore stopped before writing them")
+                            if not ignore_errors:
+                                raise IntegrityError(
+                                    f"{what}: blocks {range_text((bs_ + a).tolist(), bl.tolist())} do not match the "
+                                    "snapshot's block hashes (corrupt data); the restore stopped before writing them")
+                            for x, y in zip(bs_.tolist(), bl.tolist(), strict=True):
+                                lost.append((a + x, y, m.short_id, f"chunk {job.chunk_id.hex()[:16]}: does not "
+                                             "match the snapshot's block hashes (corrupt data)"))
+                            gs, gl = runs(~bad)
+                            for x, y in zip(gs.tolist(), gl.tolist(), strict=True):
+                                tgt.write((a + x) * bs, piece[x * bs:(x + y) * bs])
+                                n += len(piece[x * bs:(x + y) * bs])
+                            continue
                     tgt.write(a * bs, piece)
                     n += len(piece)
-                return n
+                return n, lost
 
             progress.start(int(np.count_nonzero(data_mask)) * bs, "restore")
             with cf.ThreadPoolExecutor(max(1, workers), thread_name_prefix="vmbak-restore") as pool:
-                for n in bounded_unordered(pool, run, jobs, 4 * workers):
+                for n, lost in bounded_unordered(pool, run, jobs, 4 * workers):
                     written += n
+                    damaged.extend(lost)
                     progress.advance(n)
             zero_bytes = 0
+            damaged_mask = np.zeros(len(data_mask), bool)
+            for a, b, _, _ in damaged:
+                damaged_mask[a:a + b] = True
             if tgt.needs_zero_writes():
-                zs, zl = runs(~data_mask)
+                zs, zl = runs(~data_mask | damaged_mask)
                 for s, c in zip(zs.tolist(), zl.tolist(), strict=True):
                     ln = min(c * bs, size - s * bs)
                     tgt.write_zeros(s * bs, ln)
@@ -489,7 +536,8 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
             verified = False
             if expected is not None:
                 if readback:
-                    _verify(repo, tgt, expected, data_mask, bs, size, snapshot, workers, progress)
+                    _verify(repo, tgt, expected, data_mask, bs, size, snapshot, workers, progress,
+                            skip=damaged_mask)
                 verified = True
             tgt.commit(sync)
             ok = True
@@ -509,11 +557,30 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
         "chunks_read": len(jobs),
         "verified": verified,
         "duration_s": round(time.monotonic() - t0, 3),
+        "complete": not damaged,
+        "damaged": _damaged_ranges(damaged, bs, size),
+        "warnings": warnings,
     }
 
 
+def _damaged_ranges(damaged: list[tuple[int, int, str, str]], bs: int, size: int) -> list[dict]:
+    """The damaged block ranges, sorted, adjacent ones with the same snapshot and reason joined."""
+    out: list[dict] = []
+    for a, b, sid, why in sorted(damaged):
+        last = out[-1] if out else None
+        if last and last["snapshot"] == sid and last["reason"] == why and last["start_block"] + last["blocks"] == a:
+            last["blocks"] += b
+        else:
+            out.append({"start_block": a, "blocks": b, "snapshot": sid, "reason": why})
+    for d in out:
+        d["offset"] = d["start_block"] * bs
+        d["length"] = min(d["blocks"] * bs, size - d["offset"])
+    return out
+
+
 def _verify(repo: Repository, tgt: RestoreTarget, expected: np.ndarray, data_mask: np.ndarray, bs: int,
-            size: int, snapshot: Manifest, workers: int, progress: Progress) -> None:
+            size: int, snapshot: Manifest, workers: int, progress: Progress,
+            skip: np.ndarray | None = None) -> None:
     """Re-read the target and compare every block with the snapshot's block hashes.
 
     Holes in a regular-file target read as zeros without being read; a new file's
@@ -535,6 +602,9 @@ def _verify(repo: Repository, tgt: RestoreTarget, expected: np.ndarray, data_mas
         check_mask &= has_data
     else:
         hole_bad = np.zeros(n, bool)
+    if skip is not None:  # damaged blocks a restore with ignore_errors left as zeros
+        check_mask &= ~skip
+        hole_bad &= ~skip
     step = max(1, (8 << 20) // bs)
     pieces = []
     rs, rl = runs(check_mask)
