@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vmbak.cli.common import emit, log, open_repo, parse_size, progress
+from vmbak.cli.common import emit_summary, log, open_repo, parse_size, progress
 from vmbak.engine.backup import DEFAULT_BLOCK_SIZE, MODES, BackupOptions
 from vmbak.engine.common import human
 from vmbak.errors import VmbakError, printable
@@ -109,17 +109,18 @@ def cmd_backup(args: argparse.Namespace) -> int:
         raise VmbakError(f"--format goes with a DISK argument, not with --changes {changes}")
     if args.nbd_server is not None and changes.kind != "qemu":
         raise VmbakError("--nbd-server goes with --changes qemu:QMP_SOCKET:NODE")
-    repo = open_repo(args)
-    lg = log(args)
-    src = sources.open_source(repo, name=name, mode=args.mode, changes=changes, disk=args.disk, fmt=args.format,
-                              block_size=args.block_size, nbd_server=args.nbd_server, log=lg)
-    with src:
-        opts = BackupOptions(name=name, mode=args.mode, changes=changes.engine_changes,
-                             verify_changes=args.verify_changes, block_size=args.block_size,
-                             workers=args.workers, progress=progress(args), log=lg,
-                             skip_unused=args.skip_unused)
-        m = sources.run_backup(repo, src, opts, log=lg)
-    emit(args, m.summary(), _line(m))
+    with progress(args) as bar:  # shown while the repository and the source open, too
+        repo = open_repo(args)
+        lg = log(args)
+        src = sources.open_source(repo, name=name, mode=args.mode, changes=changes, disk=args.disk,
+                                  fmt=args.format, block_size=args.block_size, nbd_server=args.nbd_server, log=lg)
+        with src:
+            opts = BackupOptions(name=name, mode=args.mode, changes=changes.engine_changes,
+                                 verify_changes=args.verify_changes, block_size=args.block_size,
+                                 workers=args.workers, progress=bar, log=lg,
+                                 skip_unused=args.skip_unused)
+            m = sources.run_backup(repo, src, opts, log=lg)
+    emit_summary(args, m.summary(), _line(m))
     return 0
 
 
@@ -135,19 +136,22 @@ def _cmd_libvirt(args: argparse.Namespace, changes) -> int:  # noqa: ANN001 - a 
         raise VmbakError("--libvirt needs a domain name")
     prefix = args.name or domain
     sources.check_name(f"{prefix}-vda")
+    bar = progress(args)
     repo = open_repo(args)
     lg = log(args)
     job = sources.open_libvirt(repo, domain, prefix=prefix, mode=args.mode, changes=changes,
                                block_size=args.block_size, uri=args.libvirt_uri, log=lg)
     opts = BackupOptions(name=prefix, mode=args.mode, changes=changes.engine_changes,
                          verify_changes=args.verify_changes, block_size=args.block_size, workers=args.workers,
-                         progress=progress(args), log=lg, skip_unused=args.skip_unused)
+                         progress=bar, log=lg, skip_unused=args.skip_unused)
 
     def each(m) -> None:  # noqa: ANN001
         if not args.json and not args.quiet:
             print(printable(f"{m.name}: {_line(m)}"))
 
-    ms = sources.run_libvirt_backup(repo, job, opts, on_disk=each, log=lg)
+    with bar:
+        ms = sources.run_libvirt_backup(repo, job, opts, on_disk=each, log=lg)
     text = f"libvirt domain {domain}: {len(ms)} disks backed up at checkpoint {job.checkpoint}"
-    emit(args, {"domain": domain, "checkpoint": job.checkpoint, "snapshots": [m.summary() for m in ms]}, text)
+    emit_summary(args, {"domain": domain, "checkpoint": job.checkpoint, "snapshots": [m.summary() for m in ms]},
+                 text)
     return 0

@@ -8,9 +8,9 @@ import stat
 import sys
 import time
 
-from vmbak.cli.common import emit, log, open_repo, parse_size
+from vmbak.cli.common import emit, emit_summary, log, open_repo, parse_size, progress
 from vmbak.engine.common import human
-from vmbak.errors import VmbakError, printable
+from vmbak.errors import EXIT_PARTIAL, VmbakError, printable
 
 LS_EPILOG = """examples:
   vmbak ls web:latest                      # the volumes: /p1, /p2 ... (/disk without a partition table)
@@ -95,7 +95,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.set_defaults(func=cmd_mount)
 
 
-PARTIAL = 3  # some entries could not be read (restic's "partial" exit code); the rest was done
+PARTIAL = EXIT_PARTIAL  # 3: some entries could not be read (restic's "partial" exit code); the rest was done
 
 
 def _files(args: argparse.Namespace):  # noqa: ANN202 - (SnapshotFiles, SnapshotView)
@@ -197,11 +197,14 @@ def _terminate_as_interrupt(_sig: int, _frame: object) -> None:
 def cmd_extract(args: argparse.Namespace) -> int:
     import signal
 
+    bar = progress(args)
     files, view = _files(args)
     old = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
+        bar.phase("extract")
         r = files.extract(args.paths, args.target, log=log(args))
     finally:
+        bar.close()
         signal.signal(signal.SIGTERM, old)
     r["snapshot"] = view.snapshot.id
     st = view.stats()
@@ -213,7 +216,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
             f"{len(r['errors'])} could not be read" if r["errors"] else ""]
     text = (f"extracted {r['files']} files ({human(r['bytes'])}), {r['dirs']} directories and {r['symlinks']} "
             f"symlinks to {r['target']}" + "".join(f"; {m}" for m in more if m))
-    emit(args, r, text)
+    emit_summary(args, r, text)
     return _partial(files, "the extract is incomplete")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from vmbak.cli.common import emit, log, open_repo
+from vmbak.cli.common import emit, emit_summary, log, open_repo, progress
 from vmbak.engine.common import human
 from vmbak.engine.merge import check_mergeable, reconcile, resolve_target
 from vmbak.engine.prune import DEFAULT_REPACK_THRESHOLD, PruneOptions, prune, unlock
@@ -153,10 +153,12 @@ def _run_prune(args: argparse.Namespace, repo) -> dict:  # noqa: ANN001
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    repo = open_repo(args)
-    args.damage_reported = True  # prune refuses to run with a damaged manifest or index file
-    r = _run_prune(args, repo)
-    emit(args, r, "\n".join(_prune_text(r)))
+    with progress(args) as bar:
+        repo = open_repo(args)
+        args.damage_reported = True  # prune refuses to run with a damaged manifest or index file
+        bar.phase("prune")
+        r = _run_prune(args, repo)
+    emit_summary(args, r, "\n".join(_prune_text(r)))
     return 0
 
 
@@ -164,7 +166,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
     policy = Policy(last=args.keep_last, hourly=args.keep_hourly, daily=args.keep_daily, weekly=args.keep_weekly,
                     monthly=args.keep_monthly, yearly=args.keep_yearly)
     parse_duration(args.grace)  # fail before doing anything
+    bar = progress(args)
     repo = open_repo(args)
+    bar.phase("forget")
     res = forget(repo, policy, name=args.name, snapshots=args.snapshots,
                  keep_dependencies=args.keep_dependencies, dry_run=args.dry_run, log=log(args))
     out = res.to_json()
@@ -188,18 +192,21 @@ def cmd_forget(args: argparse.Namespace) -> int:
     if out["recovered_interrupted"]:
         lines.append(f"finished {len(out['recovered_interrupted'])} rewrites an interrupted run had left")
     if args.prune and not args.dry_run:
+        bar.phase("prune")
         out["prune"] = _run_prune(args, repo)
         lines += _prune_text(out["prune"])
     elif args.prune:
         lines.append("(prune is not run with --dry-run)")
-    emit(args, out, "\n".join(lines))
+    emit_summary(args, out, "\n".join(lines))
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     if not args.into_full:
         raise VmbakError("say what to merge into: --into-full (a synthetic full is the only kind of merge)")
+    bar = progress(args)
     repo = open_repo(args)
+    bar.phase("merge")
     with repo.lock(exclusive=True, purpose="merge"):
         m = resolve_target(repo, args.target)
         check_mergeable(m)
@@ -219,20 +226,22 @@ def cmd_merge(args: argparse.Namespace) -> int:
     others = [r for r in res.rewrites if r.old != m.id]
     if others:
         text += f"\n{len(others)} later snapshots re-pointed to it"
-    emit(args, out, text)
+    emit_summary(args, out, text)
     return 0
 
 
 def cmd_repair_index(args: argparse.Namespace) -> int:
-    repo = open_repo(args)
-    args.damage_reported = True  # the damaged index files are what it replaces
-    r = repair_index(repo).to_json()
+    with progress(args, "repair index") as bar:
+        repo = open_repo(args)
+        args.damage_reported = True  # the damaged index files are what it replaces
+        bar.phase("repair")
+        r = repair_index(repo).to_json()
     lines = [f"replaced damaged {name}: {why.removeprefix(f'index file {name}: ')}"
              for name, why in sorted(r["damaged_index_files"].items())]
     lines += [f"warning: {w}" for w in r["warnings"]]
     lines.append(f"index rebuilt from the headers of {r['packs']} packs ({r['chunks']} chunks); "
                  f"{len(r['removed_index_files'])} older index files removed")
-    emit(args, r, "\n".join(lines))
+    emit_summary(args, r, "\n".join(lines))
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vmbak.cli.common import emit, open_repo, password, progress, repo_location
+from vmbak.cli.common import emit, emit_summary, open_repo, password, progress, repo_location
 from vmbak.engine.check import check
 from vmbak.engine.common import human
 from vmbak.engine.info import repo_stats, snapshot_stats
@@ -61,15 +61,16 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    repo = open_repo(args)
-    args.damage_reported = True  # the report names damaged manifests and index files as errors
-    rep = check(repo, read_data=args.read_data, progress=progress(args))
+    with progress(args) as bar:
+        repo = open_repo(args)
+        args.damage_reported = True  # the report names damaged manifests and index files as errors
+        rep = check(repo, read_data=args.read_data, progress=bar)
     lines = [f"{rep.snapshots} snapshots, {rep.packs} packs, {rep.chunks} chunks"
              + (f", {human(rep.bytes_read)} read" if args.read_data else "")]
     lines += [f"warning: {w}" for w in rep.warnings]
     lines += [f"error: {e}" for e in rep.errors]
     lines.append("no errors found" if rep.ok else f"{len(rep.errors)} errors found")
-    emit(args, rep.to_json(), "\n".join(lines))
+    emit_summary(args, rep.to_json(), "\n".join(lines))
     return 0 if rep.ok else 1
 
 

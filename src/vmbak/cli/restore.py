@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from vmbak.cli.common import emit, log, open_repo, progress
+from vmbak.cli.common import emit_summary, log, open_repo, progress
 from vmbak.engine.common import human
 from vmbak.errors import VmbakError, printable
 
@@ -92,22 +92,24 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     if fmt == "raw":  # (an image format refuses a device anyway, and says why)
         check_overwrite(args.target, args.overwrite)  # a device needs --overwrite, like a file
+    bar = progress(args)
     repo = open_repo(args)
     m = repo.find(args.snapshot)
     tgt = ImageRestoreTarget(args.target, m.disk_size, fmt, overwrite=args.overwrite)
     try:
-        r = restore(repo, m, tgt, verify=not args.no_verify, workers=args.workers, progress=progress(args),
+        r = restore(repo, m, tgt, verify=not args.no_verify, workers=args.workers, progress=bar,
                     sync=args.sync, readback=args.verify_readback)
     except BaseException:
         tgt.discard()  # a new file or image never appears half written
         raise
     finally:
+        bar.close()
         tgt.close()
     r["format"] = fmt
     text = (f"restored snapshot {m.short_id} ({printable(m.name)}, {m.time}) to {r['target']} ({fmt}): "
             f"{human(r['written_bytes'])} written from a chain of {r['chain_length']}"
             + ((", verified (read back)" if args.verify_readback else ", verified") if r["verified"] else "") + f" in {r['duration_s']} s")
-    emit(args, r, text)
+    emit_summary(args, r, text)
     return 0
 
 
@@ -117,17 +119,19 @@ def _cmd_libvirt(args: argparse.Namespace) -> int:
     if args.verify_readback:
         raise VmbakError("--verify-readback is not available with --libvirt")
 
+    bar = progress(args)
     repo = open_repo(args)
-    r = restore_libvirt(repo, args.snapshot, directory=args.target, new_name=args.define,
-                        define=args.define is not None, fmt=args.format, uri=args.libvirt_uri,
-                        overwrite=args.overwrite, verify=not args.no_verify, workers=args.workers,
-                        progress=lambda: progress(args), log=log(args))
+    with bar:
+        r = restore_libvirt(repo, args.snapshot, directory=args.target, new_name=args.define,
+                            define=args.define is not None, fmt=args.format, uri=args.libvirt_uri,
+                            overwrite=args.overwrite, verify=not args.no_verify, workers=args.workers,
+                            progress=lambda: bar, log=log(args))
     lines = [f"restored {d['target_disk']} from snapshot {d['snapshot'][:8]} to {d['target']} ({d['format']}), "
              f"{human(d['written_bytes'])} written" for d in r["disks"]]
     lines.append(f"domain XML of {r['domain']} (checkpoint {r['checkpoint']}) written to {r['xml']}")
     if r["defined"]:
         lines.append(f"defined libvirt domain {r['defined']} (not started)")
-    emit(args, r, "\n".join(lines))
+    emit_summary(args, r, "\n".join(lines))
     return 0
 
 
@@ -152,7 +156,7 @@ def _cmd_from_serve(args: argparse.Namespace) -> int:
         r = make_permanent(args.from_serve, args.snapshot, progress=report)
     finally:
         bar.close()
-    emit(args, r, f"copied the export of {args.from_serve} to {r['target']} ({human(r['disk_size'])}) in "
+    emit_summary(args, r, f"copied the export of {args.from_serve} to {r['target']} ({human(r['disk_size'])}) in "
          f"{r['duration_s']} s; the export now reads and writes {r['target']}, the backup and the overlay "
          "are no longer used")
     return 0
