@@ -257,8 +257,8 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
         total = int(np.count_nonzero(to_read)) * bs
         # One bar over the phases: read (and store) the selected blocks, then wait for the
         # last packs to be written or uploaded.
-        progress.start(min(total, size), "read")
         watch_upload(progress, lambda: (writer.durable_stored, writer.new_stored))
+        progress.start(min(total, size), "read")
         try:
             with cf.ThreadPoolExecutor(max(1, opts.workers), thread_name_prefix="vmbak-backup") as pool:
                 for r in bounded_map(pool, pipe.work, _tasks(to_read, grid, TASK_BYTES // bs),

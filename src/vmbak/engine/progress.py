@@ -10,8 +10,8 @@ so any object with the three protocol methods still works.
 
 ``Report`` keeps one command's state across its phases and shows it two ways from the
 same numbers: a one-line bar on standard error (only on a terminal), redrawn every 0.2 s,
-and, with ``--json``, ``status`` lines on standard output, one at the start and then one
-a second (docs/json.md describes them). A backup's bar is one bar over all its phases:
+and, with ``--json``, ``status`` lines on standard output: one at the start, one at each
+change of phase, and one a second in between (docs/json.md describes them). A backup's bar is one bar over all its phases:
 its percentage and ETA count the bytes to read and the bytes to store, the latter
 estimated from the ratio so far until reading ends, so the wait for the last pack
 uploads (the upload tail on S3) shows as the last part of the same bar.
@@ -131,6 +131,7 @@ class Report:
         self._thread: threading.Thread | None = None
         self._drawn = False
         self._last_json = 0.0
+        self._pct_floor = 0.0  # the percentage shown never goes back within a phase
         self._run()
 
     # ---------------------------------------------------------------- Progress protocol
@@ -139,9 +140,10 @@ class Report:
         self.phase_name = label
         self.total = max(0, int(total))
         self.done = 0
+        self._pct_floor = 0.0
         if self.work_t0 is None or not self.upload:
             self.work_t0 = time.monotonic()
-        self._run()
+        self._run(changed=True)
 
     def advance(self, n: int) -> None:
         self.done += n
@@ -162,10 +164,11 @@ class Report:
     def phase(self, name: str) -> None:
         """Enter phase ``name``; the byte counts stay (an analysis has none; a backup's
         upload tail goes on from its reading)."""
+        changed = name != self.phase_name
         self.phase_name = name
         if name == "upload":
             self.upload_final = True
-        self._run()
+        self._run(changed=changed)
 
     def watch_upload(self, fn: Callable[[], tuple[int, int]] | None) -> None:
         self.upload = fn
@@ -192,6 +195,8 @@ class Report:
             work_done += up_done
             work_total += up_total
         pct = min(1.0, work_done / work_total) if work_total else 0.0
+        # a better estimate of the bytes to store may lower the fraction a little: hold it
+        pct = self._pct_floor = max(pct, self._pct_floor)
         elapsed = now - self.t0
         work_elapsed = now - self.work_t0 if self.work_t0 is not None else 0.0
         rate = done / work_elapsed if work_elapsed > 0 and done else 0.0
@@ -208,10 +213,14 @@ class Report:
         return msg
 
     # ---------------------------------------------------------------- output
-    def _run(self) -> None:
+    def _run(self, changed: bool = False) -> None:
+        """Make sure the ticker runs; show the state at once when it starts or ``changed``
+        (a new phase: one status line and one frame at each change of phase)."""
         if self.bar_out is None and self.json_out is None:
             return
         if self._thread is not None and self._thread.is_alive():
+            if changed:
+                self._tick(first=True)
             return
         self._stop = threading.Event()
         if self not in _ACTIVE:
@@ -247,23 +256,36 @@ class Report:
                 self._stop.set()
 
     def _frame(self, st: dict) -> str:
-        cols = shutil.get_terminal_size((80, 24)).columns
+        """One line: ``backup read:  36% |#####     | 156.0 MiB/300.0 MiB 116.9 MiB/s stored
+        64.0 MiB/307.7 MiB ETA 0:02``; on a narrow terminal the details go first, the
+        percentage and the ETA last."""
+        try:
+            cols = os.get_terminal_size(self.bar_out.fileno()).columns if self.bar_out is not None else 80
+        except (OSError, ValueError):
+            cols = shutil.get_terminal_size((80, 24)).columns
+        cols = max(20, cols)
         pct = st["percent_done"]
-        amounts = ""
+        parts = []
         if st["total_bytes"]:
-            amounts = f" {human(st['bytes_done'])}/{human(st['total_bytes'])}"
+            parts.append(f"{human(st['bytes_done'])}/{human(st['total_bytes'])}")
         if st["bytes_per_second"]:
-            amounts += f" {human(st['bytes_per_second'])}/s"
+            parts.append(f"{human(st['bytes_per_second'])}/s")
         if st.get("upload_bytes_total"):
-            amounts += f" stored {human(st['upload_bytes_done'])}/{human(st['upload_bytes_total'])}"
+            parts.append(f"stored {human(st['upload_bytes_done'])}/{human(st['upload_bytes_total'])}")
         eta = st["seconds_remaining"]
-        tail = f"{amounts} ETA {clock(eta) if eta is not None else '-:--'}"
         head = f"{self.command} {st['phase']}: {pct * 100:3.0f}% "
-        width = max(0, min(40, cols - len(head) - len(tail) - 3))
+        end = f"ETA {clock(eta) if eta is not None else '-:--'}"
+        while True:
+            tail = " ".join([*parts, end])
+            room = cols - 1 - len(head) - len(tail) - 3
+            if room >= 10 or not parts:
+                break
+            parts.pop()
+        width = min(40, room)
         if width < 5:
-            return (head + tail)[:max(1, cols - 1)]
+            return (head + end)[:cols - 1]
         fill = int(pct * width)
-        return f"{head}|{'#' * fill}{' ' * (width - fill)}|{tail}"
+        return f"{head}|{'#' * fill}{' ' * (width - fill)}| {tail}"
 
     def _erase(self) -> None:
         """(Under _OUT_LOCK.) Remove the bar's line from the terminal."""
