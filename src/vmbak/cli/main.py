@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="read the password from this file (default: $VMBAK_PASSWORD)")
     common.add_argument("--s3-endpoint", default=argparse.SUPPRESS, metavar="URL",
                         help="S3 endpoint for s3:BUCKET/PREFIX locations (default: $VMBAK_S3_ENDPOINT)")
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON: one document, or JSON lines from long-running commands (docs/json.md)")
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="print only errors")
     p = CommandParser(  # every subcommand's parser is one too: positionals may follow options
