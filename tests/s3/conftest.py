@@ -153,7 +153,6 @@ def s3_bucket(s3: S3Server) -> Iterator[Callable[[], str]]:
                 pass
 
 
-@dataclass
 def _result(stdout: str) -> object:
     """A --json command's result: its one document, or the summary line that ends its
     JSON lines (the conftest fixture ``json_result`` checks the stream in full)."""
@@ -163,6 +162,7 @@ def _result(stdout: str) -> object:
         return json.loads(stdout.splitlines()[-1])
 
 
+@dataclass
 class S3Repo:
     """A repository in S3, driven through the real CLI."""
 
