@@ -13,6 +13,7 @@ from typing import Any
 
 from vmbak.engine.progress import Report, clear_bar
 from vmbak.errors import PasswordMissing, UsageError, VmbakError, printable
+from vmbak.interrupts import deferred
 from vmbak.repo.repository import Repository
 
 
@@ -232,6 +233,7 @@ def emit_summary(args: argparse.Namespace, data: dict, text: str | None) -> None
 
     close_all()  # no status line may follow the summary
     if args.json:
-        print(json_line("summary", data), flush=True)
+        with deferred():  # a signal never cuts the line in half
+            print(json_line("summary", data), flush=True)
     elif text is not None and not args.quiet:
         print(printable(text, keep_newlines=True))

@@ -31,6 +31,8 @@ import time
 from collections.abc import Callable
 from typing import Protocol, TextIO
 
+from vmbak.interrupts import deferred
+
 
 class Progress(Protocol):
     def start(self, total: int, label: str) -> None: ...
@@ -240,7 +242,8 @@ class Report:
         except Exception:  # noqa: BLE001 - an upload callback racing a shutdown: skip a frame
             return
         now = time.monotonic()
-        with _OUT_LOCK:
+        # (in the main thread, a signal waits until the line is out: never half a JSON line)
+        with deferred(), _OUT_LOCK:
             if self._stop.is_set() and not first:
                 return
             try:
