@@ -12,6 +12,10 @@ from this file, so several ``conftest.py`` files can live side by side):
   VMBAK_* variables of the caller never leak in)
 * ``assert_cli_error(proc, *fragments)``: exactly one line on stderr starting with
   ``vmbak: error:``, a non-zero exit and no traceback
+* ``json_result(stdout)`` -> what a ``--json`` command printed: a reporting command's one
+  document, or the ``summary`` message that ends a long-running command's JSON lines
+  (checked: every line is one JSON object and all before the last are ``status``
+  messages; see docs/json.md)
 * ``make_repo(encryption="none", pack_size=None, password=...)`` -> ``VmbakRepo`` (``.run``,
   ``.json``, ``.backup``, ``.restore``, ``.snapshots``, ``.stats``, ``.check``, ``.open`` for
   the library, ``.pack_files``); ``repo`` (unencrypted) and ``encrypted_repo`` are ready-made;
@@ -116,6 +120,25 @@ def assert_cli_error(proc: subprocess.CompletedProcess[str], *fragments: str) ->
     for frag in fragments:
         assert frag.lower() in line.lower(), f"{frag!r} not in error line {line!r}"
     return line
+
+
+def json_result(stdout: str) -> object:
+    """What a ``--json`` command printed (docs/json.md): the one JSON document of a
+    reporting command, or the last line, the ``summary`` message, of a long-running
+    command's JSON lines, after checking that every other line is a ``status`` message."""
+    try:
+        return json.loads(stdout)
+    except json.JSONDecodeError:
+        pass
+    try:
+        msgs = [json.loads(line) for line in stdout.splitlines()]
+    except json.JSONDecodeError as e:
+        raise AssertionError(f"--json printed neither one JSON document nor JSON lines ({e}):\n{stdout}") from None
+    assert msgs, "--json printed nothing"
+    for m in msgs[:-1]:
+        assert isinstance(m, dict) and m.get("message_type") == "status", f"not a status message: {m}"
+    assert isinstance(msgs[-1], dict) and msgs[-1].get("message_type") == "summary", f"no summary last:\n{stdout}"
+    return msgs[-1]
 
 
 def tool(name: str) -> str:
@@ -334,10 +357,7 @@ class VmbakRepo:
 
     def json(self, *args: object, **kw) -> object:  # noqa: ANN003
         p = self.run(*args, "--json", **kw)
-        try:
-            return json.loads(p.stdout)
-        except json.JSONDecodeError as e:
-            raise AssertionError(f"vmbak {args} --json printed invalid JSON ({e}):\n{p.stdout}") from None
+        return json_result(p.stdout)
 
     def backup(self, disk: DiskImage | str | os.PathLike[str], name: str, *extra: object) -> dict:
         path = disk.path if isinstance(disk, DiskImage) else disk
@@ -354,7 +374,7 @@ class VmbakRepo:
 
     def check(self, read_data: bool = True, ok: bool = True) -> dict:
         p = self.run("check", "--json", *(["--read-data"] if read_data else []), check=False)
-        rep = json.loads(p.stdout)
+        rep = json_result(p.stdout)
         if ok:
             assert p.returncode == 0 and rep["ok"], f"check failed:\n{p.stdout}\n{p.stderr}"
         return rep
@@ -388,6 +408,11 @@ def _popen_vmbak_fixture() -> Callable[..., subprocess.Popen[str]]:
 @pytest.fixture(name="assert_cli_error")
 def _assert_cli_error_fixture() -> Callable[..., str]:
     return assert_cli_error
+
+
+@pytest.fixture(name="json_result")
+def _json_result_fixture() -> Callable[[str], object]:
+    return json_result
 
 
 @pytest.fixture(name="random_bytes")

@@ -1,16 +1,55 @@
-"""Exceptions. Every error a user can cause is a VmbakError with a one-line message."""
+"""Exceptions. Every error a user can cause is a VmbakError with a one-line message.
+
+Each class carries the exit status the command line ends with (docs/json.md lists them,
+following restic's where it has the class): 1 a failure, 3 partial results, 10 no
+repository, 11 the repository is locked, 12 a wrong or missing password. 2 is a usage
+error and 128 + N a signal (130 SIGINT, 143 SIGTERM, 129 SIGHUP; vmbak.interrupts).
+"""
 
 from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3  # the command ran, but some files or blocks could not be read
+EXIT_NO_REPOSITORY = 10
+EXIT_LOCKED = 11
+EXIT_WRONG_PASSWORD = 12
+EXIT_INTERRUPTED = 130  # SIGINT; SIGTERM gives 143 and SIGHUP 129 (128 + the signal number)
 
 
 class VmbakError(Exception):
     """An error reported to the user as one line, with a non-zero exit."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILURE
+
+
+class UsageError(VmbakError):
+    """The command line itself is wrong (unknown option, missing argument)."""
+
+    exit_code = EXIT_USAGE
+
+
+class PartialFailure(VmbakError):
+    """The command did what it could, but some files or blocks could not be read."""
+
+    exit_code = EXIT_PARTIAL
 
 
 class RepositoryError(VmbakError):
     """The repository is missing, foreign, damaged, locked or of an unknown version."""
+
+
+class RepositoryMissing(RepositoryError):
+    """There is no vmbak repository at the location (nothing there, or no config)."""
+
+    exit_code = EXIT_NO_REPOSITORY
+
+
+class RepositoryLocked(RepositoryError):
+    """Another process holds a lock that conflicts with the one asked for."""
+
+    exit_code = EXIT_LOCKED
 
 
 class IntegrityError(RepositoryError):
@@ -19,6 +58,14 @@ class IntegrityError(RepositoryError):
 
 class WrongPassword(RepositoryError):
     """No key file of the repository opens with the given password."""
+
+    exit_code = EXIT_WRONG_PASSWORD
+
+
+class PasswordMissing(RepositoryError):
+    """The repository is encrypted and no password was given."""
+
+    exit_code = EXIT_WRONG_PASSWORD
 
 
 class SnapshotNotFound(VmbakError):

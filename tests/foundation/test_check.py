@@ -68,7 +68,7 @@ def test_flipped_byte_in_pack_is_found_and_stops_restores(damaged_setup, tmp_pat
     assert p.returncode == 1, p.stdout + p.stderr
     assert "Traceback" not in p.stdout + p.stderr
     assert full["short_id"] in p.stdout and block_range in p.stdout, p.stdout
-    rep = json.loads(repo.run("check", "--read-data", "--json", check=False).stdout)
+    rep = json.loads(repo.run("check", "--read-data", "--json", check=False).stdout.splitlines()[-1])
     assert rep["ok"] is False and full["id"] in rep["damaged_snapshots"]
     assert any(block_range in e for e in rep["damaged_snapshots"][full["id"]])
 
@@ -94,7 +94,7 @@ def test_check_names_snapshots_that_depend_on_a_damaged_chunk(damaged_setup, tmp
     flip_byte(pack, loc.offset + 100)
     p = repo.run("restore", inc["id"], tmp_path / "x.raw", check=False)
     assert p.returncode != 0, "restoring the incremental needs the damaged chunk"
-    rep = json.loads(repo.run("check", "--read-data", "--json", check=False).stdout)
+    rep = json.loads(repo.run("check", "--read-data", "--json", check=False).stdout.splitlines()[-1])
     assert rep["ok"] is False
     assert inc["id"] in rep["damaged_snapshots"], (
         f"check does not name snapshot {inc['short_id']}, whose restore fails on the damaged chunk: "

@@ -19,16 +19,12 @@ MiB = 1 << 20
 COMMANDS = ["init", "backup", "restore", "snapshots", "diff", "check", "stats"]
 
 
-def test_json_output_of_every_reporting_command(run_vmbak, make_disk, tmp_path):
+def test_json_output_of_every_reporting_command(run_vmbak, make_disk, tmp_path, json_result):
     path = tmp_path / "jrepo"
     env = {"VMBAK_PASSWORD": "pw"}
 
     def j(*args):
-        p = run_vmbak("-r", path, *args, "--json", env=env)
-        try:
-            return json.loads(p.stdout)
-        except json.JSONDecodeError as e:
-            raise AssertionError(f"vmbak {args} --json: invalid JSON ({e}):\n{p.stdout}") from None
+        return json_result(run_vmbak("-r", path, *args, "--json", env=env).stdout)
 
     init = j("init")
     assert init["encryption"] == "aes-256-gcm" and len(init["id"]) == 64
@@ -74,7 +70,7 @@ def test_failed_check_still_prints_json(repo, make_disk):
         pack.unlink()
     p = repo.run("check", "--json", check=False)
     assert p.returncode == 1
-    rep = json.loads(p.stdout)
+    rep = json.loads(p.stdout.splitlines()[-1])
     assert rep["ok"] is False and rep["errors"]
 
 
@@ -141,7 +137,7 @@ def test_progress_bars_only_on_a_terminal(repo, make_disk, tmp_path):
         assert "%|" not in out, "progress goes to stderr, never stdout"
     # --json and -q never draw bars, even on a terminal.
     rc, out, tty = run_tty(base + ["check", "--read-data", "--json"], env)
-    assert rc == 0 and json.loads(out)["ok"] and "B/s" not in tty and "%|" not in tty, repr(tty)
+    assert rc == 0 and json.loads(out.splitlines()[-1])["ok"] and "B/s" not in tty and "%|" not in tty, repr(tty)
     rc, out, tty = run_tty(base + ["-q", "restore", "p:latest", str(tmp_path / "q.out")], env)
     assert rc == 0 and out == "" and "B/s" not in tty and "%|" not in tty, repr(out + tty)
 

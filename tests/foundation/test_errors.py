@@ -307,7 +307,7 @@ def test_disk_size_change_makes_a_full_backup_with_a_message(make_repo, make_dis
     disk.write_random(2 * MiB + 100, 4096, seed=62)
     disk.save("large")
     p = repo.run("backup", disk.path, "--name", "grow", "--json")
-    s1 = json.loads(p.stdout)
+    s1 = json.loads(p.stdout.splitlines()[-1])
     assert s1["type"] == "full" and s1["parent"] is None, s1
     assert "size" in p.stderr and "full" in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert any("size" in n for n in s1["notes"]), s1["notes"]
@@ -322,4 +322,4 @@ def test_disk_size_change_makes_a_full_backup_with_a_message(make_repo, make_dis
     # An explicit incremental after a size change is also a full, with the message.
     disk.resize(MiB + BLOCK)
     p = repo.run("backup", disk.path, "--name", "grow", "--mode", "incremental", "--json")
-    assert json.loads(p.stdout)["type"] == "full" and "size" in p.stderr
+    assert json.loads(p.stdout.splitlines()[-1])["type"] == "full" and "size" in p.stderr

@@ -34,7 +34,7 @@ def test_concurrent_restores_to_one_new_path(repo, make_disk, popen_vmbak, asser
         for p, stdout, stderr in results:
             assert "Traceback" not in stdout + stderr, stderr
             if p.returncode == 0:
-                r = json.loads(stdout)
+                r = json.loads(stdout.splitlines()[-1])  # the summary line
                 assert r["verified"] and r["target"] == os.fspath(target)
                 winners.append(r["snapshot"])
             else:

@@ -269,7 +269,7 @@ def test_a_disk_written_during_the_backup_is_marked_torn(repo, make_disk, tmp_pa
     finally:
         writes = w.finish()
     assert writes > 1
-    snap = json.loads(p.stdout)
+    snap = json.loads(p.stdout.splitlines()[-1])
     assert snap["consistency"] == "torn"
     warning = [ln for ln in p.stderr.splitlines() if "changed while it was read" in ln]
     assert len(warning) == 1 and warning[0].startswith("vmbak: warning: ") and "torn" in warning[0]
@@ -290,7 +290,7 @@ def test_a_disk_written_during_the_backup_is_marked_torn(repo, make_disk, tmp_pa
 def test_a_quiet_disk_is_not_marked(repo, make_disk):
     disk = make_disk("quiet.raw", 8 * MiB, seed=12)
     p = repo.run("backup", disk.path, "--name", "quiet", "--json")
-    assert json.loads(p.stdout)["consistency"] == "unchanged"
+    assert json.loads(p.stdout.splitlines()[-1])["consistency"] == "unchanged"
     assert "warning" not in p.stderr
     lines = repo.run("snapshots").stdout.splitlines()
     assert len(lines) == 3 and "!" not in "".join(lines)
@@ -321,7 +321,7 @@ def test_an_image_file_written_during_the_backup_is_marked_torn(repo, tmp_path):
         p = repo.run("backup", img, "--name", "img", "--json")
     finally:
         w.finish()
-    snap = json.loads(p.stdout)
+    snap = json.loads(p.stdout.splitlines()[-1])
     assert snap["consistency"] == "torn" and "changed while it was read" in p.stderr
     assert repo.backup(img, "img")["consistency"] == "unchanged"
 
@@ -354,12 +354,12 @@ def loop_device(tmp_path, make_disk):
 def test_a_block_device_written_during_the_backup_is_marked_torn(repo, loop_device, tmp_path):
     """A device's metadata does not change when it is written: blocks read again tell."""
     p = repo.run("backup", loop_device, "--name", "dev", "--json", "--no-skip-unused")
-    assert json.loads(p.stdout)["consistency"] == "unknown" and "warning" not in p.stderr
+    assert json.loads(p.stdout.splitlines()[-1])["consistency"] == "unknown" and "warning" not in p.stderr
     w = Writer(loop_device, tmp_path)
     try:
         p = repo.run("backup", loop_device, "--name", "dev", "--json", "--no-skip-unused")
     finally:
         w.finish()
-    snap = json.loads(p.stdout)
+    snap = json.loads(p.stdout.splitlines()[-1])
     assert snap["consistency"] == "torn", snap["notes"]
     assert any("blocks read again differ" in n for n in snap["notes"])

@@ -96,7 +96,7 @@ def test_overlay_change_source(tmp_path, repo) -> None:
         layers.append(ov)
         extra = ("--verify-changes",) if i == 1 else ()
         p = repo.run("backup", ov, "--name", "db", "--changes", "overlay", "--json", *extra)
-        m = json.loads(p.stdout)
+        m = json.loads(p.stdout.splitlines()[-1])
         assert m["type"] == "incremental" and m["change_source"] == "overlay"
         assert m["stats"]["considered_bytes"] == (5 * B if i == 0 else SIZE)
         if i == 0:
@@ -112,14 +112,14 @@ def test_overlay_change_source(tmp_path, repo) -> None:
     ov2 = create(tmp_path / "ov2.qcow2", "qcow2", SIZE, "-b", "ov1.qcow2", "-F", "qcow2")
     write_random(ov2, "qcow2", 1 * MiB, B, 31, tmp_path)
     p = repo.run("backup", ov2, "--name", "db", "--changes", "overlay", "--json")
-    m = json.loads(p.stdout)
+    m = json.loads(p.stdout.splitlines()[-1])
     assert m["change_source"] == "scan" and "has change ID" in p.stderr  # the engine's check
     assert m["stats"]["changed_bytes"] == 2 * B  # the write to ov1 is not missed
     repo.restore("db:latest", tmp_path / "r2.qcow2")
     compare(tmp_path / "r2.qcow2", ov2)
     # an image that is not an overlay: scan, with a note
     p = repo.run("backup", base, "--name", "db", "--changes", "overlay", "--json")
-    assert json.loads(p.stdout)["change_source"] == "scan" and "no backing file" in p.stderr
+    assert json.loads(p.stdout.splitlines()[-1])["change_source"] == "scan" and "no backing file" in p.stderr
 
 
 def test_qemu_dirty_bitmaps(tmp_path, repo, qsd) -> None:
@@ -154,7 +154,7 @@ def test_qemu_dirty_bitmaps(tmp_path, repo, qsd) -> None:
     q.start()
     dumps.append(q.dump(tmp_path / "t3.raw", SIZE))
     p = repo.run("backup", *args, "--json")
-    ms.append(json.loads(p.stdout))
+    ms.append(json.loads(p.stdout.splitlines()[-1]))
     assert ms[3]["type"] == "incremental" and ms[3]["change_source"] == "scan"
     assert "inconsistent" in p.stderr and "scan" in p.stderr
     assert ms[3]["stats"]["changed_bytes"] == B

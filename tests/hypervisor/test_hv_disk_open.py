@@ -109,7 +109,7 @@ def test_api_backs_up_an_image_as_its_virtual_disk(tmp_path: Path, disks: dict[s
     m = vmbak.backup(repo, img, name="x", block_size=B)
     assert m.disk_size == SIZE, "the API backed up the image container, not its virtual disk"
     assert m.extra.get("image", {}).get("format") == "qcow2"
-    cli = json.loads(run_vmbak("-r", tmp_path / "repo", "--json", "backup", img, "--name", "y").stdout)
+    cli = json.loads(run_vmbak("-r", tmp_path / "repo", "--json", "backup", img, "--name", "y").stdout.splitlines()[-1])
     assert cli["disk_size"] == m.disk_size and cli["change_id"] == m.change_id
     vmbak.restore(repo, m, tmp_path / "r.raw")
     assert (tmp_path / "r.raw").read_bytes()[:MiB] == to_raw(img, tmp_path / "t.raw").read_bytes()[:MiB]

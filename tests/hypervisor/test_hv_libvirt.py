@@ -252,7 +252,7 @@ def test_libvirt_domain_backup_and_restore(domain, repo, assert_cli_error) -> No
         time.sleep(0.05)
     d.dom.create()
     p = repo.run("backup", "--libvirt", d.name, "--json")
-    s5 = by_name(json.loads(p.stdout))
+    s5 = by_name(json.loads(p.stdout.splitlines()[-1]))
     assert "scan" in p.stderr and r3["checkpoint"] in p.stderr
     assert s5[va]["change_source"] == "scan" and s5[va]["stats"]["changed_bytes"] == B
     assert d.checkpoints() == [s5[va]["change_id"]]

@@ -59,7 +59,7 @@ def test_backup_concurrent_with_prune(make_repo, make_disk, popen_vmbak, tmp_pat
             o, e = p.communicate(timeout=120)
             t_end[what] = time.monotonic()
             assert p.returncode == 0 and "Traceback" not in e, f"round {rnd}: {what} failed: {e}"
-            out[what] = json.loads(o)
+            out[what] = json.loads(o.splitlines()[-1])  # the summary line
         want[out["backup"]["time"]] = old_digest
         overlaps += t_start["backup"] < t_end["prune"] and t_start["prune"] < t_end["backup"]
         postponed += any("still running" in p["reason"] for p in out["prune"]["postponed"])

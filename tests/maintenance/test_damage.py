@@ -107,7 +107,7 @@ def test_a_damaged_manifest_harms_only_itself_and_its_dependents(world, enc, how
 
     # check: everything else is checked; the damaged manifest and its dependent are errors
     p = repo.run("check", "--json", check=False)
-    rep = json.loads(p.stdout)
+    rep = json.loads(p.stdout.splitlines()[-1])
     assert p.returncode == 1 and not rep["ok"] and rep["snapshots"] == 3
     assert list(rep["damaged_manifests"]) == [bad]
     assert list(rep["damaged_snapshots"]) == [ids["a3"]]
@@ -175,7 +175,7 @@ def test_a_damaged_index_file_is_skipped_named_and_rebuilt(world, enc, how, tmp_
 
     # check names it and checks everything else
     p = repo.run("check", "--read-data", "--json", check=False)
-    rep = json.loads(p.stdout)
+    rep = json.loads(p.stdout.splitlines()[-1])
     assert p.returncode == 1 and rep["snapshots"] == 4 and rep["damaged_snapshots"] == {}
     (err,) = rep["errors"]
     assert name in err and "repair index" in err

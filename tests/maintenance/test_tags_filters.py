@@ -327,7 +327,7 @@ def test_a_recorded_id_survives_merge_then_forget(chain, tmp_path, assert_same_f
     # the id recorded before both rewrites still restores I3, byte for byte, and says so
     p = repo.run("restore", x3[:8], tmp_path / "i3.raw", "--json")
     assert_same_file(tmp_path / "i3.raw", snaps[3][1])
-    r = json.loads(p.stdout)
+    r = json.loads(p.stdout.splitlines()[-1])  # the summary line (docs/json.md)
     assert r["snapshot"] == i3c
     assert r["alias"]["id"] == x3 and r["alias"]["now"] == i3c and r["alias"]["by"] == "merge"
     note = [ln for ln in p.stderr.splitlines() if "rewritten" in ln]

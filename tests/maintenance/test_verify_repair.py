@@ -53,7 +53,7 @@ def packs(repo) -> dict[str, Path]:  # noqa: ANN001
 
 def check_json(repo, *args: str, ok: bool = True) -> dict:  # noqa: ANN001
     p = repo.run("check", "--json", *args, check=False)
-    rep = json.loads(p.stdout)
+    rep = json.loads(p.stdout.splitlines()[-1])  # the summary line (docs/json.md)
     assert (p.returncode == 0) == ok and rep["ok"] == ok, f"{p.stdout}\n{p.stderr}"
     assert "Traceback" not in p.stderr
     return rep
@@ -197,7 +197,7 @@ def test_restore_ignore_errors(world, tmp_path, enc, assert_cli_error):
     assert not out.exists()
     p = r.run("restore", "b:latest", out, "--ignore-errors", "--json", check=False)
     assert p.returncode == 3, p.stderr
-    rep = json.loads(p.stdout)
+    rep = json.loads(p.stdout.splitlines()[-1])
     assert rep["complete"] is False
     assert named_blocks(rep["damaged"]) == set(range(s1, s1 + c1)) | set(range(s2, s2 + c2))
     diff, zeros = blocks_differing(out, world["b"].version("b1"))

@@ -153,6 +153,15 @@ def s3_bucket(s3: S3Server) -> Iterator[Callable[[], str]]:
                 pass
 
 
+def _result(stdout: str) -> object:
+    """A --json command's result: its one document, or the summary line that ends its
+    JSON lines (the conftest fixture ``json_result`` checks the stream in full)."""
+    try:
+        return json.loads(stdout)
+    except json.JSONDecodeError:
+        return json.loads(stdout.splitlines()[-1])
+
+
 @dataclass
 class S3Repo:
     """A repository in S3, driven through the real CLI."""
@@ -183,7 +192,7 @@ class S3Repo:
 
     def json(self, *args: object, **kw) -> object:  # noqa: ANN003
         p = self.run(*args, "--json", **kw)
-        return json.loads(p.stdout)
+        return _result(p.stdout)
 
     def backup(self, disk, name: str, *extra: object, **kw) -> dict:  # noqa: ANN001
         path = getattr(disk, "path", disk)
@@ -197,7 +206,7 @@ class S3Repo:
 
     def check(self, read_data: bool = True, ok: bool = True) -> dict:
         p = self.run("check", "--json", *(["--read-data"] if read_data else []), check=False)
-        rep = json.loads(p.stdout) if p.stdout.strip() else {}
+        rep = _result(p.stdout) if p.stdout.strip() else {}
         if ok:
             assert p.returncode == 0 and rep.get("ok"), f"check failed:\n{p.stdout}\n{p.stderr}"
         return rep

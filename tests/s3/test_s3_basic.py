@@ -79,7 +79,7 @@ def test_location_forms_and_s3_endpoint_option(make_s3_repo, s3):
     p = repo.run("--s3-endpoint", s3.endpoint, "-r", short, "snapshots", "--json")
     assert json.loads(p.stdout) == []
     p = repo.run("-r", short, "check", "--json", env={"VMBAK_S3_ENDPOINT": s3.endpoint})
-    assert json.loads(p.stdout)["ok"]
+    assert json.loads(p.stdout.splitlines()[-1])["ok"]
     keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=repo.bucket)["Contents"]]
     assert "deep/er/prefix/config" in keys and all(k.startswith("deep/er/prefix/") for k in keys)
 

@@ -30,7 +30,7 @@ def _run_all(repo, disks, prefix, popen_vmbak):  # noqa: ANN001, ANN202
     for p in procs:
         o, e = p.communicate(timeout=120)
         assert p.returncode == 0 and "Traceback" not in e, e
-        outs.append(json.loads(o))
+        outs.append(json.loads(o.splitlines()[-1]))  # the summary line
     return outs
 
 
@@ -93,7 +93,7 @@ def test_prune_during_backup_on_s3(make_s3_repo, make_disk, popen_vmbak, tmp_pat
             o, e = p.communicate(timeout=120)
             t1[what] = time.monotonic()
             assert p.returncode == 0 and "Traceback" not in e, f"round {rnd}: {what} failed: {e}"
-            out[what] = json.loads(o)
+            out[what] = json.loads(o.splitlines()[-1])  # the summary line
         want[out["backup"]["time"]] = old_digest
         overlaps += t0["backup"] < t1["prune"] and t0["prune"] < t1["backup"]
         lib = repo.open()

@@ -60,7 +60,7 @@ def test_backup_chain_from_tracker_checkpoints(track_disk, repo, run_vmbak, tmp_
 
     qemu_io(t.uri, "write -P 0x43 0 128k", "discard 12M 64k", "write -P 0x44 15M 8k")
     p = repo.run("backup", "--name", "web", "--changes", spec, "--verify-changes", "--json")
-    m3 = json.loads(p.stdout)
+    m3 = json.loads(p.stdout.splitlines()[-1])
     assert m3["change_source"] == "track" and m3["stats"]["verify_missed_blocks"] == 0
     assert m3["stats"]["verify_reported_blocks"] == 4 and m3["stats"]["changed_bytes"] == 4 * BS
     assert m3["stats"]["read_bytes"] > 8 * MiB  # --verify-changes read the whole disk
@@ -85,7 +85,7 @@ def test_unknown_change_id_falls_back_to_a_scan(track_disk, repo, run_vmbak, tmp
     assert m1["change_id"].startswith("image:")
     qemu_io(t.uri, "write -P 0x51 2M 64k")
     p = repo.run("backup", "--name", "db", "--changes", spec, "--json")
-    m2 = json.loads(p.stdout)
+    m2 = json.loads(p.stdout.splitlines()[-1])
     assert m2["type"] == "incremental" and m2["change_source"] == "scan"
     assert "scan" in p.stderr and "tracker" in p.stderr
     assert any("tracker" in n for n in m2["notes"])

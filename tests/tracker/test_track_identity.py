@@ -88,7 +88,7 @@ def untracked_write_scenario(track_disk, repo, run_vmbak, tmp_path, how: str,  #
     assert "tracking:    invalid - " in text and "while the tracker was stopped" in text
 
     p = repo.run("backup", "--name", name, "--changes", spec, "--json")
-    m2 = json.loads(p.stdout)
+    m2 = json.loads(p.stdout.splitlines()[-1])
     assert m2["parent"] == m1["id"] and m2["change_source"] == "scan", m2
     assert "scan" in p.stderr and "while the tracker was stopped" in p.stderr, p.stderr
     assert any("while the tracker was stopped" in n for n in m2["notes"]), m2["notes"]

@@ -51,7 +51,7 @@ def test_frozen_backup_restores_clean(guest, vrepo, tmp_path, check_restored_roo
     t0 = time.monotonic()
     p = vrepo.run("backup", "--libvirt", guest.name, "--json")
     took = time.monotonic() - t0
-    r = json.loads(p.stdout)
+    r = json.loads(p.stdout.splitlines()[-1])
     c = r["guest_consistency"]
     assert c["level"] == "frozen" and c["freeze"] == "auto" and c["filesystems"] >= 1, (c, p.stderr)
     snap = r["snapshots"][0]
@@ -88,7 +88,7 @@ def test_incremental_frozen_and_per_mountpoint(guest, vrepo, tmp_path, check_res
 
 def test_unfrozen_backup_for_contrast(guest, vrepo, tmp_path, check_restored_root) -> None:  # noqa: ANN001
     p = vrepo.run("backup", "--libvirt", guest.name, "--freeze", "never", "--json")
-    r = json.loads(p.stdout)
+    r = json.loads(p.stdout.splitlines()[-1])
     assert r["guest_consistency"]["level"] == "crash" and r["guest_consistency"]["freeze"] == "never"
     assert "crash-consistent" in p.stderr
     res = check_restored_root(restore_vda(vrepo, guest, tmp_path, "never"), tmp_path)
@@ -114,7 +114,7 @@ def test_hooks_environment_and_failing_pre_hook(guest, vrepo, tmp_path, assert_c
 
     p = vrepo.run("backup", "--libvirt", guest.name, "--hook-pre", pre, "--hook-post", post, "--json",
                   env={"VMBAK_STATE_DIR": str(tmp_path / "state")})  # vmbak's own settings stay out
-    r = json.loads(p.stdout)
+    r = json.loads(p.stdout.splitlines()[-1])
     assert r["guest_consistency"]["level"] == "frozen" and r["guest_consistency"]["hooks"] == ["pre", "post"]
     assert "hook pre: quiesced" in p.stderr
     e1, e2 = env("pre.env"), env("post.env")
@@ -170,7 +170,7 @@ def test_kill9_while_frozen_next_run_thaws(guest, vrepo, popen_vmbak) -> None:  
     assert guest.freeze_status() == "frozen"  # left frozen by the killed vmbak
     p = vrepo.run("backup", "--libvirt", guest.name, "--json")
     assert "thawed" in p.stderr and f"pid {proc.pid}" in p.stderr, p.stderr
-    assert json.loads(p.stdout)["guest_consistency"]["level"] == "frozen"
+    assert json.loads(p.stdout.splitlines()[-1])["guest_consistency"]["level"] == "frozen"
 
 
 def test_agent_gone_auto_is_crash_consistent_always_fails(guest, vrepo, assert_cli_error) -> None:  # noqa: ANN001
@@ -186,7 +186,7 @@ def test_agent_gone_auto_is_crash_consistent_always_fails(guest, vrepo, assert_c
                          "--freeze always", "no backup", "agent")
         assert len(vrepo.snapshots()) == n
         p = vrepo.run("backup", "--libvirt", guest.name, "--json")
-        r = json.loads(p.stdout)
+        r = json.loads(p.stdout.splitlines()[-1])
         assert r["guest_consistency"]["level"] == "crash" and "error" in r["guest_consistency"]
         assert "crash-consistent" in p.stderr
         listing = vrepo.run("snapshots", "--name", f"{guest.name}-vda").stdout.splitlines()

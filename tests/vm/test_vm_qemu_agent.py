@@ -138,7 +138,7 @@ def test_qemu_source_frozen_through_the_agent_socket(qguest, repo, tmp_path, che
     assert_cli_error(repo.run("backup", "--name", "q", "--changes", spec, "--guest-agent", nosock,
                               "--freeze", "always", check=False), "no backup", "guest agent")
     p = repo.run("backup", "--name", "q", "--changes", spec, "--guest-agent", nosock, "--json")
-    assert json.loads(p.stdout)["guest_consistency"]["level"] == "crash" and "crash-consistent" in p.stderr
+    assert json.loads(p.stdout.splitlines()[-1])["guest_consistency"]["level"] == "crash" and "crash-consistent" in p.stderr
     assert_cli_error(repo.run("backup", "--name", "q", "--changes", spec, "--freeze", "always", check=False),
                      "--freeze always", "guest agent")
     qguest.assert_thawed()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vmbak.cli.common import emit, log, open_repo, parse_size, progress
+from vmbak.cli.common import emit_summary, log, open_repo, parse_size, progress
 from vmbak.cli.filters import tags_from_args
 from vmbak.engine.backup import DEFAULT_BLOCK_SIZE, MODES, BackupOptions
 from vmbak.engine.common import human
@@ -148,30 +148,31 @@ def cmd_backup(args: argparse.Namespace) -> int:
         raise VmbakError("--nbd-server goes with --changes qemu:QMP_SOCKET:NODE")
     if args.guest_agent is not None and changes.kind not in ("qemu", "track"):
         raise VmbakError("--guest-agent goes with --changes qemu:QMP_SOCKET:NODE or track:SOCKET")
-    repo = open_repo(args)
-    lg = log(args)
-    disk = args.disk if changes.reads_disk_file else str(changes)
-    q = _quiescer(args, lg, vm="", disk=disk, name=name, source=changes.kind if not changes.reads_disk_file
-                  else "file", point_in_time=not changes.reads_disk_file,
-                  agent=(lambda: SocketAgent(args.guest_agent)) if args.guest_agent else None,
-                  agent_key=SocketAgent.key_for(args.guest_agent) if args.guest_agent else None)
-    ok = False
-    try:
-        q.start()
-        src = sources.open_source(repo, name=name, mode=args.mode, changes=changes, disk=args.disk,
-                                  fmt=args.format, block_size=args.block_size, nbd_server=args.nbd_server, log=lg,
-                                  quiesce=None if changes.reads_disk_file else q.frozen)
-        with src:
-            opts = BackupOptions(name=name, mode=args.mode, changes=changes.engine_changes,
-                                 verify_changes=args.verify_changes, block_size=args.block_size,
-                                 workers=args.workers, progress=progress(args), log=lg,
-                                 skip_unused=args.skip_unused, notes=list(q.notes),
-                                 guest_consistency=_consistency(q), tags=tags)
-            m = sources.run_backup(repo, src, opts, log=lg)
-        ok = True
-    finally:
-        q.close(ok)
-    emit(args, m.summary(), _line(m))
+    with progress(args) as bar:  # shown while the repository and the source open, too
+        repo = open_repo(args)
+        lg = log(args)
+        disk = args.disk if changes.reads_disk_file else str(changes)
+        q = _quiescer(args, lg, vm="", disk=disk, name=name, source=changes.kind if not changes.reads_disk_file
+                      else "file", point_in_time=not changes.reads_disk_file,
+                      agent=(lambda: SocketAgent(args.guest_agent)) if args.guest_agent else None,
+                      agent_key=SocketAgent.key_for(args.guest_agent) if args.guest_agent else None)
+        ok = False
+        try:
+            q.start()
+            src = sources.open_source(repo, name=name, mode=args.mode, changes=changes, disk=args.disk,
+                                      fmt=args.format, block_size=args.block_size, nbd_server=args.nbd_server, log=lg,
+                                      quiesce=None if changes.reads_disk_file else q.frozen)
+            with src:
+                opts = BackupOptions(name=name, mode=args.mode, changes=changes.engine_changes,
+                                     verify_changes=args.verify_changes, block_size=args.block_size,
+                                     workers=args.workers, progress=bar, log=lg,
+                                     skip_unused=args.skip_unused, notes=list(q.notes),
+                                     guest_consistency=_consistency(q), tags=tags)
+                m = sources.run_backup(repo, src, opts, log=lg)
+            ok = True
+        finally:
+            q.close(ok)
+    emit_summary(args, m.summary(), _line(m))
     return 0
 
 
@@ -215,6 +216,7 @@ def _cmd_libvirt(args: argparse.Namespace, changes) -> int:  # noqa: ANN001 - a 
     tags = tags_from_args(args.tag)
     if args.guest_agent is not None:
         raise VmbakError("--guest-agent goes with qemu: or track:; --libvirt reaches the agent through libvirt")
+    bar = progress(args)
     repo = open_repo(args)
     lg = log(args)
     uri = args.libvirt_uri
@@ -228,19 +230,20 @@ def _cmd_libvirt(args: argparse.Namespace, changes) -> int:  # noqa: ANN001 - a 
                                    block_size=args.block_size, uri=uri, log=lg, quiesce=q.frozen)
         opts = BackupOptions(name=prefix, mode=args.mode, changes=changes.engine_changes,
                              verify_changes=args.verify_changes, block_size=args.block_size, workers=args.workers,
-                             progress=progress(args), log=lg, skip_unused=args.skip_unused, notes=list(q.notes),
+                             progress=bar, log=lg, skip_unused=args.skip_unused, notes=list(q.notes),
                              guest_consistency=q.record(), tags=tags)
 
         def each(m) -> None:  # noqa: ANN001
             if not args.json and not args.quiet:
                 print(printable(f"{m.name}: {_line(m)}"))
 
-        ms = sources.run_libvirt_backup(repo, job, opts, on_disk=each, log=lg)
+        with bar:
+            ms = sources.run_libvirt_backup(repo, job, opts, on_disk=each, log=lg)
         ok = True
     finally:
         q.close(ok)
     level = q.record()["level"]
     text = f"libvirt domain {domain}: {len(ms)} disks backed up at checkpoint {job.checkpoint} ({level})"
-    emit(args, {"domain": domain, "checkpoint": job.checkpoint, "guest_consistency": q.record(),
-                "snapshots": [m.summary() for m in ms]}, text)
+    emit_summary(args, {"domain": domain, "checkpoint": job.checkpoint, "guest_consistency": q.record(),
+                        "snapshots": [m.summary() for m in ms]}, text)
     return 0

@@ -8,9 +8,9 @@ import stat
 import sys
 import time
 
-from vmbak.cli.common import emit, log, open_repo, parse_size
+from vmbak.cli.common import emit, emit_summary, log, open_repo, parse_size, progress
 from vmbak.engine.common import human
-from vmbak.errors import VmbakError, printable
+from vmbak.errors import EXIT_PARTIAL, VmbakError, printable
 
 LS_EPILOG = """examples:
   vmbak ls web:latest                      # the volumes: /p1, /p2 ... (/disk without a partition table)
@@ -139,7 +139,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.set_defaults(func=cmd_mount)
 
 
-PARTIAL = 3  # some entries could not be read (restic's "partial" exit code); the rest was done
+PARTIAL = EXIT_PARTIAL  # 3: some entries could not be read (restic's "partial" exit code); the rest was done
 
 
 def _files(args: argparse.Namespace):  # noqa: ANN202 - (SnapshotFiles, SnapshotView)
@@ -406,15 +406,16 @@ def diff_files(args: argparse.Namespace) -> int:
     return 0
 
 
-def _terminate_as_interrupt(_sig: int, _frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM cleans up as Ctrl-C does: no partial file is left
-
-
 def cmd_extract(args: argparse.Namespace) -> int:
     # SIGTERM and SIGHUP raise an interrupt as Ctrl-C does (vmbak.interrupts, installed by
     # cli/main.py), so the extract's cleanup removes its partial file on all three.
+    bar = progress(args)
     files, view = _files(args)
-    r = files.extract(args.paths, args.target, log=log(args))
+    try:
+        bar.phase("extract")
+        r = files.extract(args.paths, args.target, log=log(args))
+    finally:
+        bar.close()
     r["snapshot"] = view.snapshot.id
     st = view.stats()
     r["repository_bytes_read"] = st["fetched_bytes"]
@@ -425,7 +426,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
             f"{len(r['errors'])} could not be read" if r["errors"] else ""]
     text = (f"extracted {r['files']} files ({human(r['bytes'])}), {r['dirs']} directories and {r['symlinks']} "
             f"symlinks to {r['target']}" + "".join(f"; {m}" for m in more if m))
-    emit(args, r, text)
+    emit_summary(args, r, text)
     return _partial(files, "the extract is incomplete")
 
 

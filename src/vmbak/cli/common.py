@@ -11,8 +11,9 @@ import subprocess
 import sys
 from typing import Any
 
-from vmbak.engine.progress import BarProgress, NoProgress, Progress
-from vmbak.errors import VmbakError, printable
+from vmbak.engine.progress import Report, clear_bar
+from vmbak.errors import PasswordMissing, UsageError, VmbakError, printable
+from vmbak.interrupts import deferred
 from vmbak.repo.repository import Repository
 
 
@@ -37,7 +38,7 @@ class CommandParser(argparse.ArgumentParser):
         """A usage error is one line, like every other error (the usage is in --help)."""
         cmd = self.prog.removeprefix("vmbak").strip()
         where = f"{cmd}: " if cmd else ""
-        self.exit(2, f"vmbak: error: {where}{message} (see {self.prog} --help)\n")
+        raise UsageError(f"{where}{message} (see {self.prog} --help)")
 
 
 def parse_size(text: str) -> int:
@@ -200,7 +201,7 @@ def password(args: argparse.Namespace, confirm: bool = False) -> str | None:
             if confirm and getpass.getpass("repeat password: ") != pw:
                 raise VmbakError("passwords do not match")
         except (EOFError, KeyboardInterrupt):
-            raise VmbakError("no password given") from None
+            raise PasswordMissing("no password given") from None
         return pw
     return None
 
@@ -308,15 +309,19 @@ def run_detached(args: argparse.Namespace) -> tuple[subprocess.Popen[str], dict]
     return proc, info
 
 
-def progress(args: argparse.Namespace) -> Progress:
-    if args.json or args.quiet:
-        return NoProgress()
-    return BarProgress()
+def progress(args: argparse.Namespace, command: str | None = None) -> Report:
+    """The progress of this command: a bar on standard error when it is a terminal (not
+    with --json or --quiet), and with --json ``status`` lines on standard output
+    (docs/json.md). Create it first thing, so the bar appears at once; close it (or use it
+    as a context manager) before printing the result."""
+    return Report(command or args.command or "vmbak", bar=not (args.json or args.quiet),
+                  json_out=sys.stdout if args.json else None)
 
 
 def log(args: argparse.Namespace):  # noqa: ANN201
     def _log(msg: str) -> None:
         if not args.quiet:
+            clear_bar()
             print(f"vmbak: {printable(msg)}", file=sys.stderr)
 
     return _log
@@ -326,8 +331,29 @@ def emit(args: argparse.Namespace, data: Any, text: str | None) -> None:
     """Print ``data`` as JSON (with --json), else ``text``, in which nothing but its own
     line breaks may control the terminal (names and paths from a repository or a disk
     are best escaped with ``printable`` where they are put into a line, so that a
-    newline in them cannot forge one)."""
+    newline in them cannot forge one). For reporting commands: one JSON document."""
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
+    elif text is not None and not args.quiet:
+        print(printable(text, keep_newlines=True))
+
+
+def json_line(message_type: str, data: dict) -> str:
+    """One JSON-lines message: ``message_type`` first, then ``data``'s keys, sorted."""
+    body = json.dumps(data, sort_keys=True)
+    head = json.dumps({"message_type": message_type})[:-1]
+    return head + ("}" if body == "{}" else ", " + body[1:])
+
+
+def emit_summary(args: argparse.Namespace, data: dict, text: str | None) -> None:
+    """The result of a long-running command: with --json, one line
+    ``{"message_type": "summary", ...data}`` after its status lines (docs/json.md);
+    else ``text``, as ``emit`` prints it."""
+    from vmbak.engine.progress import close_all
+
+    close_all()  # no status line may follow the summary
+    if args.json:
+        with deferred():  # a signal never cuts the line in half
+            print(json_line("summary", data), flush=True)
     elif text is not None and not args.quiet:
         print(printable(text, keep_newlines=True))

@@ -8,7 +8,7 @@ import os
 
 from vmbak.cli.common import (
     apply_s3_options,
-    emit,
+    emit_summary,
     given_password,
     log,
     needs_password,
@@ -86,6 +86,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
         raise VmbakError("no destination repository: use --to-repo REPO, -r REPO or set VMBAK_REPOSITORY")
     if args.workers < 1:
         raise VmbakError("--workers must be at least 1")
+    bar = progress(args)
     src_pw = _from_password(args)
     try:
         src = Repository.open(src_loc, src_pw)
@@ -99,8 +100,9 @@ def cmd_copy(args: argparse.Namespace) -> int:
     except VmbakError as e:
         raise type(e)(f"destination repository: {e}") from None
     src.note = log(args)
-    rep = copy(src, dst, args.snapshots, None, workers=args.workers, dry_run=args.dry_run,
-               progress=progress(args), log=log(args), where=filter_from_args(args))
+    with bar:
+        rep = copy(src, dst, args.snapshots, None, workers=args.workers, dry_run=args.dry_run,
+                   progress=bar, log=log(args), where=filter_from_args(args))
     if args.dry_run:
         lines = [f"would copy snapshot {c['source'][:8]} ({printable(c['name'])} {c['type']} {c['time']})" for c in rep.copied]
     else:
@@ -113,5 +115,5 @@ def cmd_copy(args: argparse.Namespace) -> int:
                      f"{rep.chunks_sent} chunks ({human(rep.bytes_sent)}) sent, {rep.chunks_present} present; "
                      f"{human(rep.bytes_read)} read in {rep.duration_s:.3f} s"
                      + ("" if rep.same_keys else " (re-encrypted for the destination's key)"))
-    emit(args, rep.to_json(), "\n".join(lines))
+    emit_summary(args, rep.to_json(), "\n".join(lines))
     return 0

@@ -4,6 +4,11 @@ Signals: SIGINT, SIGTERM and SIGHUP are handled alike from the first line of thi
 on (see vmbak.interrupts): the command cleans up (locks, partial files, child processes),
 prints one line ``vmbak: error: interrupted`` and exits with 128 + the signal number
 (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP), as a shell reports a killed process.
+
+Errors: one line ``vmbak: error: ...`` on standard error and an exit status by class
+(vmbak.errors: 1 failure, 2 usage, 3 partial, 10 no repository, 11 locked, 12 wrong or
+missing password); with --json, also one ``{"message_type": "error", ...}`` line on
+standard output (docs/json.md).
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: $VMBAK_PASSWORD_COMMAND)")
     common.add_argument("--s3-endpoint", default=argparse.SUPPRESS, metavar="URL",
                         help="S3 endpoint for s3:BUCKET/PREFIX locations (default: $VMBAK_S3_ENDPOINT)")
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON: one document, or JSON lines from long-running commands (docs/json.md)")
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="print only errors")
     p = CommandParser(  # every subcommand's parser is one too: positionals may follow options
@@ -85,44 +91,73 @@ def main(argv: list[str] | None = None) -> int:
         interrupts.run_cleanups()
         sig = getattr(e, "signum", signal.SIGINT)
         name = "" if sig == signal.SIGINT else f" ({signal.Signals(sig).name})"
-        try:
-            print(f"vmbak: error: interrupted{name}", file=sys.stderr)
-        except OSError:
-            pass
-        return 128 + sig
+        return _fail(128 + sig, f"interrupted{name}", "interrupted", signal=signal.Signals(sig).name)
     finally:
         interrupts.quiet()
         interrupts.run_cleanups()  # what an interrupted owner could not release itself
 
 
+# Whether errors go to standard output as JSON too: "--json" on the command line, known
+# before the arguments are parsed (a usage error under --json is JSON as well).
+_JSON = [False]
+
+# The class names of exit statuses, as the "exit_class" of an error message (docs/json.md).
+EXIT_CLASSES = {1: "failure", 2: "usage", 3: "partial", 10: "no_repository", 11: "locked",
+                12: "wrong_password"}
+
+
+def _fail(code: int, message: str, exit_class: str | None = None, **extra: object) -> int:
+    """Report an error: one line on standard error and, under --json, one error message
+    on standard output; return ``code``."""
+    from vmbak.errors import printable
+
+    try:
+        from vmbak.engine.progress import close_all
+
+        close_all()  # no status line or bar after the error
+        if _JSON[0]:
+            from vmbak.cli.common import json_line
+
+            cls = exit_class or EXIT_CLASSES.get(code, "failure")
+            print(json_line("error", {"code": code, "exit_class": cls, "message": message, **extra}), flush=True)
+    except OSError:
+        pass
+    try:
+        print(f"vmbak: error: {printable(message)}", file=sys.stderr)
+    except OSError:
+        pass
+    return code
+
+
 def _main(argv: list[str] | None) -> int:
     from vmbak.cli.common import damage_warnings
-    from vmbak.errors import VmbakError, printable
+    from vmbak.errors import VmbakError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _JSON[0] = "--json" in argv
     parser = build_parser()
-    args = parser.parse_args(argv)
-    for k, v in (("repo", None), ("password_file", None), ("password_command", None), ("json", False), ("quiet", False)):
-        if not hasattr(args, k):
-            setattr(args, k, v)
-    if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        return 2
     try:
+        args = parser.parse_args(argv)
+        for k, v in (("repo", None), ("password_file", None), ("password_command", None), ("json", False),
+                     ("quiet", False)):
+            if not hasattr(args, k):
+                setattr(args, k, v)
+        _JSON[0] = bool(args.json)
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return 2
         rc = int(args.func(args) or 0)
         damage_warnings(args)
         return rc
     except VmbakError as e:
-        print(f"vmbak: error: {printable(str(e))}", file=sys.stderr)
-        return e.exit_code
+        return _fail(e.exit_code, str(e))
     except BrokenPipeError:
         return 1
     except OSError as e:
         name = f" {e.filename}" if getattr(e, "filename", None) else ""
-        print(printable(f"vmbak: error:{name} {e.strerror or e}"), file=sys.stderr)
-        return 1
+        return _fail(1, f"{name.lstrip()} {e.strerror or e}".lstrip())
     except MemoryError:
-        print("vmbak: error: out of memory", file=sys.stderr)
-        return 1
+        return _fail(1, "out of memory")
 
 
 if __name__ == "__main__":

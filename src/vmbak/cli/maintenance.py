@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from vmbak.cli.common import emit, log, open_repo
+from vmbak.cli.common import emit, emit_summary, log, open_repo, progress
 from vmbak.cli.filters import FILTER_HELP, add_filter_options, filter_from_args
 from vmbak.engine.common import human
 from vmbak.engine.merge import check_mergeable, reconcile, resolve_target
@@ -199,10 +199,12 @@ def _run_prune(args: argparse.Namespace, repo) -> dict:  # noqa: ANN001
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    repo = open_repo(args)
-    args.damage_reported = True  # prune refuses to run with a damaged manifest or index file
-    r = _run_prune(args, repo)
-    emit(args, r, "\n".join(_prune_text(r)))
+    with progress(args) as bar:
+        repo = open_repo(args)
+        args.damage_reported = True  # prune refuses to run with a damaged manifest or index file
+        bar.phase("prune")
+        r = _run_prune(args, repo)
+    emit_summary(args, r, "\n".join(_prune_text(r)))
     return 0
 
 
@@ -213,7 +215,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
     parse_duration(args.grace)  # fail before doing anything
     policy.validate()
     where = filter_from_args(args)
+    bar = progress(args)
     repo = open_repo(args)
+    bar.phase("forget")
     res = forget(repo, policy, snapshots=args.snapshots, where=where,
                  keep_dependencies=args.keep_dependencies, dry_run=args.dry_run, log=log(args))
     out = res.to_json()
@@ -238,18 +242,21 @@ def cmd_forget(args: argparse.Namespace) -> int:
     if out["recovered_interrupted"]:
         lines.append(f"finished {len(out['recovered_interrupted'])} rewrites an interrupted run had left")
     if args.prune and not args.dry_run:
+        bar.phase("prune")
         out["prune"] = _run_prune(args, repo)
         lines += _prune_text(out["prune"])
     elif args.prune:
         lines.append("(prune is not run with --dry-run)")
-    emit(args, out, "\n".join(lines))
+    emit_summary(args, out, "\n".join(lines))
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     if not args.into_full:
         raise VmbakError("say what to merge into: --into-full (a synthetic full is the only kind of merge)")
+    bar = progress(args)
     repo = open_repo(args)
+    bar.phase("merge")
     with repo.lock(exclusive=True, purpose="merge"):
         m = resolve_target(repo, args.target)
         check_mergeable(m)
@@ -269,25 +276,27 @@ def cmd_merge(args: argparse.Namespace) -> int:
     others = [r for r in res.rewrites if r.old != m.id]
     if others:
         text += f"\n{len(others)} later snapshots re-pointed to it"
-    emit(args, out, text)
+    emit_summary(args, out, text)
     return 0
 
 
 def cmd_repair_index(args: argparse.Namespace) -> int:
-    repo = open_repo(args)
-    args.damage_reported = True  # the damaged index files are what it replaces
-    r = repair_index(repo, dry_run=args.dry_run).to_json() | {"dry_run": args.dry_run}
+    with progress(args, "repair index") as bar:
+        repo = open_repo(args)
+        args.damage_reported = True  # the damaged index files are what it replaces
+        bar.phase("repair")
+        r = repair_index(repo, dry_run=args.dry_run).to_json() | {"dry_run": args.dry_run}
     if args.dry_run:
-        emit(args, r, f"would rebuild the index from the headers of {r['packs']} packs ({r['chunks']} chunks) and "
-             f"replace {len(r['removed_index_files'])} index files"
-             + "".join(f"\nwarning: {w}" for w in r["warnings"]))
+        emit_summary(args, r, f"would rebuild the index from the headers of {r['packs']} packs ({r['chunks']} "
+                     f"chunks) and replace {len(r['removed_index_files'])} index files"
+                     + "".join(f"\nwarning: {w}" for w in r["warnings"]))
         return 0
     lines = [f"replaced damaged {name}: {why.removeprefix(f'index file {name}: ')}"
              for name, why in sorted(r["damaged_index_files"].items())]
     lines += [f"warning: {w}" for w in r["warnings"]]
     lines.append(f"index rebuilt from the headers of {r['packs']} packs ({r['chunks']} chunks); "
                  f"{len(r['removed_index_files'])} older index files removed")
-    emit(args, r, "\n".join(lines))
+    emit_summary(args, r, "\n".join(lines))
     return 0
 
 
@@ -315,7 +324,7 @@ def cmd_repair_snapshots(args: argparse.Namespace) -> int:
     else:
         lines.append(f"{r['lost_chunks']} chunks lost; {len(r['rewritten'])} snapshots {would}replaced"
                      + ("" if args.dry_run else "; the originals are kept in repaired/ until 'vmbak prune'"))
-    emit(args, r, "\n".join(lines))
+    emit_summary(args, r, "\n".join(lines))
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vmbak.cli.common import emit, open_repo, password, progress, repo_location
+from vmbak.cli.common import emit, emit_summary, open_repo, password, progress, repo_location
 from vmbak.engine.check import check
 from vmbak.engine.common import human
 from vmbak.engine.info import repo_stats, snapshot_stats
@@ -107,12 +107,13 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    repo = open_repo(args)
-    args.damage_reported = True  # the report names damaged manifests and index files as errors
     if args.workers is not None and args.workers < 1:
         raise VmbakError("--workers must be at least 1")
-    rep = check(repo, read_data=args.read_data, progress=progress(args), subset=args.read_data_subset,
-                resume=args.resume, older_than=args.older_than, workers=args.workers)
+    with progress(args) as bar:
+        repo = open_repo(args)
+        args.damage_reported = True  # the report names damaged manifests and index files as errors
+        rep = check(repo, read_data=args.read_data, progress=bar, subset=args.read_data_subset,
+                    resume=args.resume, older_than=args.older_than, workers=args.workers)
     reading = args.read_data or args.read_data_subset or args.resume or args.older_than is not None
     lines = [f"{rep.snapshots} snapshots, {rep.packs} packs, {rep.chunks} chunks"]
     if reading:
@@ -122,7 +123,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     lines += [f"warning: {w}" for w in rep.warnings]
     lines += [f"error: {e}" for e in rep.errors]
     lines.append("no errors found" if rep.ok else f"{len(rep.errors)} errors found")
-    emit(args, rep.to_json(), "\n".join(lines))
+    emit_summary(args, rep.to_json(), "\n".join(lines))
     return 0 if rep.ok else 1
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 
-from vmbak.cli.common import emit, log, open_repo, progress
+from vmbak.cli.common import emit_summary, log, open_repo, progress
 from vmbak.cli.filters import FILTER_HELP, add_filter_options, filter_from_args
 from vmbak.engine.common import human
-from vmbak.errors import VmbakError, printable
+from vmbak.errors import EXIT_PARTIAL, VmbakError, printable
 
 EPILOG = """examples:
   vmbak restore web:latest /tmp/web-restored.raw
@@ -38,7 +38,6 @@ is 3 (partial restore).
 """
 
 EPILOG += IGNORE_ERRORS_HELP
-PARTIAL_EXIT = 3  # restic's code for "restored, but some data could not be read"
 
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
@@ -120,16 +119,18 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     if fmt == "raw":  # (an image format refuses a device anyway, and says why)
         check_overwrite(args.target, args.overwrite)  # a device needs --overwrite, like a file
+    bar = progress(args)
     repo = open_repo(args)
     m, alias = repo.resolve(args.snapshot, where)
     tgt = ImageRestoreTarget(args.target, m.disk_size, fmt, overwrite=args.overwrite)
     try:
-        r = restore(repo, m, tgt, verify=not args.no_verify, workers=args.workers, progress=progress(args),
+        r = restore(repo, m, tgt, verify=not args.no_verify, workers=args.workers, progress=bar,
                     sync=args.sync, readback=args.verify_readback, ignore_errors=args.ignore_errors)
     except BaseException:
         tgt.discard()  # a new file or image never appears half written
         raise
     finally:
+        bar.close()
         tgt.close()
     r["format"] = fmt
     r["alias"] = alias  # {"id": the id asked for, "now": the snapshot's id, ...} when it was rewritten
@@ -145,8 +146,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
             end = d["start_block"] + d["blocks"] - 1
             lines.append(f"  blocks {d['start_block']}-{end} (bytes {d['offset']}-{d['offset'] + d['length'] - 1}) "
                          f"of snapshot {d['snapshot']}: {d['reason']}")
-    emit(args, r, "\n".join(lines))
-    return PARTIAL_EXIT if r["damaged"] else 0
+    emit_summary(args, r, "\n".join(lines))
+    return EXIT_PARTIAL if r["damaged"] else 0
 
 
 def _cmd_libvirt(args: argparse.Namespace) -> int:
@@ -157,17 +158,19 @@ def _cmd_libvirt(args: argparse.Namespace) -> int:
     if args.ignore_errors:
         raise VmbakError("--ignore-errors restores one snapshot; it does not go with --libvirt")
 
+    bar = progress(args)
     repo = open_repo(args)
-    r = restore_libvirt(repo, args.snapshot, directory=args.target, new_name=args.define,
-                        define=args.define is not None, fmt=args.format, uri=args.libvirt_uri,
-                        overwrite=args.overwrite, verify=not args.no_verify, workers=args.workers,
-                        progress=lambda: progress(args), log=log(args))
+    with bar:
+        r = restore_libvirt(repo, args.snapshot, directory=args.target, new_name=args.define,
+                            define=args.define is not None, fmt=args.format, uri=args.libvirt_uri,
+                            overwrite=args.overwrite, verify=not args.no_verify, workers=args.workers,
+                            progress=lambda: bar, log=log(args))
     lines = [f"restored {d['target_disk']} from snapshot {d['snapshot'][:8]} to {d['target']} ({d['format']}), "
              f"{human(d['written_bytes'])} written" for d in r["disks"]]
     lines.append(f"domain XML of {r['domain']} (checkpoint {r['checkpoint']}) written to {r['xml']}")
     if r["defined"]:
         lines.append(f"defined libvirt domain {r['defined']} (not started)")
-    emit(args, r, "\n".join(lines))
+    emit_summary(args, r, "\n".join(lines))
     return 0
 
 
@@ -194,7 +197,7 @@ def _cmd_from_serve(args: argparse.Namespace) -> int:
         r = make_permanent(args.from_serve, args.snapshot, progress=report)
     finally:
         bar.close()
-    emit(args, r, f"copied the export of {args.from_serve} to {r['target']} ({human(r['disk_size'])}) in "
+    emit_summary(args, r, f"copied the export of {args.from_serve} to {r['target']} ({human(r['disk_size'])}) in "
          f"{r['duration_s']} s; the export now reads and writes {r['target']}, the backup and the overlay "
          "are no longer used")
     return 0

@@ -20,7 +20,7 @@ import numpy as np
 from vmbak.changes.base import ChangeMap
 from vmbak.disks.base import DiskReader
 from vmbak.engine.common import BHT_DTYPE, bounded_map, hash_blocks, range_text, resolve_bht, runs, store_bht
-from vmbak.engine.progress import NoProgress, Progress
+from vmbak.engine.progress import NoProgress, Progress, set_phase, watch_upload
 from vmbak.errors import DiskError, VmbakError, printable
 from vmbak.repo.manifest import DIFFERENTIAL, FULL, INCREMENTAL, TORN, UNCHANGED, UNKNOWN, Manifest
 from vmbak.repo.repository import Repository, _now_iso
@@ -234,6 +234,7 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
     # A live disk read directly (no point-in-time view) may change while it is read.
     source_state = getattr(disk, "source_state", None)
     state_before = source_state() if source_state is not None else None
+    set_phase(progress, "analyze")
     with repo.lock(purpose="backup"):
         parent = choose_parent(repo, opts.name, opts.mode, size, bs, note)
         kind = FULL
@@ -291,7 +292,10 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
         read_bytes = zero_blocks = dedup_bytes = 0
         extra_stats: dict = {}
         total = int(np.count_nonzero(to_read)) * bs
-        progress.start(min(total, size), "backup")
+        # One bar over the phases: read (and store) the selected blocks, then wait for the
+        # last packs to be written or uploaded.
+        watch_upload(progress, lambda: (writer.durable_stored, writer.new_stored))
+        progress.start(min(total, size), "read")
         try:
             with cf.ThreadPoolExecutor(max(1, opts.workers), thread_name_prefix="vmbak-backup") as pool:
                 for r in bounded_map(pool, pipe.work, _tasks(to_read, grid, TASK_BYTES // bs),
@@ -307,7 +311,7 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
                     read_bytes += r.read_bytes
                     zero_blocks += r.zero_blocks
                     progress.advance(r.read_bytes)
-            progress.close()
+            set_phase(progress, "upload")
             consistency = None
             if source_state is not None:
                 consistency = _consistency(disk, pipe, to_read, cur, state_before, source_state(), note)
@@ -366,8 +370,10 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
             repo.save_manifest(m)
         except BaseException:
             writer.abandon()
-            progress.close()
             raise
+        finally:
+            watch_upload(progress, None)
+            progress.close()
     return m
 
 

@@ -25,7 +25,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from vmbak.errors import IntegrityError, RepositoryError, WrongPassword
+from vmbak.errors import IntegrityError, PasswordMissing, RepositoryError, WrongPassword
 from vmbak.repo.backend import Backend, LocalBackend
 
 ENC_NONE = "none"
@@ -143,7 +143,7 @@ def unwrap_key(doc: dict, password: str | None, repo_id: str, name: str,
         if kdf != "scrypt":
             raise RepositoryError(f"key file {name}: unknown key derivation {kdf!r}")
         if password is None:
-            raise RepositoryError("this repository is encrypted: a password is required "
+            raise PasswordMissing("this repository is encrypted: a password is required "
                                   "(VMBAK_PASSWORD, --password-file, --password-command, or a terminal prompt)")
         n, r, p = int(doc["n"]), int(doc["r"]), int(doc["p"])
         if not (1 < n <= 1 << 22 and 0 < r <= 64 and 0 < p <= 16):

@@ -18,7 +18,13 @@ import blake3
 import numpy as np
 import zstandard
 
-from vmbak.errors import IntegrityError, RepositoryError, SnapshotNotFound
+from vmbak.errors import (
+    IntegrityError,
+    RepositoryError,
+    RepositoryLocked,
+    RepositoryMissing,
+    SnapshotNotFound,
+)
 from vmbak.interrupts import deferred, register_cleanup, unregister_cleanup
 from vmbak.repo import zstd
 from vmbak.repo.backend import Backend, LocalBackend, ObjectMissing, host_id, makedirs_private, pid_alive
@@ -190,10 +196,11 @@ class Repository:
 
     @classmethod
     def open(cls, location: str, password: str | None = None) -> Repository:
-        """Open an existing repository; raise RepositoryError / WrongPassword."""
+        """Open an existing repository; raise RepositoryError: RepositoryMissing when there
+        is no vmbak repository at ``location``, WrongPassword / PasswordMissing."""
         backend = open_backend(location)
         if isinstance(backend, LocalBackend) and not os.path.isdir(backend.root):
-            raise RepositoryError(f"repository does not exist: {backend.root}")
+            raise RepositoryMissing(f"repository does not exist: {backend.root}")
         try:
             raw = backend.read("config")
         except RepositoryError as e:
@@ -202,15 +209,15 @@ class Repository:
             first = getattr(backend, "first_object", None)
             other = first() if first is not None else None
             if other is not None:
-                raise RepositoryError(f"not a vmbak repository (no config): {backend.location} holds other "
-                                      f"objects (e.g. {other!r})") from None
-            raise RepositoryError(f"not a vmbak repository (no config): {backend.location}") from None
+                raise RepositoryMissing(f"not a vmbak repository (no config): {backend.location} holds other "
+                                        f"objects (e.g. {other!r})") from None
+            raise RepositoryMissing(f"not a vmbak repository (no config): {backend.location}") from None
         try:
             config = json.loads(raw)
             if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
                 raise ValueError
         except ValueError:
-            raise RepositoryError(f"not a vmbak repository (foreign config): {backend.location}") from None
+            raise RepositoryMissing(f"not a vmbak repository (foreign config): {backend.location}") from None
         version = config.get("version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise RepositoryError(f"repository format version {version} is newer than this vmbak supports "
@@ -279,7 +286,7 @@ class Repository:
                 # One prune at a time; prunes run beside backups (see engine/prune.py).
                 solo = purpose in SOLO_PURPOSES and d.get("purpose") in SOLO_PURPOSES
                 if exclusive or d.get("exclusive") or solo:
-                    raise RepositoryError(
+                    raise RepositoryLocked(
                         f"repository is locked by pid {d.get('pid')} on {d.get('host')} "
                         f"({d.get('purpose') or 'unknown'}, since {d.get('time')}); "
                         "if that process is gone, run 'vmbak unlock'")
@@ -671,13 +678,14 @@ class ChunkWriter:
         self.new_chunks = 0
         self.new_raw = 0
         self.new_stored = 0
+        self.durable_stored = 0  # of new_stored: in packs that are written (uploaded) and indexed
         self._blobs: list[bytes] = []
         self._meta: list[tuple[bytes, int]] = []
         self._bytes = 0
         writers = max(1, int(getattr(repo.backend, "pack_writers", 1)))
         self._max_inflight = writers + 1  # one more waits its turn, so a writer never idles
         self._pool = cf.ThreadPoolExecutor(writers, thread_name_prefix="vmbak-pack")
-        self._inflight: collections.deque[tuple[cf.Future, list[bytes]]] = collections.deque()
+        self._inflight: collections.deque[tuple[cf.Future, int]] = collections.deque()
 
     def has(self, chunk_id: bytes) -> bool:
         return self.repo.index.usable(chunk_id) or chunk_id in self.pending
@@ -716,18 +724,19 @@ class ChunkWriter:
     def _submit(self) -> None:
         if not self._blobs:
             return
-        blobs, meta = self._blobs, self._meta
+        blobs, meta, nbytes = self._blobs, self._meta, self._bytes
         self._blobs, self._meta, self._bytes = [], [], 0
         fut = self._pool.submit(self._write_pack, blobs, meta)
-        self._inflight.append((fut, [cid for cid, _ in meta]))
+        self._inflight.append((fut, nbytes))
         while len(self._inflight) > self._max_inflight:
             self._reap(block=True, limit=1)
 
     def _reap(self, block: bool, limit: int | None = None) -> None:
         n = 0
         while self._inflight and (block or self._inflight[0][0].done()):
-            fut, _ids = self._inflight.popleft()
+            fut, nbytes = self._inflight.popleft()
             fp = fut.result()
+            self.durable_stored += nbytes
             self.repo.index.add_pack(fp.pack_id, fp.entries, fp.size)
             for cid in fp.entries["id"].tolist():
                 self.pending.pop(cid, None)
