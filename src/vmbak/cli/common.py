@@ -200,7 +200,7 @@ def password(args: argparse.Namespace, confirm: bool = False) -> str | None:
             pw = getpass.getpass("repository password: ")
             if confirm and getpass.getpass("repeat password: ") != pw:
                 raise VmbakError("passwords do not match")
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:  # (Ctrl-C and SIGTERM are interrupts, reported as such by cli/main.py)
             raise PasswordMissing("no password given") from None
         return pw
     return None

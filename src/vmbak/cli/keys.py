@@ -84,7 +84,7 @@ def new_password(args: argparse.Namespace) -> str:
             pw = getpass.getpass("new password: ")
             if getpass.getpass("repeat new password: ") != pw:
                 raise VmbakError("passwords do not match")
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:  # (Ctrl-C and SIGTERM are interrupts, reported as such by cli/main.py)
             raise VmbakError("no new password given") from None
     else:
         raise VmbakError("no new password given (use --new-password-file, VMBAK_NEW_PASSWORD, or a terminal)")

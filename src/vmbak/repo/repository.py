@@ -234,7 +234,7 @@ class Repository:
             raise RepositoryError(
                 f"{backend.location} claims to be an unencrypted repository, but a password was given: "
                 "refusing it (an encrypted repository's config may have been replaced; if it really is "
-                "unencrypted, use it without VMBAK_PASSWORD or --password-file)")
+                "unencrypted, use it without a password (VMBAK_PASSWORD, --password-file, --password-command))")
         comp = config["compression"]
         if not isinstance(comp, dict) or comp.get("codec") != "zstd" or not isinstance(config["id"], str):
             raise RepositoryError("repository config is damaged (compression or id)")
