@@ -37,7 +37,7 @@ def test_roundtrip_on_s3(make_s3_repo, make_disk, tmp_path, assert_same_file):
     objs = repo.objects()
     assert "config" in objs
     tops = {n.split("/", 1)[0] for n in objs}
-    assert tops <= {"config", "keys", "data", "index", "snapshots"}, tops
+    assert tops <= {"config", "keys", "data", "index", "snapshots", "verify"}, tops  # verify/: check's coverage
     packs = [n for n in objs if n.startswith("data/")]
     assert all(len(n.split("/")) == 3 and n.split("/")[2].startswith(n.split("/")[1]) for n in packs)
     assert max(objs[n] for n in packs) > 5 * MiB  # a multipart upload landed whole

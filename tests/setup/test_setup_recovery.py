@@ -3,6 +3,7 @@ pip, or with pip but without the project, is made whole by the next run."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -24,15 +25,17 @@ def project(tmp_path):
 
 
 def _setup(project: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the copy's venv must find its own src
     return subprocess.run(["make", "-s", "setup"], cwd=project, capture_output=True, text=True, timeout=900,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL, env=env)
 
 
 def _works(project: Path) -> None:
     py = project / ".venv" / "bin" / "python"
     subprocess.run([py, "-m", "pip", "--version"], check=True, capture_output=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([py, "-c", "import vmbak, pytest; print(vmbak.__file__)"], check=True,
-                         capture_output=True, text=True).stdout
+                         capture_output=True, text=True, env=env).stdout
     assert str(project / "src") in out, out
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from usage_helpers import usage_helpers  # tests/usage is on sys.path (it has no __init__.py)
 
 from vmbak.usage.model import subtract, total
 
@@ -255,9 +256,7 @@ def _metadata_regions(img: Path) -> list[tuple[int, int]]:
 @pytest.fixture(scope="module")
 def fuzz_bases(tmp_path_factory):
     """Two small filesystems: ext4 with metadata checksums, and ext2 without any."""
-    import importlib
-
-    helpers = importlib.import_module("conftest")
+    helpers = usage_helpers()
     tmp = tmp_path_factory.mktemp("fuzz")
     bases = {}
     for kind, args in (("ext4", ["-t", "ext4", "-b", "1024", "-g", "2048"]),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from usage_helpers import usage_helpers  # tests/usage is on sys.path (it has no __init__.py)
 
 from vmbak.usage.model import subtract, total
 
@@ -29,9 +30,7 @@ def _gpt_disk(tmp, build_ext, file_tree, seed=1):
 
 @pytest.fixture(scope="module")
 def gpt_disk(tmp_path_factory):
-    import importlib
-
-    h = importlib.import_module("conftest")
+    h = usage_helpers()
     tmp = tmp_path_factory.mktemp("gpt")
     return _gpt_disk(tmp, h.build_ext_image, h.make_tree)
 

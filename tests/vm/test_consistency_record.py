@@ -57,8 +57,12 @@ def test_file_backup_hooks(repo, make_disk, tmp_path, assert_cli_error) -> None:
     # no hooks: nothing recorded for a plain file; the listing shows "-"
     r2 = repo.json("backup", disk.path, "--name", "d")
     assert r2["guest_consistency"] is None
+    snaps = repo.json("snapshots")
+    assert [(s.get("guest_consistency") or {}).get("level") for s in snaps] == ["hooks", None]
     rows = repo.run("snapshots").stdout.splitlines()
-    assert rows[0].split()[-1] == "CONSISTENCY" and rows[1].split()[-1] == "hooks" and rows[2].split()[-1] == "-"
+    # CONSISTENCY is followed by TAGS, which is empty here: the last word of each row
+    assert rows[0].split()[-2:] == ["CONSISTENCY", "TAGS"]
+    assert rows[1].split()[-1] == "hooks" and rows[2].split()[-1] == "-"
 
     (out / "post").unlink()
     assert_cli_error(repo.run("backup", disk.path, "--name", "d", "--hook-pre", bad, "--hook-post", post,

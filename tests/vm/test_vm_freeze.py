@@ -94,7 +94,7 @@ def test_unfrozen_backup_for_contrast(guest, vrepo, tmp_path, check_restored_roo
     res = check_restored_root(restore_vda(vrepo, guest, tmp_path, "never"), tmp_path)
     # Reported, not asserted: a crash-consistent root may need its journal replayed.
     print(f"\n--freeze never: state={res['state']!r} needs_recovery={'needs_recovery' in res['features']} "
-          f"e2fsck -fn exit {res['fsck_rc']}, {res['logged_files']} logged files, "
+          f"e2fsck -fn exit {res['fsck_rc']}, log found {res['log_found']}, {res['logged_files']} logged files, "
           f"{len(res['missing'])} missing, {len(res['wrong'])} wrong, {res['torn_lines']} torn log lines",
           file=sys.stderr)
 
