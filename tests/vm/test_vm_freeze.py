@@ -74,6 +74,10 @@ def test_frozen_backup_restores_clean(guest, vrepo, tmp_path, check_restored_roo
 
 
 def test_incremental_frozen_and_per_mountpoint(guest, vrepo, tmp_path, check_restored_root) -> None:  # noqa: ANN001
+    if not any(s["name"].startswith(guest.name) for s in vrepo.snapshots()):
+        # This test's guest and repository are new (pytest-xdist may run the module's tests
+        # apart, and each part boots its own guest): the incremental needs a full first.
+        vrepo.json("backup", "--libvirt", guest.name)
     time.sleep(3)  # let the writer write some more
     before = guest.logged_seq()
     r = vrepo.json("backup", "--libvirt", guest.name, "--freeze", "always", "--freeze-mountpoint", "/")

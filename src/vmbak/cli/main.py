@@ -114,7 +114,10 @@ def _fail(code: int, message: str, exit_class: str | None = None, **extra: objec
     try:
         from vmbak.engine.progress import close_all
 
-        close_all()  # no status line or bar after the error
+        try:
+            close_all()  # no status line or bar after the error
+        except Exception:  # noqa: BLE001 - reporting the error must not fail in turn
+            pass
         if _JSON[0]:
             from vmbak.cli.common import json_line
 

@@ -154,7 +154,8 @@ class Report:
         """Stop drawing and printing; ``start`` may begin another phase later."""
         self._stop.set()
         t = self._thread
-        if t is not None and t is not threading.current_thread():
+        # A signal can interrupt Thread.start() before the thread ran: never join that one.
+        if t is not None and t is not threading.current_thread() and t.ident is not None:
             t.join()
         self._thread = None
         with _OUT_LOCK:
