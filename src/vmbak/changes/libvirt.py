@@ -278,12 +278,14 @@ def _clear_old_job(dom, tmpdir: str | None, notes: list[str]) -> None:  # noqa: 
 
 def begin_backup(domain: str, since: str | None, block_size: int, *, uri: str = DEFAULT_URI,
                  tmpdir: str | None = None, log: Callable[[str], None] | None = None,
-                 quiesce: Callable[[], contextlib.AbstractContextManager] | None = None) -> LibvirtBackup:
+                 quiesce: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 full_disks: frozenset[str] = frozenset()) -> LibvirtBackup:
     """Start a pull-mode backup of every disk of the running ``domain``; see the module
     documentation. Raises ChangeTrackingError (after cleaning up) when ``since`` cannot
     be used, DiskError for a domain that does not exist or does not run. ``quiesce``
     (e.g. ``Quiescer.frozen``) is entered just before the checkpoint is made and left as
-    soon as it exists."""
+    soon as it exists. The disks named in ``full_disks`` (added since ``since``) are
+    exported without a bitmap: the checkpoint ``since`` does not cover them."""
     lv = _libvirt()
     log = log or (lambda s: None)
     if since is not None and not since.startswith(PREFIX):
@@ -330,7 +332,7 @@ def begin_backup(domain: str, since: str | None, block_size: int, *, uri: str = 
             cdisks = ET.SubElement(cx, "disks")
             for k in disks:
                 attrs = {"name": k.target, "backup": "yes", "type": "file"}
-                if since is not None and k.target not in tracked:
+                if since is not None and (k.target not in tracked or k.target in full_disks):
                     attrs["backupmode"] = "full"
                 bd = ET.SubElement(bdisks, "disk", attrs)
                 ET.SubElement(bd, "scratch", file=os.path.join(d, f"scratch-{k.target}.qcow2"))

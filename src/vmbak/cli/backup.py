@@ -228,6 +228,8 @@ def _cmd_libvirt(args: argparse.Namespace, changes) -> int:  # noqa: ANN001 - a 
         q.start()
         job = sources.open_libvirt(repo, domain, prefix=prefix, mode=args.mode, changes=changes,
                                    block_size=args.block_size, uri=uri, log=lg, quiesce=q.frozen)
+        if job.offline:
+            q.at_rest()
         opts = BackupOptions(name=prefix, mode=args.mode, changes=changes.engine_changes,
                              verify_changes=args.verify_changes, block_size=args.block_size, workers=args.workers,
                              progress=bar, log=lg, skip_unused=args.skip_unused, notes=list(q.notes),
@@ -243,7 +245,10 @@ def _cmd_libvirt(args: argparse.Namespace, changes) -> int:  # noqa: ANN001 - a 
     finally:
         q.close(ok)
     level = q.record()["level"]
-    text = f"libvirt domain {domain}: {len(ms)} disks backed up at checkpoint {job.checkpoint} ({level})"
+    nstate = sum(1 for m in ms if (m.extra.get("libvirt") or {}).get("state_role"))
+    text = (f"libvirt domain {domain}: {len(ms) - nstate} disks"
+            + (f" and {nstate} state files ({', '.join(m.extra['libvirt']['state_role'] for m in ms if (m.extra.get('libvirt') or {}).get('state_role'))})" if nstate else "")
+            + f" backed up at checkpoint {job.checkpoint} ({level})")
     emit_summary(args, {"domain": domain, "checkpoint": job.checkpoint, "guest_consistency": q.record(),
                         "snapshots": [m.summary() for m in ms]}, text)
     return 0

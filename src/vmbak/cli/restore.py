@@ -167,7 +167,14 @@ def _cmd_libvirt(args: argparse.Namespace) -> int:
                             progress=lambda: bar, log=log(args))
     lines = [f"restored {d['target_disk']} from snapshot {d['snapshot'][:8]} to {d['target']} ({d['format']}), "
              f"{human(d['written_bytes'])} written" for d in r["disks"]]
-    lines.append(f"domain XML of {r['domain']} (checkpoint {r['checkpoint']}) written to {r['xml']}")
+    for st in r["state"]:
+        if st["snapshot"]:
+            lines.append(f"restored {st['role']} from snapshot {st['snapshot'][:8]} to {st['target']}")
+        else:
+            lines.append(f"{st['role']}: {st['target']} (recorded, not stored: the new domain uses it as it is)")
+    lines += [f"warning: {w}" for w in r["warnings"]]
+    lines.append(f"domain XML of {r['domain']} (checkpoint {r['checkpoint']}) written to {r['xml']} "
+                 f"(new UUID {r['uuid']})")
     if r["defined"]:
         lines.append(f"defined libvirt domain {r['defined']} (not started)")
     emit_summary(args, r, "\n".join(lines))
