@@ -20,13 +20,11 @@ import xml.etree.ElementTree as ET
 from vmbak.errors import DiskError
 
 # What vmbak backs up (device='disk', not read-only) must be of these types.
-READABLE_TYPES = ("file", "block", "network", "volume")
+READABLE_TYPES = ("file", "block", "network", "volume", "nvme")
 _WHY = {
     "dir": "it is a host directory that QEMU presents as a virtual FAT disk (type='dir'), not a disk image",
     "vhostuser": "it is served by a vhost-user process outside QEMU's block layer (type='vhostuser'), which "
                  "libvirt cannot checkpoint or export",
-    "nvme": "it is a host NVMe device driven by QEMU's userspace driver (type='nvme'), which libvirt's "
-            "backup jobs do not support",
 }
 
 
