@@ -199,3 +199,32 @@ def test_unknown_domain_and_unreadable_disk_are_one_line_errors(domain, repo, as
     dom = d.conn.lookupByName(name)
     assert not dom.isActive() and dom.listAllCheckpoints() == []
     assert repo.snapshots() == []
+
+
+def test_pattern_backs_up_every_matching_domain_with_one_summary(domain, repo, json_result) -> None:
+    d = domain
+    off = f"{d.name}-off"  # a second domain, shut off, on a disk of its own
+    d.defined.append(off)
+    e = create(d.workdir / "e.qcow2", "qcow2", 4 * MiB)
+    write_random(e, "qcow2", 0, 1 * MiB, 9, d.workdir)
+    d.conn.defineXML(VHOST_DOMAIN.format(name=off, a=e, sock="").split("<disk type='vhostuser'")[0]
+                     + "</devices></domain>")
+    bad = f"{d.name}-vhost"  # and one vmbak cannot back up
+    d.defined.append(bad)
+    d.conn.defineXML(VHOST_DOMAIN.format(name=bad, a=e, sock=d.workdir / "vhost.sock"))
+    p = repo.run("backup", "--libvirt", f"{d.name}*", "--json", check=False)
+    assert p.returncode == 3, p.stderr  # partial: some domains failed
+    res = json_result(p.stdout)
+    assert res["pattern"] == f"{d.name}*"
+    assert [x["domain"] for x in res["domains"]] == [d.name, off]
+    assert [f["domain"] for f in res["failed"]] == [bad] and "vhost-user" in res["failed"][0]["error"]
+    assert {s["name"] for s in res["domains"][1]["snapshots"]} == {f"{off}-vda"}
+    assert res["domains"][1]["guest_consistency"]["level"] == "offline"
+    assert f"error: libvirt domain {bad}:" in p.stderr and "Traceback" not in p.stderr
+    assert not d.conn.lookupByName(off).isActive()
+    p = repo.run("backup", "--libvirt", f"{d.name}-o?f", "--name", "x", check=False)
+    assert p.returncode != 0 and "--name does not go with a domain pattern" in p.stderr
+    p = repo.run("backup", "--libvirt", "no-such-*", check=False)
+    assert p.returncode == 1 and "no libvirt domain matches 'no-such-*'" in p.stderr
+    p = repo.run("backup", "--libvirt", f"{d.name}-o?f")
+    assert f"libvirt domains matching '{d.name}-o?f': 1 of 1 backed up" in p.stdout

@@ -552,6 +552,29 @@ def open_libvirt(repo: Repository, domain: str, *, prefix: str, mode: str, chang
                       _cleanup=cleanup)
 
 
+def is_domain_pattern(text: str) -> bool:
+    """Whether ``--libvirt TEXT`` is a shell-style pattern (``*``, ``?``, ``[``)."""
+    return any(c in text for c in "*?[")
+
+
+def libvirt_domains_matching(pattern: str, uri: str) -> list[str]:
+    """The names of the domains (running or not) that match a shell-style pattern, sorted;
+    a one-line error when none does."""
+    import fnmatch
+
+    from vmbak.changes.libvirt import connect
+
+    conn = connect(uri)
+    try:
+        names = sorted(d.name() for d in conn.listAllDomains())
+    finally:
+        conn.close()
+    found = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    if not found:
+        raise DiskError(f"no libvirt domain matches {pattern!r}" + (f" (domains: {', '.join(names)})" if names else ""))
+    return found
+
+
 def libvirt_disk_targets(domain: str, uri: str) -> list[str]:
     """The targets (vda, ...) ``--libvirt DOMAIN`` would back up, for the hooks' environment."""
     from vmbak.changes.libvirt import connect, domain_disks, lookup

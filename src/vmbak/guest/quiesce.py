@@ -277,11 +277,17 @@ class Quiescer:
             self.frozen_count = int(agent.freeze(self.mountpoints or None))  # type: ignore[attr-defined]
             return True
         except AgentError as e:
-            with contextlib.suppress(AgentError, AttributeError):
+            # A freeze that failed half-way, or whose answer was garbage, may have frozen
+            # something: thaw. If that thaw cannot be confirmed either, the state file stays,
+            # and the next vmbak run against this guest thaws it (``recover``).
+            thawed = isinstance(e, AgentUnavailable) and self._agent is None
+            with contextlib.suppress(AgentError, AttributeError, ValueError, TypeError):
                 if self._agent is not None:
-                    self._agent.thaw()  # type: ignore[attr-defined] - a freeze that failed half-way
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+                    self._agent.thaw()  # type: ignore[attr-defined]
+                    thawed = True
+            if thawed or isinstance(e, AgentUnavailable):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
             self.freeze_error = str(e)
             why = "does not answer" if isinstance(e, AgentUnavailable) else "cannot freeze"
             if self.mode == "always":
