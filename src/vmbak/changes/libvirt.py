@@ -19,7 +19,7 @@ A vmbak that died during a backup leaves a job whose socket names a dead process
 the next ``begin_backup`` ends that job first.
 
 The domain's XML (inactive definition) is kept in ``domain_xml``, so a restore can
-define the domain again with ``rewrite_domain_xml`` and ``define_domain``.
+define the domain again (``vmbak.domain.xml.rewrite_for_restore``, ``define_domain``).
 
 Runs as root (or as the user QEMU runs as): the private directory is handed to the
 QEMU process's user so that QEMU can create the socket and the scratch files.
@@ -406,48 +406,6 @@ def _change_map(r: NbdDisk, context: str, bs: int, since: str, new: str, tgt: st
 
 
 # ---------------------------------------------------------------------------- restore
-def rewrite_domain_xml(xml: str, name: str, disks: dict[str, tuple[str, str]]) -> str:
-    """A saved domain XML made ready to define as a new domain: the new ``name``, no
-    UUID, no MAC addresses (libvirt makes new ones), and each disk ``target`` pointed at
-    ``(path, format)``. Disks not named in ``disks`` are dropped."""
-    root = ET.fromstring(xml)
-    n = root.find("name")
-    if n is None:
-        n = ET.SubElement(root, "name")
-    n.text = name
-    u = root.find("uuid")
-    if u is not None:
-        root.remove(u)
-    devices = root.find("devices")
-    if devices is None:
-        raise DiskError("domain XML has no devices")
-    for mac in devices.findall("./interface/mac"):
-        for parent in devices.findall("./interface"):
-            if mac in list(parent):
-                parent.remove(mac)
-    for d in list(devices.findall("disk")):
-        if d.get("device", "disk") != "disk":
-            continue
-        tgt = d.find("target")
-        dev = tgt.get("dev") if tgt is not None else None
-        if dev not in disks:
-            devices.remove(d)
-            continue
-        path, fmt = disks[dev]
-        d.set("type", "file")
-        for s in d.findall("source"):
-            d.remove(s)
-        for b in d.findall("backingStore"):
-            d.remove(b)
-        src = ET.Element("source", file=path)
-        d.insert(1, src)
-        drv = d.find("driver")
-        if drv is None:
-            drv = ET.SubElement(d, "driver", name="qemu")
-        drv.set("type", fmt)
-    return ET.tostring(root, encoding="unicode")
-
-
 def define_domain(xml: str, uri: str = DEFAULT_URI) -> str:
     """Define (persistently, not started) a domain from XML; return its name."""
     lv = _libvirt()
