@@ -228,3 +228,42 @@ def test_pattern_backs_up_every_matching_domain_with_one_summary(domain, repo, j
     assert p.returncode == 1 and "no libvirt domain matches 'no-such-*'" in p.stderr
     p = repo.run("backup", "--libvirt", f"{d.name}-o?f")
     assert f"libvirt domains matching '{d.name}-o?f': 1 of 1 backed up" in p.stdout
+
+
+UEFI_DOMAIN = """<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>
+    <nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>{nvram}</nvram>
+  </os>
+  <features><acpi/></features>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{a}'/>
+      <target dev='vda' bus='virtio'/></disk>
+  </devices>
+</domain>"""
+
+
+def test_a_state_file_that_cannot_be_read_fails_the_backup_and_leaves_no_checkpoint(
+        domain, repo, assert_cli_error) -> None:
+    d = domain
+    name = f"{d.name}-uefi"
+    d.defined.append(name)
+    nvram = d.workdir / "uefi_VARS.fd"
+    a = create(d.workdir / "u.qcow2", "qcow2", 4 * MiB)
+    dom = d.conn.defineXML(UEFI_DOMAIN.format(name=name, nvram=nvram, a=a))
+    dom.create()
+    r1 = repo.json("backup", "--libvirt", name)
+    assert {s["name"] for s in r1["snapshots"]} == {f"{name}-vda", f"{name}-nvram"}
+    nvram.unlink()  # QEMU keeps its open file; the path is gone
+    assert_cli_error(repo.run("backup", "--libvirt", name, "-q", check=False),
+                     f"libvirt domain '{name}': NVRAM file {nvram} does not exist; no backup taken")
+    assert [c.getName() for c in dom.listAllCheckpoints()] == [r1["checkpoint"]]
+    try:
+        dom.backupGetXMLDesc()
+        raise AssertionError("a backup job was left behind")
+    except libvirt.libvirtError:
+        pass
+    assert len(repo.snapshots()) == 2

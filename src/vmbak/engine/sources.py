@@ -521,7 +521,11 @@ def open_libvirt(repo: Repository, domain: str, *, prefix: str, mode: str, chang
         work = tempfile.mkdtemp(prefix=f"vmbak-state-{os.getpid()}-", dir=tmpdir)
         cleanup.append(lambda: shutil.rmtree(work, ignore_errors=True))
         items = state_items(b.domain_xml, uri)
-        for n in capture(items, work):
+        try:
+            state_notes = capture(items, work)
+        except DiskError as e:
+            raise DiskError(f"libvirt domain {domain!r}: {e}; no backup taken") from None
+        for n in state_notes:
             note(n)
         records = [it.record() for it in items]
         stored = [it for it in items if it.stored]
