@@ -65,9 +65,11 @@ UEFI_XML = """<domain type='{virt}'>
   </devices>
 </domain>"""
 
-# Run in the guest by systemd-run: the real agent stops, and for a while the agent's port
-# answers every command with lines that are not JSON; then the real agent starts again.
-GARBAGE = """systemctl stop qemu-guest-agent
+# Run in the guest by systemd-run: the real agent stops (after the guest-exec that started
+# this has reported back), and for a while the agent's port answers every command with
+# lines that are not JSON; then the real agent starts again.
+GARBAGE = """sleep 3
+systemctl stop qemu-guest-agent
 timeout {secs} sh -c 'while :; do echo "{{\\"return\\": garbage"; echo "nonsense ]]"; sleep 0.1; done' \
   > /dev/virtio-ports/org.qemu.guest_agent.0
 systemctl start qemu-guest-agent
