@@ -267,3 +267,35 @@ def test_a_state_file_that_cannot_be_read_fails_the_backup_and_leaves_no_checkpo
     except libvirt.libvirtError:
         pass
     assert len(repo.snapshots()) == 2
+
+
+def test_a_killed_backup_of_a_shut_off_domain_leaves_it_shut_off(domain, repo, popen_vmbak, json_result) -> None:
+    import os
+    import signal
+    import time
+
+    d = domain
+    va = f"{d.name}-vda"
+    repo.json("backup", "--libvirt", d.name)
+    d.dom.destroy()
+    qemu_io(d.a, "qcow2", "write -P 0x61 2M 64k")
+    # vmbak killed with -9 while the domain runs paused for it: libvirt stops the domain
+    # when vmbak's connection goes (VIR_DOMAIN_START_AUTODESTROY)
+    p = popen_vmbak("backup", "--libvirt", d.name, env=repo.env())
+    seen = ""
+    while "started it paused" not in seen:
+        line = p.stderr.readline()  # type: ignore[union-attr]
+        assert line, f"vmbak ended before the paused start: {seen}"
+        seen += line
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    deadline = time.monotonic() + 60
+    while d.dom.isActive():
+        assert time.monotonic() < deadline, "the domain vmbak started paused is still running"
+        time.sleep(0.2)
+    # the next backup cleans up after it and finds the write (from the bitmap, or by a scan)
+    p2 = repo.run("backup", "--libvirt", d.name, "--json", "--verify-changes")
+    s = by_name(json_result(p2.stdout))
+    assert s[va]["stats"]["changed_bytes"] == B and s[va]["stats"]["verify_missed_blocks"] == 0
+    assert not d.dom.isActive() and len(d.checkpoints()) == 1
+    assert not [n for n in os.listdir("/tmp") if n.startswith((f"vmbak-state-{p.pid}-", f"vmbak-libvirt-{p.pid}-"))]

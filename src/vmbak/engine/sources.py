@@ -439,6 +439,31 @@ def _stop_started(dom) -> None:  # noqa: ANN001
             pass
 
 
+def _remove_dead_workdirs(tmpdir: str | None) -> None:
+    """Remove the private directories (``vmbak-state-PID-*``: copies of state files, a TPM's
+    secrets among them; ``vmbak-libvirt-PID-*``: a backup job's socket and scratch files)
+    that vmbak processes which no longer run left behind (killed with ``kill -9``)."""
+    import re
+
+    base = tmpdir or tempfile.gettempdir()
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for n in names:
+        m = re.fullmatch(r"vmbak-(?:state|libvirt)-(\d+)-[0-9a-z_]+", n)
+        if not m or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # still running (or another user's process with that pid)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(os.path.join(base, n), ignore_errors=True)
+
+
 def open_libvirt(repo: Repository, domain: str, *, prefix: str, mode: str, changes: ChangeSpec,
                  block_size: int, uri: str, log: Log | None = None, quiesce: Quiesce | None = None,
                  tmpdir: str | None = None) -> LibvirtJob:
@@ -464,6 +489,7 @@ def open_libvirt(repo: Repository, domain: str, *, prefix: str, mode: str, chang
         notes.append(msg)
         log(msg)
 
+    _remove_dead_workdirs(tmpdir)
     conn = connect(uri)
     cleanup: list[Callable[[], None]] = [conn.close]
 
@@ -509,13 +535,13 @@ def open_libvirt(repo: Repository, domain: str, *, prefix: str, mode: str, chang
             quiesce = None
         try:
             b = begin_backup(domain, since, block_size, uri=uri, log=log, quiesce=quiesce,
-                             full_disks=frozenset(full_disks))
+                             full_disks=frozenset(full_disks), tmpdir=tmpdir)
         except ChangeTrackingError as e:
             if since is None:
                 raise
             note(f"libvirt: {e}; reading every disk whole (scan) with a new checkpoint")
             full_disks = set()
-            b = begin_backup(domain, None, block_size, uri=uri, log=log, quiesce=quiesce)
+            b = begin_backup(domain, None, block_size, uri=uri, log=log, quiesce=quiesce, tmpdir=tmpdir)
         cleanup.append(b.abort)  # a no-op once the job is committed
         notes.extend(b.notes)
         work = tempfile.mkdtemp(prefix=f"vmbak-state-{os.getpid()}-", dir=tmpdir)
