@@ -203,8 +203,11 @@ def capture(items: list[StateItem], workdir: str) -> list[str]:
         it.sha256 = _sha(data)
         if it.stored:
             it.copy = os.path.join(workdir, it.role)
-            with open(it.copy, "wb") as f:
-                f.write(data)
+            try:
+                with open(it.copy, "wb") as f:
+                    f.write(data)
+            except OSError as e:
+                raise DiskError(f"cannot copy the {what} {it.path} to {workdir}: {e.strerror or e}") from None
     return notes
 
 
@@ -223,11 +226,13 @@ def place_tpm(tar_path: str, dest: str, record: dict) -> None:
     regular files and directories only, every name inside ``dest``, and every file's
     sha256 as recorded. ``dest`` must not exist; on failure it is removed again."""
     want = {m.get("name"): m.get("sha256") for m in record.get("members") or [] if isinstance(m, dict)}
-    os.makedirs(os.path.dirname(dest), mode=0o711, exist_ok=True)
     try:
+        os.makedirs(os.path.dirname(dest), mode=0o711, exist_ok=True)
         os.mkdir(dest, 0o711)
     except FileExistsError:
         raise DiskError(f"the TPM state directory {dest} already exists") from None
+    except OSError as e:
+        raise DiskError(f"cannot make the TPM state directory {dest}: {e.strerror or e}") from None
     try:
         seen = set()
         with tarfile.open(tar_path, mode="r:") as tar:
@@ -255,6 +260,9 @@ def place_tpm(tar_path: str, dest: str, record: dict) -> None:
                 seen.add(name)
         if missing := set(want) - seen:
             raise RepositoryError(f"the TPM state backup lacks {', '.join(sorted(map(str, missing)))}")
+    except (OSError, tarfile.TarError) as e:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise DiskError(f"cannot restore the TPM state into {dest}: {getattr(e, 'strerror', None) or e}") from None
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
