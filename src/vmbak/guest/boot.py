@@ -852,7 +852,7 @@ def _one_boot(repo: Repository, m: Manifest, password: str | None, opts: BootOpt
         else:
             for c in checks.values():
                 if c["status"] == "waiting":
-                    c.update(status="not reached" if c["requested"] else "no agent")
+                    c.update(status="not reached")
         if reason is not None and checks["console"]["status"] == "passed" and "fatal" not in reason:
             checks["console"]["detail"] = "no fatal message seen"
         res["checks"] = checks

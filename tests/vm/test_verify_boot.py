@@ -1,0 +1,244 @@
+"""`vmbak verify SNAP --boot`: real boots (QEMU, TCG here) of the cached test guest from a
+repository, through the copy-on-write export.
+
+One repository is shared by the module; it holds three snapshots of the test guest's disk:
+
+* ``good``: the guest as built (agent, writer, serial getty);
+* ``noagent``: the same with qemu-guest-agent.service masked (a symlink to /dev/null made
+  with debugfs), so no agent answers;
+* ``damaged``: ``noagent`` with the root file system's first 64 KiB (its superblock) zeroed:
+  the initramfs cannot mount it and reboots (``panic=10``).
+
+Boots under TCG take tens of seconds each, so checks are combined: the kill -9 run is
+cleaned up by the next run, which is also the timeout and ``--all-latest`` test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.xdist_group("vm-verify-boot"), pytest.mark.timeout(1800)]
+MARKER = "VMBAK-GUEST-READY"
+PART_OFFSET = 1 << 20
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height of a PNG, after checking every chunk's CRC and that the image data
+    inflates to exactly the size its header announces (8-bit RGB or RGBA)."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
+    pos, idat, ihdr = 8, b"", None
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        (crc,) = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
+        assert zlib.crc32(kind + body) == crc, f"bad CRC in chunk {kind!r}"
+        if kind == b"IHDR":
+            ihdr = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + n
+        if kind == b"IEND":
+            break
+    assert ihdr is not None and kind == b"IEND"
+    w, h, depth, color = ihdr[:4]
+    assert depth == 8 and color in (2, 6), ihdr
+    raw = zlib.decompress(idat)
+    assert len(raw) == h * (1 + w * (3 if color == 2 else 4))
+    return w, h
+
+
+def qemu_pids(base: Path) -> list[int]:
+    """Processes whose command line names the run base directory (QEMU, nbdkit, qsd)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (p / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(base) in cmd and state != "Z":
+            out.append(int(p.name))
+    return out
+
+
+def leftovers(base: Path) -> list[str]:
+    return sorted(str(p.relative_to(base)) for p in base.iterdir() if p.name.startswith(("run-", ".new-")))
+
+
+def repo_files(repo: Path) -> dict[str, int]:
+    """Every file of the repository but its locks, with sizes."""
+    return {str(p.relative_to(repo)): p.stat().st_size for p in repo.rglob("*")
+            if p.is_file() and p.relative_to(repo).parts[0] != "locks"}
+
+
+class BootRepo:
+    def __init__(self, repo, image: Path, base: Path, out: Path) -> None:  # noqa: ANN001
+        self.repo = repo
+        self.image = image
+        self.base = base
+        self.out = out
+
+    def boot_args(self) -> list[str]:
+        return ["--accel", "tcg", "--kernel", str(self.image / "vmlinuz"), "--initrd", str(self.image / "initrd.img"),
+                "--append", "root=/dev/vda1 rw console=ttyS0 panic=10", "--memory", "384M", "--output", str(self.out)]
+
+    def env(self) -> dict[str, str | None]:
+        return {"VMBAK_VERIFY_DIR": str(self.base)}
+
+    def verify(self, *args: object, timeout: float = 900) -> tuple[int, dict, str]:
+        p = self.repo.run("verify", "--boot", *self.boot_args(), *args, "--json", env=self.env(), check=False,
+                          timeout=timeout)
+        assert "Traceback" not in p.stderr, p.stderr
+        lines = p.stdout.strip().splitlines()
+        last = json.loads(lines[-1])
+        assert last["message_type"] == "summary", p.stdout[-2000:] + p.stderr
+        assert all(json.loads(ln)["message_type"] == "status" for ln in lines[:-1])
+        return p.returncode, last, p.stderr
+
+
+@pytest.fixture(scope="module")
+def boot_repo(guest_image: Path, init_repo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BootRepo]:  # noqa: ANN001
+    work = tmp_path_factory.mktemp("verify-boot")
+    repo = init_repo(work / "repo")
+    t0 = time.monotonic()
+    repo.backup(guest_image / "disk.qcow2", "good")
+    raw = work / "variant.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(guest_image / "disk.qcow2"), str(raw)], check=True)
+    fs = f"{raw}?offset={PART_OFFSET}"
+    subprocess.run(["debugfs", "-w", "-R", "symlink /etc/systemd/system/qemu-guest-agent.service /dev/null", fs],
+                   check=True, capture_output=True)
+    st = subprocess.run(["debugfs", "-R", "stat /etc/systemd/system/qemu-guest-agent.service", fs],
+                        check=True, capture_output=True, text=True).stdout
+    assert "Type: symlink" in st, st
+    repo.backup(raw, "noagent")
+    with open(raw, "r+b") as f:  # the root file system's superblock and group descriptors
+        f.seek(PART_OFFSET)
+        f.write(bytes(65536))
+    repo.backup(raw, "damaged")
+    raw.unlink()
+    print(f"\nverify-boot repository ready in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    base = Path(f"/tmp/vmbak-vb-{os.getpid()}")  # short: unix socket paths
+    base.mkdir(mode=0o700)
+    try:
+        yield BootRepo(repo, guest_image, base, work / "out")
+    finally:
+        for pid in qemu_pids(base):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_good_snapshot_passes_with_screenshot_and_serial_log(boot_repo: BootRepo) -> None:
+    before = repo_files(boot_repo.repo.path)
+    rc, s, err = boot_repo.verify("good:latest", "--expect-serial", MARKER, "--expect-agent",
+                                  "--exec", "/bin/sh -c 'test -s /var/lib/vmbak-writer/sums.log'")
+    r = s["results"][0]
+    assert rc == 0 and s["ok"] and r["ok"] and s["passed"] == 1, json.dumps(s, indent=1) + err
+    assert r["name"] == "good" and r["reason"] is None and r["accel"] == "tcg"
+    c = r["checks"]
+    assert c["agent"]["status"] == "passed" and "guest-ping" in c["agent"]["detail"]
+    assert c["serial"]["status"] == "passed" and c["serial"]["detail"].startswith(MARKER)
+    assert c["exec"]["status"] == "passed" and c["exec"]["detail"]["exit_code"] == 0
+    assert c["port"]["status"] == "not requested" and c["console"]["status"] == "passed"
+    w, h = png_size(Path(r["screenshot"]))
+    assert w >= 320 and h >= 200
+    assert MARKER in Path(r["serial_log"]).read_text(errors="replace")
+    assert r["machine"]["memory_mib"] == 384 and r["machine"]["kernel"].endswith("vmlinuz")
+    t = r["timings"]
+    assert 0 < t["export_s"] < t["total_s"] and 0 < t["first_console_s"] <= t["boot_s"] < t["total_s"]
+    print(f"\nboot verification of a good snapshot: {t['total_s']:.1f} s (boot {t['boot_s']:.1f} s, "
+          f"export {t['export_s']:.2f} s)", file=sys.stderr)
+    # nothing written to the repository; nothing left behind
+    assert repo_files(boot_repo.repo.path) == before
+    assert not list((boot_repo.repo.path / "locks").iterdir())
+    assert leftovers(boot_repo.base) == [] and qemu_pids(boot_repo.base) == []
+
+
+def test_damaged_root_fails(boot_repo: BootRepo) -> None:
+    rc, s, err = boot_repo.verify("damaged:latest", "--expect-serial", MARKER)
+    r = s["results"][0]
+    assert rc == 1 and not s["ok"] and not r["ok"] and s["failed"] == 1, json.dumps(s, indent=1) + err
+    assert "root file system" in r["reason"], r["reason"]
+    assert r["checks"]["console"]["status"] == "failed"
+    assert r["checks"]["serial"]["status"] == "not reached"
+    assert MARKER not in Path(r["serial_log"]).read_text(errors="replace")
+    assert leftovers(boot_repo.base) == [] and qemu_pids(boot_repo.base) == []
+
+
+def test_guest_without_agent_is_no_agent_not_failure(boot_repo: BootRepo) -> None:
+    rc, s, err = boot_repo.verify("noagent:latest", "--expect-serial", MARKER, "--no-screenshot")
+    r = s["results"][0]
+    assert rc == 0 and r["ok"], json.dumps(s, indent=1) + err
+    assert r["checks"]["agent"]["status"] == "no agent" and not r["checks"]["agent"]["requested"]
+    assert r["checks"]["serial"]["status"] == "passed"
+    assert r["screenshot"] is None
+    assert leftovers(boot_repo.base) == [] and qemu_pids(boot_repo.base) == []
+
+
+def test_kill9_mid_boot_is_reaped_by_the_next_run_which_times_out(boot_repo: BootRepo, popen_vmbak) -> None:  # noqa: ANN001
+    """kill -9 of vmbak verify while the guest boots leaves a run directory (QEMU itself dies
+    with its parent); the next run reaps it. That run (--all-latest, --expect-agent, a short
+    --timeout) fails on every snapshot by timeout, and leaves nothing either."""
+    proc = popen_vmbak("verify", "--boot", "noagent:latest", *boot_repo.boot_args(), "--expect-agent",
+                       "--timeout", "600", env={**boot_repo.repo.env(), **boot_repo.env()})
+    deadline = time.monotonic() + 120
+    run = None
+    while time.monotonic() < deadline:
+        runs = [p for p in boot_repo.base.glob("run-*") if (p / "qemu.pid").exists() and (p / "serial.log").exists()
+                and (p / "serial.log").stat().st_size > 0]
+        if runs:
+            run = runs[0]
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    assert run is not None, "the guest did not start booting"
+    qemu_pid = int((run / "qemu.pid").read_text())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()  # type: ignore[union-attr]
+    proc.stderr.close()  # type: ignore[union-attr]
+    assert run.exists() and (run / "overlay.qcow2").exists()  # what the dead run left
+    t0 = time.monotonic()
+    rc, s, err = boot_repo.verify("--all-latest", "--expect-agent", "--timeout", "8", "--no-screenshot")
+    took = time.monotonic() - t0
+    assert rc == 1 and not s["ok"] and s["failed"] == 3, json.dumps(s, indent=1) + err
+    assert [r["name"] for r in s["results"]] == ["damaged", "good", "noagent"]
+    for r in s["results"]:
+        assert r["reason"].startswith("timed out after 8 s waiting for: agent"), r["reason"]
+        assert r["checks"]["agent"]["status"] == "failed"
+    reaped = s["results"][0]["reaped"]
+    assert [x["run"] for x in reaped] == [str(run)], reaped
+    assert not run.exists() and qemu_pid not in qemu_pids(boot_repo.base)
+    assert leftovers(boot_repo.base) == [] and qemu_pids(boot_repo.base) == []
+    assert took < 3 * (8 + 30), took
+
+
+def test_bad_input_is_one_line_error(boot_repo: BootRepo, assert_cli_error) -> None:  # noqa: ANN001
+    run = boot_repo.repo.run
+    assert_cli_error(run("verify", "good:latest", check=False), "--boot")
+    assert_cli_error(run("verify", "--boot", check=False), "snapshot or --all-latest")
+    assert_cli_error(run("verify", "--boot", "good:latest", "--all-latest", check=False), "not both")
+    assert_cli_error(run("verify", "--boot", "good:latest", "--expect-serial", "(", check=False),
+                     "not a regular expression")
+    assert_cli_error(run("verify", "--boot", "good:latest", "--expect-port", "70000", check=False), "TCP port")
+    assert_cli_error(run("verify", "--boot", "good:latest", "--kernel", "/nonexistent/vmlinuz", check=False),
+                     "no such file")
+    assert_cli_error(run("verify", "--boot", "good:latest", "--initrd", str(boot_repo.image / "initrd.img"),
+                         check=False), "go with --kernel")
+    assert_cli_error(run("verify", "--boot", "nosuch:latest", check=False), "nosuch")
+    p = run("verify", "--help")
+    assert "examples:" in p.stdout and "--all-latest" in p.stdout
