@@ -229,7 +229,9 @@ def test_kill9_mid_boot_is_reaped_by_the_next_run_which_times_out(boot_repo: Boo
 
 def test_bad_input_is_one_line_error(boot_repo: BootRepo, assert_cli_error) -> None:  # noqa: ANN001
     run = boot_repo.repo.run
-    assert_cli_error(run("verify", "good:latest", check=False), "--boot")
+    p = run("verify", "good:latest", check=False)
+    assert_cli_error(p, "--boot")
+    assert p.returncode == 2
     assert_cli_error(run("verify", "--boot", check=False), "snapshot or --all-latest")
     assert_cli_error(run("verify", "--boot", "good:latest", "--all-latest", check=False), "not both")
     assert_cli_error(run("verify", "--boot", "good:latest", "--expect-serial", "(", check=False),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vmbak.cli.common import emit_summary, log, open_repo_and_password, parse_size, progress
-from vmbak.errors import VmbakError, printable
+from vmbak.errors import UsageError, VmbakError, printable
 
 EPILOG = """examples:
   vmbak verify web:latest --boot                       # boot it, wait for the guest agent, report
@@ -74,7 +74,7 @@ def _options(args: argparse.Namespace):  # noqa: ANN202 - vmbak.guest.boot.BootO
     mem = None
     if args.memory is not None:
         if args.memory < 1 << 20:
-            raise VmbakError(f"--memory {args.memory} is less than 1 MiB (give e.g. 512M or 2G)")
+            raise UsageError(f"--memory {args.memory} is less than 1 MiB (give e.g. 512M or 2G)")
         mem = args.memory >> 20
     opts = BootOptions(timeout=args.timeout, expect_serial=args.expect_serial, expect_port=args.expect_port,
                        exec_command=args.exec_command, expect_agent=args.expect_agent, kernel=args.kernel,
@@ -82,7 +82,10 @@ def _options(args: argparse.Namespace):  # noqa: ANN202 - vmbak.guest.boot.BootO
                        firmware=args.firmware, accel=args.accel,
                        output_dir=args.output or default_output_dir(), screenshot=not args.no_screenshot,
                        cache_bytes=args.cache_size)
-    opts.validate()
+    try:
+        opts.validate()
+    except VmbakError as e:
+        raise UsageError(str(e)) from None
     return opts
 
 
@@ -113,10 +116,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from vmbak.guest.boot import verify_boot
 
     if not args.boot:
-        raise VmbakError("give --boot (boot verification is the only kind; 'vmbak check --read-data' verifies "
+        raise UsageError("give --boot (boot verification is the only kind; 'vmbak check --read-data' verifies "
                          "the stored data)")
     if bool(args.snapshot) == bool(args.all_latest):
-        raise VmbakError("give a snapshot or --all-latest (not both)")
+        raise UsageError("give a snapshot or --all-latest (not both)")
     opts = _options(args)
     bar = progress(args)
     repo, pw = open_repo_and_password(args)
