@@ -492,13 +492,18 @@ class _Boot:
         from vmbak.changes.qemu import QmpClient
 
         deadline = self.t0 + 30
-        while not os.path.exists(self.run.file("qmp.sock")):
+        while True:  # the socket file appears (bind) a moment before QEMU listens on it
+            if os.path.exists(self.run.file("qmp.sock")):
+                try:
+                    self.qmp = QmpClient(self.run.file("qmp.sock"), timeout=30)
+                    return
+                except VmbakError:
+                    pass
             if self.proc.poll() is not None:
                 raise BootVerifyError(f"QEMU did not start: {self._qemu_error()}")
             if time.monotonic() > deadline:
                 raise BootVerifyError("QEMU did not start within 30 s")
-            time.sleep(0.02)
-        self.qmp = QmpClient(self.run.file("qmp.sock"), timeout=30)
+            time.sleep(0.05)
 
     def _qemu_error(self) -> str:
         try:
@@ -676,8 +681,13 @@ class _Boot:
             out = self.qmp.execute("human-monitor-command", {"command-line": "info usernet"})  # type: ignore[union-attr]
         except (VmbakError, OSError):
             return False
+        # An incoming (forwarded) connection is listed with the host side's address (our
+        # forwarded port, not the client's) and the guest's: "TCP[ESTABLISHED] FD 127.0.0.1
+        # HOSTPORT 10.0.2.15 PORT RECVQ SENDQ" once the guest completed the handshake.
+        ports = {str(local_port), str(self.host_port)}
         for ln in str(out).splitlines():
-            if "ESTABLISHED" in ln and re.search(rf"\b{local_port}\b", ln):
+            f = ln.split()
+            if f and f[0] == "TCP[ESTABLISHED]" and ports & set(f[1:]) and str(self.opts.expect_port) in f[1:]:
                 return True
         return False
 
