@@ -235,24 +235,35 @@ def test_guest_without_agent_is_no_agent_not_failure_and_its_port_answers(boot_r
     assert leftovers(boot_repo.base) == [] and qemu_pids(boot_repo.base) == []
 
 
-def test_kill9_mid_boot_is_reaped_by_the_next_run_which_times_out(boot_repo: BootRepo, popen_vmbak) -> None:  # noqa: ANN001
-    """kill -9 of vmbak verify while the guest boots leaves a run directory (QEMU itself dies
-    with its parent); the next run reaps it. That run (--all-latest, --expect-agent,
+def test_sigterm_cleans_up_kill9_is_reaped_by_the_next_run_which_times_out(boot_repo: BootRepo, popen_vmbak) -> None:  # noqa: ANN001
+    """SIGTERM of vmbak verify while the guest boots: everything is cleaned up at once. kill -9
+    leaves a run directory (QEMU itself dies with its parent); the next run reaps it. That run (--all-latest, --expect-agent,
     --expect-port, a short --timeout) fails on every snapshot by timeout, and leaves nothing
     either."""
-    proc = popen_vmbak("verify", "--boot", "noagent:latest", *boot_repo.boot_args(), "--expect-agent",
-                       "--timeout", "600", env={**boot_repo.repo.env(), **boot_repo.env()})
-    deadline = time.monotonic() + 120
-    run = None
-    while time.monotonic() < deadline:
-        runs = [p for p in boot_repo.base.glob("run-*") if (p / "qemu.pid").exists() and (p / "serial.log").exists()
-                and (p / "serial.log").stat().st_size > 0]
-        if runs:
-            run = runs[0]
-            break
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
-    assert run is not None, "the guest did not start booting"
+    def start_and_wait_for_boot() -> tuple[subprocess.Popen, Path]:
+        proc = popen_vmbak("verify", "--boot", "noagent:latest", *boot_repo.boot_args(), "--expect-agent",
+                           "--timeout", "600", "--json", env={**boot_repo.repo.env(), **boot_repo.env()})
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            runs = [p for p in boot_repo.base.glob("run-*") if (p / "qemu.pid").exists()
+                    and (p / "serial.log").exists() and (p / "serial.log").stat().st_size > 0]
+            if runs:
+                return proc, runs[0]
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        raise AssertionError("the guest did not start booting")
+
+    # SIGTERM: vmbak cleans up itself (exit 143, an error line, nothing left, no lock)
+    proc, run = start_and_wait_for_boot()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.strip() == "vmbak: error: interrupted (SIGTERM)", (out, err)
+    assert json.loads(out.strip().splitlines()[-1])["exit_class"] == "interrupted"
+    assert leftovers(boot_repo.base) == [] and qemu_pids(boot_repo.base) == []
+    assert not list((boot_repo.repo.path / "locks").iterdir())
+
+    # kill -9: the run directory stays until the next run
+    proc, run = start_and_wait_for_boot()
     qemu_pid = int((run / "qemu.pid").read_text())
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -275,6 +286,7 @@ def test_kill9_mid_boot_is_reaped_by_the_next_run_which_times_out(boot_repo: Boo
     assert [x["run"] for x in reaped] == [str(run)], reaped
     assert not run.exists() and qemu_pid not in qemu_pids(boot_repo.base)
     assert leftovers(boot_repo.base) == [] and qemu_pids(boot_repo.base) == []
+    assert not list((boot_repo.repo.path / "locks").iterdir())  # the killed run's lock: stale, removed
     assert took < 3 * (8 + 30), took
 
 
