@@ -189,7 +189,7 @@ def boot_repo(guest_image: Path, init_repo, tmp_path_factory: pytest.TempPathFac
 def test_good_snapshot_passes_with_screenshot_and_serial_log(boot_repo: BootRepo) -> None:
     before = repo_files(boot_repo.repo.path)
     rc, s, err = boot_repo.verify("good:latest", "--expect-serial", MARKER, "--expect-agent",
-                                  "--exec", "/bin/sh -c 'test -s /var/lib/vmbak-writer/sums.log'")
+                                  "--exec", "/bin/grep -qx vmbak-guest /etc/hostname")
     r = s["results"][0]
     assert rc == 0 and s["ok"] and r["ok"] and s["passed"] == 1, json.dumps(s, indent=1) + err
     assert r["name"] == "good" and r["reason"] is None and r["accel"] == "tcg"
