@@ -236,10 +236,10 @@ def test_guest_without_agent_is_no_agent_not_failure_and_its_port_answers(boot_r
 
 
 def test_sigterm_cleans_up_kill9_is_reaped_by_the_next_run_which_times_out(boot_repo: BootRepo, popen_vmbak) -> None:  # noqa: ANN001
-    """SIGTERM of vmbak verify while the guest boots: everything is cleaned up at once. kill -9
-    leaves a run directory (QEMU itself dies with its parent); the next run reaps it. That run (--all-latest, --expect-agent,
-    --expect-port, a short --timeout) fails on every snapshot by timeout, and leaves nothing
-    either."""
+    """SIGTERM of vmbak verify while the guest boots: everything is cleaned up at once.
+    kill -9 leaves a run directory (QEMU itself dies with its parent); the next run reaps
+    it. That run (--all-latest, --expect-agent, --expect-port, a short --timeout) fails on
+    every snapshot by timeout, and leaves nothing either."""
     def start_and_wait_for_boot() -> tuple[subprocess.Popen, Path]:
         proc = popen_vmbak("verify", "--boot", "noagent:latest", *boot_repo.boot_args(), "--expect-agent",
                            "--timeout", "600", "--json", env={**boot_repo.repo.env(), **boot_repo.env()})
