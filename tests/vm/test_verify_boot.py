@@ -307,3 +307,19 @@ def test_bad_input_is_one_line_error(boot_repo: BootRepo, assert_cli_error) -> N
     assert_cli_error(run("verify", "--boot", "nosuch:latest", check=False), "nosuch")
     p = run("verify", "--help")
     assert "examples:" in p.stdout and "--all-latest" in p.stdout
+
+
+def test_accel_auto_falls_back_to_tcg_when_kvm_does_not_run(boot_repo: BootRepo) -> None:
+    """--accel auto: KVM when it runs a guest, else TCG (here /dev/kvm opens but QEMU cannot
+    run a vCPU with it); a fallback is remembered by a marker file and noted."""
+    marker = boot_repo.base / "kvm-runs-nothing"
+    marker.unlink(missing_ok=True)
+    rc, s, err = boot_repo.verify("damaged:latest", "--accel", "auto", "--timeout", "5", "--no-screenshot")
+    r = s["results"][0]
+    assert rc == 1 and r["reason"].startswith("no sign of life within the timeout"), json.dumps(s, indent=1) + err
+    usable = os.access("/dev/kvm", os.R_OK | os.W_OK)
+    if r["accel"] == "tcg":
+        assert not usable or (marker.exists() and any("booted again with TCG" in n for n in r["notes"])), r["notes"]
+    else:
+        assert usable and r["accel"] == "kvm" and not marker.exists()
+    assert leftovers(boot_repo.base) == [] and qemu_pids(boot_repo.base) == []

@@ -787,9 +787,10 @@ def verify_boot(repo: Repository, snapshot: Manifest, password: str | None, opts
     stem = f"{_safe(snapshot.name)}-{snapshot.short_id}"
     while True:
         res = _one_boot(repo, snapshot, password, opts, mach, accel, probe, base, out_dir, stem, phase)
-        if res.pop("_kvm_gave_up", False):
-            notes.append(f"KVM showed nothing on the console within {KVM_PROBE_S:.0f} s; booted again with TCG "
-                         f"(and {os.path.join(base, KVM_MARKER)} makes later runs use TCG at once)")
+        why = res.pop("_kvm_gave_up", None)
+        if why:
+            notes.append(f"{why}; booted again with TCG (and {os.path.join(base, KVM_MARKER)} makes later runs "
+                         "use TCG at once)")
             log(notes[-1])
             try:
                 open(os.path.join(base, KVM_MARKER), "a").close()
@@ -826,10 +827,16 @@ def _one_boot(repo: Repository, m: Manifest, password: str | None, opts: BootOpt
         res["timings"]["export_s"] = round(time.monotonic() - t0, 2)
         phase("boot")
         boot = _Boot(run, mach, opts, accel, disk_socket, probe)
-        boot.start()
+        try:
+            boot.start()
+        except BootVerifyError as e:
+            if not probe:
+                raise
+            boot.kvm_gave_up = True  # auto: a KVM that does not even start is given up too
+            return {"_kvm_gave_up": f"QEMU did not start with KVM ({str(e).removeprefix('QEMU did not start: ')})"}
         boot.watch(boot.t0 + opts.timeout)
         if boot.kvm_gave_up:
-            return {"_kvm_gave_up": True}
+            return {"_kvm_gave_up": f"KVM showed nothing on the console within {KVM_PROBE_S:.0f} s"}
         res["timings"]["boot_s"] = boot.elapsed()
         res["timings"]["first_console_s"] = boot.first_console_s
         phase("shutdown")
