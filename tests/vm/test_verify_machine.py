@@ -126,3 +126,31 @@ def test_options_are_checked(bad: dict) -> None:
 
     with pytest.raises(VmbakError):
         BootOptions(**bad).validate()
+
+
+def test_encrypted_repository_disk_without_boot_loader(make_repo, make_disk, tmp_path: Path, json_result,  # noqa: ANN001
+                                                       assert_cli_error) -> None:
+    """A short real boot (BIOS, TCG) of a disk of random bytes from an encrypted repository:
+    the export opens the repository with the password, the guest shows no sign of life, and
+    the run says so; a wrong password is exit 12 before anything starts."""
+    repo = make_repo("aes-256-gcm")
+    disk = make_disk("d.raw", 8 << 20, seed=3)
+    repo.backup(disk, "d")
+    base = Path(f"/tmp/vmbak-vm-enc-{os.getpid()}")
+    env = {"VMBAK_VERIFY_DIR": str(base)}
+    try:
+        p = repo.run("verify", "d:latest", "--boot", "--accel", "tcg", "--timeout", "3", "--memory", "128M",
+                     "--output", tmp_path / "out", "--json", env=env, check=False)
+        s = json_result(p.stdout)
+        r = s["results"][0]
+        assert p.returncode == 1 and not s["ok"], p.stdout + p.stderr
+        assert r["reason"].startswith("no sign of life within the timeout"), r["reason"]
+        assert any("booting the disk's own boot loader" in n for n in r["notes"])
+        assert Path(r["screenshot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert [x.name for x in base.iterdir()] == []
+        p = repo.run("verify", "d:latest", "--boot", "--accel", "tcg", "--timeout", "3",
+                     env={**env, "VMBAK_PASSWORD": "wrong"}, check=False)
+        assert_cli_error(p, "password")
+        assert p.returncode == 12
+    finally:
+        subprocess.run(["rm", "-rf", str(base)], check=False)
