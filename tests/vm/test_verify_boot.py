@@ -202,10 +202,13 @@ def test_good_snapshot_passes_with_screenshot_and_serial_log(boot_repo: BootRepo
     assert w >= 320 and h >= 200
     assert MARKER in Path(r["serial_log"]).read_text(errors="replace")
     assert r["machine"]["memory_mib"] == 384 and r["machine"]["kernel"].endswith("vmlinuz")
+    e = r["export"]
+    assert 10 << 20 < e["read_bytes"] < 1 << 30 and 0 < e["fetched_bytes"] and e["fetched_chunks"] > 0, e
     t = r["timings"]
     assert 0 < t["export_s"] < t["total_s"] and 0 < t["first_console_s"] <= t["boot_s"] < t["total_s"]
     print(f"\nboot verification of a good snapshot: {t['total_s']:.1f} s (boot {t['boot_s']:.1f} s, "
-          f"export {t['export_s']:.2f} s)", file=sys.stderr)
+          f"export {t['export_s']:.2f} s; the guest read {e['read_bytes'] >> 20} MiB, "
+          f"{e['fetched_bytes'] >> 20} MiB fetched)", file=sys.stderr)
     # nothing written to the repository; nothing left behind
     assert repo_files(boot_repo.repo.path) == before
     assert not list((boot_repo.repo.path / "locks").iterdir())

@@ -884,5 +884,7 @@ def _one_boot(repo: Repository, m: Manifest, password: str | None, opts: BootOpt
                 res["serial_log"] = os.path.join(out_dir, f"{stem}-serial.log")
                 _put(serial, res["serial_log"])
         if server is not None:
-            server.close()
+            st = server.close()
+            if st:  # what the boot read from the snapshot, and what that cost the repository
+                res["export"] = {k: st.get(k) for k in ("read_bytes", "fetched_chunks", "fetched_bytes", "hit_rate")}
         run.remove()
