@@ -27,7 +27,7 @@ if __name__ == "__main__" or getattr(sys, "argv", [""])[0].rsplit("/", 1)[-1] ==
 import argparse  # noqa: E402
 
 GROUPS = ["repository", "backup", "restore", "snapshots", "keys", "maintenance", "copy", "completion", "manpage"]
-OPTIONAL_GROUPS = ["track", "usage_cmd", "serve", "browse", "service"]  # present when their modules are installed
+OPTIONAL_GROUPS = ["track", "usage_cmd", "serve", "browse", "service", "verify"]  # present when their modules are installed
 
 
 def build_parser() -> argparse.ArgumentParser:
