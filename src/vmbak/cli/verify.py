@@ -120,6 +120,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
                          "the stored data)")
     if bool(args.snapshot) == bool(args.all_latest):
         raise UsageError("give a snapshot or --all-latest (not both)")
+    from vmbak.engine.sources import state_role
+
     opts = _options(args)
     bar = progress(args)
     repo, pw = open_repo_and_password(args)
@@ -128,12 +130,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     results = []
     with repo.lock(purpose="verify"):
         if args.all_latest:
-            names = sorted({m.name for m in repo.manifests()})
+            # a libvirt domain's NVRAM, TPM state, kernel, ... (vmbak.domain.state) are no disks
+            names = sorted({m.name for m in repo.manifests() if state_role(m) is None})
             snaps = [repo.latest(n) for n in names]
             if not snaps:
                 raise VmbakError("the repository has no snapshots")
         else:
             snaps = [repo.find(args.snapshot)]
+            if role := state_role(snaps[0]):  # type: ignore[arg-type]
+                raise VmbakError(f"snapshot {snaps[0].short_id} ({printable(snaps[0].name)}) is the {role} of a "
+                                 "libvirt domain, not a disk; verify one of the domain's disk snapshots")
         for i, m in enumerate(snaps):
             assert m is not None
             prefix = f"{m.name} ({i + 1}/{len(snaps)}) " if len(snaps) > 1 else ""

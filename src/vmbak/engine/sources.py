@@ -379,6 +379,14 @@ def _lv_info(m: Manifest) -> dict | None:
     return lv if isinstance(lv, dict) else None
 
 
+def state_role(m: Manifest) -> str | None:
+    """The role (``nvram``, ``tpm``, ``kernel``, ...) of a libvirt state file's snapshot, or
+    None for a disk's snapshot."""
+    lv = _lv_info(m)
+    role = lv.get("state_role") if lv is not None else None
+    return role if isinstance(role, str) else None
+
+
 def _member_key(lv: dict) -> str:
     """A disk's target (``vda``), or ``state:ROLE`` for a state file's snapshot."""
     role = lv.get("state_role")
