@@ -267,6 +267,9 @@ def test_a_state_file_that_cannot_be_read_fails_the_backup_and_leaves_no_checkpo
     except libvirt.libvirtError:
         pass
     assert len(repo.snapshots()) == 2
+    # a state file's snapshot is no disk to boot
+    assert_cli_error(repo.run("verify", "--boot", f"{name}-nvram:latest", check=False),
+                     "is the nvram of a libvirt domain, not a disk")
 
 
 def test_a_killed_backup_of_a_shut_off_domain_leaves_it_shut_off(domain, repo, popen_vmbak, json_result) -> None:
