@@ -4,7 +4,9 @@ stats over time, the disk list and the OpenAPI description."""
 
 from __future__ import annotations
 
+import io
 import re
+import tarfile
 import urllib.parse
 
 import pytest
@@ -111,6 +113,12 @@ def test_traversal_refused_in_browse_and_download(dashboard_server) -> None:  # 
     assert sp.get(f"/snapshot/main/{sid}/download?path=/disk/etc/hostname").body == want
     assert sp.get(f"/api/v1/snapshots/{sid}/download?path=/disk/etc/hostname").body == want
     assert sp.get(f"/snapshot/main/{sid}?path=/nothing/here").status == 404
+    r = sp.get(f"/snapshot/main/{sid}/download?path=/disk/srv/data")
+    assert r.status == 200 and 'filename="data.tar"' in r.headers["content-disposition"], r.body[:300]
+    tar = tarfile.open(fileobj=io.BytesIO(r.body))
+    got = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    assert got == {"data/blob.bin": dashboard_server.files["srv/data/blob.bin"],
+                   "data/report 2026.txt": dashboard_server.files["srv/data/report 2026.txt"]}
 
 
 def test_stats_over_time_disks_and_openapi(dashboard_server) -> None:  # noqa: ANN001

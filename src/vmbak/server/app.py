@@ -363,7 +363,7 @@ def create_app(service) -> FastAPI:  # noqa: ANN001, C901 - a Service; one funct
             for name, snaps in sorted(catalog(k).disks().items()):
                 last = snaps[-1]
                 out.append({"repository": k, "name": name, "snapshots": len(snaps), "first": snaps[0]["time"],
-                            "last": {f: last[f] for f in ("id", "time", "type", "data_bytes", "stored_bytes",
+                            "last": {f: last[f] for f in ("id", "time", "type", "used_bytes", "data_bytes", "stored_bytes",
                                                           "consistency", "guest")}})
         return out
 
@@ -416,7 +416,7 @@ def create_app(service) -> FastAPI:  # noqa: ANN001, C901 - a Service; one funct
     return app
 
 
-STATS_FIELDS = ("id", "name", "time", "type", "parent", "disk_size", "data_bytes", "read_bytes", "changed_bytes",
+STATS_FIELDS = ("id", "name", "time", "type", "parent", "disk_size", "used_bytes", "data_bytes", "read_bytes", "changed_bytes",
                 "new_raw_bytes", "stored_bytes", "dedup_bytes", "compression_ratio", "dedup_ratio", "duration_s",
                 "consistency", "guest")
 

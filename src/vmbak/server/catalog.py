@@ -31,7 +31,7 @@ def snapshot_entry(m) -> dict:  # noqa: ANN001 - a Manifest
     gc = m.guest_consistency if isinstance(m.guest_consistency, dict) else {}
     return {
         "id": m.id, "short_id": m.short_id, "name": m.name, "type": m.kind, "time": m.time, "parent": m.parent,
-        "disk_size": m.disk_size, "data_bytes": data, "read_bytes": int(s.get("read_bytes", 0) or 0),
+        "disk_size": m.disk_size, "used_bytes": int(s.get("used_bytes", m.disk_size) or 0), "data_bytes": data, "read_bytes": int(s.get("read_bytes", 0) or 0),
         "changed_bytes": int(s.get("changed_bytes", 0) or 0), "new_raw_bytes": raw, "stored_bytes": stored,
         "dedup_bytes": dedup, "compression_ratio": round(raw / stored, 3) if stored else None,
         "dedup_ratio": round(data / (data - dedup), 3) if data > 0 and data - dedup > 0 else None,

@@ -141,7 +141,7 @@ def install_dashboard(app: FastAPI, service, api) -> None:  # noqa: ANN001, C901
     def render(request: Request, template: str, status: int = 200, **ctx: object) -> HTMLResponse:
         s: Session | None = getattr(request.state, "session", None)
         ctx.update(role=getattr(request.state, "role", None), csrf=s.csrf if s else "",
-                   csrf_json=json.dumps({"X-CSRF-Token": s.csrf if s else ""}), path=request.url.path)
+                   csrf_json=json.dumps({"X-CSRF-Token": s.csrf if s else ""}), page_path=request.url.path)
         html = env.get_template(template).render(**ctx)
         return HTMLResponse(html, status_code=status, headers={"Content-Security-Policy": CSP,
                                                                "X-Frame-Options": "DENY",
