@@ -22,6 +22,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 
 from vmbak import __version__
 from vmbak.errors import SnapshotNotFound, VmbakError
+from vmbak.repo.backend import ObjectMissing
 from vmbak.server.config import is_loopback
 
 READ_METHODS = ("GET", "HEAD")
@@ -172,6 +173,13 @@ def create_app(service) -> FastAPI:  # noqa: ANN001, C901 - a Service; one funct
         found = []
         for k in keys:
             repo = repos.get(service.config.repositories[k])
+            ids = catalog(k).match(sid)  # an id (prefix) the catalog knows: read that manifest alone
+            if len(ids) == 1:
+                try:
+                    found.append((k, repo, repo.load_manifest(ids[0])))
+                    continue
+                except (ObjectMissing, VmbakError):
+                    pass  # forgotten meanwhile, or damaged: as the library says below
             try:
                 found.append((k, repo, repo.find(sid)))
             except SnapshotNotFound:
@@ -287,9 +295,9 @@ def create_app(service) -> FastAPI:  # noqa: ANN001, C901 - a Service; one funct
             rc = service.config.repositories.get(k)
             if rc is None:
                 raise HTTPException(404, f"no repository {k!r}")
-            for m in repos.get(rc).manifests():
-                if name is None or m.name == name:
-                    out.append(m.summary() | {"repository": k})
+            for e in catalog(k).entries():
+                if name is None or e["name"] == name:
+                    out.append(e["summary"] | {"repository": k})
         return out
 
     @app.get("/api/v1/snapshots/{sid}", summary="One snapshot, its statistics and its chain")

@@ -36,7 +36,7 @@ def snapshot_entry(m) -> dict:  # noqa: ANN001 - a Manifest
         "dedup_bytes": dedup, "compression_ratio": round(raw / stored, 3) if stored else None,
         "dedup_ratio": round(data / (data - dedup), 3) if data > 0 and data - dedup > 0 else None,
         "duration_s": s.get("duration_s"), "consistency": m.consistency, "guest": gc.get("level"),
-        "tags": list(m.tags),
+        "tags": list(m.tags), "summary": m.summary(),
     }
 
 
@@ -92,6 +92,12 @@ class RepoCatalog:
     def get(self, sid: str) -> dict | None:
         self.entries()
         return self._entries.get(sid)
+
+    def match(self, spec: str) -> list[str]:
+        """The ids starting with ``spec`` (a hex id prefix of 4 or more digits), else []."""
+        if not re.fullmatch(r"[0-9a-f]{4,64}", spec):
+            return []
+        return [e["id"] for e in self.entries() if e["id"].startswith(spec)]
 
     def chain(self, entry: dict) -> list[dict]:
         """The snapshots needed to restore ``entry``, newest first (as far as they exist)."""

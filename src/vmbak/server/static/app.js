@@ -34,7 +34,7 @@
     var opts = {
       width: Math.max(el.clientWidth, 300), height: 200,
       series: [{}].concat(series),
-      axes: [{}, { values: function (u, vals) { return vals.map(yfmt); }, size: 70 }],
+      axes: [{}, { values: function (u, vals) { return vals.map(yfmt); }, size: 86 }],
       legend: { live: true },
       cursor: { drag: { x: true, y: false } },
     };
