@@ -25,7 +25,7 @@ MIN_TOKEN = 16
 
 SERVER_KEYS = {"listen", "token_file", "read_token_file", "tls_cert", "tls_key", "state_dir", "max_concurrent_jobs",
                "run_missed", "stop", "stop_timeout", "metrics_public", "log_lines", "allow_remote"}
-REPO_KEYS = {"location", "password_file", "s3_endpoint"}
+REPO_KEYS = {"location", "password_file", "s3_endpoint", "s3_limit_upload", "s3_limit_download"}
 JOB_KEYS = {"repository", "disk", "libvirt", "libvirt_uri", "changes", "name", "schedule", "mode", "format", "keep",
             "prune", "prune_grace", "verify", "verify_read_data", "run_missed", "workers", "enabled",
             "stale_after_hours", "timeout", "before", "after"}
@@ -75,6 +75,8 @@ class RepositoryConfig:
     location: str
     password_file: str | None = None
     s3_endpoint: str | None = None
+    s3_limit_upload: float = 0.0  # KiB/s, 0: no limit ($VMBAK_S3_LIMIT_UPLOAD of the jobs' children)
+    s3_limit_download: float = 0.0
 
 
 @dataclass
@@ -368,6 +370,16 @@ def _repositories(c: _Checker, t: dict, check_files: bool) -> dict[str, Reposito
         rc.s3_endpoint = c.get(r, "s3_endpoint", f"{kp}.s3_endpoint", str)
         if rc.s3_endpoint and not loc.startswith("s3:"):
             c.add(f"{kp}.s3_endpoint", "goes with an s3:BUCKET/PREFIX location")
+        for lim in ("s3_limit_upload", "s3_limit_download"):
+            v = c.get(r, lim, f"{kp}.{lim}", (int, float))
+            if v is None:
+                continue
+            if v < 0:
+                c.add(f"{kp}.{lim}", f"must be 0 (no limit) or more KiB/s, not {v!r}")
+            elif v and not loc.startswith("s3:"):
+                c.add(f"{kp}.{lim}", "goes with an s3:BUCKET/PREFIX location")
+            else:
+                setattr(rc, lim, float(v))
         out[key] = rc
     return out
 
