@@ -258,9 +258,10 @@ def _dash_tree(root: Path) -> dict[str, bytes]:
     return files
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dashboard_server(tmp_path_factory, init_repo, new_disk):  # noqa: ANN001, ANN201
-    """One ``Dashboard`` per test module (building it takes a few seconds); stopped at the end."""
+    """One ``Dashboard`` for the dashboard's tests (xdist_group "dashboard": one worker builds
+    it, in ~15 s); stopped at the end."""
     tmp = tmp_path_factory.mktemp("dash")
     admin, read = secrets.token_hex(24), secrets.token_hex(24)
     private(tmp / "admin.token", admin + "\n")

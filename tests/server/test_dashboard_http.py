@@ -82,6 +82,18 @@ def test_sessions_csrf_and_read_only(dashboard_server) -> None:  # noqa: ANN001
     r = sp.request("POST", "/jobs/web/run?kind=verify", token=None, headers=h | {"X-CSRF-Token": csrf})
     assert r.status == 204 and re.fullmatch(r"/runs/\d+", r.headers["hx-redirect"])
     assert sp.wait_run(int(r.headers["hx-redirect"].rsplit("/", 1)[1]))["state"] == "succeeded"
+    # restore a disk from the dashboard's form: a run of (restore), the image byte for byte
+    target = dashboard_server.env.dir / "restored.img"
+    sid0 = dashboard_server.db_snapshots[-1]
+    form = urllib.parse.urlencode({"target": str(target)}).encode()
+    fh = h | {"X-CSRF-Token": csrf, "Content-Type": "application/x-www-form-urlencoded"}
+    r = sp.request("POST", f"/snapshot/main/{sid0}/restore", token=None, data=form, headers=fh)
+    assert r.status == 204, r.body
+    run = sp.wait_run(int(r.headers["hx-redirect"].rsplit("/", 1)[1]))
+    assert run["state"] == "succeeded" and run["job"] == "(restore)", run
+    assert target.read_bytes() == (dashboard_server.env.dir / "db.img").read_bytes()
+    bad = urllib.parse.urlencode({"target": "relative/path"}).encode()
+    assert sp.request("POST", f"/snapshot/main/{sid0}/restore", token=None, data=bad, headers=fh).status == 400
     # a read-only session: no buttons, 403 on every action even with its CSRF token
     rsid, rcsrf = _session(sp, sp.read)
     rh = {"Cookie": rsid}

@@ -43,7 +43,7 @@ def snapshot_entry(m) -> dict:  # noqa: ANN001 - a Manifest
 class RepoCatalog:
     """The snapshots of one repository, as entries (see :func:`snapshot_entry`)."""
 
-    def __init__(self, open_repo, ttl: float = 2.0) -> None:  # noqa: ANN001 - () -> Repository
+    def __init__(self, open_repo, ttl: float = 5.0) -> None:  # noqa: ANN001 - () -> Repository
         self._open = open_repo
         self.ttl = ttl
         self._lock = threading.Lock()
@@ -68,7 +68,7 @@ class RepoCatalog:
         try:
             repo = self._open()
             names = {n.rsplit("/", 1)[-1] for n, _ in repo.backend.list("snapshots")}
-        except VmbakError as e:
+        except (VmbakError, OSError) as e:  # the repository cannot be opened or listed: shown on the overview
             self.error = str(e)
             self._at = time.monotonic()
             return
