@@ -7,7 +7,9 @@ incrementals, a differential), then the rest as copies of those manifests saved 
 snapshots are made in a minute instead of an hour. Then it starts a real ``vmbak server``
 on loopback with one job per disk, and times each page and the main API endpoints over one
 kept-alive connection: the first request (the catalog is cold), then ``--runs`` more
-(median and 95th percentile). Last, the server's CPU time over ``--idle`` seconds of idling
+(median and 95th percentile), beside a static file from the same server as the peer (the
+floor any page has on this machine at this load), and the server's CPU time per request
+(from /proc/PID/stat: it does not grow with the load of other processes). Last, the server's CPU time over ``--idle`` seconds of idling
 (from /proc/PID/stat). Targets (issue 14): pages under 200 ms; idle under 1% of a core.
 
     PYTHONPATH=src .venv/bin/python bench/bench_dashboard.py [--disks 50 --per-disk 100 --runs 30 --idle 60]
@@ -157,6 +159,7 @@ def main() -> int:
                 "state"] not in ("succeeded", "failed", "aborted", "interrupted"):
             time.sleep(0.2)
         targets = [
+            ("floor /static/app.css", "/static/app.css"),  # the peer: a static file from the same server
             ("page /", "/"), ("page /disk/main/NAME", f"/disk/main/{name}"), ("page /jobs", "/jobs"),
             ("page /runs", "/runs"), (f"page /runs/{rid}", f"/runs/{rid}"),
             ("page /snapshot/main/ID", f"/snapshot/main/{sid}"),
@@ -170,11 +173,13 @@ def main() -> int:
             first, status, size = get(path)
             if status != 200:
                 raise SystemExit(f"{path}: HTTP {status}")
+            c0 = cpu_ticks(proc.pid)
             times = [get(path)[0] for _ in range(args.runs)]
+            cpu_ms = (cpu_ticks(proc.pid) - c0) * 1000 / os.sysconf("SC_CLK_TCK") / args.runs
             times.sort()
             p95 = times[min(len(times) - 1, int(round(0.95 * (len(times) - 1))))]
             results.append({"what": label, "first_ms": round(first, 1), "median_ms": round(statistics.median(times), 1),
-                            "p95_ms": round(p95, 1), "bytes": size})
+                            "p95_ms": round(p95, 1), "server_cpu_ms": round(cpu_ms, 1), "bytes": size})
         conn.close()
         hz = os.sysconf("SC_CLK_TCK")
         time.sleep(2)
@@ -198,9 +203,11 @@ def main() -> int:
         return 0
     print(f"{len(ids)} disks, {snaps} snapshots (built in {build_s:.0f} s); {args.runs} requests each after the first;"
           f" load {os.getloadavg()[0]:.1f}")
-    print(f"{'what':40} {'first':>9} {'median':>9} {'p95':>9} {'bytes':>9}")
+    floor = results[0]["median_ms"] or 0.1
+    print(f"{'what':40} {'first':>9} {'median':>9} {'p95':>9} {'×floor':>7} {'cpu/req':>9} {'bytes':>9}")
     for r in results:
-        print(f"{r['what']:40} {r['first_ms']:>7.1f}ms {r['median_ms']:>7.1f}ms {r['p95_ms']:>7.1f}ms {r['bytes']:>9}")
+        print(f"{r['what']:40} {r['first_ms']:>7.1f}ms {r['median_ms']:>7.1f}ms {r['p95_ms']:>7.1f}ms "
+              f"{r['median_ms'] / floor:>7.1f} {r['server_cpu_ms']:>7.1f}ms {r['bytes']:>9}")
     print(f"idle: {idle_pct:.2f}% of one core over {args.idle:.0f} s ({c1 - c0} ticks), {rss} MB resident")
     return 0
 

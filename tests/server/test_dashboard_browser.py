@@ -94,6 +94,8 @@ def test_dashboard_in_a_browser(dashboard_server, browser) -> None:  # noqa: ANN
     b.get(sp.url + "/disk/main/db")
     wait.until(ec.presence_of_element_located((By.ID, "token")))
     _shot(b, "01-login")
+    _console(b)  # the login page loads nothing that needs a login
+    assert b.find_element(By.ID, "login-submit").value_of_css_property("background-color") != "rgba(0, 0, 0, 0)"
     b.find_element(By.ID, "token").send_keys("not-the-token-0123456789")
     b.find_element(By.ID, "login-submit").click()
     wait.until(ec.presence_of_element_located((By.ID, "login-error")))

@@ -137,11 +137,13 @@ def install_dashboard(app: FastAPI, service, api) -> None:  # noqa: ANN001, C901
                       trim_blocks=True, lstrip_blocks=True)
     env.filters.update(bytes=human_bytes, time=short_time, ago=ago, duration=duration, urlq=lambda s: quote(s, safe="/"))
     sessions: Sessions = app.state.sessions
+    with open(os.path.join(STATIC, "app.css"), encoding="utf-8") as f:
+        inline_css = f.read()  # the login page answers without a login, and so cannot load /static/
 
     def render(request: Request, template: str, status: int = 200, **ctx: object) -> HTMLResponse:
         s: Session | None = getattr(request.state, "session", None)
         ctx.update(role=getattr(request.state, "role", None), csrf=s.csrf if s else "",
-                   csrf_json=json.dumps({"X-CSRF-Token": s.csrf if s else ""}), page_path=request.url.path)
+                   csrf_json=json.dumps({"X-CSRF-Token": s.csrf if s else ""}), page_path=request.url.path, inline_css=inline_css)
         html = env.get_template(template).render(**ctx)
         return HTMLResponse(html, status_code=status, headers={"Content-Security-Policy": CSP,
                                                                "X-Frame-Options": "DENY",
