@@ -226,6 +226,7 @@ def smtp_server():  # noqa: ANN201
 
 # ---------------------------------------------------------------------- the dashboard
 DASH_PASSWORD = "correct horse battery staple"
+DASH_USERS = {"alice": "alice's long password", "bob": "bob reads only"}  # dashboard users: admin, read
 
 
 @dataclass
@@ -238,6 +239,7 @@ class Dashboard:
     env: ServerEnv
     files: dict[str, bytes]
     db_snapshots: list[str]
+    users: dict[str, str] = field(default_factory=lambda: dict(DASH_USERS))  # name -> password
 
 
 def _dash_tree(root: Path) -> dict[str, bytes]:
@@ -280,7 +282,16 @@ def dashboard_server(tmp_path_factory, init_repo, new_disk):  # noqa: ANN001, AN
         p = se.vmbak("-r", str(repo.path), "--password-file", str(tmp / "password"), "backup", str(db),
                      "--name", "db", "--mode", mode, "--json")
         snaps.append(json.loads(p.stdout.strip().splitlines()[-1])["id"])
+    from vmbak.server.passwords import hash_password
+
     se.write_config(se.header() + f'''
+[server.users.alice]
+password_hash = "{hash_password(DASH_USERS["alice"])}"
+role = "admin"
+
+[server.users.bob]
+password_hash = "{hash_password(DASH_USERS["bob"])}"
+
 [repositories.main]
 location = "{repo.path}"
 password_file = "password"

@@ -19,11 +19,12 @@ API = ["/api/v1/server", "/api/v1/jobs", "/api/v1/runs", "/api/v1/snapshots", "/
        "/api/v1/openapi.json", "/api/v1/snapshots/{sid}/files?path=/", "/api/v1/repositories", "/api/v1/nothing"]
 
 
-def _session(sp, token: str) -> tuple[str, str]:  # noqa: ANN001
+def _session(sp, token: str, user: str = "") -> tuple[str, str]:  # noqa: ANN001
+    """Log in through the form (a token, or a user and password); return (cookie, CSRF token)."""
     import http.client
 
     conn = http.client.HTTPConnection("127.0.0.1", int(sp.url.rsplit(":", 1)[1]), timeout=30)
-    conn.request("POST", "/login", urllib.parse.urlencode({"token": token, "next": "/jobs"}),
+    conn.request("POST", "/login", urllib.parse.urlencode({"user": user, "token": token, "next": "/jobs"}),
                  {"Content-Type": "application/x-www-form-urlencoded"})
     r = conn.getresponse()
     r.read()
@@ -153,3 +154,55 @@ def test_stats_over_time_disks_and_openapi(dashboard_server) -> None:  # noqa: A
     for path in ("/api/v1/stats", "/api/v1/disks", "/api/v1/snapshots/{sid}/download", "/api/v1/jobs/{name}/run"):
         assert path in spec["paths"], path
     assert not any(p.startswith("/snapshot/") or p == "/" for p in spec["paths"])  # pages are not API
+
+
+def test_password_users(dashboard_server) -> None:  # noqa: ANN001
+    """[server.users.NAME]: a user name and password open a session with the user's role."""
+    sp = dashboard_server.sp
+    users = dashboard_server.users
+    sid, csrf = _session(sp, users["alice"], user="alice")
+    r = sp.request("POST", "/jobs/db/run?kind=verify", token=None, headers={"Cookie": sid, "X-CSRF-Token": csrf})
+    assert r.status == 204
+    sp.wait_run(int(r.headers["hx-redirect"].rsplit("/", 1)[1]))
+    bsid, bcsrf = _session(sp, users["bob"], user="bob")
+    assert b"hx-post=\"/jobs" not in sp.request("GET", "/jobs", token=None, headers={"Cookie": bsid}).body
+    assert sp.request("POST", "/jobs/db/run", token=None, headers={"Cookie": bsid, "X-CSRF-Token": bcsrf}).status == 403
+    for user, pw in (("alice", users["bob"]), ("carol", users["alice"]), ("alice", ""), ("bob", sp.read)):
+        body = urllib.parse.urlencode({"user": user, "token": pw}).encode()
+        r = sp.request("POST", "/login", token=None, data=body,
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert r.status == 401 and b"do not match" in r.body and "set-cookie" not in {k.lower() for k in r.headers}
+
+
+def test_hash_password_and_bad_users(server_env) -> None:  # noqa: ANN001
+    import os
+    import subprocess
+    import sys
+
+    from vmbak.server.passwords import check_password
+
+    cmd = [sys.executable, "-m", "vmbak.cli.main", "server", "--hash-password"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMBAK_")}
+    p = subprocess.run(cmd, input="a fine password\n", capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    h = p.stdout.strip()
+    assert h.startswith("scrypt$") and check_password("a fine password", h) and not check_password("a fine passwore", h)
+    p = subprocess.run(cmd, input="short\n", capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 1 and p.stderr.strip() == "vmbak: error: a dashboard password needs at least 8 characters"
+    server_env.write_config(server_env.header() + f'''
+[server.users.alice]
+password_hash = "{h}"
+role = "root"
+
+[server.users.bob]
+password_hash = "md5$abc"
+
+[server.users.carol]
+role = "read"
+''')
+    p = server_env.vmbak("server", "--config", str(server_env.config), "--check", check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    text = p.stderr
+    assert ": server.users.alice.role: must be admin or read, not 'root'" in text, text
+    assert ": server.users.bob.password_hash: must be scrypt$N$r$p$SALT$HASH" in text, text
+    assert ": server.users.carol.password_hash: missing: make one with vmbak server --hash-password" in text, text

@@ -35,6 +35,8 @@ STATIC_FILES = {"htmx.min.js": "text/javascript", "uPlot.iife.min.js": "text/jav
 CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'self'; "
        "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
 MAX_ROWS = 500  # snapshots drawn on a disk's page (the newest)
+# checked against when the user name is unknown, so that a wrong name costs as long as a wrong password
+DUMMY_HASH = "scrypt$32768$8$1$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
 
 
 def fingerprint(token: str) -> str:
@@ -45,20 +47,22 @@ def fingerprint(token: str) -> str:
 class Session:
     role: str
     csrf: str
-    fp: str  # the token's fingerprint: a changed token (SIGHUP) ends the session
+    fp: str  # the token's (or the user's password hash's) fingerprint: a change (SIGHUP) ends the session
     expires: float
+    user: str | None = None  # logged in with a password; None: with a token
 
 
 class Sessions:
     def __init__(self) -> None:
         self._s: dict[str, Session] = {}
 
-    def new(self, role: str, token: str) -> tuple[str, Session]:
+    def new(self, role: str, secret: str, user: str | None = None) -> tuple[str, Session]:
+        """A session for ``role``; ``secret`` is the token, or the user's password hash."""
         now = time.time()
         for k in [k for k, s in self._s.items() if s.expires < now]:
             del self._s[k]
         sid = secrets.token_urlsafe(32)
-        s = Session(role, secrets.token_urlsafe(32), fingerprint(token), now + SESSION_S)
+        s = Session(role, secrets.token_urlsafe(32), fingerprint(secret), now + SESSION_S, user)
         self._s[sid] = s
         return sid, s
 
@@ -66,7 +70,11 @@ class Sessions:
         s = self._s.get(sid or "")
         if s is None or s.expires < time.time():
             return None
-        current = cfg.admin_token if s.role == "admin" else cfg.read_token
+        if s.user is not None:
+            h, role = cfg.users.get(s.user, ("", ""))
+            current = h if role == s.role else ""
+        else:
+            current = cfg.admin_token if s.role == "admin" else cfg.read_token
         if not current or not hmac.compare_digest(fingerprint(current), s.fp):
             self._s.pop(sid or "", None)
             return None
@@ -173,22 +181,34 @@ def install_dashboard(app: FastAPI, service, api) -> None:  # noqa: ANN001, C901
     # ------------------------------------------------------------------ login
     @app.get("/login", include_in_schema=False)
     async def login_page(request: Request, next: str = "/") -> HTMLResponse:  # noqa: A002
-        return render(request, "login.html", next=_local(next), error=None)
+        return render(request, "login.html", next=_local(next), error=None, user="")
 
     @app.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
         form = parse_qs((await request.body()).decode("utf-8", "replace"))
         token = (form.get("token") or [""])[0].strip()
+        user = (form.get("user") or [""])[0].strip()
         nxt = _local((form.get("next") or ["/"])[0])
         cfg = service.config.server
         role = None
-        if token and cfg.admin_token and hmac.compare_digest(token.encode(), cfg.admin_token.encode()):
+        secret = token
+        if user:  # a user name and a password
+            import asyncio
+
+            from vmbak.server.passwords import check_password
+
+            h, urole = cfg.users.get(user, (DUMMY_HASH, ""))
+            ok = await asyncio.to_thread(check_password, (form.get("token") or [""])[0], h)  # as slow for unknown users
+            if ok and urole:
+                role, secret = urole, h
+        elif token and cfg.admin_token and hmac.compare_digest(token.encode(), cfg.admin_token.encode()):
             role = "admin"
         elif token and cfg.read_token and hmac.compare_digest(token.encode(), cfg.read_token.encode()):
             role = "read"
         if role is None:
-            return render(request, "login.html", status=401, next=nxt, error="That token is not valid.")
-        sid, _s = sessions.new(role, token)
+            what = "That user name and password do not match." if user else "That token is not valid."
+            return render(request, "login.html", status=401, next=nxt, error=what, user=user)
+        sid, _s = sessions.new(role, secret, user or None)
         resp = RedirectResponse(nxt, status_code=303)
         resp.set_cookie(COOKIE, sid, max_age=SESSION_S, httponly=True, samesite="strict", path="/",
                         secure=bool(cfg.tls_cert))
