@@ -21,12 +21,14 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service as ChromeService
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
 pytestmark = pytest.mark.xdist_group("dashboard")
+FINAL = ("succeeded", "failed", "aborted", "interrupted")
 
 
 def _artifacts() -> Path:
@@ -149,10 +151,11 @@ def test_dashboard_in_a_browser(dashboard_server, browser) -> None:  # noqa: ANN
     _shot(b, "05-jobs")
     b.find_element(By.CSS_SELECTOR, 'tr[data-job="web"] button[data-action="backup"]').click()
     wait.until(ec.url_matches(r"/runs/\d+$"))
-    WebDriverWait(b, 120).until(lambda d: d.find_element(By.ID, "run-state").text in
-                                ("succeeded", "failed", "aborted", "interrupted"))
-    assert b.find_element(By.ID, "run-state").text == "succeeded", b.find_element(By.ID, "run-log").text
-    assert b.find_element(By.ID, "run-log").text.strip()
+    # htmx swaps the run's card every second while it runs: an element read mid-swap is stale
+    live = WebDriverWait(b, 120, ignored_exceptions=[StaleElementReferenceException])
+    state = live.until(lambda d: (t := d.find_element(By.ID, "run-state").text) in FINAL and t)
+    log = live.until(lambda d: d.find_element(By.ID, "run-log").text.strip())
+    assert state == "succeeded", log
     _shot(b, "06-run")
     _console(b)
 
