@@ -49,28 +49,44 @@ class RepoCatalog:
         self._lock = threading.Lock()
         self._entries: dict[str, dict] = {}
         self._sorted: list[dict] = []
-        self._at = 0.0
+        self._at = 0.0  # when the last listing was made (time.monotonic); 0.0: list before answering
+        self._gen = 0  # invalidations so far: a listing that began before one does not count as fresh
         self.error: str | None = None
 
     def invalidate(self) -> None:
+        """The next call lists the repository before it answers (after a run changed it)."""
+        self._gen += 1
         self._at = 0.0
 
     def entries(self) -> list[dict]:
-        """Every snapshot, oldest first (a listing at most ``ttl`` seconds old)."""
+        """Every snapshot, oldest first. The first call (and the first after :meth:`invalidate`)
+        lists the repository before it answers; later ones answer at once, and when the listing
+        is older than ``ttl`` seconds they start a new one in the background."""
         if time.monotonic() - self._at < self.ttl:
             return self._sorted
-        with self._lock:
-            if time.monotonic() - self._at >= self.ttl:
-                self._refresh()
+        if self._at == 0.0:
+            with self._lock:
+                if self._at == 0.0:
+                    self._refresh()
+            return self._sorted
+        if self._lock.acquire(blocking=False):
+            threading.Thread(target=self._refresh_in_background, name="vmbak-catalog", daemon=True).start()
         return self._sorted
 
+    def _refresh_in_background(self) -> None:
+        try:
+            self._refresh()
+        finally:
+            self._lock.release()
+
     def _refresh(self) -> None:
+        gen = self._gen
         try:
             repo = self._open()
             names = {n.rsplit("/", 1)[-1] for n, _ in repo.backend.list("snapshots")}
         except (VmbakError, OSError) as e:  # the repository cannot be opened or listed: shown on the overview
             self.error = str(e)
-            self._at = time.monotonic()
+            self._at = time.monotonic() if gen == self._gen else 0.0
             return
         names = {n for n in names if SID.fullmatch(n)}
         changed = False
@@ -87,7 +103,7 @@ class RepoCatalog:
         if changed:
             self._sorted = sorted(self._entries.values(), key=lambda e: (e["time"], e["id"]))
         self.error = None
-        self._at = time.monotonic()
+        self._at = time.monotonic() if gen == self._gen else 0.0
 
     def get(self, sid: str) -> dict | None:
         self.entries()
