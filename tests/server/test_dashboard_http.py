@@ -64,6 +64,11 @@ def test_no_page_or_endpoint_answers_without_login(dashboard_server) -> None:  #
     body = urllib.parse.urlencode({"token": "x" * 48}).encode()
     r = sp.request("POST", "/login", token=None, data=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert r.status == 401 and "Set-Cookie" not in r.headers and b"not valid" in r.body
+    # the right token, but posted by another site's page (login CSRF): refused
+    body = urllib.parse.urlencode({"token": sp.admin}).encode()
+    r = sp.request("POST", "/login", token=None, data=body, headers={
+        "Content-Type": "application/x-www-form-urlencoded", "Origin": "http://evil.example"})
+    assert r.status == 403 and "set-cookie" not in {k.lower() for k in r.headers}
 
 
 def test_sessions_csrf_and_read_only(dashboard_server) -> None:  # noqa: ANN001

@@ -155,7 +155,7 @@ def install_dashboard(app: FastAPI, service, api) -> None:  # noqa: ANN001, C901
         html = env.get_template(template).render(**ctx)
         return HTMLResponse(html, status_code=status, headers={"Content-Security-Policy": CSP,
                                                                "X-Frame-Options": "DENY",
-                                                               "Referrer-Policy": "no-referrer",
+                                                               "Referrer-Policy": "same-origin",
                                                                "Cache-Control": "no-store"})
 
     app.state.render_error = lambda request, code, detail: render(request, "error.html", status=code, code=code,
@@ -185,6 +185,11 @@ def install_dashboard(app: FastAPI, service, api) -> None:  # noqa: ANN001, C901
 
     @app.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
+        origin = request.headers.get("origin")
+        if origin and origin != f"{request.url.scheme}://{request.headers.get('host', '')}":
+            # a form on another site posting here (login CSRF): browsers send Origin with every form POST
+            return render(request, "login.html", status=403, next="/", user="",
+                          error="This login came from another site's page; open this server's own login page.")
         form = parse_qs((await request.body()).decode("utf-8", "replace"))
         token = (form.get("token") or [""])[0].strip()
         user = (form.get("user") or [""])[0].strip()
