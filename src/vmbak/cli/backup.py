@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vmbak.cli.common import emit_summary, log, open_repo, parse_size, progress
+from vmbak.cli.common import emit_summary, log, open_repo, open_repo_meanwhile, parse_size, progress
 from vmbak.cli.filters import tags_from_args
 from vmbak.engine.backup import DEFAULT_BLOCK_SIZE, MODES, BackupOptions
 from vmbak.engine.common import human
@@ -217,12 +217,21 @@ def _cmd_libvirt(args: argparse.Namespace, changes) -> int:  # noqa: ANN001 - a 
     if args.guest_agent is not None:
         raise VmbakError("--guest-agent goes with qemu: or track:; --libvirt reaches the agent through libvirt")
     bar = progress(args)
-    repo = open_repo(args)
+    # The repository opens (key derivation) while libvirt is asked about the domain and the
+    # modules the backup needs are loaded; its errors still come first, as they would in turn.
+    opened = open_repo_meanwhile(args)
     lg = log(args)
     uri = args.libvirt_uri
-    targets = sources.libvirt_disk_targets(domain, uri)
-    q = _quiescer(args, lg, vm=domain, disk=" ".join(targets), name=prefix, source="libvirt", point_in_time=True,
-                  agent=lambda: LibvirtAgent(uri, domain), agent_key=LibvirtAgent.key_for(uri, domain))
+    try:
+        targets = sources.libvirt_disk_targets(domain, uri)
+        q = _quiescer(args, lg, vm=domain, disk=" ".join(targets), name=prefix, source="libvirt",
+                      point_in_time=True, agent=lambda: LibvirtAgent(uri, domain),
+                      agent_key=LibvirtAgent.key_for(uri, domain))
+        sources.preload_libvirt()
+    except BaseException:
+        opened()  # a repository error is reported first
+        raise
+    repo = opened()
     ok = False
     try:
         q.start()
