@@ -53,9 +53,9 @@ def test_reads_extents_and_size(served):
         assert list(d.data_extents(12 * MiB, 20 * MiB)) == []
 
 
-def test_pread_many_keeps_reads_in_flight(served):
-    """Many reads at once on one connection (libnbd aio): each result is what pread gives,
-    in the order asked, with large reads split and every edge case in one batch."""
+def test_pread_many_reads_in_parallel(served):
+    """Many reads at once, in parallel on several connections: each result is what pread
+    gives, in the order asked, with large reads split and every edge case in one batch."""
     q, raw = served
     rng = random.Random(5)
     reqs = [(d_len, off) for off, d_len in
@@ -74,8 +74,8 @@ def test_pread_many_keeps_reads_in_flight(served):
     d = NbdDisk(q.nbd_sock, "disk0")
     d.pread(10, 0)  # this thread's connection is open
     q.kill9()  # the server dies with reads to do: one line, no traceback
-    with pytest.raises(DiskError, match="read error") as e:
-        d.pread_many([(MiB, 0), (MiB, MiB)])
+    with pytest.raises(DiskError, match="read error|cannot connect") as e:  # the readers connect now
+        d.pread_many([(MiB, 0), (MiB, MiB), (MiB, 2 * MiB)])
     assert "\n" not in str(e.value)
     d.close()
 
