@@ -5,8 +5,11 @@ The guest is the tests' bootable Debian guest (``scripts/build-test-guest.sh``, 
 /var/cache/vmbak-test-guest): booted under libvirt (TCG unless KVM works) from a
 copy-on-write overlay, with its vmbak-writer service writing files the whole time. Both
 tools back up that one domain, each with its own checkpoints (vmbak's are ``vmbak-*``,
-virtnbdbackup's ``virtnbdbackup.N``; neither touches the other's). Each round, in
-alternating order:
+virtnbdbackup's ``virtnbdbackup.N``). virtnbdbackup refuses to run beside a checkpoint it
+did not make, so while it runs libvirt's record of vmbak's checkpoint is set aside
+(``delete`` with METADATA_ONLY: QEMU's bitmap stays and goes on recording) and defined
+again afterwards (REDEFINE); vmbak leaves checkpoints that are not its own alone. Each
+round, with each tool going first in turn:
 
 1. **full**: ``vmbak backup --libvirt DOMAIN --mode full`` into a fresh encrypted
    repository (``vmbak init``, default settings), and ``virtnbdbackup -l full`` into a
@@ -18,18 +21,27 @@ Both tools use the guest agent to freeze the guest's filesystems around the chec
 (their defaults). Measured per step: wall time of the command, and bytes stored
 (``du -sb`` of the repository or output directory, the growth for an incremental).
 
-**Stage breakdown**: every ``--profile-every``-th vmbak command runs under ``py-spy
-record --idle`` (100 samples/s); the main thread's samples are sorted into stages by the
-functions on their stack (see STAGES). py-spy slows the run a little, so profiled runs
-are not used for the wall-time medians.
+**Stage breakdown**: one more round at the end (``--no-profile`` leaves it out) runs the
+vmbak commands under ``py-spy record --idle`` (100 samples/s); the main thread's samples
+are sorted into stages by the functions on their stack (STAGES below); what py-spy did not
+sample is process start-up and exit. py-spy slows a run down, so the profiled round is
+not part of the medians.
 
-**After a crash** (``--crash``, part 5 of issue 12): QEMU is killed with SIGKILL (its
-dirty bitmaps are lost), the domain is started again and boots, and the next vmbak
-incremental must fall back to reading the used blocks (scan against the parent) and keep
-the chain; its time is reported beside a vmbak full of the same guest, and
-virtnbdbackup's incremental is tried too (it has no checkpoint bitmap left).
+**Before and after**: ``--baseline-src DIR`` also runs another vmbak (its ``src/``
+directory, e.g. ``git archive COMMIT src | tar -x -C DIR``) as ``vmbak-baseline``, in
+the same rounds, interleaved, with its own repositories.
 
-    .venv/bin/python bench/bench_vm.py [--rounds 5] [--pause 10] [--crash] [--workdir bench/work/vm]
+**After a crash** (``--crash``, part 5 of issue 12): QEMU is killed with SIGKILL (the
+dirty bitmap of vmbak's checkpoint is lost), the domain is created and boots again, and
+the next vmbak backup must fall back to reading the used blocks (a scan against the
+parent) and keep the chain; its time is reported beside a vmbak full of the same guest,
+and virtnbdbackup's incremental is tried too.
+
+Also reported: each command's CPU time (user + system, with the children it waited for),
+which depends less on the machine's load than the wall time does.
+
+    .venv/bin/python bench/bench_vm.py [--rounds 5] [--incrementals 2] [--pause 10] [--crash]
+                                       [--baseline-src DIR] [--no-profile] [--workdir bench/work/vm]
 
 Needs root, libvirt (``scripts/setup.sh``), virtnbdbackup (Debian package, installed by
 ``VMBAK_BENCH_DEPS=1 scripts/setup.sh``; it is not on PyPI) and py-spy (the dev extra).
@@ -43,6 +55,7 @@ import collections
 import importlib.util
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -55,23 +68,22 @@ ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "bench-vm-password"
 MiB = 1 << 20
 
-# Stages of a vmbak backup, by the first function (innermost first) on a main-thread
-# stack sample that names one. Order matters: the first match wins.
+# Stages of a vmbak backup: a main-thread stack sample belongs to the first stage (in this
+# order) one of whose keys occurs in one of its frames ("function (file:line)").
 STAGES = [
-    ("freeze/thaw (guest agent)", ("guest/quiesce.py:", "guest/agent.py:", "Quiescer")),
-    ("checkpoint + backup job (libvirt)", ("backupBegin", "_clear_old_job", "_delete_checkpoint", "_abort_job",
-                                          "backupGetXMLDesc", "libvirt.py:connect", "lookup (")),
-    ("block status: dirty bitmap", ("_change_map",)),
-    ("NBD connect", ("_connect (vmbak/disks/nbd.py", "NbdDisk.__init__", "__init__ (vmbak/disks/nbd.py")),
-    ("usage analysis over NBD", ("used_map", "vmbak/usage/")),
-    ("block status: allocation", ("data_extents",)),
-    ("parent hash table", ("resolve_bht", "load_bht")),
-    ("read/compress/store", ("bounded_map", "_Pipeline", "ChunkWriter", "store_bht", "flush (vmbak/repo")),
-    ("save manifest", ("save_manifest",)),
-    ("commit (end job, drop old checkpoint)", ("commit (vmbak/changes/libvirt", "_finish")),
-    ("open repository (KDF, lock)", ("open_repo", "Repository.open", "open (vmbak/repo", "lock (vmbak/repo",
-                                     "scrypt", "derive")),
-    ("imports", ("<module>", "_find_and_load")),
+    ("imports", ("_find_and_load",)),
+    ("guest freeze/thaw (agent)", ("Quiescer.", "LibvirtAgent.")),
+    ("commit: end job, drop old checkpoint", ("LibvirtJob.commit", "LibvirtBackup.commit")),
+    ("NBD connect", ("NbdDisk.__init__", "NbdDisk._connect")),
+    ("block status: dirty bitmap", ("_change_map (",)),
+    ("usage analysis over NBD", ("used_map (",)),
+    ("block status: allocation", ("NbdDisk.data_extents",)),
+    ("parent hash table", ("resolve_bht (",)),
+    ("read/hash/compress/store", ("bounded_map (", "store_bht (", "ChunkWriter.", "_Pipeline.")),
+    ("manifest, lock, parent lookup", ("save_manifest", "Repository.lock", "choose_parent", "libvirt_groups")),
+    ("open repository (wait for the KDF)", ("open_repo", "Repository.open")),
+    ("libvirt: checkpoint + backup job", ("begin_backup (", "libvirt_disk_targets (", "open_libvirt (")),
+    ("argument parsing", ("build_parser", "parse_args", "parse_known_args")),
 ]
 
 
@@ -91,18 +103,28 @@ def du(path: Path) -> int:
     return int(out.split()[0])
 
 
+VMBAK = [sys.executable, "-m", "vmbak.cli.main"]
+
+
 class Runner:
-    def __init__(self, work: Path, vmbak: list[str], pyspy: str | None) -> None:
+    def __init__(self, work: Path, pyspy: str | None) -> None:
         self.work = work
-        self.vmbak = vmbak
         self.pyspy = pyspy
-        self.env = {**os.environ, "VMBAK_PASSWORD": PASSWORD, "PYTHONPATH": str(ROOT / "src")}
-        self.env.pop("VMBAK_REPOSITORY", None)
         self.logs = work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.n = 0
 
-    def run(self, label: str, argv: list[str], profile: bool = False) -> tuple[float, subprocess.CompletedProcess]:
+    @staticmethod
+    def env(src: str | None = None) -> dict[str, str]:
+        e = {k: v for k, v in os.environ.items() if not k.startswith("VMBAK_")}
+        e["VMBAK_PASSWORD"] = PASSWORD
+        if src:
+            e["PYTHONPATH"] = src
+        return e
+
+    def run(self, label: str, argv: list[str], src: str | None = None,
+            profile: bool = False) -> tuple[float, subprocess.CompletedProcess, float]:
+        """Run a command; its wall time, the process, and its CPU time (user + system)."""
         self.n += 1
         prof = None
         if profile and self.pyspy:
@@ -110,30 +132,40 @@ class Runner:
             argv = [self.pyspy, "record", "--idle", "--threads", "--rate", "100", "--format", "raw", "-o",
                     str(prof), "--", *argv]
         subprocess.run(["sync"], check=True)
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu0 = ru.ru_utime + ru.ru_stime
         t = time.perf_counter()
-        p = subprocess.run(argv, env=self.env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, env=self.env(src) if src else None, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout, stderr = proc.communicate()
         took = time.perf_counter() - t
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        used = ru.ru_utime + ru.ru_stime - cpu0  # this command and the children it waited for
+        p = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
         (self.logs / f"{self.n:03d}-{label}.log").write_text(
-            f"$ {' '.join(argv)}\nexit {p.returncode} in {took:.2f} s\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}")
+            f"$ {' '.join(argv)}\nexit {p.returncode} in {took:.2f} s, CPU {used:.2f} s\n--- stdout\n{p.stdout}"
+            f"\n--- stderr\n{p.stderr}")
         if p.returncode != 0:
             raise SystemExit(f"{label} failed (exit {p.returncode}), see {self.logs}:\n{p.stderr[-2000:]}")
         p.profile = prof  # type: ignore[attr-defined]
-        return took, p
+        return took, p, used
 
-    def vm(self, label: str, repo: Path, *args: str, profile: bool = False) -> tuple[float, dict, Path | None]:
-        took, p = self.run(label, [*self.vmbak, "-r", str(repo), *args, "--json"], profile)
+    def vm(self, label: str, src: str, repo: Path, *args: str,
+           profile: bool = False) -> tuple[float, dict, Path | None, float]:
+        took, p, used = self.run(label, [*VMBAK, "-r", str(repo), *args, "--json"], src, profile)
         line = [x for x in p.stdout.splitlines() if x.startswith("{")][-1]
-        return took, json.loads(line), p.profile  # type: ignore[attr-defined]
+        return took, json.loads(line), p.profile, used  # type: ignore[attr-defined]
 
 
-def hide_checkpoints(dom, prefix: str = "vmbak-") -> list[str]:  # noqa: ANN001
-    """Remove libvirt's record of vmbak's checkpoints (their bitmaps stay in QEMU and go on
-    recording): virtnbdbackup refuses to run beside a checkpoint it did not make."""
+def hide_checkpoints(dom, keep: set[str] | None = None, prefix: str = "vmbak-") -> list[str]:  # noqa: ANN001
+    """Remove libvirt's record of vmbak's checkpoints, except those named in ``keep`` (their
+    bitmaps stay in QEMU and go on recording): virtnbdbackup refuses to run beside a
+    checkpoint it did not make, and a vmbak removes any other vmbak checkpoint."""
     import libvirt
 
     xmls = []
     for cp in dom.listAllCheckpoints():
-        if cp.getName().startswith(prefix):
+        if cp.getName().startswith(prefix) and cp.getName() not in (keep or set()):
             xmls.append(cp.getXMLDesc(0))
             cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
     return xmls
@@ -152,6 +184,15 @@ def show_checkpoints(dom, xmls: list[str]) -> None:  # noqa: ANN001
         if parent is not None and parent.findtext("name") not in names:
             root.remove(parent)  # its parent was virtnbdbackup's, which it deleted meanwhile
         dom.checkpointCreateXML(ET.tostring(root, encoding="unicode"), libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE)
+
+
+def _active(dom) -> bool:  # noqa: ANN001
+    import libvirt
+
+    try:
+        return bool(dom.isActive())
+    except libvirt.libvirtError:  # a transient domain is gone once its QEMU is
+        return False
 
 
 def stage_breakdown(raw: Path) -> dict[str, float]:
@@ -179,11 +220,11 @@ def main() -> int:  # noqa: C901, PLR0915
     ap.add_argument("--incrementals", type=int, default=2, help="incrementals per round (default 2)")
     ap.add_argument("--pause", type=float, default=10, help="seconds of guest writes before each incremental")
     ap.add_argument("--crash", action="store_true", help="also kill QEMU and measure the fallback")
-    ap.add_argument("--profile-every", type=int, default=0,
-                    help="profile every Nth round's vmbak commands with py-spy (0: only an extra round at the end)")
+    ap.add_argument("--baseline-src", metavar="DIR",
+                    help="also measure the vmbak whose src/ directory this is (e.g. an older commit, "
+                    "from git archive), as 'vmbak-baseline', interleaved with the others")
+    ap.add_argument("--no-profile", action="store_true", help="no extra py-spy round at the end")
     ap.add_argument("--workdir", default=str(ROOT / "bench" / "work" / "vm"))
-    ap.add_argument("--vmbak", default=f"{sys.executable} -m vmbak.cli.main",
-                    help="the vmbak command (default: this Python with the tree's src/ first on the path)")
     args = ap.parse_args()
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
@@ -192,9 +233,12 @@ def main() -> int:  # noqa: C901, PLR0915
     if vnb is None:
         raise SystemExit("virtnbdbackup is missing: VMBAK_BENCH_DEPS=1 scripts/setup.sh installs it")
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not os.access(pyspy, os.X_OK):
+    if args.no_profile or not os.access(pyspy, os.X_OK):
         pyspy = None
-    r = Runner(work, args.vmbak.split(), pyspy)
+    r = Runner(work, pyspy)
+    vmbaks = {"vmbak": str(ROOT / "src")}
+    if args.baseline_src:
+        vmbaks["vmbak-baseline"] = str(Path(args.baseline_src).resolve())
     fx = load_vm_fixtures()
     import libvirt
 
@@ -208,9 +252,12 @@ def main() -> int:  # noqa: C901, PLR0915
     g = fx.Guest(conn, image, gdir)
     res: dict[str, list[float]] = collections.defaultdict(list)
     stored: dict[str, list[int]] = collections.defaultdict(list)
-    extra: dict = {"versions": {}, "load": [], "stages": {}, "notes": []}
+    cpu: dict[str, list[float]] = collections.defaultdict(list)
+    extra: dict = {"versions": {}, "load": [], "stages": {}}
     extra["versions"]["virtnbdbackup"] = subprocess.run([vnb, "--version"], capture_output=True,
                                                         text=True).stdout.strip()
+    extra["versions"]["vmbak"] = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                                                capture_output=True, text=True).stdout.strip()
     try:
         log("booting the guest")
         g.start()
@@ -220,122 +267,146 @@ def main() -> int:  # noqa: C901, PLR0915
         vnb_cmd = [vnb, "-d", dom, "-n"]
         profiles: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
 
-        def vmbak_step(kind: str, repo: Path, profile: bool, *extra_args: str) -> dict:
+        owned: dict[str, set[str]] = collections.defaultdict(set)  # each vmbak's checkpoint
+
+        def vmbak_step(tool: str, kind: str, repo: Path, profile: bool, *extra_args: str) -> dict:
             before = du(repo)
-            took, out, prof = r.vm(f"vmbak-{kind}", repo, "backup", "--libvirt", dom, *extra_args, profile=profile)
+            hidden = hide_checkpoints(g.dom, keep=owned[tool])  # the other vmbak's
+            try:
+                took, out, prof, used_cpu = r.vm(f"{tool}-{kind}", vmbaks[tool], repo, "backup", "--libvirt", dom,
+                                                 *extra_args, profile=profile)
+            finally:
+                show_checkpoints(g.dom, hidden)
             snap = out["snapshots"][0]
+            owned[tool] = {snap["change_id"]}
             if prof is not None:
-                profiles[kind].append(stage_breakdown(prof) | {"total": took})
+                st = stage_breakdown(prof)
+                st["process start-up and exit (not sampled)"] = max(0.0, took - sum(st.values()))
+                profiles[f"{tool} {kind}"].append(st | {"total (wall, under py-spy)": took})
             else:
-                res[f"vmbak {kind}"].append(took)
-                stored[f"vmbak {kind}"].append(du(repo) - before)
-                res[f"vmbak {kind} read MiB"].append(snap["stats"]["read_bytes"] / MiB)
+                res[f"{tool} {kind}"].append(took)
+                cpu[f"{tool} {kind}"].append(used_cpu)
+                stored[f"{tool} {kind}"].append(du(repo) - before)
+                res[f"{tool} {kind} read MiB"].append(snap["stats"]["read_bytes"] / MiB)
             return snap
 
         def vnb_step(kind: str, out: Path) -> None:
             before = du(out) if out.exists() else 0
             hidden = hide_checkpoints(g.dom)
             try:
-                took, _ = r.run(f"virtnbdbackup-{kind}", [*vnb_cmd, "-l", "full" if kind == "full" else "inc",
-                                                          "-o", str(out)])
+                took, _, used_cpu = r.run(f"virtnbdbackup-{kind}",
+                                          [*vnb_cmd, "-l", "full" if kind == "full" else "inc", "-o", str(out)])
             finally:
                 show_checkpoints(g.dom, hidden)
             res[f"virtnbdbackup {kind}"].append(took)
+            cpu[f"virtnbdbackup {kind}"].append(used_cpu)
             stored[f"virtnbdbackup {kind}"].append(du(out) - before)
 
-        total_rounds = args.rounds + (1 if pyspy and not args.profile_every else 0)
+        tools = [*vmbaks, "virtnbdbackup"]
+        total_rounds = args.rounds + (1 if pyspy else 0)
         for rnd in range(total_rounds):
-            profile = pyspy is not None and (rnd == args.rounds if not args.profile_every
-                                             else rnd % args.profile_every == args.profile_every - 1)
+            profile = pyspy is not None and rnd == args.rounds
             extra["load"].append(os.getloadavg()[0])
             log(f"round {rnd + 1}/{total_rounds}{' (profiled)' if profile else ''}, load {os.getloadavg()[0]:.1f}")
-            repo = work / f"repo-{rnd}"
+            repos = {t: work / f"repo-{t}-{rnd}" for t in vmbaks}
             out = work / f"vnb-{rnd}"
-            subprocess.run([*r.vmbak, "-r", str(repo), "init"], env=r.env, check=True, capture_output=True)
-            order = ("vmbak", "vnb") if rnd % 2 == 0 else ("vnb", "vmbak")
-            for tool in order:
-                if tool == "vmbak":
-                    vmbak_step("full", repo, profile, "--mode", "full")
+            for t, repo in repos.items():
+                subprocess.run([*VMBAK, "-r", str(repo), "init"], env=r.env(vmbaks[t]), check=True,
+                               capture_output=True)
+            order = tools[rnd % len(tools):] + tools[:rnd % len(tools)]  # each tool goes first in turn
+            for t in order:
+                if t in vmbaks:
+                    vmbak_step(t, "full", repos[t], profile, "--mode", "full")
                 elif not profile:
                     vnb_step("full", out)
             for i in range(args.incrementals):
                 time.sleep(args.pause)
-                for tool in (order if i % 2 == 0 else order[::-1]):
-                    if tool == "vmbak":
-                        snap = vmbak_step("incremental", repo, profile)
+                for t in (order if i % 2 == 0 else order[::-1]):
+                    if t in vmbaks:
+                        snap = vmbak_step(t, "incremental", repos[t], profile)
                         assert snap["type"] == "incremental", snap
                         assert snap["change_source"] == "libvirt-checkpoint", snap
                     elif not profile:
                         vnb_step("incremental", out)
             shutil.rmtree(out, ignore_errors=True)
-            if rnd < total_rounds - 1 or not args.crash:
-                shutil.rmtree(repo, ignore_errors=True)
-        extra["stages"] = {k: {s: round(statistics.median([p.get(s, 0.0) for p in v]), 2)
+            for t, repo in repos.items():
+                if not (args.crash and t == "vmbak" and rnd == total_rounds - 1):
+                    shutil.rmtree(repo, ignore_errors=True)
+        extra["stages"] = {k: {s: round(statistics.median([p.get(s, 0.0) for p in v]), 3)
                                for s in sorted({s for p in v for s in p})} for k, v in profiles.items()}
 
         if args.crash:
-            repo = work / f"repo-{total_rounds - 1}"
+            # the last round's vmbak repository and checkpoint; a fresh virtnbdbackup chain
+            repo = work / f"repo-vmbak-{total_rounds - 1}"
             out = work / "vnb-crash"
             vnb_step("full", out)
             time.sleep(args.pause)
             log("crash: kill -9 of QEMU, then boot again")
-            pid = int(Path(f"/run/libvirt/qemu/{dom}.pid").read_text().strip())
-            os.kill(pid, signal.SIGKILL)
+            os.kill(int(Path(f"/run/libvirt/qemu/{dom}.pid").read_text().strip()), signal.SIGKILL)
             deadline = time.monotonic() + 60
-            while g.dom.isActive():
-                assert time.monotonic() < deadline, "libvirt did not notice that QEMU died"
+            while _active(g.dom):
+                if time.monotonic() > deadline:
+                    raise SystemExit("libvirt did not notice that QEMU died")
                 time.sleep(0.1)
             g.console.write_text("")
-            g.start()  # a transient domain is gone once QEMU dies: the fixture creates it again
-            dom_after = g.name
-            assert dom_after == dom
+            g.start()  # the transient domain is gone with its QEMU: the same one is created and booted again
             time.sleep(args.pause)
-            snap = vmbak_step("after crash", repo, False)
+            snap = vmbak_step("vmbak", "after crash (fallback)", repo, False)
             extra["crash"] = {"change_source": snap["change_source"], "type": snap["type"],
-                              "notes": [n for n in snap.get("notes", []) if "libvirt" in n or "scan" in n]}
+                              "read_MiB": round(snap["stats"]["read_bytes"] / MiB, 1),
+                              "used_MiB": round(snap["stats"]["used_bytes"] / MiB, 1),
+                              "notes": [n for n in snap.get("notes", []) if "libvirt:" in n]}
             vfull = work / "repo-crash-full"
-            subprocess.run([*r.vmbak, "-r", str(vfull), "init"], env=r.env, check=True, capture_output=True)
-            vmbak_step("full after crash", vfull, False, "--mode", "full")
+            subprocess.run([*VMBAK, "-r", str(vfull), "init"], env=r.env(vmbaks["vmbak"]), check=True,
+                           capture_output=True)
+            vmbak_step("vmbak", "full after crash", vfull, False, "--mode", "full")
+            hidden = hide_checkpoints(g.dom)
             t = time.perf_counter()
             p = subprocess.run([*vnb_cmd, "-l", "inc", "-o", str(out)], capture_output=True, text=True)
+            show_checkpoints(g.dom, hidden)
             extra["crash"]["virtnbdbackup_inc"] = {"exit": p.returncode, "s": round(time.perf_counter() - t, 2),
-                                                   "stderr_tail": p.stderr.strip().splitlines()[-3:]}
+                                                   "last_lines": p.stderr.strip().splitlines()[-2:]}
     finally:
         g.destroy()
         conn.close()
         shutil.rmtree(gdir, ignore_errors=True)
 
-    summary = {"results": {k: v for k, v in res.items()}, "stored": stored, **extra,
-               "rounds": args.rounds, "pause": args.pause, "cpus": os.cpu_count()}
-    summary["medians"] = {k: round(statistics.median(v), 3) for k, v in res.items()}
-    summary["stored_medians"] = {k: int(statistics.median(v)) for k, v in stored.items()}
+    med = {k: round(statistics.median(v), 3) for k, v in res.items()}
+    summary = {"results": dict(res), "stored": dict(stored), "cpu": dict(cpu), **extra, "rounds": args.rounds,
+               "incrementals": args.incrementals, "pause": args.pause, "cpus": os.cpu_count(), "medians": med,
+               "cpu_medians": {k: round(statistics.median(v), 3) for k, v in cpu.items()},
+               "stored_medians": {k: int(statistics.median(v)) for k, v in stored.items()}}
     stamp = time.strftime("%Y%m%dT%H%M%S")
     (work / "results.json").write_text(json.dumps(summary, indent=2))
     (work / f"results-{stamp}.json").write_text(json.dumps(summary, indent=2))
-    med = summary["medians"]
     print(f"\nrunning guest ({extra['guest']['virt']}), writer active; medians of {args.rounds} rounds "
           f"({args.incrementals} incrementals each, {args.pause:g} s of writes before each); "
-          f"load average {min(extra['load']):.1f}-{max(extra['load']):.1f}\n")
-    print(f"{'step':36} {'seconds':>8} {'stored MiB':>11}  runs")
+          f"load average {min(extra['load']):.1f}-{max(extra['load']):.1f} on {os.cpu_count()} CPUs\n")
+    print(f"{'step':40} {'wall s':>7} {'CPU s':>6} {'stored MiB':>11}  every run (wall s)")
     for k in sorted(res):
         if k.endswith("MiB"):
             continue
         st = summary["stored_medians"].get(k)
-        print(f"{k:36} {med[k]:8.2f} {'' if st is None else f'{st / MiB:11.1f}'}  "
-              f"{' '.join(f'{x:.2f}' for x in res[k])}")
+        print(f"{k:40} {med[k]:7.2f} {summary['cpu_medians'][k]:6.2f} {'' if st is None else f'{st / MiB:11.1f}'}"
+              f"  {' '.join(f'{x:.2f}' for x in res[k])}")
     for kind in ("full", "incremental"):
-        a, b = med.get(f"vmbak {kind}"), med.get(f"virtnbdbackup {kind}")
-        if a and b:
-            sa, sb = summary["stored_medians"][f"vmbak {kind}"], summary["stored_medians"][f"virtnbdbackup {kind}"]
-            print(f"{kind}: virtnbdbackup / vmbak time {b / a:.2f}x; stored vmbak / virtnbdbackup {sa / max(sb, 1):.2f}")
+        b = med.get(f"virtnbdbackup {kind}")
+        for t in vmbaks:
+            a = med.get(f"{t} {kind}")
+            if a and b:
+                sa, sb = summary["stored_medians"][f"{t} {kind}"], summary["stored_medians"][f"virtnbdbackup {kind}"]
+                print(f"{kind}: virtnbdbackup wall / {t} wall = {b / a:.2f}; "
+                      f"{t} stored / virtnbdbackup stored = {sa / max(sb, 1):.2f}")
     for kind, stages in extra["stages"].items():
-        print(f"\nvmbak {kind}: stage breakdown (py-spy, main thread, median seconds)")
-        for s, v in sorted(stages.items(), key=lambda kv: -kv[1]):
-            print(f"  {s:44} {v:6.2f}")
+        print(f"\n{kind}: stage breakdown (py-spy, main thread, seconds of one profiled run)")
+        for s_, v in sorted(stages.items(), key=lambda kv: -kv[1]):
+            print(f"  {s_:44} {v:6.2f}")
     if "crash" in extra:
         c = extra["crash"]
-        print(f"\nafter kill -9 of QEMU: vmbak {c['type']} ({c['change_source']}) {med['vmbak after crash']:.2f} s vs "
-              f"vmbak full {med['vmbak full after crash']:.2f} s; virtnbdbackup -l inc exit {c['virtnbdbackup_inc']['exit']}")
+        print(f"\nafter kill -9 of QEMU: vmbak {c['type']} ({c['change_source']}, read {c['read_MiB']} MiB of "
+              f"{c['used_MiB']} MiB used) {med['vmbak after crash (fallback)']:.2f} s vs a vmbak full "
+              f"{med['vmbak full after crash']:.2f} s; virtnbdbackup -l inc: exit {c['virtnbdbackup_inc']['exit']} "
+              f"({' '.join(c['virtnbdbackup_inc']['last_lines'])[:200]})")
     return 0
 
 

@@ -13,7 +13,7 @@ APT_PKGS=(python3 python3-venv python3-dev python3-libnbd libnbd-bin nbdkit nbdk
           libvirt-daemon-system libvirt-clients python3-libvirt qemu-system-x86 strace
           debootstrap zsh fish groff-base man-db)  # debootstrap: the bootable test guest (scripts/build-test-guest.sh)
 if [[ "${VMBAK_BENCH_DEPS:-0}" == 1 ]]; then
-    APT_PKGS+=(restic borgbackup time)
+    APT_PKGS+=(restic borgbackup time virtnbdbackup)  # virtnbdbackup: bench/bench_vm.py (not on PyPI)
 fi
 missing=()
 for p in "${APT_PKGS[@]}"; do
