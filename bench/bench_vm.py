@@ -290,7 +290,7 @@ def main() -> int:  # noqa: C901, PLR0915
                 res[f"{tool} {kind} read MiB"].append(snap["stats"]["read_bytes"] / MiB)
             return snap
 
-        def vnb_step(kind: str, out: Path) -> None:
+        def vnb_step(kind: str, out: Path, key: str = "") -> None:
             before = du(out) if out.exists() else 0
             hidden = hide_checkpoints(g.dom)
             try:
@@ -298,9 +298,10 @@ def main() -> int:  # noqa: C901, PLR0915
                                           [*vnb_cmd, "-l", "full" if kind == "full" else "inc", "-o", str(out)])
             finally:
                 show_checkpoints(g.dom, hidden)
-            res[f"virtnbdbackup {kind}"].append(took)
-            cpu[f"virtnbdbackup {kind}"].append(used_cpu)
-            stored[f"virtnbdbackup {kind}"].append(du(out) - before)
+            key = key or f"virtnbdbackup {kind}"
+            res[key].append(took)
+            cpu[key].append(used_cpu)
+            stored[key].append(du(out) - before)
 
         tools = [*vmbaks, "virtnbdbackup"]
         total_rounds = args.rounds + (1 if pyspy else 0)
@@ -339,7 +340,7 @@ def main() -> int:  # noqa: C901, PLR0915
             # the last round's vmbak repository and checkpoint; a fresh virtnbdbackup chain
             repo = work / f"repo-vmbak-{total_rounds - 1}"
             out = work / "vnb-crash"
-            vnb_step("full", out)
+            vnb_step("full", out, "virtnbdbackup full before the crash")
             time.sleep(args.pause)
             log("crash: kill -9 of QEMU, then boot again")
             os.kill(int(Path(f"/run/libvirt/qemu/{dom}.pid").read_text().strip()), signal.SIGKILL)

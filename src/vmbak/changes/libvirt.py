@@ -90,7 +90,8 @@ def connect(uri: str = DEFAULT_URI):  # noqa: ANN201 - a libvirt.virConnect (sha
     with _CONNS_LOCK:
         conn = _CONNS.get(uri)
         try:
-            if conn is not None and conn.isAlive() == 1:  # type: ignore[attr-defined]
+            # one cheap round trip: a libvirtd restarted since is noticed here, not by the caller
+            if conn is not None and conn.isAlive() == 1 and conn.getLibVersion():  # type: ignore[attr-defined]
                 return _Borrowed(conn)
         except lv.libvirtError:
             pass

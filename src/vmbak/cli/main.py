@@ -55,7 +55,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The command-line parser; with ``only`` (a group module name), just that group's
     commands."""
     import importlib
-    import inspect
 
     from vmbak import __version__
     from vmbak.cli.common import CommandParser
@@ -91,6 +90,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         return p
     for g in GROUPS:
         importlib.import_module(f"vmbak.cli.{g}").register(sub, common)
+    import inspect
+
     for g in OPTIONAL_GROUPS:
         try:
             mod = importlib.import_module(f"vmbak.cli.{g}")
