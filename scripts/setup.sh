@@ -11,7 +11,7 @@ APT_PKGS=(python3 python3-venv python3-dev python3-libnbd libnbd-bin nbdkit nbdk
           qemu-utils qemu-system-common e2fsprogs xfsprogs dosfstools mtools exfatprogs
           ntfs-3g btrfs-progs partclone fdisk lvm2 util-linux time fuse3 python3-pyfuse3
           libvirt-daemon-system libvirt-clients python3-libvirt qemu-system-x86 strace
-          debootstrap zsh fish groff-base man-db)  # debootstrap: the bootable test guest (scripts/build-test-guest.sh)
+          debootstrap zsh fish groff-base man-db ovmf)  # debootstrap: the bootable test guest (scripts/build-test-guest.sh); ovmf: verify --boot --firmware uefi
 if [[ "${VMBAK_BENCH_DEPS:-0}" == 1 ]]; then
     APT_PKGS+=(restic borgbackup time virtnbdbackup)  # virtnbdbackup: bench/bench_vm.py (not on PyPI)
 fi

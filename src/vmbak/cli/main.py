@@ -27,7 +27,7 @@ if __name__ == "__main__" or getattr(sys, "argv", [""])[0].rsplit("/", 1)[-1] ==
 import argparse  # noqa: E402
 
 GROUPS = ["repository", "backup", "restore", "snapshots", "keys", "maintenance", "copy", "completion", "manpage"]
-OPTIONAL_GROUPS = ["track", "usage_cmd", "serve", "browse", "service"]  # present when their modules are installed
+OPTIONAL_GROUPS = ["track", "usage_cmd", "serve", "browse", "service", "verify"]  # present when their modules are installed
 # The group module of the commands that are run most often, so that running one imports
 # only its own group (the others import engines it does not need). Any command not named
 # here, and any help request, builds the whole parser.
