@@ -33,6 +33,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -64,12 +65,42 @@ def _msg(e: Exception) -> str:
     return " ".join(str(s).split())
 
 
-def connect(uri: str = DEFAULT_URI):  # noqa: ANN201 - a libvirt.virConnect
+class _Borrowed:
+    """A process-wide libvirt connection lent to one user: ``close`` gives it back open.
+
+    Opening a connection costs several round trips to libvirtd, and one backup asks for
+    one several times (the disks, the guest agent, the job, its end)."""
+
+    def __init__(self, conn) -> None:  # noqa: ANN001
+        self._conn = conn
+
+    def close(self) -> int:
+        return 0
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self._conn, name)
+
+
+_CONNS: dict[str, object] = {}
+_CONNS_LOCK = threading.Lock()
+
+
+def connect(uri: str = DEFAULT_URI):  # noqa: ANN201 - a libvirt.virConnect (shared; close() keeps it open)
     lv = _libvirt()
-    try:
-        return lv.open(uri)
-    except lv.libvirtError as e:
-        raise DiskError(f"cannot connect to libvirt at {uri}: {_msg(e)}") from None
+    with _CONNS_LOCK:
+        conn = _CONNS.get(uri)
+        try:
+            # one cheap round trip: a libvirtd restarted since is noticed here, not by the caller
+            if conn is not None and conn.isAlive() == 1 and conn.getLibVersion():  # type: ignore[attr-defined]
+                return _Borrowed(conn)
+        except lv.libvirtError:
+            pass
+        try:
+            conn = lv.open(uri)
+        except lv.libvirtError as e:
+            raise DiskError(f"cannot connect to libvirt at {uri}: {_msg(e)}") from None
+        _CONNS[uri] = conn
+        return _Borrowed(conn)
 
 
 def lookup(conn, name: str):  # noqa: ANN001, ANN201
@@ -187,12 +218,14 @@ def _abort_job(dom) -> None:  # noqa: ANN001
     except lv.libvirtError:
         pass
     deadline = time.monotonic() + 30
+    pause = 0.002  # the job usually ends within milliseconds: poll fast, then back off
     while time.monotonic() < deadline:
         try:
             dom.backupGetXMLDesc()
         except lv.libvirtError:
             return
-        time.sleep(0.05)
+        time.sleep(pause)
+        pause = min(0.05, pause * 2)
     raise DiskError(f"libvirt did not end the backup job of {dom.name()}")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vmbak.cli.common import emit_summary, log, open_repo, parse_size, progress
+from vmbak.cli.common import emit_summary, log, open_repo, open_repo_meanwhile, parse_size, progress
 from vmbak.cli.filters import tags_from_args
 from vmbak.engine.backup import DEFAULT_BLOCK_SIZE, MODES, BackupOptions
 from vmbak.engine.common import human
@@ -221,8 +221,10 @@ def _cmd_libvirt(args: argparse.Namespace, changes) -> int:  # noqa: ANN001 - a 
         prefix = args.name or domain
         sources.check_name(f"{prefix}-vda")
         bar = progress(args)
-        repo = open_repo(args)
-        data, text = _backup_domain(args, changes, repo, bar, domain, prefix, tags)
+        # The repository opens (key derivation) while libvirt is asked about the domain and the
+        # modules the backup needs are loaded; its errors still come first, as they would in turn.
+        opened = open_repo_meanwhile(args)
+        data, text = _backup_domain(args, changes, opened, bar, domain, prefix, tags)
         emit_summary(args, data, text)
         return 0
     if args.name is not None:
@@ -236,7 +238,7 @@ def _cmd_libvirt(args: argparse.Namespace, changes) -> int:  # noqa: ANN001 - a 
     failed: list[dict] = []
     for n in names:
         try:
-            data, text = _backup_domain(args, changes, repo, progress(args), n, n, tags)
+            data, text = _backup_domain(args, changes, lambda: repo, progress(args), n, n, tags)
         except VmbakError as e:  # an interrupt or a bug ends the whole run
             lg(f"error: libvirt domain {n}: {e}")
             failed.append({"domain": n, "error": str(e)})
@@ -252,16 +254,24 @@ def _cmd_libvirt(args: argparse.Namespace, changes) -> int:  # noqa: ANN001 - a 
     return EXIT_PARTIAL if failed else 0
 
 
-def _backup_domain(args: argparse.Namespace, changes, repo, bar, domain: str, prefix: str,  # noqa: ANN001
+def _backup_domain(args: argparse.Namespace, changes, opened, bar, domain: str, prefix: str,  # noqa: ANN001
                    tags: list[str]) -> tuple[dict, str]:
-    """Back up every disk (and state file) of one domain; its summary and its line."""
+    """Back up every disk (and state file) of one domain; its summary and its line. ``opened()``
+    gives the repository (it may still be opening in a thread: its errors are reported first)."""
     from vmbak.engine import sources
 
     lg = log(args)
     uri = args.libvirt_uri
-    targets = sources.libvirt_disk_targets(domain, uri)
-    q = _quiescer(args, lg, vm=domain, disk=" ".join(targets), name=prefix, source="libvirt", point_in_time=True,
-                  agent=lambda: LibvirtAgent(uri, domain), agent_key=LibvirtAgent.key_for(uri, domain))
+    try:
+        targets = sources.libvirt_disk_targets(domain, uri)
+        q = _quiescer(args, lg, vm=domain, disk=" ".join(targets), name=prefix, source="libvirt",
+                      point_in_time=True, agent=lambda: LibvirtAgent(uri, domain),
+                      agent_key=LibvirtAgent.key_for(uri, domain))
+        sources.preload_libvirt()
+    except BaseException:
+        opened()  # a repository error is reported first
+        raise
+    repo = opened()
     ok = False
     try:
         q.start()

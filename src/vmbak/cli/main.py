@@ -28,11 +28,33 @@ import argparse  # noqa: E402
 
 GROUPS = ["repository", "backup", "restore", "snapshots", "keys", "maintenance", "copy", "completion", "manpage"]
 OPTIONAL_GROUPS = ["track", "usage_cmd", "serve", "browse", "service", "verify"]  # present when their modules are installed
+# The group module of the commands that are run most often, so that running one imports
+# only its own group (the others import engines it does not need). Any command not named
+# here, and any help request, builds the whole parser.
+COMMAND_GROUPS = {"backup": "backup", "restore": "restore", "snapshots": "snapshots", "init": "repository",
+                  "check": "repository", "stats": "repository", "forget": "maintenance", "prune": "maintenance"}
+# Global options that take a value (as a separate word), to find the command word.
+_VALUE_OPTIONS = ("-r", "--repo", "--password-file", "--password-command", "--s3-endpoint")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_group(argv: list[str]) -> str | None:
+    """The group module of the command ``argv`` runs, when it is one of COMMAND_GROUPS and
+    no help or version is asked before it; None otherwise."""
+    it = iter(argv)
+    for a in it:
+        if a in ("-h", "--help", "--version") or a == "--":
+            return None
+        if a in _VALUE_OPTIONS:
+            next(it, None)
+        elif not a.startswith("-"):
+            return COMMAND_GROUPS.get(a)
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command-line parser; with ``only`` (a group module name), just that group's
+    commands."""
     import importlib
-    import inspect
 
     from vmbak import __version__
     from vmbak.cli.common import CommandParser
@@ -63,8 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"vmbak {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    if only is not None:
+        importlib.import_module(f"vmbak.cli.{only}").register(sub, common)
+        return p
     for g in GROUPS:
         importlib.import_module(f"vmbak.cli.{g}").register(sub, common)
+    import inspect
+
     for g in OPTIONAL_GROUPS:
         try:
             mod = importlib.import_module(f"vmbak.cli.{g}")
@@ -138,7 +165,7 @@ def _main(argv: list[str] | None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     _JSON[0] = "--json" in argv
-    parser = build_parser()
+    parser = build_parser(command_group(argv))
     try:
         args = parser.parse_args(argv)
         for k, v in (("repo", None), ("password_file", None), ("password_command", None), ("json", False),

@@ -613,6 +613,14 @@ def libvirt_domains_matching(pattern: str, uri: str) -> list[str]:
     return found
 
 
+def preload_libvirt() -> None:
+    """Import what a libvirt backup will need (e.g. while the repository opens in a thread)."""
+    import vmbak.changes.libvirt
+    import vmbak.disks.nbd
+    import vmbak.usage
+    import vmbak.usage.ext  # noqa: F401 - the most common guest filesystem
+
+
 def libvirt_disk_targets(domain: str, uri: str) -> list[str]:
     """The targets (vda, ...) ``--libvirt DOMAIN`` would back up, for the hooks' environment."""
     from vmbak.changes.libvirt import connect, domain_disks, lookup
