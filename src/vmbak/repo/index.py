@@ -13,6 +13,7 @@ own headers, so nothing that landed is ever stored twice.
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from dataclasses import dataclass
 
@@ -166,6 +167,16 @@ def _merge(table: _Table, new: dict[bytes, tuple[int, int, int, int]],
     return out
 
 
+def _trim_heap() -> None:
+    """Give the heap that loading left free back to the system. glibc raises its mmap
+    threshold after the first large free, so the index files' buffers (megabytes each) come
+    from the heap and stay in the RSS as free space (~20 bytes per chunk) until trimmed."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
 class Index:
     """In-memory chunk index. Lookups are safe from several threads while one thread adds.
 
@@ -237,6 +248,7 @@ class Index:
         self._staged = []
         del table
         self._state = (_build(pieces, self._doomed_no), {}, set())
+        _trim_heap()
 
     # -- adding packs one by one (a writer)
     def add_pack(self, pack_id: str, entries: np.ndarray, size: int | None = None) -> None:
