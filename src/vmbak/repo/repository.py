@@ -134,6 +134,9 @@ class Repository:
         self.sealer = Sealer(master, self.encryption)
         self.master = master  # for key management (vmbak key add / passwd)
         self._index: Index | None = None
+        # The index is loaded on first use, which may be from several pipeline threads at
+        # once: one loads it, the others wait (two loads would double the peak memory).
+        self._index_lock = threading.Lock()
         self._indexed_packs: set[str] = set()
         self._index_files: list[str] = []
         self._manifests: dict[str, Manifest] | None = None
@@ -308,10 +311,14 @@ class Repository:
     # ------------------------------------------------------------------ index
     @property
     def index(self) -> Index:
-        if self._index is None:
-            self._load_index()
-        assert self._index is not None
-        return self._index
+        idx = self._index
+        if idx is None:
+            with self._index_lock:
+                if self._index is None:
+                    self._load_index()
+                idx = self._index
+        assert idx is not None
+        return idx
 
     def _load_index(self) -> None:
         for attempt in range(10):
