@@ -115,6 +115,7 @@ def _build(pieces: list[dict[str, np.ndarray]], doomed: set[int]) -> _Table:
     cols: dict[str, np.ndarray] = {}
     for name, dt in _COLS.items():
         cols[name] = np.concatenate([p.pop(name) for p in pieces]) if pieces else np.zeros(0, dt)
+        trim_heap()  # the pieces were small enough to live in the heap: give their pages back now
     pieces.clear()
     order = np.argsort(cols["key"])
     for name in _COLS:
@@ -167,7 +168,7 @@ def _merge(table: _Table, new: dict[bytes, tuple[int, int, int, int]],
     return out
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """Give the heap that loading left free back to the system. glibc raises its mmap
     threshold after the first large free, so the index files' buffers (megabytes each) come
     from the heap and stay in the RSS as free space (~20 bytes per chunk) until trimmed."""
@@ -241,6 +242,7 @@ class Index:
 
     def commit(self) -> None:
         """Build the table from everything staged (and what the index held before)."""
+        trim_heap()  # what decoding the index files left free, before the sort's peak
         table, recent, over = self._state
         if recent:
             table = _merge(table, recent, over)
@@ -248,7 +250,7 @@ class Index:
         self._staged = []
         del table
         self._state = (_build(pieces, self._doomed_no), {}, set())
-        _trim_heap()
+        trim_heap()
 
     # -- adding packs one by one (a writer)
     def add_pack(self, pack_id: str, entries: np.ndarray, size: int | None = None) -> None:
