@@ -11,7 +11,7 @@ in one bucket of the cluster's radosgw:
 3. every image is restored (`vmbak restore img-i:latest rbd:POOL/restored-i`) and compared
    byte for byte with the image; then `vmbak check --read-data`.
 
-Peak RSS of each writer comes from getrusage of the child (wait4). The cluster is a running
+Peak RSS of each writer is GNU time's %M for that process. The cluster is a running
 one (--ceph-conf, --s3-endpoint and the keys in $VMBAK_TEST_S3_ACCESS_KEY /
 $VMBAK_TEST_S3_SECRET_KEY, as `bash scripts/ceph-rgw.sh start` writes them into $DIR/env).
 Images are written into pool --pool (made if missing) and removed at the end.
@@ -28,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -48,19 +49,25 @@ def vmbak_env(repo: str, args: argparse.Namespace) -> dict[str, str]:
 
 
 def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "vmbak.cli.main", *cmd], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    # GNU time reports the child's own peak RSS: a child forked from this process directly
+    # would inherit this process's RSS high-water mark (Linux keeps it across exec).
+    fd, rss_file = tempfile.mkstemp(prefix="vmbak-bench-rss-")
+    os.close(fd)
+    p = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", rss_file, sys.executable, "-m", "vmbak.cli.main",
+                          *cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.rss_file = rss_file  # type: ignore[attr-defined]
+    return p
 
 
 def wait(p: subprocess.Popen) -> tuple[int, str, str]:
     """(peak RSS in bytes, stdout, stderr); exits on failure."""
-    _, status, ru = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    out = p.stdout.read() if p.stdout else ""
-    err = p.stderr.read() if p.stderr else ""
+    out, err = p.communicate()
+    with open(p.rss_file) as f:  # type: ignore[attr-defined]
+        peak = int(f.read().split()[-1]) * 1024
+    os.unlink(p.rss_file)  # type: ignore[attr-defined]
     if p.returncode != 0:
         raise SystemExit(f"{p.args} exited {p.returncode}:\n{out}\n{err}")
-    return ru.ru_maxrss * 1024, out, err
+    return peak, out, err
 
 
 def fill(img, size: int, seed: int) -> None:  # noqa: ANN001 - rbd.Image

@@ -11,7 +11,7 @@ index), in child processes, RUNS times, alternating:
 * load: a fresh process opens the repository and loads the index; reported: wall time of
   the load, the RSS the index added (after minus before) / N = bytes per chunk, and peak RSS;
 * backup: `vmbak backup` of a 64 MiB random disk into that repository (a full: its chunks are
-  new), with its wall time and peak RSS (getrusage of the child).
+  new), with its wall time and peak RSS (GNU time's %M).
 
     .venv/bin/python bench/bench_index.py --chunks 10000000 --impl src --impl /work/main/src [--runs 3]
 
@@ -28,6 +28,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -85,15 +86,18 @@ def run_child(impl: str, args: list[str], code: str | None = None) -> tuple[floa
     env = {k: v for k, v in os.environ.items() if not k.startswith("VMBAK_")}
     env["PYTHONPATH"] = str((ROOT / impl).resolve()) if not os.path.isabs(impl) else impl
     cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "vmbak.cli.main", *args]
+    # GNU time reports the child's own peak RSS (a child forked from this process would
+    # inherit this process's high-water mark, e.g. after it built the repository)
+    rss_file = Path(tempfile.mkstemp(prefix="vmbak-bench-rss-")[1])
     t = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, ru = os.wait4(p.pid, 0)
+    p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *cmd], env=env, capture_output=True,
+                       text=True)
     wall = time.perf_counter() - t
-    out = p.stdout.read() if p.stdout else ""
-    err = p.stderr.read() if p.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{cmd} failed:\n{out}\n{err}")
-    return wall, ru.ru_maxrss * 1024, out
+    peak = int(rss_file.read_text().split()[-1]) * 1024
+    rss_file.unlink()
+    if p.returncode != 0:
+        raise SystemExit(f"{cmd} failed:\n{p.stdout}\n{p.stderr}")
+    return wall, peak, p.stdout
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ image, like a scan.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -115,8 +116,10 @@ def _flags_invalid(image) -> str | None:  # noqa: ANN001
 
 
 def open_session(spec: RbdSpec, since: str | None, block_size: int, *, conf: str | None = None,
-                 client_id: str | None = None, keep_older: bool = False, log: Log | None = None) -> RbdSession:
-    """Snapshot ``spec`` and work out what changed since the snapshot ``since`` names."""
+                 client_id: str | None = None, keep_older: bool = False, log: Log | None = None,
+                 quiesce: Callable[[], contextlib.AbstractContextManager] | None = None) -> RbdSession:
+    """Snapshot ``spec`` and work out what changed since the snapshot ``since`` names;
+    ``quiesce`` (a guest freeze) is entered around the snapshot's creation only."""
     _, rbd = _modules()
     log = log or (lambda s: None)
     cluster = Cluster(conf, client_id)
@@ -135,7 +138,8 @@ def open_session(spec: RbdSpec, since: str | None, block_size: int, *, conf: str
                 snaps = {s["name"]: int(s["id"]) for s in head.list_snaps()}
                 name = f"{SNAP_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.{os.urandom(3).hex()}"
                 try:
-                    head.create_snap(name)
+                    with quiesce() if quiesce is not None else contextlib.nullcontext():
+                        head.create_snap(name)
                 except rbd.Error as e:
                     raise DiskError(f"cannot snapshot RBD image {spec}: {_why(e)}") from None
                 snap_id = {s["name"]: int(s["id"]) for s in head.list_snaps()}[name]

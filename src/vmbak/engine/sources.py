@@ -310,9 +310,8 @@ def open_rbd_source(spec: str, since: str | None, changes: ChangeSpec, mode: str
         raise VmbakError(f"an RBD image brings its own change source (rbd diff); --changes {changes} "
                          "does not go with it (use auto, scan or full)")
     rs = parse_rbd(spec)
-    with quiesce() if quiesce is not None else contextlib.nullcontext():
-        s = open_session(rs, since, block_size, conf=ceph_conf, client_id=ceph_id,
-                         keep_older=mode == "differential", log=log)
+    s = open_session(rs, since, block_size, conf=ceph_conf, client_id=ceph_id,
+                     keep_older=mode == "differential", log=log, quiesce=quiesce)
     if changes.kind != "auto":
         s.change_map = None  # scan or full: read every used block of the new snapshot
     return BackupSource(reader=s.reader, description=str(rs), change_map=s.change_map, change_id=s.change_id,
