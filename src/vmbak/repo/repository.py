@@ -48,7 +48,6 @@ from vmbak.repo.index import (
     decode_index_flat,
     encode_index,
     index_id,
-    trim_heap,
 )
 from vmbak.repo.manifest import MANIFEST_AAD, Manifest, decode_manifest, encode_manifest, is_full
 from vmbak.repo.marks import doomed_packs
@@ -348,7 +347,6 @@ class Repository:
                     continue
                 loaded.extend(packs)
                 del entries
-                trim_heap()  # the file's buffers go back now, not left as holes among the columns
             if not gone:
                 break
             if attempt == 9:
