@@ -165,3 +165,19 @@ def test_bad_input_is_one_line(ceph, repo, assert_cli_error) -> None:  # noqa: A
                      "exists")
     assert_cli_error(repo.run("restore", "e:latest", "rbd:no-such-pool/new", *conf, check=False),
                      "does not exist")
+
+
+def test_differential_keeps_the_full_snapshot(ceph, repo) -> None:  # noqa: ANN001
+    rng = random.Random(21)
+    img = ceph.new_image(16 * MiB)
+    ceph.write(img, 0, rng.randbytes(6 * MiB))
+    full = _backup(repo, ceph, img, "df", "--mode", "differential")  # no full yet: a full
+    assert full["type"] == "full"
+    (full_snap,) = _vmbak_snaps(ceph, img)
+    for i in range(2):
+        ceph.write(img, (8 + 2 * i) * MiB, rng.randbytes(MiB))
+        d = _backup(repo, ceph, img, "df", "--mode", "differential", "--verify-changes")
+        assert d["type"] == "differential" and d["change_source"] == "rbd-fast-diff"
+        assert d["stats"]["verify_missed_blocks"] == 0
+        assert _vmbak_snaps(ceph, img) == [full_snap]  # the full's snapshot stays the reference
+    _restore_same(repo, ceph, "df:latest", ceph.read(img))

@@ -311,7 +311,8 @@ def open_rbd_source(spec: str, since: str | None, changes: ChangeSpec, mode: str
                          "does not go with it (use auto, scan or full)")
     rs = parse_rbd(spec)
     s = open_session(rs, since, block_size, conf=ceph_conf, client_id=ceph_id,
-                     keep_older=mode == "differential", log=log, quiesce=quiesce)
+                     keep_older=mode == "differential" and since is not None, log=log,
+                     quiesce=quiesce)
     if changes.kind != "auto":
         s.change_map = None  # scan or full: read every used block of the new snapshot
     return BackupSource(reader=s.reader, description=str(rs), change_map=s.change_map, change_id=s.change_id,
