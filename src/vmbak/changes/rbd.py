@@ -37,7 +37,7 @@ import numpy as np
 
 from vmbak.changes.base import ChangeMap
 from vmbak.disks.rbd import Cluster, RbdDisk, RbdSpec, _modules, _why, allocated_extents, open_image
-from vmbak.errors import ChangeTrackingError, DiskError
+from vmbak.errors import DiskError
 
 SNAP_PREFIX = "vmbak."
 _CHANGE_ID = re.compile(r"rbd:([^:]+):(\d+):(.+)")
@@ -191,7 +191,8 @@ def open_session(spec: RbdSpec, since: str | None, block_size: int, *, conf: str
         try:
             extents = allocated_extents(reader.image, 0, reader.size, ref_name, whole_object=fast)
         except rbd.Error as e:
-            raise ChangeTrackingError(f"rbd diff of {spec} since {ref_name} failed: {_why(e)}") from None
+            note(f"rbd: the diff of {spec} since {ref_name} failed ({_why(e)}); reading every used block (scan)")
+            return sess
         nblocks = (reader.size + block_size - 1) // block_size
         bitmap = np.zeros(nblocks, bool)
         for off, ln in extents:
