@@ -14,7 +14,7 @@ test: setup
 	@avail=$$(df -Pk "$${TMPDIR:-/tmp}" | awk 'NR==2 {print int($$4 / 1048576)}'); \
 	if [ "$$avail" -lt 6 ]; then echo "make test: needs about 6 GiB free in $${TMPDIR:-/tmp}; $$avail GiB free" >&2; exit 1; fi
 	.venv/bin/ruff check src tests bench
-	.venv/bin/python -m pytest -q -n 3 --dist loadgroup --maxfail=10 --durations=15
+	.venv/bin/python -m pytest -q -n 3 --dist loadgroup --maxfail=10 --durations=15 --ignore=tests/ceph
 
 # The manual page vmbak(1), generated from the command-line parser: man -l build/vmbak.1
 man: setup
@@ -28,11 +28,14 @@ bench: setup
 	@VMBAK_BENCH_DEPS=1 bash scripts/setup.sh
 	.venv/bin/python bench/bench_foundation.py
 
-# The S3 tests against Ceph radosgw (Debian's packages, a single-node cluster started by
-# scripts/ceph-rgw.sh) instead of moto. Not part of CI: it installs and starts Ceph.
+# The S3 tests against Ceph radosgw instead of moto, and the RBD tests (tests/ceph), on one
+# single-node cluster (Debian's packages, started by scripts/ceph-rgw.sh). Not part of
+# `make test` (CI): it installs and starts Ceph (40-65 s to start; the RBD tests take 2-6
+# minutes on the shared 2-core machine). Without `make test-ceph`, tests/ceph starts its own
+# cluster (fixture).
 test-ceph: setup
 	@bash scripts/ceph-rgw.sh start
-	. /tmp/vmbak-ceph/env && .venv/bin/python -m pytest tests/s3 -q; status=$$?; bash scripts/ceph-rgw.sh stop; exit $$status
+	. /tmp/vmbak-ceph/env && .venv/bin/python -m pytest tests/s3 tests/ceph -q -n 2 --dist loadgroup; status=$$?; bash scripts/ceph-rgw.sh stop; exit $$status
 
 clean:
 	rm -rf .venv build dist *.egg-info .pytest_cache

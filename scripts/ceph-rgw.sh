@@ -7,10 +7,13 @@
 #   bash scripts/ceph-rgw.sh stop    # stops the daemons and removes $DIR
 #
 # $DIR/env exports VMBAK_TEST_S3_ENDPOINT, VMBAK_TEST_S3_ACCESS_KEY, VMBAK_TEST_S3_SECRET_KEY
-# for tests/s3/conftest.py.
+# for tests/s3/conftest.py, and VMBAK_TEST_CEPH_CONF (the cluster's ceph.conf, whose keyring is
+# client.admin's) for the RBD tests (tests/ceph). VMBAK_CEPH_DIR, VMBAK_CEPH_RGW_PORT and
+# VMBAK_CEPH_MON_PORT (default 6789) let several clusters run side by side.
 set -euo pipefail
 DIR=${VMBAK_CEPH_DIR:-/tmp/vmbak-ceph}
 PORT=${VMBAK_CEPH_RGW_PORT:-7480}
+MON_PORT=${VMBAK_CEPH_MON_PORT:-6789}
 CONF=$DIR/ceph.conf
 ACCESS=VMBAKTESTACCESSKEY01
 SECRET=vmbaktestsecretkey0000000000000000000001
@@ -44,7 +47,7 @@ wait_for() {  # wait_for SECONDS CMD...
 }
 
 start() {
-    local pkgs=(ceph-mon ceph-mgr ceph-osd radosgw ceph-common uuid-runtime curl)
+    local pkgs=(ceph-mon ceph-mgr ceph-osd radosgw ceph-common uuid-runtime curl python3-rados python3-rbd)
     local missing=()
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -59,7 +62,7 @@ start() {
     cat >"$CONF" <<EOF
 [global]
 fsid = $fsid
-mon host = v1:127.0.0.1:6789
+mon host = v1:127.0.0.1:$MON_PORT
 public network = 127.0.0.0/8
 auth cluster required = cephx
 auth service required = cephx
@@ -92,7 +95,7 @@ EOF
     ceph-authtool --create-keyring "$DIR/keyring" --gen-key -n mon. --cap mon 'allow *' >/dev/null
     ceph-authtool "$DIR/keyring" --gen-key -n client.admin --cap mon 'allow *' --cap osd 'allow *' \
         --cap mgr 'allow *' --cap mds 'allow *' >/dev/null
-    monmaptool --create --addv a "[v1:127.0.0.1:6789]" --fsid "$fsid" "$DIR/monmap" >/dev/null
+    monmaptool --create --addv a "[v1:127.0.0.1:$MON_PORT]" --fsid "$fsid" "$DIR/monmap" >/dev/null
     ceph-mon -c "$CONF" --mkfs -i a --monmap "$DIR/monmap" --keyring "$DIR/keyring"
     ceph-mon -c "$CONF" -i a
     wait_for 30 ceph -c "$CONF" -s
@@ -117,6 +120,7 @@ EOF
 export VMBAK_TEST_S3_ENDPOINT=http://127.0.0.1:$PORT
 export VMBAK_TEST_S3_ACCESS_KEY=$ACCESS
 export VMBAK_TEST_S3_SECRET_KEY=$SECRET
+export VMBAK_TEST_CEPH_CONF=$CONF
 EOF
     echo "ceph-rgw: radosgw listening on http://127.0.0.1:$PORT (source $DIR/env)"
 }

@@ -12,7 +12,8 @@ APT_PKGS=(python3 python3-venv python3-dev python3-libnbd libnbd-bin nbdkit nbdk
           ntfs-3g btrfs-progs partclone fdisk lvm2 util-linux time fuse3 python3-pyfuse3
           libvirt-daemon-system libvirt-clients python3-libvirt qemu-system-x86 strace
           debootstrap zsh fish groff-base man-db ovmf swtpm swtpm-tools  # debootstrap: the bootable test guest (scripts/build-test-guest.sh); ovmf: UEFI guests and verify --boot --firmware uefi; swtpm: TPM guests
-          chromium chromium-driver)                # the dashboard's browser tests (selenium)
+          chromium chromium-driver                 # the dashboard's browser tests (selenium)
+          python3-rados python3-rbd)  # librbd's bindings: rbd:POOL/IMAGE disks (docs/rbd.md)
 if [[ "${VMBAK_BENCH_DEPS:-0}" == 1 ]]; then
     APT_PKGS+=(restic borgbackup time virtnbdbackup)  # virtnbdbackup: bench/bench_vm.py (not on PyPI)
 fi
@@ -37,8 +38,8 @@ if [[ -c /dev/kvm && $(id -u) -eq 0 ]] && getent group kvm >/dev/null; then
     chgrp kvm /dev/kvm && chmod 0660 /dev/kvm || true
 fi
 
-# Debian's python3 owns the libnbd bindings, so the venv is made by it and
-# sees its site-packages.
+# Debian's python3 owns the libnbd, libvirt, rados and rbd bindings (compiled for its
+# 3.11), so the venv is made by it and sees its site-packages.
 PY=/usr/bin/python3
 stamp=.venv/.vmbak-installed
 # A setup interrupted while the venv was made or pip ran leaves a venv without a working

@@ -48,7 +48,8 @@ def backup(repo: Repository, disk: str | os.PathLike[str] | DiskReader, name: st
            changes: str = "auto", block_size: int = DEFAULT_BLOCK_SIZE, workers: int = 2,
            progress: Progress | None = None, log: Callable[[str], None] | None = None, fmt: str | None = None,
            change_map: ChangeMap | None = None, verify_changes: bool = False,
-           skip_unused: bool = True, tags: list[str] | None = None) -> Manifest:
+           skip_unused: bool = True, tags: list[str] | None = None, ceph_conf: str | None = None,
+           ceph_id: str | None = None) -> Manifest:
     """Back up a disk under ``name``; the first backup of a name is full, later ones incremental.
 
     ``mode`` is "auto", "full", "incremental" or "differential". A path is opened exactly as
@@ -62,8 +63,26 @@ def backup(repo: Repository, disk: str | os.PathLike[str] | DiskReader, name: st
     snapshot's ``change_id``, for the next one. ``verify_changes`` also scans everything and
     notes blocks the map missed. ``skip_unused=False`` stores blocks that no filesystem uses
     too (``--no-skip-unused``), so that a restore gives back every byte, not just every used one.
+
+    ``disk`` "rbd:POOL/IMAGE" is a Ceph RBD image (``ceph_conf``, ``ceph_id`` as ``--ceph-conf``,
+    ``--ceph-id``): a new snapshot of it is read, and with ``changes`` "auto" only what librbd's
+    diff reports changed since the previous backup's snapshot (docs/rbd.md).
     """
     tags = check_tags(tags)
+    from vmbak.disks.rbd import is_rbd
+
+    if isinstance(disk, str) and is_rbd(disk):
+        if change_map is not None:
+            raise VmbakError("an RBD image brings its own change map; give no change_map")
+        sources.check_name(name)
+        lg = log or (lambda s: None)
+        spec = sources.parse_changes(changes)
+        with sources.open_source(repo, name=name, mode=mode, changes=spec, disk=disk, fmt=None,
+                                 block_size=block_size, log=lg, ceph_conf=ceph_conf, ceph_id=ceph_id) as src:
+            opts = BackupOptions(name=name, mode=mode, changes=spec.engine_changes, block_size=block_size,
+                                 workers=workers, progress=progress, log=log, verify_changes=verify_changes,
+                                 skip_unused=skip_unused, tags=tags)
+            return sources.run_backup(repo, src, opts, log=lg)
     if change_map is not None and changes != "auto":
         raise VmbakError("give either change_map or changes, not both")
     if isinstance(disk, DiskReader):
@@ -88,15 +107,28 @@ def backup(repo: Repository, disk: str | os.PathLike[str] | DiskReader, name: st
 
 def restore(repo: Repository, snapshot: str | Manifest, target: str | os.PathLike[str] | RestoreTarget, *,
             overwrite: bool = False, verify: bool = True, workers: int = 4,
-            progress: Progress | None = None, sync: bool = False, readback: bool = False) -> dict:
+            progress: Progress | None = None, sync: bool = False, readback: bool = False,
+            ceph_conf: str | None = None, ceph_id: str | None = None) -> dict:
     """Restore a snapshot (a Manifest, an id prefix, ``NAME:latest`` or ``NAME@TIME``) to a raw file or device.
 
-    An existing file or block device is written over only with ``overwrite``.
+    An existing file or block device is written over only with ``overwrite``. A target
+    "rbd:POOL/IMAGE" is a new Ceph RBD image, written sparsely (``ceph_conf``, ``ceph_id``).
 
     ``verify`` checks every block against the snapshot's block hashes as it is written;
     ``readback`` instead reads the whole target back after writing and checks that.
     """
     m = repo.find(snapshot) if isinstance(snapshot, str) else snapshot
+    from vmbak.disks.rbd import RbdRestoreTarget, is_rbd, parse_rbd
+
+    if isinstance(target, str) and is_rbd(target):
+        if overwrite:
+            raise VmbakError("vmbak restores into a new RBD image only; overwrite does not go with rbd:")
+        rt = RbdRestoreTarget(parse_rbd(target), m.disk_size, conf=ceph_conf, client_id=ceph_id)
+        try:
+            return _restore(repo, m, rt, verify=verify, workers=workers, progress=progress, sync=sync,
+                            readback=readback)
+        finally:
+            rt.close()
     if not isinstance(target, RestoreTarget):
         check_overwrite(target, overwrite)  # a block device needs overwrite=True, like a file
     tgt = target if isinstance(target, RestoreTarget) else os.fspath(target)

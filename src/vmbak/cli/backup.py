@@ -31,6 +31,8 @@ EPILOG = """examples:
   vmbak backup --libvirt db --hook-pre ./quiesce.sh --hook-post ./resume.sh
   vmbak backup --libvirt 'web-*'                                       # every matching domain, one summary
   vmbak backup --name db --changes qemu:/run/qemu/db.qmp:drive0 --guest-agent /run/qemu/db.qga
+  vmbak backup rbd:vms/db --name db                                    # Ceph RBD: snapshot + rbd diff
+  vmbak backup rbd:vms/db --name db --ceph-conf /etc/ceph/ceph.conf --ceph-id backup --verify-changes
 
 change sources (--changes):
   auto, scan        read DISK, store the blocks whose hash differs from the previous backup
@@ -41,6 +43,9 @@ change sources (--changes):
                     checkpoint is read while the VM keeps writing; committed after the snapshot is saved
   qemu:QMP:NODE     node or drive NODE of a running QEMU / qemu-storage-daemon with QMP socket QMP
                     (no DISK): a point-in-time view and a persistent dirty bitmap
+DISK rbd:POOL/IMAGE is a Ceph RBD image: each backup reads a new snapshot of it (vmbak.TIME.RANDOM);
+with auto, the changes are librbd's diff since the previous backup's snapshot (fast-diff with the
+object map), which is removed once the new snapshot is saved.
 When a change source cannot prove it saw every change (unknown change ID, lost or inconsistent
 bitmap), the backup says so and reads everything (scan) from a consistent view instead.
 
@@ -68,7 +73,8 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                        "stored once across all disks and backups.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("disk", metavar="DISK", nargs="?",
-                   help="raw file, block device or image file (not with track:, qemu: or --libvirt)")
+                   help="raw file, block device, image file or Ceph RBD image rbd:POOL/IMAGE (not with track:, "
+                   "qemu: or --libvirt)")
     p.add_argument("--name", help="the name this disk's backups share (e.g. web); with --libvirt the prefix "
                    "of each disk's name (default: the domain name)")
     p.add_argument("--tag", action="append", metavar="TAG[,TAG...]",
@@ -107,6 +113,11 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                    "a failure aborts the backup")
     p.add_argument("--hook-post", metavar="SCRIPT", help="run after the thaw (or after a DISK's backup), "
                    "whenever the pre hook ran")
+    p.add_argument("--ceph-conf", metavar="PATH",
+                   help="with rbd:POOL/IMAGE, the ceph.conf to use (default: $CEPH_CONF, then /etc/ceph/ceph.conf); "
+                   "it names the monitors and the keyring")
+    p.add_argument("--ceph-id", metavar="ID",
+                   help="with rbd:POOL/IMAGE, the Ceph client id (default admin: client.admin)")
     p.add_argument("--block-size", type=parse_size, default=DEFAULT_BLOCK_SIZE, metavar="N",
                    help="tracking block size (default 64K; e.g. 65536, 64K, 1M)")
     p.add_argument("--workers", type=int, default=2, help="worker threads (default 2)")
@@ -147,16 +158,24 @@ def cmd_backup(args: argparse.Namespace) -> int:
         raise VmbakError(f"--changes {changes} reads the disk through {changes.kind}; give no DISK argument")
     if args.format is not None and not changes.reads_disk_file:
         raise VmbakError(f"--format goes with a DISK argument, not with --changes {changes}")
+    from vmbak.disks.rbd import is_rbd
+
+    rbd = is_rbd(args.disk)
+    if rbd and args.format is not None:
+        raise VmbakError("--format does not go with an RBD image (rbd:POOL/IMAGE)")
+    if not rbd and (args.ceph_conf is not None or args.ceph_id is not None):
+        raise VmbakError("--ceph-conf and --ceph-id go with an RBD image (rbd:POOL/IMAGE)")
     if args.nbd_server is not None and changes.kind != "qemu":
         raise VmbakError("--nbd-server goes with --changes qemu:QMP_SOCKET:NODE")
-    if args.guest_agent is not None and changes.kind not in ("qemu", "track"):
-        raise VmbakError("--guest-agent goes with --changes qemu:QMP_SOCKET:NODE or track:SOCKET")
+    if args.guest_agent is not None and changes.kind not in ("qemu", "track") and not rbd:
+        raise VmbakError("--guest-agent goes with --changes qemu:QMP_SOCKET:NODE, track:SOCKET or rbd:POOL/IMAGE")
     with progress(args) as bar:  # shown while the repository and the source open, too
         repo = open_repo(args)
         lg = log(args)
         disk = args.disk if changes.reads_disk_file else str(changes)
-        q = _quiescer(args, lg, vm="", disk=disk, name=name, source=changes.kind if not changes.reads_disk_file
-                      else "file", point_in_time=not changes.reads_disk_file,
+        point = rbd or not changes.reads_disk_file
+        q = _quiescer(args, lg, vm="", disk=disk, name=name, source="rbd" if rbd else changes.kind
+                      if not changes.reads_disk_file else "file", point_in_time=point,
                       agent=(lambda: SocketAgent(args.guest_agent)) if args.guest_agent else None,
                       agent_key=SocketAgent.key_for(args.guest_agent) if args.guest_agent else None)
         ok = False
@@ -164,7 +183,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
             q.start()
             src = sources.open_source(repo, name=name, mode=args.mode, changes=changes, disk=args.disk,
                                       fmt=args.format, block_size=args.block_size, nbd_server=args.nbd_server, log=lg,
-                                      quiesce=None if changes.reads_disk_file else q.frozen)
+                                      quiesce=q.frozen if point else None, ceph_conf=args.ceph_conf,
+                                      ceph_id=args.ceph_id)
             with src:
                 opts = BackupOptions(name=name, mode=args.mode, changes=changes.engine_changes,
                                      verify_changes=args.verify_changes, block_size=args.block_size,
@@ -211,6 +231,8 @@ def _cmd_libvirt(args: argparse.Namespace, changes) -> int:  # noqa: ANN001 - a 
         raise VmbakError("--libvirt reads every disk of the domain; give no DISK argument")
     if args.format is not None or args.nbd_server is not None:
         raise VmbakError("--format and --nbd-server do not go with --libvirt")
+    if args.ceph_conf is not None or args.ceph_id is not None:
+        raise VmbakError("--ceph-conf and --ceph-id go with an RBD image (rbd:POOL/IMAGE)")
     domain = args.libvirt
     if not domain:
         raise VmbakError("--libvirt needs a domain name")

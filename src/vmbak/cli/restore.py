@@ -21,6 +21,8 @@ EPILOG = """examples:
   vmbak restore --libvirt db:latest --define db-restored      # disks, NVRAM, TPM state, kernel/initrd, XML
   vmbak restore --libvirt db@2026-11-22 /var/lib/libvirt/images/restore --format raw
   vmbak restore --from-serve /run/vmbak/web.sock /var/lib/images/web.raw   # see vmbak serve --writable
+  vmbak restore db:latest rbd:vms/db-restored                 # a new Ceph RBD image, written sparsely
+  vmbak restore db:latest rbd:vms/db2 --ceph-conf /etc/ceph/ceph.conf --ceph-id backup
 
 With filters, NAME:latest, NAME and NAME@TIME pick the newest matching snapshot of NAME;
 `latest` picks the newest matching snapshot (the filters must select one disk name); an
@@ -84,6 +86,10 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                    "'vmbak serve --writable --socket SOCKET' (the snapshot with the overlay's writes) to the "
                    "new raw file TARGET while clients keep writing, then switch the export over to TARGET "
                    "(usage: vmbak restore --from-serve SOCKET TARGET)")
+    p.add_argument("--ceph-conf", metavar="PATH",
+                   help="with TARGET rbd:POOL/IMAGE, the ceph.conf to use (default: $CEPH_CONF, then "
+                   "/etc/ceph/ceph.conf)")
+    p.add_argument("--ceph-id", metavar="ID", help="with TARGET rbd:POOL/IMAGE, the Ceph client id (default admin)")
     p.add_argument("--workers", type=int, default=4,
                    help="worker threads (default 4: restore waits on writes more than on the CPU)")
     add_filter_options(p, name_help="only snapshots of this disk name (useful with SNAP latest)")
@@ -113,6 +119,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise VmbakError("--verify-readback and --no-verify contradict each other")
     if args.target is None:
         raise VmbakError("give the TARGET to restore to (a new file or an existing file or device)")
+    from vmbak.disks.rbd import is_rbd
+
+    if is_rbd(args.target):
+        return _cmd_rbd(args, where)
+    if args.ceph_conf is not None or args.ceph_id is not None:
+        raise VmbakError("--ceph-conf and --ceph-id go with a TARGET rbd:POOL/IMAGE")
     fmt = _format_for(args.target, args.format)
     from vmbak.disks.qemu import ImageRestoreTarget
     from vmbak.engine.overwrite import check_overwrite
@@ -147,6 +159,41 @@ def cmd_restore(args: argparse.Namespace) -> int:
             end = d["start_block"] + d["blocks"] - 1
             lines.append(f"  blocks {d['start_block']}-{end} (bytes {d['offset']}-{d['offset'] + d['length'] - 1}) "
                          f"of snapshot {d['snapshot']}: {d['reason']}")
+    emit_summary(args, r, "\n".join(lines))
+    return EXIT_PARTIAL if r["damaged"] else 0
+
+
+def _cmd_rbd(args: argparse.Namespace, where) -> int:  # noqa: ANN001 - a SnapshotFilter
+    from vmbak.disks.rbd import RbdRestoreTarget, parse_rbd
+    from vmbak.engine.restore import restore
+
+    spec = parse_rbd(args.target)
+    if args.format not in (None, "raw"):
+        raise VmbakError("an RBD image holds the raw disk: --format does not go with rbd:POOL/IMAGE")
+    if args.overwrite:
+        raise VmbakError("vmbak restores into a new RBD image only; --overwrite does not go with rbd:POOL/IMAGE")
+    bar = progress(args)
+    repo = open_repo(args)
+    m, alias = repo.resolve(args.snapshot, where)
+    tgt = RbdRestoreTarget(spec, m.disk_size, conf=args.ceph_conf, client_id=args.ceph_id)
+    try:
+        r = restore(repo, m, tgt, verify=not args.no_verify, workers=args.workers, progress=bar,  # type: ignore[arg-type]
+                    sync=args.sync, readback=args.verify_readback, ignore_errors=args.ignore_errors)
+    except BaseException:
+        tgt.discard()  # a new image never appears half written
+        raise
+    finally:
+        bar.close()
+        tgt.close()
+    r["format"] = "rbd"
+    r["alias"] = alias
+    text = (f"restored snapshot {m.short_id} ({printable(m.name)}, {m.time}) to {r['target']}: "
+            f"{human(r['written_bytes'])} written from a chain of {r['chain_length']}"
+            + (", verified" if r["verified"] else "") + f" in {r['duration_s']} s")
+    lines = [text] + [f"warning: {w}" for w in r["warnings"]]
+    if r["damaged"]:
+        lost = sum(d["length"] for d in r["damaged"])
+        lines.append(f"PARTIAL: {len(r['damaged'])} damaged block ranges ({human(lost)}) hold zeros")
     emit_summary(args, r, "\n".join(lines))
     return EXIT_PARTIAL if r["damaged"] else 0
 

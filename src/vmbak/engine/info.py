@@ -61,11 +61,7 @@ def repo_stats(repo: Repository) -> dict:
     ms = repo.manifests()
     index = repo.index
     pack_bytes = sum(index.pack_sizes.values())
-    raw_total = 0
-    stored_total = 0
-    for _, loc in index.items():
-        raw_total += loc.raw_length
-        stored_total += loc.length
+    raw_total, stored_total = index.totals()
     referenced_data = sum(referenced_bytes(m) for m in ms)
     # block hash tables are chunks too, but no extent refers to them: not deduplicated data
     meta = {cid for m in ms for cid in m.bht_chunks}

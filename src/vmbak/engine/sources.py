@@ -299,12 +299,47 @@ def open_qemu_source(sock: str, node: str, since: str | None, block_size: int, n
                         change_id=s.change_id, notes=notes, _commit=s.commit, _abort=s.abort)
 
 
+def open_rbd_source(spec: str, since: str | None, changes: ChangeSpec, mode: str, block_size: int, *,
+                    ceph_conf: str | None = None, ceph_id: str | None = None, log: Log | None = None,
+                    quiesce: Quiesce | None = None) -> BackupSource:
+    """A new snapshot of an RBD image (``rbd:POOL/IMAGE``) and librbd's diff since the
+    snapshot ``since`` names (changes/rbd.py); ``quiesce`` is entered around the snapshot."""
+    from vmbak.changes.rbd import open_session
+    from vmbak.disks.rbd import parse_rbd
+
+    log = log or (lambda s: None)
+    if changes.kind not in ("auto", "scan", "full"):
+        raise VmbakError(f"an RBD image brings its own change source (rbd diff); --changes {changes} "
+                         "does not go with it (use auto, scan or full)")
+    rs = parse_rbd(spec)
+    s = open_session(rs, since, block_size, conf=ceph_conf, client_id=ceph_id,
+                     keep_older=mode == "differential" and since is not None, log=log,
+                     quiesce=quiesce)
+    if changes.kind != "auto":
+        s.change_map = None  # scan or full: read every used block of the new snapshot
+    return BackupSource(reader=s.reader, description=str(rs), change_map=s.change_map, change_id=s.change_id,
+                        notes=list(s.notes), extra={"rbd": {"pool": rs.pool, "image": rs.image,
+                                                            "snapshot": s.snapshot}},
+                        _commit=s.commit, _abort=s.abort)
+
+
 def open_source(repo: Repository, *, name: str, mode: str, changes: ChangeSpec, disk: str | None,
                 fmt: str | None, block_size: int, nbd_server: str | None = None,
-                log: Log | None = None, quiesce: Quiesce | None = None) -> BackupSource:
+                log: Log | None = None, quiesce: Quiesce | None = None, ceph_conf: str | None = None,
+                ceph_id: str | None = None) -> BackupSource:
     """Open what ``vmbak backup`` reads for one disk. ``quiesce`` (``Quiescer.frozen``) is
-    entered around the creation of a point-in-time view (``track:`` and ``qemu:``)."""
+    entered around the creation of a point-in-time view (``track:``, ``qemu:`` and ``rbd:``)."""
+    from vmbak.disks.rbd import is_rbd
+
     log = log or (lambda s: None)
+    if is_rbd(disk):
+        assert disk is not None
+        parent = previous_snapshot(repo, name, mode)
+        since = parent.change_id if parent is not None else None
+        return open_rbd_source(disk, since, changes, mode, block_size, ceph_conf=ceph_conf, ceph_id=ceph_id,
+                               log=log, quiesce=quiesce)
+    if ceph_conf is not None or ceph_id is not None:
+        raise VmbakError("--ceph-conf and --ceph-id go with an RBD image (rbd:POOL/IMAGE)")
     if changes.kind in ("track", "qemu"):
         parent = previous_snapshot(repo, name, mode)
         since = parent.change_id if parent is not None else None

@@ -13,6 +13,7 @@ own headers, so nothing that landed is ever stored twice.
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from dataclasses import dataclass
 
@@ -36,24 +37,180 @@ class Location:
     raw_length: int
 
 
+# The in-memory index (see docs/index-memory.md): one sorted table of columns, 48 bytes per
+# chunk. ``key`` is the chunk id's first 8 bytes read big-endian (so sorting by key sorts
+# by id prefix); ``r1``..``r3`` are its other 24 bytes; ``pack`` numbers a pack in
+# ``Index.packs``. Offsets fit 32 bits: a pack is at most pack_size (<= 1 GiB) plus one chunk.
+_COLS = {"key": np.dtype("<u8"), "r1": np.dtype("<u8"), "r2": np.dtype("<u8"), "r3": np.dtype("<u8"),
+         "pack": np.dtype("<u4"), "off": np.dtype("<u4"), "len": np.dtype("<u4"), "raw": np.dtype("<u4")}
+BYTES_PER_CHUNK = sum(d.itemsize for d in _COLS.values())
+_REST = struct.Struct("<QQQ")
+_MAX_OFF = (1 << 32) - 1
+# Chunks added after the table was built wait in a dict (about 200 bytes each) until there
+# are max(COMPACT_MIN, len(table) // COMPACT_DIV) of them; then they are merged in.
+COMPACT_MIN = 1 << 16
+COMPACT_DIV = 16
+
+
+class _Table:
+    """An immutable, sorted, duplicate-free set of columns (BYTES_PER_CHUNK per chunk)."""
+
+    __slots__ = tuple(_COLS)
+
+    def __init__(self, cols: dict[str, np.ndarray] | None = None) -> None:
+        for name, dt in _COLS.items():
+            setattr(self, name, np.zeros(0, dt) if cols is None else cols[name])
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+    def find(self, cid: bytes) -> int:
+        """The row holding ``cid``, or -1."""
+        key = self.key
+        n = len(key)
+        if not n:
+            return -1
+        k = int.from_bytes(cid[:8], "big")
+        i = int(key.searchsorted(np.uint64(k)))
+        if i >= n or int(key[i]) != k:
+            return -1
+        a, b, c = _REST.unpack_from(cid, 8)
+        while i < n and int(key[i]) == k:  # more than one row only when 8-byte prefixes collide
+            if int(self.r1[i]) == a and int(self.r2[i]) == b and int(self.r3[i]) == c:
+                return i
+            i += 1
+        return -1
+
+    def row(self, i: int) -> tuple[int, int, int, int]:
+        return int(self.pack[i]), int(self.off[i]), int(self.len[i]), int(self.raw[i])
+
+
+def _ids(cols: dict[str, np.ndarray] | _Table, start: int, stop: int) -> np.ndarray:
+    """The chunk ids of rows [start, stop) as a V32 array."""
+    get = cols.__getitem__ if isinstance(cols, dict) else lambda n: getattr(cols, n)
+    key = get("key")[start:stop]
+    out = np.empty((len(key), 4), "<u8")
+    out[:, 0] = key.byteswap()
+    out[:, 1] = get("r1")[start:stop]
+    out[:, 2] = get("r2")[start:stop]
+    out[:, 3] = get("r3")[start:stop]
+    return out.view("V32").reshape(-1)
+
+
+def _columns(entries: np.ndarray, pack_no: np.ndarray | int) -> dict[str, np.ndarray]:
+    """Columns for PACK_ENTRY or INDEX_ENTRY rows (``pack_no``: their global pack numbers)."""
+    n = len(entries)
+    words = np.ascontiguousarray(entries["id"]).view("<u8").reshape(n, 4)
+    cols = {"key": words[:, 0].byteswap(), "r1": words[:, 1].copy(), "r2": words[:, 2].copy(),
+            "r3": words[:, 3].copy(), "pack": np.empty(n, "<u4"), "off": entries["off"].astype("<u4"),
+            "len": entries["len"].astype("<u4"), "raw": entries["raw"].astype("<u4")}
+    cols["pack"][:] = pack_no
+    return cols
+
+
+def _build(pieces: list[dict[str, np.ndarray]], doomed: set[int]) -> _Table:
+    """Sort the rows of ``pieces`` by id and keep one row per id: the first one outside a
+    doomed pack, else the first one. Column by column, so that the peak is the result plus
+    two 8-byte columns per row."""
+    cols: dict[str, np.ndarray] = {}
+    for name, dt in _COLS.items():
+        cols[name] = np.concatenate([p.pop(name) for p in pieces]) if pieces else np.zeros(0, dt)
+        trim_heap()  # the pieces were small enough to live in the heap: give their pages back now
+    pieces.clear()
+    order = np.argsort(cols["key"])
+    for name in _COLS:
+        cols[name] = cols[name][order]
+    key = cols["key"]
+    eq = key[1:] == key[:-1]
+    if eq.any():  # duplicated ids (and the rare colliding 8-byte prefixes): settle them exactly
+        m = np.zeros(len(key), bool)
+        m[1:] |= eq
+        m[:-1] |= eq
+        pos = np.flatnonzero(m)
+        rank = order[pos]
+        bad = np.isin(cols["pack"][pos], np.fromiter(doomed, np.uint32, len(doomed)))
+        perm = np.lexsort((rank, bad, cols["r3"][pos], cols["r2"][pos], cols["r1"][pos], key[pos]))
+        for name in _COLS:
+            cols[name][pos] = cols[name][pos][perm]
+        same = np.ones(len(pos) - 1, bool)
+        for name in ("key", "r1", "r2", "r3"):
+            v = cols[name][pos]
+            same &= v[1:] == v[:-1]
+        keep = np.ones(len(key), bool)
+        keep[pos[1:][same]] = False
+        del order
+        for name in _COLS:
+            cols[name] = cols[name][keep]
+    return _Table(cols)
+
+
+def _merge(table: _Table, new: dict[bytes, tuple[int, int, int, int]],
+           over: set[bytes]) -> _Table:
+    """A table holding ``table``'s rows and ``new``'s (rows in ``over`` replace the table's)."""
+    fresh = [cid for cid in new if cid not in over]
+    cols: dict[str, np.ndarray] = {}
+    if fresh:
+        arr = np.empty(len(fresh), [("id", "V32"), ("off", "<u8"), ("len", "<u4"), ("raw", "<u4")])
+        arr["id"] = np.frombuffer(b"".join(fresh), "V32")
+        rows = np.array([new[c] for c in fresh], np.uint64).reshape(-1, 4)
+        arr["off"], arr["len"], arr["raw"] = rows[:, 1], rows[:, 2], rows[:, 3]
+        add = _columns(arr, rows[:, 0].astype("<u4"))
+        order = np.argsort(add["key"])
+        at = table.key.searchsorted(add["key"][order])
+        for name in _COLS:
+            cols[name] = np.insert(getattr(table, name), at, add[name][order])
+    else:
+        cols = {name: getattr(table, name).copy() for name in _COLS}
+    out = _Table(cols)
+    for cid in over:
+        i = out.find(cid)
+        out.pack[i], out.off[i], out.len[i], out.raw[i] = new[cid]
+    return out
+
+
+def trim_heap() -> None:
+    """Give the heap that loading left free back to the system. glibc raises its mmap
+    threshold after the first large free, so the index files' buffers (megabytes each) come
+    from the heap and stay in the RSS as free space (~20 bytes per chunk) until trimmed."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
 class Index:
-    """In-memory chunk index. Lookups are safe from several threads while one thread adds."""
+    """In-memory chunk index. Lookups are safe from several threads while one thread adds.
+
+    Rows live in a sorted table of numpy columns (BYTES_PER_CHUNK bytes per chunk, found by
+    binary search); chunks added later wait in a small dict until they are merged in."""
 
     def __init__(self) -> None:
         self.packs: list[str] = []
         self._pack_no: dict[str, int] = {}
-        self._map: dict[bytes, tuple[int, int, int, int]] = {}
         self.pack_sizes: dict[str, int] = {}
         # Packs a prune mark condemned (see repo/marks.py): their copies of a chunk are
         # used only when no other copy is known, and never to deduplicate against.
         self.doomed: frozenset[str] = frozenset()
         self._doomed_no: set[int] = set()
+        # (table, recent, ids in recent that replace a table row): swapped as one, so a
+        # reader never sees half of a merge
+        self._state: tuple[_Table, dict[bytes, tuple[int, int, int, int]], set[bytes]] = (_Table(), {}, set())
+        self._staged: list[dict[str, np.ndarray]] = []
 
     def __len__(self) -> int:
-        return len(self._map)
+        table, recent, over = self._state
+        return len(table) + len(recent) - len(over)
+
+    def _lookup(self, chunk_id: bytes) -> tuple[int, int, int, int] | None:
+        table, recent, _ = self._state
+        t = recent.get(chunk_id)
+        if t is not None:
+            return t
+        i = table.find(chunk_id)
+        return None if i < 0 else table.row(i)
 
     def __contains__(self, chunk_id: bytes) -> bool:
-        return chunk_id in self._map
+        return self._lookup(chunk_id) is not None
 
     def _pno(self, pack_id: str) -> int:
         n = self._pack_no.get(pack_id)
@@ -64,37 +221,70 @@ class Index:
         return n
 
     def set_doomed(self, packs: set[str] | frozenset[str]) -> None:
-        """Declare the packs prune marks condemned; call before adding packs."""
+        """Declare the packs prune marks condemned; call before ``commit``/``add_pack``."""
         self.doomed = frozenset(packs)
         self._doomed_no = {self._pno(p) for p in packs}
 
+    # -- bulk loading: stage every index file and pack header, then commit once
+    def stage(self, pack_ids: list[str], entries: np.ndarray, size: int | None = None) -> None:
+        """Stage rows for ``commit``: INDEX_ENTRY rows (``pack`` numbers ``pack_ids``), or
+        PACK_ENTRY rows of the single pack in ``pack_ids``. IntegrityError if out of range."""
+        if len(entries) and int(entries["off"].max()) > _MAX_OFF:
+            raise IntegrityError("a chunk offset lies beyond 4 GiB (no pack is that large)")
+        nos = np.fromiter((self._pno(p) for p in pack_ids), np.uint32, len(pack_ids))
+        if "pack" in (entries.dtype.names or ()):
+            pack_no: np.ndarray | int = nos[entries["pack"]]
+        else:
+            pack_no = int(nos[0])
+            if size is not None:
+                self.pack_sizes[pack_ids[0]] = size
+        self._staged.append(_columns(entries, pack_no))
+
+    def commit(self) -> None:
+        """Build the table from everything staged (and what the index held before)."""
+        trim_heap()  # what decoding the index files left free, before the sort's peak
+        table, recent, over = self._state
+        if recent:
+            table = _merge(table, recent, over)
+        pieces = [{n: getattr(table, n) for n in _COLS}] + self._staged if len(table) else self._staged
+        self._staged = []
+        del table
+        self._state = (_build(pieces, self._doomed_no), {}, set())
+        trim_heap()
+
+    # -- adding packs one by one (a writer)
     def add_pack(self, pack_id: str, entries: np.ndarray, size: int | None = None) -> None:
         n = self._pno(pack_id)
         if size is not None:
             self.pack_sizes[pack_id] = size
-        m = self._map
+        if len(entries) and int(entries["off"].max()) > _MAX_OFF:
+            raise IntegrityError(f"pack {pack_id[:16]}: a chunk offset lies beyond 4 GiB")
+        table, recent, over = self._state
         dn = self._doomed_no
-        ids, offs, lens, raws = (entries["id"].tolist(), entries["off"].tolist(), entries["len"].tolist(),
-                                 entries["raw"].tolist())
-        if not dn:
-            for cid, off, ln, raw in zip(ids, offs, lens, raws, strict=True):
-                if cid not in m:
-                    m[cid] = (n, off, ln, raw)
-            return
         replace = n not in dn  # a copy outside doomed packs wins over a doomed one
-        for cid, off, ln, raw in zip(ids, offs, lens, raws, strict=True):
-            t = m.get(cid)
-            if t is None or (replace and t[0] in dn):
-                m[cid] = (n, off, ln, raw)
+        for cid, off, ln, raw in zip(entries["id"].tolist(), entries["off"].tolist(), entries["len"].tolist(),
+                                     entries["raw"].tolist(), strict=True):
+            t = recent.get(cid)
+            if t is None:
+                i = table.find(cid)
+                if i < 0:
+                    recent[cid] = (n, off, ln, raw)
+                elif replace and dn and int(table.pack[i]) in dn:
+                    over.add(cid)
+                    recent[cid] = (n, off, ln, raw)
+            elif replace and t[0] in dn:
+                recent[cid] = (n, off, ln, raw)
+        if len(recent) >= max(COMPACT_MIN, len(table) // COMPACT_DIV):
+            self._state = (_merge(table, recent, over), {}, set())
 
     def usable(self, chunk_id: bytes) -> bool:
         """Whether a writer may reference this chunk without storing it: it has a copy in
         a pack that no prune mark condemned."""
-        t = self._map.get(chunk_id)
+        t = self._lookup(chunk_id)
         return t is not None and t[0] not in self._doomed_no
 
     def get(self, chunk_id: bytes) -> Location | None:
-        t = self._map.get(chunk_id)
+        t = self._lookup(chunk_id)
         if t is None:
             return None
         return Location(self.packs[t[0]], t[1], t[2], t[3])
@@ -102,9 +292,30 @@ class Index:
     def known_packs(self) -> set[str]:
         return set(self.packs)
 
+    def totals(self) -> tuple[int, int]:
+        """(sum of raw lengths, sum of stored lengths) over all chunks."""
+        table, recent, over = self._state
+        raw = int(table.raw.sum(dtype=np.uint64)) + sum(t[3] for t in recent.values())
+        stored = int(table.len.sum(dtype=np.uint64)) + sum(t[2] for t in recent.values())
+        for cid in over:  # counted in the table too
+            i = table.find(cid)
+            raw -= int(table.raw[i])
+            stored -= int(table.len[i])
+        return raw, stored
+
     def items(self):  # noqa: ANN201 - iterator of (id, Location)
-        for cid, t in self._map.items():
-            yield cid, Location(self.packs[t[0]], t[1], t[2], t[3])
+        table, recent, over = self._state
+        packs = self.packs
+        for cid, t in recent.items():
+            yield cid, Location(packs[t[0]], t[1], t[2], t[3])
+        step = 1 << 16
+        for s in range(0, len(table), step):
+            ids = _ids(table, s, s + step).tolist()
+            rows = zip(table.pack[s:s + step].tolist(), table.off[s:s + step].tolist(),
+                       table.len[s:s + step].tolist(), table.raw[s:s + step].tolist(), strict=True)
+            for cid, (p, o, ln, r) in zip(ids, rows, strict=True):
+                if cid not in over:
+                    yield cid, Location(packs[p], o, ln, r)
 
 
 def encode_index(pack_entries: list[tuple[str, np.ndarray]], supersedes: list[str] | None = None) -> bytes:
@@ -139,8 +350,8 @@ def max_plain_size(compressed: int) -> int:
     return 8 * compressed + (64 << 10)
 
 
-def decode_index(payload: bytes, what: str) -> tuple[list[str], list[tuple[str, np.ndarray]]]:
-    """Return (supersedes, [(pack_id, PACK-like entries)]) from an index plaintext."""
+def decode_index_flat(payload: bytes, what: str) -> tuple[list[str], list[str], np.ndarray]:
+    """Return (supersedes, pack ids, INDEX_ENTRY rows) from an index plaintext."""
     raw = zstd.decompress(payload, max_plain_size(len(payload)), what)
     try:
         if raw[:8] != INDEX_MAGIC:
@@ -163,6 +374,15 @@ def decode_index(payload: bytes, what: str) -> tuple[list[str], list[tuple[str, 
         raise IntegrityError(f"{what}: truncated") from None
     if ne and int(arr["pack"].max()) >= npk:
         raise IntegrityError(f"{what}: entry names an unknown pack")
+    if ne and int(arr["off"].max()) > _MAX_OFF:
+        raise IntegrityError(f"{what}: a chunk offset lies beyond 4 GiB")
+    return sup, packs, arr
+
+
+def decode_index(payload: bytes, what: str) -> tuple[list[str], list[tuple[str, np.ndarray]]]:
+    """Return (supersedes, [(pack_id, PACK-like entries)]) from an index plaintext."""
+    sup, packs, arr = decode_index_flat(payload, what)
+    npk = len(packs)
     order = np.argsort(arr["pack"], kind="stable")
     arr = arr[order]
     bounds = np.searchsorted(arr["pack"], np.arange(npk + 1))

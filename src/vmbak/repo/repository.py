@@ -40,7 +40,15 @@ from vmbak.repo.crypto import (
     wrap_key,
 )
 from vmbak.repo.filters import SnapshotFilter
-from vmbak.repo.index import INDEX_AAD, Index, Location, decode_index, encode_index, index_id
+from vmbak.repo.index import (
+    INDEX_AAD,
+    Index,
+    Location,
+    decode_index,
+    decode_index_flat,
+    encode_index,
+    index_id,
+)
 from vmbak.repo.manifest import MANIFEST_AAD, Manifest, decode_manifest, encode_manifest, is_full
 from vmbak.repo.marks import doomed_packs
 from vmbak.repo.pack import (
@@ -126,6 +134,9 @@ class Repository:
         self.sealer = Sealer(master, self.encryption)
         self.master = master  # for key management (vmbak key add / passwd)
         self._index: Index | None = None
+        # The index is loaded on first use, which may be from several pipeline threads at
+        # once: one loads it, the others wait (two loads would double the peak memory).
+        self._index_lock = threading.Lock()
         self._indexed_packs: set[str] = set()
         self._index_files: list[str] = []
         self._manifests: dict[str, Manifest] | None = None
@@ -300,21 +311,25 @@ class Repository:
     # ------------------------------------------------------------------ index
     @property
     def index(self) -> Index:
-        if self._index is None:
-            self._load_index()
-        assert self._index is not None
-        return self._index
+        idx = self._index
+        if idx is None:
+            with self._index_lock:
+                if self._index is None:
+                    self._load_index()
+                idx = self._index
+        assert idx is not None
+        return idx
 
     def _load_index(self) -> None:
-        idx = Index()
         for attempt in range(10):
             files = sorted(n for n, _ in self.backend.list("index"))
-            loaded: list[tuple[str, np.ndarray]] = []
+            idx = Index()
+            loaded: list[str] = []
             damaged: dict[str, str] = {}
             gone = False
             for name in files:
                 try:
-                    packs = self.read_index_file(name)
+                    packs, entries = self.read_index_file_flat(name)
                 except ObjectMissing:
                     # A prune (or repair) consolidating the index deletes files only after
                     # writing the one that supersedes them: list again.
@@ -325,7 +340,13 @@ class Repository:
                     # their headers below, like packs a killed backup left unindexed.
                     damaged[name] = str(e)
                     continue
+                try:
+                    idx.stage(packs, entries)
+                except IntegrityError as e:
+                    damaged[name] = f"index file {name}: {e}"
+                    continue
                 loaded.extend(packs)
+                del entries
             if not gone:
                 break
             if attempt == 9:
@@ -337,9 +358,7 @@ class Repository:
         # sweep is deleting it is then either still named by a mark, or already gone.
         doomed = doomed_packs(self.backend, self.sealer)
         idx.set_doomed(doomed)
-        for pack_id, entries in loaded:
-            idx.add_pack(pack_id, entries)
-            self._indexed_packs.add(pack_id)
+        self._indexed_packs.update(loaded)
         self._index_files = files
         # Packs that landed without an index file (a killed backup): read their headers.
         recovered = []
@@ -354,11 +373,15 @@ class Repository:
                 entries = read_header(self.backend, self.sealer, pack_id, size)
             except RepositoryError:
                 continue  # damaged (check reports it; never used) or just deleted
-            idx.add_pack(pack_id, entries, size)
+            try:
+                idx.stage([pack_id], entries, size)
+            except IntegrityError:
+                continue
             if pack_id not in doomed:
                 # A doomed pack is used (as a last resort) only while a damaged index file
                 # may have been what named it, and never written into an index file.
                 recovered.append((pack_id, entries))
+        idx.commit()
         self._index = idx
         # Only a lock holder records recovered packs in an index file: prune waits for the
         # lock holders that might not have seen its marks, never for lock-free readers.
@@ -371,6 +394,17 @@ class Repository:
         clean = getattr(self.backend, "clean_stale_temp", None)
         if clean is not None:
             clean()
+
+    def read_index_file_flat(self, name: str) -> tuple[list[str], np.ndarray]:
+        """Like read_index_file, unsplit: (pack ids, INDEX_ENTRY rows)."""
+        blob = self.backend.read(name)
+        what = f"index file {name}"
+        payload = self.sealer.open(blob, INDEX_AAD, what)
+        if name.rsplit("/", 1)[-1] != index_id(blob):
+            raise IntegrityError(f"{what}: content does not match its name (renamed or tampered)")
+        del blob
+        _, packs, entries = decode_index_flat(payload, what)
+        return packs, entries
 
     def read_index_file(self, name: str) -> list[tuple[str, np.ndarray]]:
         """The packs (and their entries) one index file names; IntegrityError if the file
