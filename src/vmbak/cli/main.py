@@ -28,9 +28,49 @@ import argparse  # noqa: E402
 
 GROUPS = ["repository", "backup", "restore", "snapshots", "keys", "maintenance", "copy", "completion", "manpage"]
 OPTIONAL_GROUPS = ["track", "usage_cmd", "serve", "browse", "service"]  # present when their modules are installed
+# The top-level commands (and aliases) each group registers. A command line naming one of
+# them builds only that group's parser, so a command imports only what it uses (start-up
+# time: `vmbak snapshots` need not import the backup pipeline, the usage parsers or the
+# HTTP server). tests/foundation/test_startup.py checks this table against the groups.
+COMMAND_GROUPS = {
+    "init": "repository", "check": "repository", "stats": "repository",
+    "backup": "backup", "restore": "restore", "snapshots": "snapshots", "diff": "snapshots",
+    "key": "keys", "forget": "maintenance", "prune": "maintenance", "merge": "maintenance",
+    "repair": "maintenance", "unlock": "maintenance", "copy": "copy", "completion": "completion",
+    "man": "manpage", "track": "track", "usage": "usage_cmd", "serve": "serve",
+    "ls": "browse", "cat": "browse", "find": "browse", "dump": "browse", "extract": "browse", "mount": "browse",
+    "server": "service", "jobs": "service",
+}
+# Global options (see build_parser) that take a value, and those that take none.
+_GLOBAL_VALUE_OPTIONS = ("-r", "--repo", "--password-file", "--password-command", "--s3-endpoint")
+_GLOBAL_FLAGS = ("--json", "-q", "--quiet")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_group(argv: list[str]) -> str | None:
+    """The group of the command ``argv`` names, when that is certain from the global options
+    before it; None (build every group) otherwise: no command, --help or --version first,
+    an unknown or abbreviated option, or a name that is not a command."""
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in _GLOBAL_FLAGS:
+            i += 1
+        elif a in _GLOBAL_VALUE_OPTIONS:
+            i += 2
+        elif a.startswith("--") and a.split("=", 1)[0] in _GLOBAL_VALUE_OPTIONS:
+            i += 1
+        elif a.startswith("-r") and not a.startswith("--") and len(a) > 2:
+            i += 1  # -rPATH
+        elif a.startswith("-"):
+            return None
+        else:
+            return COMMAND_GROUPS.get(a)
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The command-line parser: every command's, or (with ``argv``) only the group of the
+    command that ``argv`` names when command_group knows it."""
     import importlib
     import inspect
 
@@ -63,9 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"vmbak {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    only = command_group(argv) if argv is not None else None
     for g in GROUPS:
-        importlib.import_module(f"vmbak.cli.{g}").register(sub, common)
+        if only is None or g == only:
+            importlib.import_module(f"vmbak.cli.{g}").register(sub, common)
     for g in OPTIONAL_GROUPS:
+        if only is not None and g != only:
+            continue
         try:
             mod = importlib.import_module(f"vmbak.cli.{g}")
             if len(inspect.signature(mod.register).parameters) >= 2:
@@ -138,7 +182,7 @@ def _main(argv: list[str] | None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     _JSON[0] = "--json" in argv
-    parser = build_parser()
+    parser = build_parser(argv)
     try:
         args = parser.parse_args(argv)
         for k, v in (("repo", None), ("password_file", None), ("password_command", None), ("json", False),
