@@ -290,8 +290,10 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
         writer = repo.chunk_writer()
         pipe = _Pipeline(repo, disk, bs, grid, parent_bht, writer.has)
         cur = parent_bht.copy() if parent_bht is not None else np.zeros((nblocks, 2), BHT_DTYPE)
-        # Considered blocks that are not read read as zeros (holes, unused blocks).
-        cur[considered & ~to_read] = 0
+        # Considered blocks that are not read read as zeros (holes, unused blocks). A full's
+        # table starts as zeros: writing them would make all of it resident (512 MiB at 2 TiB).
+        if parent_bht is not None:
+            cur[considered & ~to_read] = 0
         ext_start: list[int] = []
         ext_count: list[int] = []
         ext_id: list[bytes] = []
