@@ -116,3 +116,20 @@ def test_version_2_repository_keeps_its_ids_for_incrementals(make_repo, make_dis
     assert cfg["version"] == 2 and "chunk_id" not in cfg
     repo.restore("o2:latest", tmp_path / "o.img")
     assert_same_file(tmp_path / "o.img", disk.path)
+
+
+def test_copy_from_a_version_2_repository_into_a_version_3_one(make_repo, make_disk, tmp_path, assert_same_file):
+    """copy recomputes ids when the schemes differ: the destination's chunks follow its own scheme."""
+    old = make_repo("none", chunk_id="blake3", name="src-old")
+    new = make_repo("aes-256-gcm", name="dst-new")
+    disk = mixed_disk(make_disk, "c.img")
+    old.backup(disk, "c", "--no-skip-unused")
+    rep = new.json("copy", "--from-repo", old.path)
+    assert len(rep["copied"]) == 1
+    r = new.open()
+    assert r.sealer.chunk_ids == "blake3-blocks-64k"
+    for cid in _index_ids(r):
+        assert documented_id("blake3-blocks-64k", r.sealer.id_key, r.read_chunk(cid)) == cid
+    assert "no errors found" in new.run("check", "--read-data").stdout
+    new.restore("c:latest", tmp_path / "c.img")
+    assert_same_file(tmp_path / "c.img", disk.path)
