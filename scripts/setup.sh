@@ -11,9 +11,10 @@ APT_PKGS=(python3 python3-venv python3-dev python3-libnbd libnbd-bin nbdkit nbdk
           qemu-utils qemu-system-common e2fsprogs xfsprogs dosfstools mtools exfatprogs
           ntfs-3g btrfs-progs partclone fdisk lvm2 util-linux time fuse3 python3-pyfuse3
           libvirt-daemon-system libvirt-clients python3-libvirt qemu-system-x86 strace
-          debootstrap zsh fish groff-base man-db)  # debootstrap: the bootable test guest (scripts/build-test-guest.sh)
+          debootstrap zsh fish groff-base man-db ovmf swtpm swtpm-tools  # debootstrap: the bootable test guest (scripts/build-test-guest.sh); ovmf: UEFI guests and verify --boot --firmware uefi; swtpm: TPM guests
+          chromium chromium-driver)                # the dashboard's browser tests (selenium)
 if [[ "${VMBAK_BENCH_DEPS:-0}" == 1 ]]; then
-    APT_PKGS+=(restic borgbackup time)
+    APT_PKGS+=(restic borgbackup time virtnbdbackup)  # virtnbdbackup: bench/bench_vm.py (not on PyPI)
 fi
 missing=()
 for p in "${APT_PKGS[@]}"; do

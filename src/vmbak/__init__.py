@@ -9,7 +9,7 @@ Embedding example::
     assert vmbak.check(repo, read_data=True).ok
 
 docs/api.md has an example of every function (change maps, diff, forget, prune, stats,
-check, ls, cat, extract).
+check, ls, cat, extract, verify_boot).
 
 The names below are imported on first use, so that ``vmbak.cli.main`` starts (and
 installs its signal handling) before numpy and the rest of the library are loaded.
@@ -20,11 +20,13 @@ from __future__ import annotations
 TYPE_CHECKING = False  # typing is not imported: this package must load in no time (see cli/main.py)
 __version__ = "0.1.0"
 __all__ = ["Repository", "Manifest", "VmbakError", "backup", "restore", "check", "open_disk", "__version__",
-           "ChangeMap", "Policy", "change_map", "diff", "forget", "prune", "stats", "ls", "cat", "extract"]
+           "ChangeMap", "Policy", "change_map", "diff", "forget", "prune", "stats", "ls", "cat", "extract",
+           "verify_boot"]
 
 _WHERE = {"backup": "vmbak.api", "check": "vmbak.api", "open_disk": "vmbak.api", "restore": "vmbak.api",
           "VmbakError": "vmbak.errors", "Manifest": "vmbak.repo.manifest", "Repository": "vmbak.repo.repository"}
-_WHERE.update(dict.fromkeys(("change_map", "diff", "forget", "prune", "stats", "ls", "cat", "extract"), "vmbak.api"))
+_WHERE.update(dict.fromkeys(("change_map", "diff", "forget", "prune", "stats", "ls", "cat", "extract",
+                              "verify_boot"), "vmbak.api"))
 _WHERE.update(ChangeMap="vmbak.changes.base", Policy="vmbak.engine.retention")
 
 if TYPE_CHECKING:
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
         prune,
         restore,
         stats,
+        verify_boot,
     )
     from vmbak.changes.base import ChangeMap
     from vmbak.engine.retention import Policy

@@ -112,6 +112,35 @@ def check(repo: Repository, read_data: bool = False) -> CheckReport:
     return _check(repo, read_data=read_data)
 
 
+def verify_boot(repo: Repository, snapshot: str | Manifest, *, password: str | None = None,
+                timeout: float = 300.0, expect_serial: str | None = None, expect_port: int | None = None,
+                exec_command: str | None = None, expect_agent: bool = False, kernel: str | None = None,
+                initrd: str | None = None, append: str | None = None, memory_mib: int | None = None,
+                cpus: int | None = None, firmware: str | None = None, accel: str = "auto",
+                output_dir: str | os.PathLike[str] | None = None, screenshot: bool = True,
+                log: Callable[[str], None] | None = None) -> dict:
+    """Boot ``snapshot`` in an isolated QEMU and report its signs of life, as ``vmbak verify
+    SNAP --boot`` does (docs/verify.md): the result dict of one snapshot (``ok``, ``reason``,
+    ``checks``, ``timings``, ``screenshot``, ``serial_log``, ...), one element of the
+    command's ``results``. A guest that fails is ``ok`` False, not an exception; a
+    verification that cannot run raises VmbakError. ``password`` is the repository's (the
+    export opens the repository in a helper process); None for an unencrypted one. The
+    keyword arguments are the command's options (``memory_mib`` in MiB). The repository is
+    locked (shared) for the run and nothing else is written to it."""
+    from vmbak.guest.boot import BootOptions, default_output_dir
+    from vmbak.guest.boot import verify_boot as _verify_boot
+
+    m = repo.find(snapshot) if isinstance(snapshot, str) else snapshot
+    opts = BootOptions(timeout=timeout, expect_serial=expect_serial, expect_port=expect_port,
+                       exec_command=exec_command, expect_agent=expect_agent, kernel=kernel, initrd=initrd,
+                       append=append, memory_mib=memory_mib, cpus=cpus, firmware=firmware, accel=accel,
+                       output_dir=os.fspath(output_dir) if output_dir is not None else default_output_dir(),
+                       screenshot=screenshot)
+    opts.validate()
+    with repo.lock(purpose="verify"):
+        return _verify_boot(repo, m, password if repo.encryption != "none" else None, opts, log=log)
+
+
 # ---------------------------------------------------------------------------- files across snapshots
 def find(repo: Repository, patterns: list[str], snapshots: list[Manifest | str] | None = None, *,
          ignore_case: bool = False) -> dict:

@@ -191,3 +191,32 @@ def test_usage_errors_are_one_line(run_vmbak, assert_cli_error) -> None:
     assert_cli_error(run_vmbak("restore", "a", "b", "c", check=False), "unrecognized arguments: c")
     assert_cli_error(run_vmbak("backup", "--mode", "sideways", "x", check=False), "invalid choice")
     assert_cli_error(run_vmbak("nosuchcommand", check=False), "invalid choice", "vmbak --help")
+
+
+# ---------------------------------------------------------------------------- issue 12: start-up
+def test_a_command_builds_only_its_own_group() -> None:
+    """`vmbak backup ...` registers (and imports) only the backup group; help, version, an
+    unknown or a less common command build the whole parser; both parse alike."""
+    from vmbak.cli.main import command_group
+
+    assert command_group(["backup", "--libvirt", "db"]) == "backup"
+    assert command_group(["-r", "/backups/repo", "--json", "backup", "x.raw"]) == "backup"
+    assert command_group(["--password-file", "snapshots", "restore"]) == "restore"  # a value, then the command
+    assert command_group(["--repo=/r", "snapshots"]) == "snapshots"
+    for argv in (["--help", "backup"], ["-h"], ["--version"], [], ["-r"], ["nosuch"], ["key", "list"], ["--", "backup"]):
+        assert command_group(argv) is None, argv
+    only = build_parser("backup")
+    names = set(only._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    assert names == {"backup"}
+    argv = ["-r", "/r", "backup", "--libvirt", "db", "--mode", "full", "--freeze", "always", "--json"]
+    assert vars(only.parse_args(argv)).keys() == vars(build_parser().parse_args(argv)).keys()
+    assert {k: v for k, v in vars(only.parse_args(argv)).items() if k != "func"} == \
+        {k: v for k, v in vars(build_parser().parse_args(argv)).items() if k != "func"}
+    # what a backup never needs is not imported by it
+    code = ("import sys; from vmbak.cli.main import build_parser, command_group; "
+            "build_parser(command_group(['backup', 'x.raw'])); "
+            "print(sorted(m for m in ('vmbak.engine.prune', 'vmbak.engine.merge', 'vmbak.engine.check', "
+            "'vmbak.engine.copy', 'vmbak.cli.service') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}).stdout
+    assert out.strip() == "[]", out

@@ -53,6 +53,33 @@ def test_reads_extents_and_size(served):
         assert list(d.data_extents(12 * MiB, 20 * MiB)) == []
 
 
+def test_pread_many_reads_in_parallel(served):
+    """Many reads at once, in parallel on several connections: each result is what pread
+    gives, in the order asked, with large reads split and every edge case in one batch."""
+    q, raw = served
+    rng = random.Random(5)
+    reqs = [(d_len, off) for off, d_len in
+            [(0, 3 * MiB + 7), (5 * MiB + 1, 12345), (len(raw) - 1000, MiB), (len(raw), 10), (0, 0),
+             (10 * MiB, MiB), (39 * MiB, MiB)]]
+    reqs += [(rng.randrange(1, 3 * MiB), rng.randrange(0, len(raw))) for _ in range(40)]
+    with NbdDisk(q.nbd_sock, "disk0") as d:
+        got = d.pread_many(reqs)
+        assert [len(g) for g in got] == [len(raw[o:o + n]) for n, o in reqs]
+        for (n, o), g in zip(reqs, got, strict=True):
+            assert type(g) is bytes and g == raw[o:o + n], (n, o)
+        assert d.pread_many([]) == []
+        d.min_block = 4096  # a server that wants aligned reads: widened, then cut back
+        assert d.pread_many([(100, 5 * MiB + 4097), (5000, 4095)]) == [raw[5 * MiB + 4097:5 * MiB + 4197],
+                                                                         raw[4095:9095]]
+    d = NbdDisk(q.nbd_sock, "disk0")
+    d.pread(10, 0)  # this thread's connection is open
+    q.kill9()  # the server dies with reads to do: one line, no traceback
+    with pytest.raises(DiskError, match="read error|cannot connect") as e:  # the readers connect now
+        d.pread_many([(MiB, 0), (MiB, MiB), (MiB, 2 * MiB)])
+    assert "\n" not in str(e.value)
+    d.close()
+
+
 def test_threads_get_their_own_connections(served):
     q, raw = served
     d = NbdDisk(q.nbd_sock, "disk0")

@@ -222,3 +222,98 @@ def smtp_server():  # noqa: ANN201
     c.port = port  # type: ignore[attr-defined]
     yield c
     c.stop()
+
+
+# ---------------------------------------------------------------------- the dashboard
+DASH_PASSWORD = "correct horse battery staple"
+DASH_USERS = {"alice": "alice's long password", "bob": "bob reads only"}  # dashboard users: admin, read
+
+
+@dataclass
+class Dashboard:
+    """A server with a real encrypted repository: disk ``db`` (ext4, a full, an incremental and
+    a differential snapshot), job ``web`` (a raw disk, on demand) and job ``broken`` (its disk
+    is missing: its run failed)."""
+
+    sp: ServerProc
+    env: ServerEnv
+    files: dict[str, bytes]
+    db_snapshots: list[str]
+    users: dict[str, str] = field(default_factory=lambda: dict(DASH_USERS))  # name -> password
+
+
+def _dash_tree(root: Path) -> dict[str, bytes]:
+    import random
+
+    rnd = random.Random(11)
+    files = {
+        "etc/hostname": b"db01\n",
+        "etc/motd": b"Welcome to db01.\n" * 40,
+        "srv/data/blob.bin": rnd.randbytes(300_000),
+        "srv/data/report 2026.txt": ("line %d of a report\n" * 1).encode() * 2000,
+        "home/admin/notes.md": b"# notes\n\nrestore me from a browser\n",
+    }
+    for rel, content in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(content)
+    return files
+
+
+@pytest.fixture(scope="session")
+def dashboard_server(tmp_path_factory, init_repo, new_disk):  # noqa: ANN001, ANN201
+    """One ``Dashboard`` for the dashboard's tests (xdist_group "dashboard": one worker builds
+    it, in ~15 s); stopped at the end."""
+    tmp = tmp_path_factory.mktemp("dash")
+    admin, read = secrets.token_hex(24), secrets.token_hex(24)
+    private(tmp / "admin.token", admin + "\n")
+    private(tmp / "read.token", read + "\n")
+    private(tmp / "password", DASH_PASSWORD + "\n")
+    repo = init_repo(tmp / "repo", "aes-256-gcm", password=DASH_PASSWORD)
+    src = tmp / "db.src"
+    files = _dash_tree(src)
+    db = tmp / "db.img"
+    db.write_bytes(bytes(16 << 20))
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(src), str(db)], check=True, capture_output=True)
+    web = new_disk(tmp, "web.raw", 4 << 20, seed=5)
+    se = ServerEnv(tmp, free_port(), admin, read, tmp / "vmbak.toml")
+    snaps = []
+    for mode in ("full", "incremental", "differential"):
+        p = se.vmbak("-r", str(repo.path), "--password-file", str(tmp / "password"), "backup", str(db),
+                     "--name", "db", "--mode", mode, "--json")
+        snaps.append(json.loads(p.stdout.strip().splitlines()[-1])["id"])
+    from vmbak.server.passwords import hash_password
+
+    se.write_config(se.header() + f'''
+[server.users.alice]
+password_hash = "{hash_password(DASH_USERS["alice"])}"
+role = "admin"
+
+[server.users.bob]
+password_hash = "{hash_password(DASH_USERS["bob"])}"
+
+[repositories.main]
+location = "{repo.path}"
+password_file = "password"
+
+[jobs.db]
+repository = "main"
+disk = "{db}"
+name = "db"
+
+[jobs.web]
+repository = "main"
+disk = "{web.path}"
+name = "web"
+
+[jobs.broken]
+repository = "main"
+disk = "{tmp / 'missing.raw'}"
+name = "broken"
+''')
+    sp = se.start()
+    rid = sp.post("/api/v1/jobs/broken/run").json()["run"]["id"]  # type: ignore[index]
+    assert sp.wait_run(rid)["state"] == "failed"
+    yield Dashboard(sp, se, files, snaps)
+    if sp.proc.poll() is None:
+        assert sp.stop() == 0, "\n".join(sp.log)

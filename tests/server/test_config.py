@@ -133,3 +133,35 @@ def test_jobs_without_a_server(server_env, make_repo) -> None:
     assert len(lines) == 1 and "cannot reach the vmbak server" in lines[0]
     p = server_env.vmbak("jobs", "run", "x", "--config", str(server_env.config), check=False)
     assert len(_problems(p)) == 1
+
+
+def test_s3_bandwidth_limits_in_the_config(server_env) -> None:
+    """s3_limit_upload / s3_limit_download: KiB/s, 0 or more, on S3 repositories only; the
+    jobs' children get them as $VMBAK_S3_LIMIT_UPLOAD / _DOWNLOAD."""
+    from vmbak.server.config import load
+    from vmbak.server.jobs import child_env
+
+    server_env.write_config(server_env.header() + '''
+[repositories.local]
+location = "repo"
+s3_limit_upload = 1024
+
+[repositories.cloud]
+location = "s3:bucket/prefix"
+s3_limit_upload = -5
+s3_limit_download = "fast"
+''')
+    lines = _problems(server_env.vmbak("server", "--config", str(server_env.config), "--check", check=False))
+    text = "\n".join(lines)
+    assert ": repositories.local.s3_limit_upload: goes with an s3:BUCKET/PREFIX location" in text, text
+    assert ": repositories.cloud.s3_limit_upload: must be 0 (no limit) or more KiB/s, not -5" in text, text
+    assert ": repositories.cloud.s3_limit_download: must be a number, not 'fast'" in text, text
+    server_env.write_config(server_env.header() + '''
+[repositories.cloud]
+location = "s3:bucket/prefix"
+s3_limit_upload = 2048
+s3_limit_download = 512.5
+''')
+    cfg = load(str(server_env.config))
+    env = child_env(cfg.repositories["cloud"])
+    assert env["VMBAK_S3_LIMIT_UPLOAD"] == "2048" and env["VMBAK_S3_LIMIT_DOWNLOAD"] == "512.5"

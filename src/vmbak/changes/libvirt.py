@@ -19,7 +19,7 @@ A vmbak that died during a backup leaves a job whose socket names a dead process
 the next ``begin_backup`` ends that job first.
 
 The domain's XML (inactive definition) is kept in ``domain_xml``, so a restore can
-define the domain again with ``rewrite_domain_xml`` and ``define_domain``.
+define the domain again (``vmbak.domain.xml.rewrite_for_restore``, ``define_domain``).
 
 Runs as root (or as the user QEMU runs as): the private directory is handed to the
 QEMU process's user so that QEMU can create the socket and the scratch files.
@@ -33,6 +33,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -64,12 +65,42 @@ def _msg(e: Exception) -> str:
     return " ".join(str(s).split())
 
 
-def connect(uri: str = DEFAULT_URI):  # noqa: ANN201 - a libvirt.virConnect
+class _Borrowed:
+    """A process-wide libvirt connection lent to one user: ``close`` gives it back open.
+
+    Opening a connection costs several round trips to libvirtd, and one backup asks for
+    one several times (the disks, the guest agent, the job, its end)."""
+
+    def __init__(self, conn) -> None:  # noqa: ANN001
+        self._conn = conn
+
+    def close(self) -> int:
+        return 0
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self._conn, name)
+
+
+_CONNS: dict[str, object] = {}
+_CONNS_LOCK = threading.Lock()
+
+
+def connect(uri: str = DEFAULT_URI):  # noqa: ANN201 - a libvirt.virConnect (shared; close() keeps it open)
     lv = _libvirt()
-    try:
-        return lv.open(uri)
-    except lv.libvirtError as e:
-        raise DiskError(f"cannot connect to libvirt at {uri}: {_msg(e)}") from None
+    with _CONNS_LOCK:
+        conn = _CONNS.get(uri)
+        try:
+            # one cheap round trip: a libvirtd restarted since is noticed here, not by the caller
+            if conn is not None and conn.isAlive() == 1 and conn.getLibVersion():  # type: ignore[attr-defined]
+                return _Borrowed(conn)
+        except lv.libvirtError:
+            pass
+        try:
+            conn = lv.open(uri)
+        except lv.libvirtError as e:
+            raise DiskError(f"cannot connect to libvirt at {uri}: {_msg(e)}") from None
+        _CONNS[uri] = conn
+        return _Borrowed(conn)
 
 
 def lookup(conn, name: str):  # noqa: ANN001, ANN201
@@ -187,12 +218,14 @@ def _abort_job(dom) -> None:  # noqa: ANN001
     except lv.libvirtError:
         pass
     deadline = time.monotonic() + 30
+    pause = 0.002  # the job usually ends within milliseconds: poll fast, then back off
     while time.monotonic() < deadline:
         try:
             dom.backupGetXMLDesc()
         except lv.libvirtError:
             return
-        time.sleep(0.05)
+        time.sleep(pause)
+        pause = min(0.05, pause * 2)
     raise DiskError(f"libvirt did not end the backup job of {dom.name()}")
 
 
@@ -278,12 +311,14 @@ def _clear_old_job(dom, tmpdir: str | None, notes: list[str]) -> None:  # noqa: 
 
 def begin_backup(domain: str, since: str | None, block_size: int, *, uri: str = DEFAULT_URI,
                  tmpdir: str | None = None, log: Callable[[str], None] | None = None,
-                 quiesce: Callable[[], contextlib.AbstractContextManager] | None = None) -> LibvirtBackup:
+                 quiesce: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 full_disks: frozenset[str] = frozenset()) -> LibvirtBackup:
     """Start a pull-mode backup of every disk of the running ``domain``; see the module
     documentation. Raises ChangeTrackingError (after cleaning up) when ``since`` cannot
     be used, DiskError for a domain that does not exist or does not run. ``quiesce``
     (e.g. ``Quiescer.frozen``) is entered just before the checkpoint is made and left as
-    soon as it exists."""
+    soon as it exists. The disks named in ``full_disks`` (added since ``since``) are
+    exported without a bitmap: the checkpoint ``since`` does not cover them."""
     lv = _libvirt()
     log = log or (lambda s: None)
     if since is not None and not since.startswith(PREFIX):
@@ -330,7 +365,7 @@ def begin_backup(domain: str, since: str | None, block_size: int, *, uri: str = 
             cdisks = ET.SubElement(cx, "disks")
             for k in disks:
                 attrs = {"name": k.target, "backup": "yes", "type": "file"}
-                if since is not None and k.target not in tracked:
+                if since is not None and (k.target not in tracked or k.target in full_disks):
                     attrs["backupmode"] = "full"
                 bd = ET.SubElement(bdisks, "disk", attrs)
                 ET.SubElement(bd, "scratch", file=os.path.join(d, f"scratch-{k.target}.qcow2"))
@@ -404,48 +439,6 @@ def _change_map(r: NbdDisk, context: str, bs: int, since: str, new: str, tgt: st
 
 
 # ---------------------------------------------------------------------------- restore
-def rewrite_domain_xml(xml: str, name: str, disks: dict[str, tuple[str, str]]) -> str:
-    """A saved domain XML made ready to define as a new domain: the new ``name``, no
-    UUID, no MAC addresses (libvirt makes new ones), and each disk ``target`` pointed at
-    ``(path, format)``. Disks not named in ``disks`` are dropped."""
-    root = ET.fromstring(xml)
-    n = root.find("name")
-    if n is None:
-        n = ET.SubElement(root, "name")
-    n.text = name
-    u = root.find("uuid")
-    if u is not None:
-        root.remove(u)
-    devices = root.find("devices")
-    if devices is None:
-        raise DiskError("domain XML has no devices")
-    for mac in devices.findall("./interface/mac"):
-        for parent in devices.findall("./interface"):
-            if mac in list(parent):
-                parent.remove(mac)
-    for d in list(devices.findall("disk")):
-        if d.get("device", "disk") != "disk":
-            continue
-        tgt = d.find("target")
-        dev = tgt.get("dev") if tgt is not None else None
-        if dev not in disks:
-            devices.remove(d)
-            continue
-        path, fmt = disks[dev]
-        d.set("type", "file")
-        for s in d.findall("source"):
-            d.remove(s)
-        for b in d.findall("backingStore"):
-            d.remove(b)
-        src = ET.Element("source", file=path)
-        d.insert(1, src)
-        drv = d.find("driver")
-        if drv is None:
-            drv = ET.SubElement(d, "driver", name="qemu")
-        drv.set("type", fmt)
-    return ET.tostring(root, encoding="unicode")
-
-
 def define_domain(xml: str, uri: str = DEFAULT_URI) -> str:
     """Define (persistently, not started) a domain from XML; return its name."""
     lv = _libvirt()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from vmbak.cli.common import emit_summary, log, open_repo, parse_size, progress
+from vmbak.cli.common import emit_summary, log, open_repo, open_repo_meanwhile, parse_size, progress
 from vmbak.cli.filters import tags_from_args
 from vmbak.engine.backup import DEFAULT_BLOCK_SIZE, MODES, BackupOptions
 from vmbak.engine.common import human
-from vmbak.errors import VmbakError, printable
+from vmbak.errors import EXIT_PARTIAL, VmbakError, printable
 from vmbak.guest.agent import LibvirtAgent, SocketAgent
 from vmbak.guest.quiesce import FREEZE_MODES, Hooks, Quiescer
 from vmbak.repo.manifest import TORN
@@ -29,6 +29,7 @@ EPILOG = """examples:
   vmbak backup --libvirt db --libvirt-uri qemu:///session --name nightly   # snapshots nightly-vda, ...
   vmbak backup --libvirt db --freeze always                            # fail rather than back up unfrozen
   vmbak backup --libvirt db --hook-pre ./quiesce.sh --hook-post ./resume.sh
+  vmbak backup --libvirt 'web-*'                                       # every matching domain, one summary
   vmbak backup --name db --changes qemu:/run/qemu/db.qmp:drive0 --guest-agent /run/qemu/db.qga
 
 change sources (--changes):
@@ -88,8 +89,10 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                    help="with qemu:, the NBD server QEMU already runs (unix socket path or nbd://HOST:PORT); "
                    "by default the backup starts a private one")
     p.add_argument("--libvirt", metavar="DOMAIN",
-                   help="back up every disk of this running libvirt domain with a checkpoint (pull mode); "
-                   "snapshots are named DOMAIN-TARGET (db-vda) and keep the domain XML")
+                   help="back up every disk of this libvirt domain with a checkpoint (pull mode), and its NVRAM, "
+                   "TPM state and kernel/initrd; snapshots are named DOMAIN-TARGET (db-vda) and DOMAIN-ROLE "
+                   "(db-nvram) and keep the domain XML. A shut-off domain is started paused for the backup and "
+                   "stopped after it. A pattern ('web-*') backs up every matching domain, one after another")
     p.add_argument("--libvirt-uri", metavar="URI", default="qemu:///system",
                    help="libvirt connection (default qemu:///system)")
     p.add_argument("--freeze", choices=FREEZE_MODES, default="auto",
@@ -211,23 +214,71 @@ def _cmd_libvirt(args: argparse.Namespace, changes) -> int:  # noqa: ANN001 - a 
     domain = args.libvirt
     if not domain:
         raise VmbakError("--libvirt needs a domain name")
-    prefix = args.name or domain
-    sources.check_name(f"{prefix}-vda")
-    tags = tags_from_args(args.tag)
     if args.guest_agent is not None:
         raise VmbakError("--guest-agent goes with qemu: or track:; --libvirt reaches the agent through libvirt")
-    bar = progress(args)
+    tags = tags_from_args(args.tag)
+    if not sources.is_domain_pattern(domain):
+        prefix = args.name or domain
+        sources.check_name(f"{prefix}-vda")
+        bar = progress(args)
+        # The repository opens (key derivation) while libvirt is asked about the domain and the
+        # modules the backup needs are loaded; its errors still come first, as they would in turn.
+        opened = open_repo_meanwhile(args)
+        data, text = _backup_domain(args, changes, opened, bar, domain, prefix, tags)
+        emit_summary(args, data, text)
+        return 0
+    if args.name is not None:
+        raise VmbakError("--name does not go with a domain pattern: each domain's snapshots are named after it")
+    names = sources.libvirt_domains_matching(domain, args.libvirt_uri)
+    for n in names:
+        sources.check_name(f"{n}-vda")
     repo = open_repo(args)
     lg = log(args)
+    done: list[dict] = []
+    failed: list[dict] = []
+    for n in names:
+        try:
+            data, text = _backup_domain(args, changes, lambda: repo, progress(args), n, n, tags)
+        except VmbakError as e:  # an interrupt or a bug ends the whole run
+            lg(f"error: libvirt domain {n}: {e}")
+            failed.append({"domain": n, "error": str(e)})
+            continue
+        done.append(data)
+        if not args.json and not args.quiet:
+            print(printable(text))
+    text = (f"libvirt domains matching {domain!r}: {len(done)} of {len(names)} backed up"
+            + (f"; failed: {', '.join(f['domain'] for f in failed)}" if failed else ""))
+    if not done:
+        raise VmbakError(text + f" ({failed[0]['error']})" if len(failed) == 1 else text)
+    emit_summary(args, {"pattern": domain, "domains": done, "failed": failed}, text)
+    return EXIT_PARTIAL if failed else 0
+
+
+def _backup_domain(args: argparse.Namespace, changes, opened, bar, domain: str, prefix: str,  # noqa: ANN001
+                   tags: list[str]) -> tuple[dict, str]:
+    """Back up every disk (and state file) of one domain; its summary and its line. ``opened()``
+    gives the repository (it may still be opening in a thread: its errors are reported first)."""
+    from vmbak.engine import sources
+
+    lg = log(args)
     uri = args.libvirt_uri
-    targets = sources.libvirt_disk_targets(domain, uri)
-    q = _quiescer(args, lg, vm=domain, disk=" ".join(targets), name=prefix, source="libvirt", point_in_time=True,
-                  agent=lambda: LibvirtAgent(uri, domain), agent_key=LibvirtAgent.key_for(uri, domain))
+    try:
+        targets = sources.libvirt_disk_targets(domain, uri)
+        q = _quiescer(args, lg, vm=domain, disk=" ".join(targets), name=prefix, source="libvirt",
+                      point_in_time=True, agent=lambda: LibvirtAgent(uri, domain),
+                      agent_key=LibvirtAgent.key_for(uri, domain))
+        sources.preload_libvirt()
+    except BaseException:
+        opened()  # a repository error is reported first
+        raise
+    repo = opened()
     ok = False
     try:
         q.start()
         job = sources.open_libvirt(repo, domain, prefix=prefix, mode=args.mode, changes=changes,
                                    block_size=args.block_size, uri=uri, log=lg, quiesce=q.frozen)
+        if job.offline:
+            q.at_rest()
         opts = BackupOptions(name=prefix, mode=args.mode, changes=changes.engine_changes,
                              verify_changes=args.verify_changes, block_size=args.block_size, workers=args.workers,
                              progress=bar, log=lg, skip_unused=args.skip_unused, notes=list(q.notes),
@@ -243,7 +294,9 @@ def _cmd_libvirt(args: argparse.Namespace, changes) -> int:  # noqa: ANN001 - a 
     finally:
         q.close(ok)
     level = q.record()["level"]
-    text = f"libvirt domain {domain}: {len(ms)} disks backed up at checkpoint {job.checkpoint} ({level})"
-    emit_summary(args, {"domain": domain, "checkpoint": job.checkpoint, "guest_consistency": q.record(),
-                        "snapshots": [m.summary() for m in ms]}, text)
-    return 0
+    roles = [m.extra["libvirt"]["state_role"] for m in ms if (m.extra.get("libvirt") or {}).get("state_role")]
+    text = (f"libvirt domain {domain}: {len(ms) - len(roles)} disks"
+            + (f" and {len(roles)} state files ({', '.join(roles)})" if roles else "")
+            + f" backed up at checkpoint {job.checkpoint} ({level})")
+    return {"domain": domain, "checkpoint": job.checkpoint, "guest_consistency": q.record(),
+            "snapshots": [m.summary() for m in ms]}, text

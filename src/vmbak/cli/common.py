@@ -9,6 +9,7 @@ import os
 import select
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from vmbak.engine.progress import Report, clear_bar
@@ -220,6 +221,40 @@ def open_repo_and_password(args: argparse.Namespace) -> tuple[Repository, str | 
 
 def open_repo(args: argparse.Namespace) -> Repository:
     return open_repo_and_password(args)[0]
+
+
+def open_repo_meanwhile(args: argparse.Namespace) -> Callable[[], Repository]:
+    """Start opening the repository (its key derivation takes a good part of a second and
+    releases the GIL) in a thread while the caller prepares other work; the returned
+    function waits for it and returns the repository, or raises what opening raised.
+
+    The location and password are found here, in the caller's thread (a prompt, a
+    password command). Opening only reads: a caller that fails meanwhile may drop it."""
+    import threading
+
+    loc = repo_location(args)
+    pw = password(args) if needs_password(loc) else given_password(args)
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["repo"] = Repository.open(loc, pw)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=run, name="vmbak-open-repo", daemon=True)
+    t.start()
+
+    def result() -> Repository:
+        t.join()
+        if "error" in box:
+            raise box["error"]
+        repo = box["repo"]
+        repo.note = log(args)
+        args.opened_repos = [*getattr(args, "opened_repos", []), repo]  # for damage_warnings()
+        return repo
+
+    return result
 
 
 def damage_lines(repo: Repository) -> list[str]:

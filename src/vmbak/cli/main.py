@@ -27,52 +27,34 @@ if __name__ == "__main__" or getattr(sys, "argv", [""])[0].rsplit("/", 1)[-1] ==
 import argparse  # noqa: E402
 
 GROUPS = ["repository", "backup", "restore", "snapshots", "keys", "maintenance", "copy", "completion", "manpage"]
-OPTIONAL_GROUPS = ["track", "usage_cmd", "serve", "browse", "service"]  # present when their modules are installed
-# The top-level commands (and aliases) each group registers. A command line naming one of
-# them builds only that group's parser, so a command imports only what it uses (start-up
-# time: `vmbak snapshots` need not import the backup pipeline, the usage parsers or the
-# HTTP server). tests/foundation/test_startup.py checks this table against the groups.
-COMMAND_GROUPS = {
-    "init": "repository", "check": "repository", "stats": "repository",
-    "backup": "backup", "restore": "restore", "snapshots": "snapshots", "diff": "snapshots",
-    "key": "keys", "forget": "maintenance", "prune": "maintenance", "merge": "maintenance",
-    "repair": "maintenance", "unlock": "maintenance", "copy": "copy", "completion": "completion",
-    "man": "manpage", "track": "track", "usage": "usage_cmd", "serve": "serve",
-    "ls": "browse", "cat": "browse", "find": "browse", "dump": "browse", "extract": "browse", "mount": "browse",
-    "server": "service", "jobs": "service",
-}
-# Global options (see build_parser) that take a value, and those that take none.
-_GLOBAL_VALUE_OPTIONS = ("-r", "--repo", "--password-file", "--password-command", "--s3-endpoint")
-_GLOBAL_FLAGS = ("--json", "-q", "--quiet")
+OPTIONAL_GROUPS = ["track", "usage_cmd", "serve", "browse", "service", "verify"]  # present when their modules are installed
+# The group module of the commands that are run most often, so that running one imports
+# only its own group (the others import engines it does not need). Any command not named
+# here, and any help request, builds the whole parser.
+COMMAND_GROUPS = {"backup": "backup", "restore": "restore", "snapshots": "snapshots", "init": "repository",
+                  "check": "repository", "stats": "repository", "forget": "maintenance", "prune": "maintenance"}
+# Global options that take a value (as a separate word), to find the command word.
+_VALUE_OPTIONS = ("-r", "--repo", "--password-file", "--password-command", "--s3-endpoint")
 
 
 def command_group(argv: list[str]) -> str | None:
-    """The group of the command ``argv`` names, when that is certain from the global options
-    before it; None (build every group) otherwise: no command, --help or --version first,
-    an unknown or abbreviated option, or a name that is not a command."""
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a in _GLOBAL_FLAGS:
-            i += 1
-        elif a in _GLOBAL_VALUE_OPTIONS:
-            i += 2
-        elif a.startswith("--") and a.split("=", 1)[0] in _GLOBAL_VALUE_OPTIONS:
-            i += 1
-        elif a.startswith("-r") and not a.startswith("--") and len(a) > 2:
-            i += 1  # -rPATH
-        elif a.startswith("-"):
+    """The group module of the command ``argv`` runs, when it is one of COMMAND_GROUPS and
+    no help or version is asked before it; None otherwise."""
+    it = iter(argv)
+    for a in it:
+        if a in ("-h", "--help", "--version") or a == "--":
             return None
-        else:
+        if a in _VALUE_OPTIONS:
+            next(it, None)
+        elif not a.startswith("-"):
             return COMMAND_GROUPS.get(a)
     return None
 
 
-def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """The command-line parser: every command's, or (with ``argv``) only the group of the
-    command that ``argv`` names when command_group knows it."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command-line parser; with ``only`` (a group module name), just that group's
+    commands."""
     import importlib
-    import inspect
 
     from vmbak import __version__
     from vmbak.cli.common import CommandParser
@@ -103,13 +85,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"vmbak {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    only = command_group(argv) if argv is not None else None
+    if only is not None:
+        importlib.import_module(f"vmbak.cli.{only}").register(sub, common)
+        return p
     for g in GROUPS:
-        if only is None or g == only:
-            importlib.import_module(f"vmbak.cli.{g}").register(sub, common)
+        importlib.import_module(f"vmbak.cli.{g}").register(sub, common)
+    import inspect
+
     for g in OPTIONAL_GROUPS:
-        if only is not None and g != only:
-            continue
         try:
             mod = importlib.import_module(f"vmbak.cli.{g}")
             if len(inspect.signature(mod.register).parameters) >= 2:
@@ -182,7 +165,7 @@ def _main(argv: list[str] | None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     _JSON[0] = "--json" in argv
-    parser = build_parser(argv)
+    parser = build_parser(command_group(argv))
     try:
         args = parser.parse_args(argv)
         for k, v in (("repo", None), ("password_file", None), ("password_command", None), ("json", False),

@@ -18,7 +18,7 @@ EPILOG = """examples:
   vmbak restore latest --name web --host hv1 /tmp/web.raw     # latest: the newest the filters select
   vmbak restore db:latest /tmp/db.qcow2 --format qcow2        # also raw, vhdx, vpc (or vhd), vmdk; thin
   vmbak restore db:latest /tmp/db.vhdx                        # the format follows .qcow2/.vhdx/.vhd/.vmdk
-  vmbak restore --libvirt db:latest --define db-restored      # every disk, plus the saved domain XML
+  vmbak restore --libvirt db:latest --define db-restored      # disks, NVRAM, TPM state, kernel/initrd, XML
   vmbak restore --libvirt db@2026-11-22 /var/lib/libvirt/images/restore --format raw
   vmbak restore --from-serve /run/vmbak/web.sock /var/lib/images/web.raw   # see vmbak serve --writable
 
@@ -72,7 +72,8 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                    help="flush the restored data to stable storage before reporting success")
     p.add_argument("--libvirt", action="store_true",
                    help="SNAP is a libvirt backup (vmbak backup --libvirt): restore all its disks as "
-                   "NAME-TARGET.EXT and its domain XML as NAME.xml")
+                   "NAME-TARGET.EXT, its NVRAM, kernel and initrd beside them, its TPM state under the new "
+                   "domain's UUID, and its domain XML (new UUID and MAC addresses, every path rewritten) as NAME.xml")
     p.add_argument("--define", metavar="NAME",
                    help="with --libvirt: define the restored domain in libvirt as NAME (not started); NAME "
                    "also names the files (default DOMAIN-restored, not defined)")
@@ -167,7 +168,14 @@ def _cmd_libvirt(args: argparse.Namespace) -> int:
                             progress=lambda: bar, log=log(args))
     lines = [f"restored {d['target_disk']} from snapshot {d['snapshot'][:8]} to {d['target']} ({d['format']}), "
              f"{human(d['written_bytes'])} written" for d in r["disks"]]
-    lines.append(f"domain XML of {r['domain']} (checkpoint {r['checkpoint']}) written to {r['xml']}")
+    for st in r["state"]:
+        if st["snapshot"]:
+            lines.append(f"restored {st['role']} from snapshot {st['snapshot'][:8]} to {st['target']}")
+        else:
+            lines.append(f"{st['role']}: {st['target']} (recorded, not stored: the new domain uses it as it is)")
+    lines += [f"warning: {w}" for w in r["warnings"]]
+    lines.append(f"domain XML of {r['domain']} (checkpoint {r['checkpoint']}) written to {r['xml']} "
+                 f"(new UUID {r['uuid']})")
     if r["defined"]:
         lines.append(f"defined libvirt domain {r['defined']} (not started)")
     emit_summary(args, r, "\n".join(lines))

@@ -20,6 +20,7 @@ SERVER_EPILOG = """examples:
   vmbak server --config /etc/vmbak/vmbak.toml           # run in the foreground (systemd: contrib/vmbak-server.service)
   vmbak server --config vmbak.toml --check              # check the configuration: one line per problem
   kill -HUP $(pidof -s vmbak)                           # reload the configuration; running jobs go on
+  vmbak server --hash-password                          # a password hash for [server.users.NAME] (dashboard login)
 
 A minimal configuration (every key: docs/server.md):
 
@@ -64,6 +65,9 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument("--check", action="store_true",
                    help="check the configuration (and that its repositories open and its disks exist), print one "
                    "line per problem, and exit")
+    p.add_argument("--hash-password", action="store_true",
+                   help="read a password (a prompt, twice; or the first line of standard input) and print its "
+                   "hash for a dashboard user: [server.users.NAME] password_hash = \"...\"")
     p.set_defaults(func=cmd_server)
 
     p = sub.add_parser("jobs", parents=[parent], help="list the server's jobs, or run one now",
@@ -105,6 +109,8 @@ def _config_path(args: argparse.Namespace) -> str:
 def cmd_server(args: argparse.Namespace) -> int:
     from vmbak.server.config import ConfigError, load
 
+    if args.hash_password:
+        return _hash_password()
     path = _config_path(args)
     if args.check:
         try:
@@ -125,6 +131,23 @@ def cmd_server(args: argparse.Namespace) -> int:
     from vmbak.server.main import serve
 
     return serve(cfg)
+
+
+def _hash_password() -> int:
+    from vmbak.server.passwords import hash_password
+
+    if sys.stdin.isatty():
+        import getpass
+
+        pw = getpass.getpass("password for the dashboard user: ")
+        if getpass.getpass("the same again: ") != pw:
+            raise VmbakError("the two passwords differ")
+    else:
+        pw = sys.stdin.readline().rstrip("\r\n")
+    if len(pw) < 8:
+        raise VmbakError("a dashboard password needs at least 8 characters")
+    print(hash_password(pw))
+    return 0
 
 
 def _n(n: int, word: str) -> str:

@@ -13,6 +13,7 @@ status of any other negotiated meta context (``qemu:dirty-bitmap:NAME``).
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import threading
 from collections.abc import Iterator
 
@@ -33,6 +34,10 @@ STATE_DIRTY = 1  # qemu:dirty-bitmap:NAME
 MAX_REQUEST = 1 << 20
 # Largest block-status request (the NBD length field is 32 bits).
 MAX_STATUS = 1 << 31
+# Threads (each with its own connection) that ``pread_many`` reads with. Measured on a
+# running TCG guest's libvirt backup export (cache=none), 188 MiB in 4 MiB tasks: 3.0 s
+# with 1 connection, 1.6 s with 2, 1.1 s with 4.
+READERS = 4
 
 
 def _need_libnbd() -> None:
@@ -65,6 +70,7 @@ class NbdDisk:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._handles: list = []
+        self._pool: cf.ThreadPoolExecutor | None = None
         self._closed = False
         where = self.address if "://" in self.address else f"{self.address} (export {export!r})"
         self.description = description or f"nbd:{where}"
@@ -152,6 +158,43 @@ class NbdDisk:
         except nbd.Error as e:
             raise DiskError(f"read error on {self.description} at offset {offset}: {_msg(e)}") from None
 
+    def pread_many(self, requests: list[tuple[int, int]]) -> list[bytes]:
+        """Several ``(length, offset)`` reads at once; the results in order, as ``pread``
+        returns them. Requests are cut into pieces of at most ``max_request`` bytes, read in
+        parallel by up to ``READERS`` threads, each on its own connection: a server that
+        reads its image with O_DIRECT (QEMU with cache=none) answers each request after a
+        disk round trip, so one request at a time leaves the disk idle. (libnbd's aio on one
+        connection was measured slower here: its poll loop runs in Python.)"""
+        pieces: list[tuple[int, int]] = []  # (length, offset)
+        counts: list[int] = []
+        for length, offset in requests:
+            length = max(0, min(length, self.size - offset))
+            n = 0
+            for pos in range(offset, offset + length, self.max_request):
+                pieces.append((min(self.max_request, offset + length - pos), pos))
+                n += 1
+            counts.append(n)
+        if len(pieces) <= 1:
+            return [self.pread(length, offset) for length, offset in requests]
+        with self._lock:
+            if self._closed:
+                raise DiskError(f"{self.description} is closed")
+            if self._pool is None:
+                self._pool = cf.ThreadPoolExecutor(READERS, thread_name_prefix="vmbak-nbd")
+            pool = self._pool
+        futures = [pool.submit(self.pread, n, o) for n, o in pieces]
+        try:
+            got = [f.result() for f in futures]
+        finally:
+            for f in futures:
+                f.cancel()
+        out = []
+        i = 0
+        for n in counts:
+            out.append(b"" if n == 0 else got[i] if n == 1 else b"".join(got[i:i + n]))
+            i += n
+        return out
+
     def extents(self, context: str, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int]]:
         """(offset, length, flags) block status of ``context`` over [start, end), merged
         where adjacent entries have the same flags."""
@@ -214,6 +257,9 @@ class NbdDisk:
         with self._lock:
             self._closed = True
             handles, self._handles = self._handles, []
+            pool, self._pool = self._pool, None
+        if pool is not None:  # a reader still waiting for the server fails once its handle is shut down
+            pool.shutdown(wait=False, cancel_futures=True)
         for h in handles:
             _shutdown(h)
         self._local = threading.local()

@@ -363,6 +363,11 @@ class ImageDisk:
             raise DiskError(f"image {self.path} is closed")
         return self._nbd.pread(length, offset)
 
+    def pread_many(self, requests: list[tuple[int, int]]) -> list[bytes]:
+        if self._nbd is None:
+            raise DiskError(f"image {self.path} is closed")
+        return self._nbd.pread_many(requests)
+
     def data_extents(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
         if self._nbd is None:
             raise DiskError(f"image {self.path} is closed")

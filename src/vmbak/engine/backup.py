@@ -168,9 +168,13 @@ class _Pipeline:
         bs = self.bs
         sealer = self.repo.sealer
         res = _Result(task.runs, [], [], 0, 0)
-        for s, n in task.runs:
-            want = min(n * bs, self.disk.size - s * bs)
-            data = self.disk.pread(want, s * bs)
+        wants = [min(n * bs, self.disk.size - s * bs) for s, n in task.runs]
+        # A reader that can keep several reads in flight (NBD) gets the whole task at once.
+        many = getattr(self.disk, "pread_many", None)
+        datas = many([(w, s * bs) for w, (s, _) in zip(wants, task.runs, strict=True)]) if many else None
+        for j, (s, n) in enumerate(task.runs):
+            want = wants[j]
+            data = datas[j] if datas is not None else self.disk.pread(want, s * bs)
             if len(data) != want:
                 raise DiskError(f"short read from {self.disk.description} at offset {s * bs} "
                                 "(did the disk shrink during the backup?)")

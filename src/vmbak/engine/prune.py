@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,10 +40,9 @@ from vmbak.errors import IntegrityError, RepositoryError, VmbakError
 from vmbak.repo.backend import ObjectMissing
 from vmbak.repo.index import INDEX_AAD, encode_index, index_id
 from vmbak.repo.marks import Mark, delete_mark, load_marks, parse_time, write_mark, write_ready
-from vmbak.repo.pack import PackWriter, pack_name, read_header
+from vmbak.repo.pack import PackWriter, list_packs, pack_name, read_header
 from vmbak.repo.repository import PRUNE_VERSION, Repository, _lock_stale
 
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 DEFAULT_GRACE_S = 3600.0
 DEFAULT_REPACK_THRESHOLD = 0.5
 
@@ -112,11 +110,7 @@ def survey(repo: Repository) -> Survey:
                                  "'vmbak repair index' first") from None
         for pid, ent in packs:
             from_index.setdefault(pid, ent)
-    present = {}
-    for name, size in repo.backend.list("data"):
-        pid = name.rsplit("/", 1)[-1]
-        if _HEX64.fullmatch(pid) and name == pack_name(pid):
-            present[pid] = size
+    present = list_packs(repo.backend)
     packs: dict[str, Pack] = {}
     for pid, size in present.items():
         ent = from_index.get(pid)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,10 +26,8 @@ from vmbak.errors import IntegrityError, RepositoryError
 from vmbak.repo.backend import ObjectMissing
 from vmbak.repo.index import INDEX_AAD, encode_index, index_id
 from vmbak.repo.manifest import Manifest, is_full
-from vmbak.repo.pack import PackWriter, pack_name, read_header
+from vmbak.repo.pack import PackWriter, list_packs, pack_name, read_header
 from vmbak.repo.repository import Repository
-
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -71,11 +68,7 @@ def repair_index(repo: Repository, log: Callable[[str], None] | None = None, dry
             rep.index_files_read += 1
             for pid, ent in packs:
                 from_index.setdefault(pid, ent)
-        present = {}
-        for name, size in repo.backend.list("data"):
-            pid = name.rsplit("/", 1)[-1]
-            if _HEX64.fullmatch(pid) and name == pack_name(pid):
-                present[pid] = size
+        present = list_packs(repo.backend)
         keep: list[tuple[str, np.ndarray]] = []
         for pid in sorted(present):
             try:

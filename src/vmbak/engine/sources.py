@@ -31,6 +31,7 @@ import dataclasses
 import os
 import shutil
 import stat
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -138,6 +139,7 @@ class BackupSource:
     notes: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
     name: str = ""  # the backup name, when the source decides it (libvirt disks)
+    options: dict = field(default_factory=dict)  # BackupOptions this source sets itself (libvirt: mode, skip_unused)
     _commit: Callable[[], None] | None = None
     _abort: Callable[[], None] | None = None
     _close: Callable[[], None] | None = None
@@ -340,19 +342,36 @@ def run_backup(repo: Repository, src: BackupSource, opts: BackupOptions, log: Lo
 # ---------------------------------------------------------------------------- libvirt
 @dataclass
 class LibvirtJob:
-    """One pull-mode backup of every disk of a domain."""
+    """One pull-mode backup of every disk of a domain, and of the files it needs besides
+    them (NVRAM, TPM state, kernel, ...: ``vmbak.domain.state``)."""
 
     domain: str
     checkpoint: str
     sources: list[BackupSource]
     notes: list[str]
+    offline: bool = False  # the domain was shut off: started paused for the backup, stopped after it
     _lv: object = None  # the LibvirtBackup
+    _cleanup: list[Callable[[], None]] = field(default_factory=list)
+
+    def _end(self, ok: bool) -> None:
+        try:
+            if ok:
+                self._lv.commit()  # type: ignore[attr-defined]
+            else:
+                self._lv.abort()  # type: ignore[attr-defined]
+        finally:
+            for fn in reversed(self._cleanup):
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001, S110 - cleanup after the job: best effort
+                    pass
+            self._cleanup.clear()
 
     def commit(self) -> None:
-        self._lv.commit()  # type: ignore[attr-defined]
+        self._end(True)
 
     def abort(self) -> None:
-        self._lv.abort()  # type: ignore[attr-defined]
+        self._end(False)
 
 
 def _lv_info(m: Manifest) -> dict | None:
@@ -360,62 +379,246 @@ def _lv_info(m: Manifest) -> dict | None:
     return lv if isinstance(lv, dict) else None
 
 
+def state_role(m: Manifest) -> str | None:
+    """The role (``nvram``, ``tpm``, ``kernel``, ...) of a libvirt state file's snapshot, or
+    None for a disk's snapshot."""
+    lv = _lv_info(m)
+    role = lv.get("state_role") if lv is not None else None
+    return role if isinstance(role, str) else None
+
+
+def _member_key(lv: dict) -> str:
+    """A disk's target (``vda``), or ``state:ROLE`` for a state file's snapshot."""
+    role = lv.get("state_role")
+    return f"state:{role}" if role else str(lv.get("target"))
+
+
+def _stored_roles(lv: dict) -> list[str]:
+    return [r.get("role") for r in lv.get("state") or [] if isinstance(r, dict) and r.get("stored")]
+
+
 def libvirt_groups(repo: Repository, name: str | None = None) -> list[list[Manifest]]:
-    """Complete libvirt backups (one snapshot of every disk the domain had), oldest first.
-    ``name`` matches the domain or the name prefix given at backup time."""
+    """Complete libvirt backups (one snapshot of every disk the domain had, and of every
+    state file stored with it), oldest first; in each, the disks by target, then the state
+    snapshots. ``name`` matches the domain or the name prefix given at backup time."""
     groups: dict[str, dict[str, Manifest]] = {}
     for m in repo.manifests():
         lv = _lv_info(m)
         if lv is None or (name is not None and name not in (lv.get("domain"), lv.get("prefix"))):
             continue
-        groups.setdefault(str(lv.get("checkpoint")), {})[str(lv.get("target"))] = m
+        groups.setdefault(str(lv.get("checkpoint")), {})[_member_key(lv)] = m
     out = []
     for g in groups.values():
-        first = next(iter(g.values()))
-        want = set(_lv_info(first).get("disks") or [])  # type: ignore[union-attr]
-        if want and want <= set(g):
-            out.append(sorted(g.values(), key=lambda m: _lv_info(m)["target"]))  # type: ignore[index]
+        first = _lv_info(next(iter(g.values())))
+        assert first is not None
+        want = set(first.get("disks") or []) | {f"state:{r}" for r in _stored_roles(first)}
+        if first.get("disks") and want <= set(g):
+            out.append(sorted(g.values(), key=lambda m: (_member_key(_lv_info(m)).startswith("state:"),  # type: ignore[arg-type]
+                                                         _member_key(_lv_info(m)))))  # type: ignore[arg-type]
     out.sort(key=lambda g: max(m.time for m in g))
     return out
 
 
+def _start_paused(conn, dom, domain: str) -> None:  # noqa: ANN001
+    """Start a shut-off domain paused, tied to ``conn`` (libvirt destroys it when the
+    connection closes, so a vmbak that dies leaves it shut off again)."""
+    from vmbak.changes.libvirt import _libvirt, _msg
+
+    lv = _libvirt()
+    if not dom.isPersistent():
+        raise DiskError(f"libvirt domain {domain!r} is not running and not persistent")
+    try:
+        dom.createWithFlags(lv.VIR_DOMAIN_START_PAUSED | lv.VIR_DOMAIN_START_AUTODESTROY)
+    except lv.libvirtError as e:
+        raise DiskError(f"libvirt domain {domain!r} is shut off, and starting it paused for the backup "
+                        f"failed: {_msg(e)}") from None
+
+
+def _stop_started(dom) -> None:  # noqa: ANN001
+    from vmbak.changes.libvirt import _libvirt
+
+    lv = _libvirt()
+    try:
+        dom.destroyFlags(lv.VIR_DOMAIN_DESTROY_GRACEFUL)  # QEMU saves the persistent bitmaps as it ends
+    except lv.libvirtError:
+        try:
+            dom.destroy()
+        except lv.libvirtError:
+            pass
+
+
+def _remove_dead_workdirs(tmpdir: str | None) -> None:
+    """Remove the private directories (``vmbak-state-PID-*``: copies of state files, a TPM's
+    secrets among them; ``vmbak-libvirt-PID-*``: a backup job's socket and scratch files)
+    that vmbak processes which no longer run left behind (killed with ``kill -9``)."""
+    import re
+
+    base = tmpdir or tempfile.gettempdir()
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for n in names:
+        m = re.fullmatch(r"vmbak-(?:state|libvirt)-(\d+)-[0-9a-z_]+", n)
+        if not m or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # still running (or another user's process with that pid)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(os.path.join(base, n), ignore_errors=True)
+
+
 def open_libvirt(repo: Repository, domain: str, *, prefix: str, mode: str, changes: ChangeSpec,
-                 block_size: int, uri: str, log: Log | None = None, quiesce: Quiesce | None = None) -> LibvirtJob:
-    """Start a pull-mode backup of every disk of ``domain``. Each disk's backup is named
-    ``PREFIX-TARGET`` (``db-vda``); the checkpoint of the newest complete backup of the
-    domain is the reference for the changes."""
-    from vmbak.changes.libvirt import begin_backup
+                 block_size: int, uri: str, log: Log | None = None, quiesce: Quiesce | None = None,
+                 tmpdir: str | None = None) -> LibvirtJob:
+    """Start a pull-mode backup of every disk of ``domain``, and capture the files it needs
+    besides them. Each disk's backup is named ``PREFIX-TARGET`` (``db-vda``), each state
+    file's ``PREFIX-ROLE`` (``db-nvram``); the checkpoint of the newest complete backup of
+    the domain is the reference for the changes. A disk added since then (or whose image
+    file changed) starts its own full; a disk removed since then is reported. A shut-off
+    domain is started paused (no guest code runs) for the backup and stopped after it;
+    ``quiesce`` is then not used (the disks are at rest)."""
+    from vmbak.changes.libvirt import begin_backup, connect, domain_disks, lookup
+    from vmbak.disks.raw import RawDisk
+    from vmbak.domain.state import capture, state_items
+    from vmbak.domain.xml import check_disks
 
     log = log or (lambda s: None)
     if changes.kind not in ("auto", "scan", "full"):
         raise VmbakError(f"--libvirt reads the domain's disks through libvirt; --changes {changes} "
                          "cannot be used with it (use auto, scan or full)")
-    since = None
-    if mode != "full" and changes.kind == "auto":
-        groups = libvirt_groups(repo, prefix)
-        groups = [g for g in groups if _lv_info(g[0]).get("domain") == domain]  # type: ignore[union-attr]
-        if groups:
-            since = groups[-1][0].change_id
     notes: list[str] = []
+
+    def note(msg: str) -> None:
+        notes.append(msg)
+        log(msg)
+
+    _remove_dead_workdirs(tmpdir)
+    conn = connect(uri)
+    cleanup: list[Callable[[], None]] = [conn.close]
+
+    def undo() -> None:
+        for fn in reversed(cleanup):
+            try:
+                fn()
+            except Exception:  # noqa: BLE001, S110 - cleanup on the way out of a failure
+                pass
+
     try:
-        b = begin_backup(domain, since, block_size, uri=uri, log=log, quiesce=quiesce)
-    except ChangeTrackingError as e:
-        if since is None:
-            raise
-        notes.append(f"libvirt: {e}; reading every disk whole (scan) with a new checkpoint")
-        log(notes[-1])
-        b = begin_backup(domain, None, block_size, uri=uri, log=log, quiesce=quiesce)
-    notes.extend(b.notes)
-    targets = sorted(b.disks)
-    srcs = []
-    for tgt in targets:
-        v = b.disks[tgt]
-        info = {"domain": domain, "uri": uri, "prefix": prefix, "target": tgt, "format": v.format,
-                "source": v.source, "checkpoint": b.change_id, "disks": targets, "domain_xml": b.domain_xml}
-        srcs.append(BackupSource(reader=v.reader, description=f"libvirt:{domain}:{tgt} ({v.source})",
-                                 change_map=v.change_map, change_id=b.change_id, notes=list(notes),
-                                 extra={LIBVIRT_KEY: info}, name=f"{prefix}-{tgt}"))
-    return LibvirtJob(domain=domain, checkpoint=b.change_id, sources=srcs, notes=notes, _lv=b)
+        dom = lookup(conn, domain)
+        xml_now = dom.XMLDesc(0)
+        check_disks(xml_now, domain)
+        current = {d.target: d.source for d in domain_disks(xml_now)}
+        since = None
+        previous: dict[str, dict] = {}
+        if mode != "full" and changes.kind == "auto":
+            groups = [g for g in libvirt_groups(repo, prefix) if _lv_info(g[0]).get("domain") == domain]  # type: ignore[union-attr]
+            if groups:
+                since = groups[-1][0].change_id
+                previous = {lv["target"]: {"source": lv.get("source"), "id": m.short_id}
+                            for m in groups[-1] if (lv := _lv_info(m)) is not None and not lv.get("state_role")}
+        full_disks = set()
+        for tgt, src in sorted(current.items()):
+            if since is None or not previous:
+                continue
+            if tgt not in previous:
+                full_disks.add(tgt)
+                note(f"libvirt: disk {tgt} ({src}) is new since the last backup: a full backup of it")
+            elif previous[tgt]["source"] != src:
+                full_disks.add(tgt)
+                note(f"libvirt: disk {tgt} is now {src} (was {previous[tgt]['source']}): a full backup of it")
+        for tgt in sorted(set(previous) - set(current)):
+            note(f"libvirt: disk {tgt} ({previous[tgt]['source']}) was removed from the domain; its snapshots "
+                 f"stay in the repository (the last: {previous[tgt]['id']})")
+        offline = not dom.isActive()
+        if offline:
+            _start_paused(conn, dom, domain)
+            cleanup.append(lambda: _stop_started(dom))
+            note(f"libvirt: domain {domain} is shut off: started it paused (its CPUs do not run) to read its "
+                 "disks through a checkpoint; it is stopped again after the backup")
+            quiesce = None
+        try:
+            b = begin_backup(domain, since, block_size, uri=uri, log=log, quiesce=quiesce,
+                             full_disks=frozenset(full_disks), tmpdir=tmpdir)
+        except ChangeTrackingError as e:
+            if since is None:
+                raise
+            note(f"libvirt: {e}; reading every disk whole (scan) with a new checkpoint")
+            full_disks = set()
+            b = begin_backup(domain, None, block_size, uri=uri, log=log, quiesce=quiesce, tmpdir=tmpdir)
+        cleanup.append(b.abort)  # a no-op once the job is committed
+        notes.extend(b.notes)
+        work = tempfile.mkdtemp(prefix=f"vmbak-state-{os.getpid()}-", dir=tmpdir)
+        cleanup.append(lambda: shutil.rmtree(work, ignore_errors=True))
+        items = state_items(b.domain_xml, uri)
+        try:
+            state_notes = capture(items, work)
+        except DiskError as e:
+            raise DiskError(f"libvirt domain {domain!r}: {e}; no backup taken") from None
+        for n in state_notes:
+            note(n)
+        records = [it.record() for it in items]
+        stored = [it for it in items if it.stored]
+        targets = sorted(b.disks)
+        base = {"domain": domain, "uri": uri, "prefix": prefix, "checkpoint": b.change_id, "disks": targets,
+                "state": records}
+        if offline:
+            base["offline"] = True
+        srcs = []
+        for tgt in targets:
+            v = b.disks[tgt]
+            info = {**base, "target": tgt, "format": v.format, "source": v.source, "domain_xml": b.domain_xml}
+            srcs.append(BackupSource(reader=v.reader, description=f"libvirt:{domain}:{tgt} ({v.source})",
+                                     change_map=v.change_map, change_id=b.change_id, notes=list(notes),
+                                     extra={LIBVIRT_KEY: info}, name=f"{prefix}-{tgt}",
+                                     options={"mode": "full"} if tgt in full_disks and tgt in previous else {}))
+        for it in stored:
+            r = RawDisk(it.copy)
+            cleanup.append(r.close)
+            info = {**base, "state_role": it.role, "path": it.path}
+            srcs.append(BackupSource(reader=r, description=f"libvirt:{domain}:{it.role} ({it.path})",
+                                     change_id=b.change_id, notes=list(notes), extra={LIBVIRT_KEY: info},
+                                     name=f"{prefix}-{it.role}", options={"skip_unused": False}))
+    except BaseException:
+        undo()
+        raise
+    return LibvirtJob(domain=domain, checkpoint=b.change_id, sources=srcs, notes=notes, offline=offline, _lv=b,
+                      _cleanup=cleanup)
+
+
+def is_domain_pattern(text: str) -> bool:
+    """Whether ``--libvirt TEXT`` is a shell-style pattern (``*``, ``?``, ``[``)."""
+    return any(c in text for c in "*?[")
+
+
+def libvirt_domains_matching(pattern: str, uri: str) -> list[str]:
+    """The names of the domains (running or not) that match a shell-style pattern, sorted;
+    a one-line error when none does."""
+    import fnmatch
+
+    from vmbak.changes.libvirt import connect
+
+    conn = connect(uri)
+    try:
+        names = sorted(d.name() for d in conn.listAllDomains())
+    finally:
+        conn.close()
+    found = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    if not found:
+        raise DiskError(f"no libvirt domain matches {pattern!r}" + (f" (domains: {', '.join(names)})" if names else ""))
+    return found
+
+
+def preload_libvirt() -> None:
+    """Import what a libvirt backup will need (e.g. while the repository opens in a thread)."""
+    import vmbak.changes.libvirt
+    import vmbak.disks.nbd
+    import vmbak.usage
+    import vmbak.usage.ext  # noqa: F401 - the most common guest filesystem
 
 
 def libvirt_disk_targets(domain: str, uri: str) -> list[str]:
@@ -439,7 +642,7 @@ def run_libvirt_backup(repo: Repository, job: LibvirtJob, opts: BackupOptions,
         for src in job.sources:
             o = dataclasses.replace(opts, name=src.name, change_map=src.change_map, change_id=src.change_id,
                                     notes=[*opts.notes, *src.notes], extra={**opts.extra, **src.extra},
-                                    source=src.description)
+                                    source=src.description, **src.options)
             m = backup(repo, src.reader, o)
             out.append(m)
             if on_disk is not None:
@@ -547,21 +750,29 @@ def restore_libvirt(repo: Repository, spec: str, *, directory: str | None, new_n
                     define: bool, fmt: str | None, uri: str, overwrite: bool = False, verify: bool = True,
                     workers: int = 2, progress: Callable[[], object] | None = None,
                     log: Log | None = None) -> dict:
-    """Restore every disk of a libvirt backup and the domain XML saved with it.
+    """Restore every disk of a libvirt backup, the files stored with it, and the domain XML.
 
     Disks go to ``directory`` (default: the directory each disk had) as
-    ``NAME-TARGET.EXT``, in ``fmt`` (default: each disk's own format); the domain XML,
-    renamed to NAME and pointed at the restored disks, goes to ``NAME.xml`` beside them;
-    with ``define`` it is defined in libvirt as NAME (not started). NAME is ``new_name``,
-    or DOMAIN-restored.
+    ``NAME-TARGET.EXT``, in ``fmt`` (default: each disk's own format). The NVRAM, kernel,
+    initrd, device tree and stored firmware go beside the XML as ``NAME-BASENAME``, the
+    TPM state into swtpm's directory of the new UUID. The domain XML gets NAME, a new
+    UUID, new MAC addresses and every path rewritten (``vmbak.domain.xml``), and goes to
+    ``NAME.xml``; with ``define`` it is defined in libvirt as NAME (not started). NAME is
+    ``new_name``, or DOMAIN-restored. A failure removes everything this restore created.
     """
-    from vmbak.changes.libvirt import define_domain, rewrite_domain_xml
+    import uuid as uuidlib
+
+    from vmbak.changes.libvirt import define_domain
     from vmbak.disks.qemu import ImageRestoreTarget
+    from vmbak.domain.state import check_record, file_sha256, place_tpm, tpm_state_dir
+    from vmbak.domain.xml import rewrite_for_restore
     from vmbak.engine.restore import partial_name, restore
 
     log = log or (lambda s: None)
     group = find_libvirt_backup(repo, spec)
-    first = _lv_info(group[0])
+    disk_ms = [m for m in group if not _lv_info(m).get("state_role")]  # type: ignore[union-attr]
+    state_ms = {_lv_info(m)["state_role"]: m for m in group if _lv_info(m).get("state_role")}  # type: ignore[index,union-attr]
+    first = _lv_info(disk_ms[0])
     assert first is not None
     if new_name is not None:
         if not _plain_name(new_name):
@@ -569,14 +780,14 @@ def restore_libvirt(repo: Repository, spec: str, *, directory: str | None, new_n
                              "plain file name (no '/', not '.' or '..')")
         name = new_name
     else:
-        name = f"{_lv_name(group[0], first, 'domain')}-restored"
+        name = f"{_lv_name(disk_ms[0], first, 'domain')}-restored"
     fmt = check_image_format(fmt, write=True)
     if define and _domain_exists(name, uri):
         raise VmbakError(f"libvirt already has a domain named {name!r} (choose another name with --define)")
     if directory is not None and not os.path.isdir(directory):
         raise DiskError(f"restore directory does not exist: {directory}")
     plan = []
-    for m in group:
+    for m in disk_ms:
         lv = _lv_info(m)
         assert lv is not None
         f = fmt or check_image_format(lv.get("format") or "raw", write=True)
@@ -585,29 +796,95 @@ def restore_libvirt(repo: Repository, spec: str, *, directory: str | None, new_n
         path = os.path.join(d, f"{name}-{tgt}.{EXTENSIONS[f]}")
         assert os.path.dirname(path) == d, path  # confined by _plain_name
         plan.append((m, tgt, path, f))
-    xml_path = os.path.join(os.path.abspath(directory or os.path.dirname(plan[0][2])), f"{name}.xml")
-    if os.path.exists(xml_path) and not overwrite:
-        raise DiskError(f"restore target exists: {xml_path} (use --overwrite to replace it)")
+    xml_dir = os.path.abspath(directory or os.path.dirname(plan[0][2]))
+    xml_path = os.path.join(xml_dir, f"{name}.xml")
+    records = [check_record(r, f"snapshot {disk_ms[0].short_id}") for r in first.get("state") or []]
+    new_uuid = str(uuidlib.uuid4())
+    state_plan = []  # (record, snapshot, restored path)
+    for rec in records:
+        if not rec["stored"]:
+            continue
+        m = state_ms.get(rec["role"])
+        if m is None:
+            raise RepositoryError(f"the libvirt backup of snapshot {disk_ms[0].short_id} has no snapshot of its "
+                                  f"{rec['role']}")
+        if rec["role"] == "tpm":
+            dest = tpm_state_dir(new_uuid, uri)
+            if dest is None:
+                raise VmbakError(f"the backup holds TPM state, and vmbak does not know where libvirt at {uri} "
+                                 "keeps it (it knows qemu:///system)")
+            path = os.path.join(xml_dir, f".{name}-tpm.tar")
+        else:
+            base = os.path.basename(rec["path"]) or rec["role"]
+            if not _plain_name(base):
+                raise RepositoryError(f"snapshot {m.short_id}: the recorded path {rec['path']!r} has no plain file name")
+            path = os.path.join(xml_dir, f"{name}_VARS.fd" if rec["role"] == "nvram" else f"{name}-{base}")
+        state_plan.append((rec, m, path))
+    for p in [xml_path] + [p for r, _, p in state_plan if r["role"] != "tpm"]:
+        if os.path.exists(p) and not overwrite:
+            raise DiskError(f"restore target exists: {p} (use --overwrite to replace it)")
     created: list[str] = []
+    created_dirs: list[str] = []
     results = []
+    files: dict[str, str] = {}
+    state_out = []
+    warnings = []
     ok = False
+
+    def restore_one(m: Manifest, path: str, f: str) -> dict:
+        existed = os.path.exists(path)
+        target = ImageRestoreTarget(path, m.disk_size, f, overwrite=overwrite)
+        try:
+            r = restore(repo, m, target, verify=verify, workers=workers,
+                        progress=progress() if progress else None)  # type: ignore[arg-type]
+        except BaseException:
+            target.discard()
+            raise
+        finally:
+            target.close()
+        if not existed:
+            created.append(path)
+        return r
+
     try:
         for m, tgt, path, f in plan:
-            existed = os.path.exists(path)
-            target = ImageRestoreTarget(path, m.disk_size, f, overwrite=overwrite)
-            try:
-                r = restore(repo, m, target, verify=verify, workers=workers,
-                            progress=progress() if progress else None)  # type: ignore[arg-type]
-            except BaseException:
-                target.discard()
-                raise
-            finally:
-                target.close()
-            if not existed:
-                created.append(path)
+            r = restore_one(m, path, f)
             results.append({**r, "target_disk": tgt, "format": f, "name": m.name})
             log(f"restored disk {tgt} (snapshot {m.short_id}) to {path} ({f})")
-        xml = rewrite_domain_xml(first["domain_xml"], name, {tgt: (path, f) for _, tgt, path, f in plan})
+        for rec, m, path in state_plan:
+            restore_one(m, path, "raw")
+            if file_sha256(path) != rec.get("sha256"):
+                raise RepositoryError(f"the restored {rec['role']} (snapshot {m.short_id}) does not match the "
+                                      "sha256 recorded with the backup")
+            if rec["role"] == "tpm":
+                dest = tpm_state_dir(new_uuid, uri)
+                assert dest is not None
+                place_tpm(path, dest, rec)
+                created_dirs.append(dest)
+                _unlink(path)
+                created.remove(path)
+                out = dest
+            else:
+                files[rec["role"]] = path
+                out = path
+            state_out.append({"role": rec["role"], "from": rec["path"], "target": out, "snapshot": m.id,
+                              "sha256": rec.get("sha256")})
+            log(f"restored {rec['role']} (snapshot {m.short_id}) to {out}")
+        for rec in records:
+            if rec["stored"]:
+                continue
+            now = file_sha256(rec["path"])
+            if now is None:
+                warnings.append(f"{rec['role']} {rec['path']} is not stored in the backup and does not exist here")
+            elif rec.get("sha256") and now != rec["sha256"]:
+                warnings.append(f"{rec['role']} {rec['path']} differs from the file the backup recorded "
+                                f"(sha256 {rec['sha256'][:16]}...; now {now[:16]}...)")
+            state_out.append({"role": rec["role"], "from": rec["path"], "target": rec["path"], "snapshot": None,
+                              "sha256": rec.get("sha256")})
+        for w in warnings:
+            log(f"warning: {w}")
+        xml = rewrite_for_restore(first["domain_xml"], name, new_uuid, {tgt: (path, f) for _, tgt, path, f in plan},
+                                  files, xml_dir)
         with deferred():
             tmp = partial_name(xml_path)
             token = register_cleanup(lambda: _unlink(tmp))
@@ -626,9 +903,8 @@ def restore_libvirt(repo: Repository, spec: str, *, directory: str | None, new_n
     finally:
         if not ok:
             for p in created:
-                try:
-                    os.unlink(p)
-                except OSError:
-                    pass
-    return {"domain": first["domain"], "checkpoint": first.get("checkpoint"), "name": name,
-            "defined": defined, "xml": xml_path, "disks": results}
+                _unlink(p)
+            for d in created_dirs:
+                shutil.rmtree(d, ignore_errors=True)
+    return {"domain": first["domain"], "checkpoint": first.get("checkpoint"), "name": name, "uuid": new_uuid,
+            "defined": defined, "xml": xml_path, "disks": results, "state": state_out, "warnings": warnings}

@@ -155,22 +155,33 @@ class SocketAgent:
         self._send(msg)
         deadline = time.monotonic() + (timeout or self.timeout)
         while True:
+            line = self._line(deadline).lstrip(b"\xff")
             try:
-                r = json.loads(self._line(deadline).lstrip(b"\xff"))
+                r = json.loads(line)
             except ValueError:
-                continue
+                raise AgentError(f"the guest agent answered {command} with garbage: "
+                                 f"{line[:60].decode('utf-8', 'replace')!r}") from None
+            if not isinstance(r, dict):
+                raise AgentError(f"the guest agent answered {command} with garbage: {str(r)[:60]!r}")
             if "error" in r:
-                raise AgentError(f"guest agent {command}: {r['error'].get('desc', r['error'])}")
+                err = r["error"]
+                raise AgentError(f"guest agent {command}: {err.get('desc', err) if isinstance(err, dict) else err}")
             if "return" in r:
                 return r["return"]
 
+    def _count(self, command: str, arguments: dict | None = None) -> int:
+        r = self.execute(command, arguments, 120)
+        if not isinstance(r, int) or isinstance(r, bool):
+            raise AgentError(f"the guest agent answered {command} with garbage: {str(r)[:60]!r}")
+        return r
+
     def freeze(self, mountpoints: list[str] | None = None) -> int:
         if mountpoints:
-            return int(self.execute("guest-fsfreeze-freeze-list", {"mountpoints": mountpoints}, 120))  # type: ignore[arg-type]
-        return int(self.execute("guest-fsfreeze-freeze", None, 120))  # type: ignore[arg-type]
+            return self._count("guest-fsfreeze-freeze-list", {"mountpoints": mountpoints})
+        return self._count("guest-fsfreeze-freeze")
 
     def thaw(self) -> int:
-        return int(self.execute("guest-fsfreeze-thaw", None, 120))  # type: ignore[arg-type]
+        return self._count("guest-fsfreeze-thaw")
 
     def status(self) -> str:
         return str(self.execute("guest-fsfreeze-status"))

@@ -44,6 +44,7 @@ FREEZE_MODES = ("auto", "always", "never")
 FROZEN = "frozen"  # the guest's filesystems were frozen by its agent at the point in time
 CRASH = "crash"  # a point-in-time view of a running guest, not frozen (as after a power cut)
 HOOKS = "hooks"  # no point-in-time view: only the hook scripts made the disk consistent
+OFFLINE = "offline"  # the guest was shut off: its disks were read at rest (a paused start, no guest code ran)
 HOOK_TIMEOUT = 600.0
 Log = Callable[[str], None]
 
@@ -276,11 +277,17 @@ class Quiescer:
             self.frozen_count = int(agent.freeze(self.mountpoints or None))  # type: ignore[attr-defined]
             return True
         except AgentError as e:
-            with contextlib.suppress(AgentError, AttributeError):
+            # A freeze that failed half-way, or whose answer was garbage, may have frozen
+            # something: thaw. If that thaw cannot be confirmed either, the state file stays,
+            # and the next vmbak run against this guest thaws it (``recover``).
+            thawed = isinstance(e, AgentUnavailable) and self._agent is None
+            with contextlib.suppress(AgentError, AttributeError, ValueError, TypeError):
                 if self._agent is not None:
-                    self._agent.thaw()  # type: ignore[attr-defined] - a freeze that failed half-way
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+                    self._agent.thaw()  # type: ignore[attr-defined]
+                    thawed = True
+            if thawed or isinstance(e, AgentUnavailable):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
             self.freeze_error = str(e)
             why = "does not answer" if isinstance(e, AgentUnavailable) else "cannot freeze"
             if self.mode == "always":
@@ -322,6 +329,12 @@ class Quiescer:
                                f"{self.frozen_s:.3f} s (freeze took {t1 - t0:.3f} s)")
         self.level = FROZEN if is_frozen else CRASH
         self._run_post("ok")
+
+    def at_rest(self) -> None:
+        """The guest is shut off (started paused only to read its disks): nothing to freeze;
+        its disks are as its last shutdown left them."""
+        self.level = OFFLINE
+        self._note(f"guest: {self.guest} is shut off: its disks are read at rest, nothing to freeze", show=False)
 
     def record(self) -> dict:
         """The manifest's ``guest_consistency`` header field."""

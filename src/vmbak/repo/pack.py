@@ -13,6 +13,7 @@ BLAKE3 (unkeyed) of the whole file, so check --read-data can verify it.
 from __future__ import annotations
 
 import os
+import re
 import struct
 from dataclasses import dataclass
 
@@ -38,6 +39,20 @@ def chunk_aad(chunk_id: bytes) -> bytes:
 
 def pack_name(pack_id: str) -> str:
     return f"data/{pack_id[:2]}/{pack_id}"
+
+
+_PACK_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def list_packs(backend: Backend) -> dict[str, int]:
+    """The packs stored under data/, as {pack id: size}; names that are not a pack's
+    (not 64 hex digits, or in the wrong data/XX folder) are left out."""
+    present = {}
+    for name, size in backend.list("data"):
+        pid = name.rsplit("/", 1)[-1]
+        if _PACK_ID.fullmatch(pid) and name == pack_name(pid):
+            present[pid] = size
+    return present
 
 
 @dataclass

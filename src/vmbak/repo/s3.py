@@ -27,6 +27,10 @@ Tuning (environment): ``VMBAK_S3_CONCURRENCY`` (parts uploaded at once, default 
 ``VMBAK_S3_READ_WINDOW`` (chunks are read from packs through aligned windows of this
 size, default 8 MiB, 8 kept), ``VMBAK_S3_RETRIES`` (attempts per request, default 10), ``VMBAK_S3_RETRY_DELAY`` (first
 backoff in seconds, default 0.2), ``VMBAK_S3_TIMEOUT`` (socket timeout, default 60 s).
+
+Bandwidth limits: ``VMBAK_S3_LIMIT_UPLOAD`` and ``VMBAK_S3_LIMIT_DOWNLOAD`` (KiB/s, like
+restic's ``--limit-upload``; 0 or unset: no limit) cap the average rate of the bodies sent
+and received, over all of the backend's threads together (see :class:`Throttle`).
 """
 
 from __future__ import annotations
@@ -78,6 +82,34 @@ def _env_float(name: str, default: float) -> float:
         return max(0.0, float(os.environ.get(name, default)))
     except ValueError:
         raise RepositoryError(f"${name} must be a number") from None
+
+
+class Throttle:
+    """Paces transfers to ``rate`` bytes per second on average, over every thread sharing it.
+
+    Each transfer of n bytes books the next n/rate seconds of the link, after the transfers
+    booked before it, and waits until its booking ends: n bytes take at least n/rate seconds,
+    and over any stretch of time no more than rate × time bytes (plus one transfer per thread
+    in flight) go through. Uploads wait before they send, downloads after they receive.
+    ``rate`` 0: no limit.
+    """
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._lock = threading.Lock()
+        self._free_at = 0.0  # when the link is free again (time.monotonic)
+
+    def take(self, n: int) -> float:
+        """Wait for ``n`` bytes' turn; return the seconds waited."""
+        if self.rate <= 0 or n <= 0:
+            return 0.0
+        with self._lock:
+            now = time.monotonic()
+            self._free_at = max(now, self._free_at) + n / self.rate
+            wait = self._free_at - now
+        if wait > 0:
+            time.sleep(wait)
+        return max(wait, 0.0)
 
 
 @dataclass(frozen=True)
@@ -155,6 +187,8 @@ class S3Backend:
         self.attempts = _env_int("VMBAK_S3_RETRIES", 10, 1)
         self.retry_delay = _env_float("VMBAK_S3_RETRY_DELAY", 0.2)
         timeout = _env_float("VMBAK_S3_TIMEOUT", 60.0) or 60.0
+        self.upload_limit = Throttle(_env_float("VMBAK_S3_LIMIT_UPLOAD", 0.0) * 1024)
+        self.download_limit = Throttle(_env_float("VMBAK_S3_LIMIT_DOWNLOAD", 0.0) * 1024)
         self.retries_done = 0  # how many requests were retried (for tests and statistics)
         self.cache: ObjectCache | None = None
         self._sizes: dict[str, int] = {}  # sizes seen in the latest listings (cache validation)
@@ -285,6 +319,7 @@ class S3Backend:
             return body
 
         data = self._call("read", name, get)
+        self.download_limit.take(len(data))
         if cache is not None and cache.cacheable(name):
             cache.put(name, data)
         return data
@@ -352,7 +387,9 @@ class S3Backend:
                 raise _Truncated(f"{name}: got {len(body)} of {want} bytes")
             return body
 
-        return self._call("read", name, get)
+        body = self._call("read", name, get)
+        self.download_limit.take(len(body))
+        return body
 
     def _head(self, name: str) -> dict | None:
         def head() -> dict | None:
@@ -377,6 +414,7 @@ class S3Backend:
     def write(self, name: str, data: bytes) -> None:
         data = bytes(data)
         md5 = self._md5(data)
+        self.upload_limit.take(len(data))
         self._call("write", name, lambda: self.client.put_object(
             Bucket=self.bucket, Key=self._key(name), Body=data, ContentMD5=md5, ContentLength=len(data)))
         if self.cache is not None and self.cache.cacheable(name):
@@ -407,6 +445,7 @@ class S3Backend:
             off = i * self.part_size
             data = os.pread(fd, min(self.part_size, size - off), off)
             md5 = self._md5(data)
+            self.upload_limit.take(len(data))
             r = self._call("upload part", f"{name} (part {i + 1}/{nparts})", lambda: self.client.upload_part(
                 Bucket=self.bucket, Key=key, UploadId=up, PartNumber=i + 1, Body=data, ContentMD5=md5,
                 ContentLength=len(data)))

@@ -164,7 +164,7 @@ class Server:
     def __init__(self, repo: Repository, snapshot: Manifest, password: str | None, *, socket: str | None = None,
                  tcp: str | None = None, allow_remote: bool = False, writable: bool = False,
                  overlay: str | None = None, qmp: str | None = None, cache_bytes: int = 256 << 20,
-                 threads: int = 8) -> None:
+                 threads: int = 8, workdir: str | None = None) -> None:
         if (socket is None) == (tcp is None):
             raise VmbakError("give exactly one of --socket PATH and --tcp [HOST:]PORT")
         if writable and not overlay:
@@ -193,6 +193,7 @@ class Server:
         elif qmp:
             raise VmbakError("--qmp goes with --writable")
         self.dir = ""
+        self.workdir = os.path.abspath(workdir) if workdir else None  # private files here (created, removed)
         self.nbdkit: subprocess.Popen | None = None
         self.qsd: subprocess.Popen | None = None
         self.stats: dict = {}
@@ -225,7 +226,11 @@ class Server:
         if not shutil.which("nbdkit") and not os.path.exists("/usr/sbin/nbdkit"):
             raise ServeError("nbdkit is not installed (Debian packages nbdkit and nbdkit-plugin-python)")
         self._check_endpoints()
-        self.dir = _private_dir("vmbak-serve-")
+        if self.workdir is not None:
+            os.mkdir(self.workdir, 0o700)
+            self.dir = self.workdir
+        else:
+            self.dir = _private_dir("vmbak-serve-")
         try:
             self._start()
         except BaseException:

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import hmac
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from vmbak import __version__
 from vmbak.errors import SnapshotNotFound, VmbakError
+from vmbak.repo.backend import ObjectMissing
 from vmbak.server.config import is_loopback
 
 READ_METHODS = ("GET", "HEAD")
@@ -41,30 +43,63 @@ def _check_token(given: str, expected: str | None) -> bool:
 
 
 class AuthMiddleware(BaseHTTPMiddleware):
-    """401 without a valid token, 403 for a read-only token on a request that changes something."""
+    """401 without a valid token, 403 for a read-only token on a request that changes something.
+
+    The API and /metrics take ``Authorization: Bearer TOKEN`` only. Dashboard pages take a
+    Bearer token or a cookie session (vmbak/server/web.py): without one, a page redirects
+    to /login (the one path that answers without a login), anything else answers 401. A
+    request that changes something with a cookie session needs the session's CSRF token in
+    the ``X-CSRF-Token`` header.
+    """
 
     async def dispatch(self, request: Request, call_next):  # noqa: ANN001, ANN201
+        from vmbak.server.web import COOKIE, is_page
+
         svc = request.app.state.service
         cfg = svc.config.server
+        path = request.url.path
         auth = request.headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
         token = token.strip() if scheme.lower() == "bearer" else ""
         role = None
+        session = None
         if token and _check_token(token, cfg.admin_token):
             role = "admin"
         elif token and _check_token(token, cfg.read_token):
             role = "read"
-        if request.url.path == "/metrics" and role is None:
+        if path == "/metrics" and role is None:
             client = request.client.host if request.client else ""
             if cfg.metrics_public or is_loopback(client):
                 role = "metrics"
+        page = is_page(path)
+        if page and role is None and not token:
+            if path == "/login":
+                request.state.role = None
+                return await call_next(request)
+            session = request.app.state.sessions.get(request.cookies.get(COOKIE), cfg)
+            if session is not None:
+                role = session.role
         if role is None:
+            if page and not token and request.method in READ_METHODS and not request.headers.get("hx-request"):
+                from urllib.parse import quote
+
+                target = path + (f"?{request.url.query}" if request.url.query else "")
+                return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
+            headers = {"WWW-Authenticate": "Bearer"}
+            if page:
+                headers["HX-Redirect"] = "/login"
             return JSONResponse({"detail": "a valid token is needed: Authorization: Bearer TOKEN"}, status_code=401,
-                                headers={"WWW-Authenticate": "Bearer"})
+                                headers=headers)
         if request.method not in READ_METHODS and role != "admin":
             return JSONResponse({"detail": "this token may only read; starting or stopping jobs needs the admin "
                                  "token"}, status_code=403)
+        if session is not None and request.method not in READ_METHODS:
+            given = request.headers.get("x-csrf-token", "")
+            if not given or not hmac.compare_digest(given.encode(), session.csrf.encode()):
+                return JSONResponse({"detail": "the CSRF token is missing or wrong: reload the page"},
+                                    status_code=403)
         request.state.role = role
+        request.state.session = session
         return await call_next(request)
 
 
@@ -83,9 +118,37 @@ def create_app(service) -> FastAPI:  # noqa: ANN001, C901 - a Service; one funct
                   openapi_url="/api/v1/openapi.json",
                   description="vmbak's HTTP API. Every endpoint needs `Authorization: Bearer TOKEN`; "
                   "changes need the admin token. See docs/server.md.")
+    from vmbak.server.catalog import RepoCatalog
+    from vmbak.server.web import Sessions, install_dashboard
+
     app.state.service = service
+    app.state.sessions = Sessions()
     app.add_middleware(AuthMiddleware)
     repos = service.repos
+    catalogs: dict[tuple, RepoCatalog] = {}
+
+    def catalog(key: str) -> RepoCatalog:
+        """The in-memory snapshot catalog of the configured repository ``key`` (server/catalog.py)."""
+        rc = service.config.repositories.get(key)
+        if rc is None:
+            raise HTTPException(404, f"no repository {key!r}")
+        ck = (rc.location, rc.password_file, rc.s3_endpoint)
+        c = catalogs.get(ck)
+        if c is None:
+            c = catalogs[ck] = RepoCatalog(lambda: repos.get(service.config.repositories[key]))
+        return c
+
+    def invalidate(_record: dict) -> None:
+        for c in catalogs.values():
+            c.invalidate()
+
+    service.on_finish.append(invalidate)
+
+    def warm() -> None:  # read every manifest once, in the background, before the first page asks
+        for k in list(service.config.repositories):
+            catalog(k).entries()
+
+    threading.Thread(target=warm, name="vmbak-catalog", daemon=True).start()
 
     def job_json(key: str) -> dict:
         job = service.config.jobs[key]
@@ -117,6 +180,13 @@ def create_app(service) -> FastAPI:  # noqa: ANN001, C901 - a Service; one funct
         found = []
         for k in keys:
             repo = repos.get(service.config.repositories[k])
+            ids = catalog(k).match(sid)  # an id (prefix) the catalog knows: read that manifest alone
+            if len(ids) == 1:
+                try:
+                    found.append((k, repo, repo.load_manifest(ids[0])))
+                    continue
+                except (ObjectMissing, VmbakError):
+                    pass  # forgotten meanwhile, or damaged: as the library says below
             try:
                 found.append((k, repo, repo.find(sid)))
             except SnapshotNotFound:
@@ -225,17 +295,17 @@ def create_app(service) -> FastAPI:  # noqa: ANN001, C901 - a Service; one funct
 
     @app.get("/api/v1/snapshots", summary="Snapshots, oldest first, in every repository (or one)")
     @vmbak_errors
-    def list_snapshots(repository: str | None = None, name: str | None = None) -> list[dict]:
+    def list_snapshots(repository: str | None = None, name: str | None = None) -> JSONResponse:
         keys = [repository] if repository else sorted(service.config.repositories)
         out = []
         for k in keys:
             rc = service.config.repositories.get(k)
             if rc is None:
                 raise HTTPException(404, f"no repository {k!r}")
-            for m in repos.get(rc).manifests():
-                if name is None or m.name == name:
-                    out.append(m.summary() | {"repository": k})
-        return out
+            for e in catalog(k).entries():
+                if name is None or e["name"] == name:
+                    out.append(e["summary"] | {"repository": k})
+        return JSONResponse(out)  # 5,000 plain dicts: no per-field encoding pass
 
     @app.get("/api/v1/snapshots/{sid}", summary="One snapshot, its statistics and its chain")
     @vmbak_errors
@@ -277,10 +347,8 @@ def create_app(service) -> FastAPI:  # noqa: ANN001, C901 - a Service; one funct
                 "entry": None if node.kind == "dir" else node.to_json(path),
                 "problems": [{"path": p, "why": w} for p, w in files.problems]}
 
-    @app.get("/api/v1/snapshots/{sid}/download",
-             summary="Download a file, or a directory as a tar stream, out of a snapshot")
     @vmbak_errors
-    def download(sid: str, path: str, repository: str | None = None) -> Response:
+    def download_response(sid: str, path: str, repository: str | None) -> Response:
         path = _safe_path(path)
         _k, m, files = snapshot_files(sid, repository)
         fs, _vol, node, norm = files.resolve(path)
@@ -295,6 +363,41 @@ def create_app(service) -> FastAPI:  # noqa: ANN001, C901 - a Service; one funct
         return StreamingResponse(_tar_stream(files, norm), media_type="application/x-tar",
                                  headers={"Content-Disposition": _attachment(f"{name}.tar")})
 
+    @app.get("/api/v1/snapshots/{sid}/download",
+             summary="Download a file, or a directory as a tar stream, out of a snapshot")
+    def download(sid: str, path: str, repository: str | None = None) -> Response:
+        return download_response(sid, path, repository)
+
+    # ------------------------------------------------------------------ stats over time
+    @app.get("/api/v1/disks", summary="Every disk name in every repository: snapshot count, newest snapshot")
+    @vmbak_errors
+    def list_disks(repository: str | None = None) -> list[dict]:
+        keys = [repository] if repository else sorted(service.config.repositories)
+        out = []
+        for k in keys:
+            for name, snaps in sorted(catalog(k).disks().items()):
+                last = snaps[-1]
+                out.append({"repository": k, "name": name, "snapshots": len(snaps), "first": snaps[0]["time"],
+                            "last": {f: last[f] for f in ("id", "time", "type", "used_bytes", "data_bytes", "stored_bytes",
+                                                          "consistency", "guest")}})
+        return out
+
+    @app.get("/api/v1/stats", summary="Per-snapshot figures over time: bytes read and stored, ratios, durations")
+    @vmbak_errors
+    def stats_over_time(repository: str | None = None, name: str | None = None,
+                        since: str | None = None, limit: int = Query(10000, ge=1, le=100000)) -> JSONResponse:
+        keys = [repository] if repository else sorted(service.config.repositories)
+        points = []
+        for k in keys:
+            for e in catalog(k).entries():
+                if (name is None or e["name"] == name) and (since is None or e["time"] >= since):
+                    points.append({"repository": k} | {f: e[f] for f in STATS_FIELDS})
+        points.sort(key=lambda p: (p["time"], p["id"]))
+        totals = {"snapshots": len(points), "read_bytes": sum(p["read_bytes"] for p in points),
+                  "stored_bytes": sum(p["stored_bytes"] for p in points),
+                  "duration_s": round(sum(p["duration_s"] or 0 for p in points), 3)}
+        return JSONResponse({"points": points[-limit:], "truncated": len(points) > limit, "totals": totals})
+
     # ------------------------------------------------------------------ metrics
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -306,7 +409,31 @@ def create_app(service) -> FastAPI:  # noqa: ANN001, C901 - a Service; one funct
     async def metrics() -> Response:
         return Response(generate_latest(reg), media_type=CONTENT_TYPE_LATEST)
 
+    class _Helpers:
+        pass
+
+    h = _Helpers()
+    h.catalog, h.find_snapshot, h.snapshot_files = catalog, find_snapshot, vmbak_errors(snapshot_files)
+    h.download_response, h.safe_path, h.vmbak_errors = download_response, _safe_path, vmbak_errors
+    install_dashboard(app, service, h)
+
+    from fastapi.exception_handlers import http_exception_handler
+
+    @app.exception_handler(HTTPException)
+    async def page_errors(request: Request, exc: HTTPException) -> Response:
+        from vmbak.server.web import is_page
+
+        if is_page(request.url.path) and request.method in READ_METHODS and "text/html" in request.headers.get(
+                "accept", ""):
+            return app.state.render_error(request, exc.status_code, str(exc.detail))
+        return await http_exception_handler(request, exc)
+
     return app
+
+
+STATS_FIELDS = ("id", "name", "time", "type", "parent", "disk_size", "used_bytes", "data_bytes", "read_bytes", "changed_bytes",
+                "new_raw_bytes", "stored_bytes", "dedup_bytes", "compression_ratio", "dedup_ratio", "duration_s",
+                "consistency", "guest")
 
 
 def _attachment(name: str) -> str:

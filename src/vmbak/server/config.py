@@ -24,8 +24,9 @@ STOP_MODES = ("abort", "finish")
 MIN_TOKEN = 16
 
 SERVER_KEYS = {"listen", "token_file", "read_token_file", "tls_cert", "tls_key", "state_dir", "max_concurrent_jobs",
-               "run_missed", "stop", "stop_timeout", "metrics_public", "log_lines", "allow_remote"}
-REPO_KEYS = {"location", "password_file", "s3_endpoint"}
+               "run_missed", "stop", "stop_timeout", "metrics_public", "log_lines", "allow_remote", "users"}
+USER_KEYS = {"password_hash", "role"}
+REPO_KEYS = {"location", "password_file", "s3_endpoint", "s3_limit_upload", "s3_limit_download"}
 JOB_KEYS = {"repository", "disk", "libvirt", "libvirt_uri", "changes", "name", "schedule", "mode", "format", "keep",
             "prune", "prune_grace", "verify", "verify_read_data", "run_missed", "workers", "enabled",
             "stale_after_hours", "timeout", "before", "after"}
@@ -65,6 +66,7 @@ class ServerConfig:
     log_lines: int = 2000
     admin_token: str = field(default="", repr=False)
     read_token: str | None = field(default=None, repr=False)
+    users: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)  # name -> (password hash, role)
 
 
 @dataclass
@@ -75,6 +77,8 @@ class RepositoryConfig:
     location: str
     password_file: str | None = None
     s3_endpoint: str | None = None
+    s3_limit_upload: float = 0.0  # KiB/s, 0: no limit ($VMBAK_S3_LIMIT_UPLOAD of the jobs' children)
+    s3_limit_download: float = 0.0
 
 
 @dataclass
@@ -343,6 +347,24 @@ def _server(c: _Checker, t: dict, check_files: bool) -> ServerConfig:
     s.stop_timeout = float(c.get(t, "stop_timeout", "server.stop_timeout", (int, float), 120.0))
     s.metrics_public = c.get(t, "metrics_public", "server.metrics_public", bool, False)
     s.log_lines = c.get(t, "log_lines", "server.log_lines", int, 2000)
+    from vmbak.server.passwords import hash_problem
+
+    for name, u in c.table(t, "users", "server.users").items():
+        kp = f"server.users.{name}"
+        if not isinstance(u, dict):
+            c.add(kp, "must be a table: { password_hash = \"...\", role = \"admin\" or \"read\" }")
+            continue
+        c.unknown(kp, u, USER_KEYS)
+        h = c.get(u, "password_hash", f"{kp}.password_hash", str)
+        role = c.get(u, "role", f"{kp}.role", str, "read")
+        if h is None:
+            c.add(f"{kp}.password_hash", "missing: make one with vmbak server --hash-password")
+        elif hash_problem(h):
+            c.add(f"{kp}.password_hash", hash_problem(h))  # type: ignore[arg-type]
+        if role not in ("admin", "read"):
+            c.add(f"{kp}.role", f"must be admin or read, not {role!r}")
+        elif h and not hash_problem(h):
+            s.users[name] = (h, role)
     return s
 
 
@@ -368,6 +390,16 @@ def _repositories(c: _Checker, t: dict, check_files: bool) -> dict[str, Reposito
         rc.s3_endpoint = c.get(r, "s3_endpoint", f"{kp}.s3_endpoint", str)
         if rc.s3_endpoint and not loc.startswith("s3:"):
             c.add(f"{kp}.s3_endpoint", "goes with an s3:BUCKET/PREFIX location")
+        for lim in ("s3_limit_upload", "s3_limit_download"):
+            v = c.get(r, lim, f"{kp}.{lim}", (int, float))
+            if v is None:
+                continue
+            if v < 0:
+                c.add(f"{kp}.{lim}", f"must be 0 (no limit) or more KiB/s, not {v!r}")
+            elif v and not loc.startswith("s3:"):
+                c.add(f"{kp}.{lim}", "goes with an s3:BUCKET/PREFIX location")
+            else:
+                setattr(rc, lim, float(v))
         out[key] = rc
     return out
 

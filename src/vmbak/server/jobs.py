@@ -29,6 +29,10 @@ def child_env(repo: RepositoryConfig) -> dict[str, str]:
         env["VMBAK_PASSWORD_FILE"] = repo.password_file
     if repo.s3_endpoint:
         env["VMBAK_S3_ENDPOINT"] = repo.s3_endpoint
+    if repo.s3_limit_upload:
+        env["VMBAK_S3_LIMIT_UPLOAD"] = f"{repo.s3_limit_upload:g}"
+    if repo.s3_limit_download:
+        env["VMBAK_S3_LIMIT_DOWNLOAD"] = f"{repo.s3_limit_download:g}"
     return env
 
 

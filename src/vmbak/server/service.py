@@ -568,7 +568,13 @@ def open_repository(repo: RepositoryConfig):  # noqa: ANN201 - a vmbak Repositor
     if repo.password_file:
         with open(repo.password_file, encoding="utf-8") as f:
             pw = f.read().rstrip("\r\n")
-    return Repository.open(repo.location, pw)
+    r = Repository.open(repo.location, pw)
+    from vmbak.repo.s3 import S3Backend, Throttle
+
+    if isinstance(r.backend, S3Backend):  # the API's reads (browse, download) keep to the limits too
+        r.backend.upload_limit = Throttle(repo.s3_limit_upload * 1024)
+        r.backend.download_limit = Throttle(repo.s3_limit_download * 1024)
+    return r
 
 
 class RepoCache:

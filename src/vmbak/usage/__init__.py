@@ -107,8 +107,13 @@ class DiskUsage:
 
 
 def probe_filesystem(vol: Volume) -> ModuleType | None:
-    """The parser module whose signature matches ``vol``, if any."""
-    for mod in _modules(FILESYSTEM_MODULES):
+    """The parser module whose signature matches ``vol``, if any (each parser is imported
+    only when the ones before it did not match)."""
+    for name in FILESYSTEM_MODULES:
+        mods = _modules([name])
+        if not mods:
+            continue
+        mod = mods[0]
         try:
             if mod.probe(vol):
                 return mod
@@ -185,9 +190,49 @@ def _volumes(disk: DiskReader, table: Table) -> list[tuple[Volume, Entry]]:
     return out
 
 
+class _ReadCache:
+    """A DiskReader that reads small requests as whole aligned pieces of ``PIECE`` bytes and
+    keeps the last few: the parsers read many small structures close together (sectors of
+    a label, a superblock, descriptors), and over NBD each read is a round trip."""
+
+    PIECE = 1 << 16
+    KEEP = 64
+
+    def __init__(self, disk: DiskReader) -> None:
+        self.disk = disk
+        self.size = disk.size
+        self.description = disk.description
+        self._pieces: dict[int, bytes] = {}
+
+    def _piece(self, index: int) -> bytes:
+        got = self._pieces.pop(index, None)
+        if got is None:
+            got = self.disk.pread(self.PIECE, index * self.PIECE)
+            if len(self._pieces) >= self.KEEP:
+                del self._pieces[next(iter(self._pieces))]
+        self._pieces[index] = got  # newest last
+        return got
+
+    def pread(self, length: int, offset: int) -> bytes:
+        if length <= 0 or offset >= self.size:
+            return b""
+        first, last = offset // self.PIECE, (offset + length - 1) // self.PIECE
+        if last - first > 1:
+            return self.disk.pread(length, offset)
+        data = b"".join(self._piece(i) for i in range(first, last + 1))
+        return data[offset - first * self.PIECE:offset - first * self.PIECE + length]
+
+    def data_extents(self, start: int = 0, end: int | None = None):  # noqa: ANN201
+        return self.disk.data_extents(start, end)
+
+    def close(self) -> None:
+        self._pieces.clear()
+
+
 def analyze(disk: DiskReader, block_size: int = 65536) -> DiskUsage:
     """Parse ``disk`` and return which bytes are used. Never raises for damaged metadata."""
     del block_size  # the result is byte-exact; used_bitmap() takes the block size
+    disk = _ReadCache(disk)  # type: ignore[assignment]
     try:
         table = read_table(disk)
     except UsageError as e:
