@@ -59,15 +59,24 @@ SPARSE_CHANGES = 16
 
 PASSWORD = "bench"
 NAME = "bench"
-TOOLS = ("vmbak", "restic", "borg-lz4", "borg-zstd")
+TOOLS = ("vmbak", "vmbak-noskip", "restic", "borg-lz4", "borg-zstd")
 STEPS = ("full", "incremental", "restore")
-ALL_PARTS = (*TOOLS, "sparse64")
+CHAIN_LENGTH = 30
+FIXED_RUNS = 10  # `snapshots` runs per tool and run of the fixedcost part
+ALL_PARTS = (*TOOLS, "sparse64", "chain30", "fixedcost")
 
 TARGETS = {
     "borg_lz4_full_over_vmbak_full": 2.5,
     "restic_incremental_over_vmbak_incremental": 4.0,
     "restic_restore_over_vmbak_restore": 3.0,
+    # issue 16
+    "restic_full_over_vmbak_full": 9.0,
+    "restic_full_over_vmbak_noskip_full": 3.0,
+    "restic_restore_over_vmbak_restore_issue16": 4.5,
 }
+REPO_BYTES_MAX_FRACTION = 1 / 3  # vmbak's repository after the full, of restic's
+CHAIN_RESTORE_MAX = 1.10  # restore of a 30-incremental chain head / restore of one full of the same disk
+FIXED_COST_MAX_S = 0.3  # `vmbak snapshots` on a small repository, scrypt included
 RSS_LIMIT_MIB = 512
 
 
@@ -430,6 +439,14 @@ def make_tools(vmbak: str, workdir: Path) -> dict[str, Tool]:
         encryption="aes-256-gcm (vmbak default), zstd level 1",
         version=_version([vmbak, "--version"]),
     )
+    tools["vmbak-noskip"] = Tool(
+        "vmbak-noskip", tools["vmbak"].env, init=tools["vmbak"].init,
+        backup=lambda repo, disk, label: [vmbak, "-r", str(repo), "--json", "backup", str(disk), "--name", NAME,
+                                          "--no-skip-unused"],
+        restore=tools["vmbak"].restore,
+        encryption="as vmbak; every block read and stored (--no-skip-unused), byte-exact restore",
+        version=tools["vmbak"].version,
+    )
     restic = tool_path("restic")
     if restic:
         tools["restic"] = Tool(
@@ -513,7 +530,7 @@ def verify_restore(tool: str, restored: Path, v2: Path, meta: dict[str, Any]) ->
         return {"ok": False, "reason": f"{restored} missing"}
     if restored.stat().st_size == v2.stat().st_size and sha256_file(restored) == meta["v2_sha256"]:
         return {"ok": True, "exact": True}
-    if tool != "vmbak":
+    if not tool.startswith("vmbak"):
         return {"ok": False, "reason": "sha256 differs"}
     # vmbak may restore blocks that no filesystem uses as zeros (holes): judge by dumpe2fs.
     bs, used = fs_used_blocks(v2)
@@ -657,13 +674,136 @@ def run_sparse(tool: Tool, run: int, workdir: Path) -> list[Measure]:
 
 
 # ---------------------------------------------------------------------------
+# A chain of 30 incrementals against one full of the same disk
+
+
+def build_chain(tool: Tool, workdir: Path, v1: Path) -> tuple[Path, Path, Path, dict[str, Any]]:
+    """(chain repository, full repository, final disk, facts): a full backup of a copy of
+    v1.raw and CHAIN_LENGTH incrementals, each after CHANGED_WRITES random 64 KiB writes
+    inside the large files' data (as v2.raw), then one full backup of the final disk into
+    a second repository. Built once per bench invocation."""
+    base = workdir / "chain30"
+    clean(base)
+    base.mkdir(parents=True)
+    disk, chain_repo, full_repo = base / "disk.raw", base / "chain-repo", base / "full-repo"
+    log = workdir / "logs" / "chain30-build.log"
+    clean(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    say(f"chain30: copying {v1} and taking a full and {CHAIN_LENGTH} incremental backups ...")
+    shutil.copyfile(v1, disk)
+    bs = fs_block_size(v1)
+    windows = file_data_windows(v1, _big_files(v1), bs)
+    rng = np.random.Generator(np.random.PCG64(SEED + 30))
+    for step in range(CHAIN_LENGTH + 1):
+        if step == 0:
+            m = measured(Measure("chain30", "init", 0), tool.init(chain_repo), tool.env, log)
+            if m.rc:
+                raise RuntimeError(f"chain30: init failed: {m.error}")
+        else:
+            fd = os.open(disk, os.O_WRONLY)
+            try:
+                for off in np.sort(rng.choice(windows, CHANGED_WRITES, replace=False)).tolist():
+                    os.pwrite(fd, rng.bytes(WRITE_SIZE), off)
+            finally:
+                os.close(fd)
+        m = measured(Measure("chain30", "build", step), tool.backup(chain_repo, disk, "chain"), tool.env, log)
+        if m.rc:
+            raise RuntimeError(f"chain30: backup {step} failed: {m.error}")
+    for cmd in (tool.init(full_repo), tool.backup(full_repo, disk, "full")):
+        m = measured(Measure("chain30", "build", 0), cmd, tool.env, log)
+        if m.rc:
+            raise RuntimeError(f"chain30: full of the final disk failed: {m.error}")
+    facts = {"build_s": round(time.perf_counter() - t0, 1), "sha256": sha256_file(disk)}
+    say(f"chain30: built in {facts['build_s']} s")
+    return chain_repo, full_repo, disk, facts
+
+
+def run_chain(tool: Tool, run: int, workdir: Path, built: tuple[Path, Path, Path, dict[str, Any]]) -> list[Measure]:
+    """Restore the head of the chain and the one full of the same disk, in alternating order."""
+    chain_repo, full_repo, disk, facts = built
+    out = workdir / "chain30" / "restore"
+    log = workdir / "logs" / f"run{run}-chain30.log"
+    clean(log)
+    results = []
+    order = (("restore-chain", chain_repo), ("restore-full", full_repo))
+    for step, repo in order if run % 2 else order[::-1]:
+        clean(out)
+        out.mkdir(parents=True)
+        cmd, _, restored = tool.restore(repo, out, disk)
+        m = measured(Measure("chain30", step, run), cmd, tool.env, log)
+        if m.rc == 0:
+            if restored.stat().st_size == disk.stat().st_size and sha256_file(restored) == facts["sha256"]:
+                m.verify = {"ok": True, "exact": True}
+            else:
+                bs, used = fs_used_blocks(disk)
+                m.verify = compare_images(disk, restored, used, bs)
+            if not m.verify.get("ok"):
+                m.error = "restore verification failed: " + m.verify.get("reason", "?")
+        results.append(m)
+        say(f"  run {run} chain30   {step:13} {m.wall_s:7.2f} s  cpu {m.cpu_s:7.2f} s  "
+            f"rss {m.max_rss_kib / KIB:7.0f} MiB  verify {'ok' if m.verify.get('ok') else m.error}")
+    clean(out)
+    return results
+
+
+# ---------------------------------------------------------------------------
+# Fixed cost of a command that does nothing
+
+
+def build_fixed(tools: dict[str, Tool], workdir: Path) -> dict[str, Path]:
+    """A small repository per tool (one backup of a 1 MiB file) for the fixed-cost part."""
+    base = workdir / "fixedcost"
+    clean(base)
+    (base / "src").mkdir(parents=True)
+    small = base / "src" / "small.raw"
+    small.write_bytes(np.random.Generator(np.random.PCG64(SEED + 1)).bytes(MIB))
+    log = workdir / "logs" / "fixedcost-build.log"
+    clean(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    repos = {}
+    for name in ("vmbak", "restic"):
+        if name not in tools:
+            continue
+        repo = base / f"{name}-repo"
+        for cmd in (tools[name].init(repo), tools[name].backup(repo, small, "small")):
+            m = measured(Measure("fixedcost", "build", 0), cmd, tools[name].env, log)
+            if m.rc:
+                raise RuntimeError(f"fixedcost: {name} failed: {m.error}")
+        repos[name] = repo
+    return repos
+
+
+def run_fixed(tools: dict[str, Tool], run: int, workdir: Path, repos: dict[str, Path],
+              vmbak: str) -> list[Measure]:
+    """FIXED_RUNS times, alternating: `vmbak snapshots` and `restic snapshots` on the small
+    repositories (every vmbak run derives the key with scrypt, as every command does)."""
+    log = workdir / "logs" / f"run{run}-fixedcost.log"
+    clean(log)
+    cmds = {"vmbak": [vmbak, "-r", str(repos.get("vmbak", "")), "snapshots"]}
+    if "restic" in repos:
+        cmds["restic"] = [tool_path("restic") or "restic", "-r", str(repos["restic"]), "snapshots"]
+    results = []
+    for _ in range(FIXED_RUNS):
+        for name, cmd in cmds.items():
+            m = measured(Measure(f"fixedcost-{name}", "snapshots", run), cmd, tools[name].env, log)
+            results.append(m)
+    for name in cmds:
+        ms = [m for m in results if m.tool == f"fixedcost-{name}" and m.rc == 0]
+        if ms:
+            say(f"  run {run} fixedcost {name:9} snapshots median {statistics.median(m.wall_s for m in ms):.3f} s  "
+                f"cpu {statistics.median(m.cpu_s for m in ms):.3f} s")
+    return results
+
+
+# ---------------------------------------------------------------------------
 # Report
 
 
 def medians(results: list[Measure]) -> dict[tuple[str, str], dict[str, float]]:
     groups: dict[tuple[str, str], list[Measure]] = {}
     for m in results:
-        if m.rc == 0 and not m.error and m.step in STEPS:
+        if m.rc == 0 and not m.error and m.step not in ("init", "build"):
             groups.setdefault((m.tool, m.step), []).append(m)
     med: dict[tuple[str, str], dict[str, float]] = {}
     for key, ms in groups.items():
@@ -696,7 +836,31 @@ def ratios(med: dict[tuple[str, str], dict[str, float]]) -> list[dict[str, Any]]
         r = ratio(num, den)
         rows.append({"name": key, "label": label, "value": r, "target": f">= {TARGETS[key]}",
                      "pass": None if r is None else r >= TARGETS[key]})
+    for key, (num, den), label in (
+        ("restic_full_over_vmbak_full", (("restic", "full"), ("vmbak", "full")),
+         "restic full wall / vmbak full wall"),
+        ("restic_full_over_vmbak_noskip_full", (("restic", "full"), ("vmbak-noskip", "full")),
+         "restic full wall / vmbak --no-skip-unused full wall"),
+        ("restic_restore_over_vmbak_restore_issue16", (("restic", "restore"), ("vmbak", "restore")),
+         "restic restore wall / vmbak restore wall (issue 16)"),
+    ):
+        r = ratio(num, den)
+        rows.append({"name": key, "label": label, "value": r, "target": f">= {TARGETS[key]}",
+                     "pass": None if r is None else r >= TARGETS[key]})
+    if ("vmbak", "full") in med and ("restic", "full") in med and med[("restic", "full")]["repo_bytes"]:
+        f = med[("vmbak", "full")]["repo_bytes"] / med[("restic", "full")]["repo_bytes"]
+        rows.append({"name": "vmbak_full_bytes_over_restic", "label": "vmbak repository / restic repository after the full",
+                     "value": f, "target": f"<= {REPO_BYTES_MAX_FRACTION:.3f}", "pass": f <= REPO_BYTES_MAX_FRACTION})
+    r = ratio(("chain30", "restore-chain"), ("chain30", "restore-full"))
+    rows.append({"name": "chain30_restore_over_full_restore",
+                 "label": f"restore of a {CHAIN_LENGTH}-incremental chain / restore of one full (wall)",
+                 "value": r, "target": f"<= {CHAIN_RESTORE_MAX}", "pass": None if r is None else r <= CHAIN_RESTORE_MAX})
+    for what in ("wall_s", "cpu_s"):
+        v = med.get(("fixedcost-vmbak", "snapshots"), {}).get(what)
+        rows.append({"name": f"vmbak_snapshots_{what}", "label": f"vmbak snapshots on a small repository ({what})",
+                     "value": v, "target": f"<= {FIXED_COST_MAX_S}", "pass": None if v is None else v <= FIXED_COST_MAX_S})
     for tool, label in (("vmbak", "vmbak peak RSS (MiB, worst step and run)"),
+                        ("vmbak-noskip", "vmbak --no-skip-unused peak RSS (MiB, worst step and run)"),
                         ("sparse64", "vmbak peak RSS on the 64 GiB sparse disk (MiB)")):
         vals = [med[(tool, s)]["worst_rss_mib"] for s in STEPS if (tool, s) in med]
         v = max(vals) if vals else None
@@ -718,15 +882,23 @@ def report(results: list[Measure], parts: list[str], runs: int, meta: dict[str, 
     lines = [f"Medians of {runs} run(s); {disk}{os.cpu_count()} CPUs, warm page cache.", "",
              "| tool | step | wall s | CPU s | peak RSS MiB | repo after step | MB/s (disk size / wall) |",
              "|---|---|---:|---:|---:|---:|---:|"]
+    rows_of: list[tuple[str, str]] = []
     for part in parts:
+        if part == "chain30":
+            rows_of += [("chain30", "restore-chain"), ("chain30", "restore-full")]
+        elif part == "fixedcost":
+            rows_of += [("fixedcost-vmbak", "snapshots"), ("fixedcost-restic", "snapshots")]
+        else:
+            rows_of += [(part, step) for step in STEPS]
+    for part, step in rows_of:
         size = SPARSE_SIZE if part == "sparse64" else IMAGE_SIZE
-        for step in STEPS:
-            v = med.get((part, step))
-            if v is None:
-                lines.append(f"| {part} | {step} | failed or not run | | | | |")
-                continue
-            lines.append(f"| {part} | {step} | {v['wall_s']:.2f} | {v['cpu_s']:.2f} | {v['max_rss_mib']:.0f} | "
-                         f"{fmt_bytes(v['repo_bytes'])} | {size / 1e6 / v['wall_s']:.0f} |")
+        v = med.get((part, step))
+        if v is None:
+            lines.append(f"| {part} | {step} | failed or not run | | | | |")
+            continue
+        rate = "" if part.startswith("fixedcost") else f"{size / 1e6 / v['wall_s']:.0f}"
+        lines.append(f"| {part} | {step} | {v['wall_s']:.2f} | {v['cpu_s']:.2f} | {v['max_rss_mib']:.0f} | "
+                     f"{fmt_bytes(v['repo_bytes'])} | {rate} |")
     lines += ["", "| check | value | target | result |", "|---|---:|---|---|"]
     for r in ratios(med):
         val = "n/a" if r["value"] is None else f"{r['value']:.2f}"
@@ -734,8 +906,8 @@ def report(results: list[Measure], parts: list[str], runs: int, meta: dict[str, 
         lines.append(f"| {r['label']} | {val} | {r['target']} | {res} |")
     lines += ["", "Encryption and compression:"]
     for name in parts:
-        t = tools.get("vmbak" if name == "sparse64" else name)
-        if t and name != "sparse64":
+        t = tools.get(name)
+        if t:
             lines.append(f"- {name}: {t.encryption} ({t.version})")
     failures = [m for m in results if m.rc or m.error]
     if failures:
@@ -771,7 +943,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir: Path = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     tools = make_tools(args.vmbak, workdir)
-    if any(p in ("vmbak", "sparse64") for p in parts) and not os.access(args.vmbak, os.X_OK):
+    if any(p in ("vmbak", "vmbak-noskip", "sparse64", "chain30", "fixedcost") for p in parts) \
+            and not os.access(args.vmbak, os.X_OK):
         say(f"bench: {args.vmbak} not found; run scripts/setup.sh")
         return 2
     missing = [p for p in parts if p in TOOLS and p not in tools]
@@ -782,19 +955,30 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     meta: dict[str, Any] = {}
     v1 = v2 = workdir / "images"
-    if any(p in TOOLS for p in parts):
+    if any(p in TOOLS or p == "chain30" for p in parts):
         meta = build_images(workdir / "images", args.rebuild_images)
         v1, v2 = workdir / "images" / "v1.raw", workdir / "images" / "v2.raw"
         say(f"images ready: {v1} and {v2} ({meta.get('changed_offsets')} changed 64 KiB blocks)")
 
+    chain = build_chain(tools["vmbak"], workdir, v1) if "chain30" in parts else None
+    fixed = build_fixed(tools, workdir) if "fixedcost" in parts else None
+    if chain:
+        meta["chain30"] = chain[3]
     results: list[Measure] = []
     for run in range(1, args.runs + 1):
         for part in parts:
             if part == "sparse64":
                 results += run_sparse(tools["vmbak"], run, workdir)
+            elif part == "chain30":
+                assert chain is not None
+                results += run_chain(tools["vmbak"], run, workdir, chain)
+            elif part == "fixedcost":
+                assert fixed is not None
+                results += run_fixed(tools, run, workdir, fixed, args.vmbak)
             else:
                 results += run_tool(tools[part], run, workdir, v1, v2, meta)
-    clean(workdir / "disk", workdir / "cache", workdir / "restore", workdir / "repos")
+    clean(workdir / "disk", workdir / "cache", workdir / "restore", workdir / "repos", workdir / "chain30",
+          workdir / "fixedcost")
 
     table = report(results, parts, args.runs, meta, tools)
     print(table)

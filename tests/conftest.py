@@ -421,10 +421,14 @@ def _random_bytes_fixture() -> Callable[[int, int], bytes]:
 
 
 def init_repo(path: str | os.PathLike[str], encryption: str = "none", pack_size: int | None = None,
-              password: str | None = DEFAULT_PASSWORD, chunk_size: int | None = None) -> VmbakRepo:
-    """``vmbak init`` a repository at ``path``; return a VmbakRepo driving it."""
+              password: str | None = DEFAULT_PASSWORD, chunk_size: int | None = None,
+              chunk_id: str | None = None) -> VmbakRepo:
+    """``vmbak init`` a repository at ``path``; return a VmbakRepo driving it. ``chunk_id``
+    "blake3" makes a version-2 repository (the chunk ids of earlier versions)."""
     pw = password if encryption != "none" else None
     args: list[object] = ["-r", path, "init", "--encryption", encryption]
+    if chunk_id:
+        args += ["--chunk-id", chunk_id]
     if pack_size:
         args += ["--pack-size", pack_size]
     if chunk_size:
@@ -452,10 +456,11 @@ def _new_disk_fixture() -> Callable[..., DiskImage]:
 
 @pytest.fixture
 def make_repo(tmp_path: Path) -> Callable[..., VmbakRepo]:
-    """Factory: ``make_repo(encryption="none"|"aes-256-gcm", pack_size=None, password=..., name="repo")``."""
+    """Factory: ``make_repo(encryption="none"|"aes-256-gcm", pack_size=None, password=..., name="repo",
+    chunk_size=None, chunk_id=None)``."""
     def _make(encryption: str = "none", pack_size: int | None = None, password: str | None = DEFAULT_PASSWORD,
-              name: str = "repo", chunk_size: int | None = None) -> VmbakRepo:
-        return init_repo(tmp_path / name, encryption, pack_size, password, chunk_size)
+              name: str = "repo", chunk_size: int | None = None, chunk_id: str | None = None) -> VmbakRepo:
+        return init_repo(tmp_path / name, encryption, pack_size, password, chunk_size, chunk_id)
 
     return _make
 

@@ -84,7 +84,8 @@ def test_unencrypted_repository_without_password_still_works(make_repo, make_dis
 
 
 @pytest.mark.parametrize("field,value", [("chunk_size", 65536), ("pack_size", 1 << 20),
-                                         ("compression", {"codec": "zstd", "level": 19})])
+                                         ("compression", {"codec": "zstd", "level": 19}),
+                                         ("chunk_id", "blake3")])
 def test_changed_config_field_is_refused(enc_repo, field, value, assert_cli_error):
     repo, disk = enc_repo
     cfg = _config(repo)
@@ -109,7 +110,8 @@ def test_changed_config_field_is_refused(enc_repo, field, value, assert_cli_erro
 
 
 def _config_original(repo, field: str) -> object:  # noqa: ANN001
-    return {"chunk_size": 1 << 20, "pack_size": 32 << 20, "compression": {"codec": "zstd", "level": 1}}[field]
+    return {"chunk_size": 1 << 20, "pack_size": 32 << 20, "compression": {"codec": "zstd", "level": 1},
+            "chunk_id": "blake3-blocks-64k"}[field]
 
 
 @pytest.mark.parametrize("encryption", ["none", "aes-256-gcm"])

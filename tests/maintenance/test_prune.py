@@ -142,10 +142,11 @@ def test_mostly_garbage_packs_are_repacked(repo, make_disk, tmp_path, assert_sam
     assert out["marked"] is None or out["marked"]["repacked_packs"] == 0
 
 
-def test_prune_upgrades_a_version_1_repository(repo, make_disk):
+def test_prune_upgrades_a_version_1_repository(make_repo, make_disk):
+    repo = make_repo(chunk_id="blake3")  # the chunk ids of earlier versions: version 2, made version 1
     cfg_path = repo.path / "config"
     cfg = json.loads(cfg_path.read_text())
-    assert cfg["version"] == 2
+    assert cfg["version"] == 2 and "chunk_id" not in cfg
     cfg["version"] = 1
     cfg_path.write_text(json.dumps(cfg))
     two_generations(repo, make_disk)  # version 1 repositories work as they are

@@ -10,7 +10,7 @@ from vmbak.engine.check import check
 from vmbak.engine.common import human
 from vmbak.engine.info import repo_stats, snapshot_stats
 from vmbak.errors import VmbakError, printable
-from vmbak.repo.crypto import ENC_AES, ENC_NONE, ENCRYPTIONS
+from vmbak.repo.crypto import CHUNK_ID_BLOCKS, CHUNK_ID_SCHEMES, ENC_AES, ENC_NONE, ENCRYPTIONS
 from vmbak.repo.repository import Repository
 
 CHECK_EPILOG = """examples:
@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument("--encryption", choices=ENCRYPTIONS, default=ENC_AES)
     p.add_argument("--chunk-size", type=int, default=1 << 20, help=argparse.SUPPRESS)
     p.add_argument("--pack-size", type=int, default=32 << 20, help=argparse.SUPPRESS)
+    # "blake3" makes a version-2 repository with the chunk ids of earlier versions
+    # (docs/repository-format.md); for compatibility tests.
+    p.add_argument("--chunk-id", choices=CHUNK_ID_SCHEMES, default=CHUNK_ID_BLOCKS, help=argparse.SUPPRESS)
     p.add_argument("--compression-level", type=int, default=1,
                    help="zstd level for chunks (default 1: measured fastest for the ratio)")
     p.set_defaults(func=cmd_init)
@@ -94,7 +97,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     loc = repo_location(args)
     pw = password(args, confirm=True) if args.encryption != ENC_NONE else None
     repo = Repository.init(loc, pw, encryption=args.encryption, chunk_size=args.chunk_size,
-                           pack_size=args.pack_size, zstd_level=args.compression_level)
+                           pack_size=args.pack_size, zstd_level=args.compression_level,
+                           chunk_ids=args.chunk_id)
     if args.encryption == ENC_NONE and not args.json:
         print("WARNING: this repository is NOT encrypted: anyone who can read it can read your disks",
               file=sys.stderr)

@@ -22,6 +22,7 @@ from vmbak.disks.base import DiskReader
 from vmbak.engine.common import BHT_DTYPE, bounded_map, hash_blocks, range_text, resolve_bht, runs, store_bht
 from vmbak.engine.progress import NoProgress, Progress, set_phase, watch_upload
 from vmbak.errors import DiskError, VmbakError, printable
+from vmbak.repo.crypto import CHUNK_ID_BLOCKS, ID_GRAIN
 from vmbak.repo.manifest import DIFFERENTIAL, FULL, INCREMENTAL, TORN, UNCHANGED, UNKNOWN, Manifest
 from vmbak.repo.repository import Repository, _now_iso
 
@@ -160,6 +161,8 @@ class _Pipeline:
         self.parent_bht = parent_bht
         self.writer_has = writer_has
         self.zero_hash = np.frombuffer(repo.sealer.block_hash(bytes(bs)), BHT_DTYPE)
+        # Hash once: at the chunk id grain, the block hashes give the chunk ids.
+        self.ids_from_hashes = repo.sealer.chunk_ids == CHUNK_ID_BLOCKS and bs == ID_GRAIN
 
     def work(self, task: _Task) -> _Result:
         bs = self.bs
@@ -187,7 +190,10 @@ class _Pipeline:
             st, ln = runs(store)
             for a, k in zip(st.tolist(), ln.tolist(), strict=True):
                 piece = mv[a * bs:min((a + k) * bs, want)]
-                cid = sealer.chunk_id(piece)
+                if self.ids_from_hashes:  # stored blocks are not zero: their rows are their hashes
+                    cid = sealer.chunk_id_from_hashes(h[a:a + k].tobytes(), len(piece))
+                else:
+                    cid = sealer.chunk_id(piece)
                 blob = None if self.writer_has(cid) else self.repo.encode_chunk(cid, piece)
                 res.chunks.append((s + a, k, cid, blob, len(piece)))
         return res
@@ -288,8 +294,10 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
         writer = repo.chunk_writer()
         pipe = _Pipeline(repo, disk, bs, grid, parent_bht, writer.has)
         cur = parent_bht.copy() if parent_bht is not None else np.zeros((nblocks, 2), BHT_DTYPE)
-        # Considered blocks that are not read read as zeros (holes, unused blocks).
-        cur[considered & ~to_read] = 0
+        # Considered blocks that are not read read as zeros (holes, unused blocks). A full's
+        # table starts as zeros: writing them would make all of it resident (512 MiB at 2 TiB).
+        if parent_bht is not None:
+            cur[considered & ~to_read] = 0
         ext_start: list[int] = []
         ext_count: list[int] = []
         ext_id: list[bytes] = []

@@ -59,10 +59,11 @@ def range_text(starts: Iterable[int], lengths: Iterable[int], limit: int = 5) ->
 
 def store_bht(writer: ChunkWriter, repo: Repository, table: np.ndarray) -> list[bytes]:
     """Store a (n, 2) uint64 hash table as chunks; return their ids."""
-    raw = np.ascontiguousarray(table, dtype=BHT_DTYPE).tobytes()
+    rows = BHT_PIECE // (2 * BHT_DTYPE.itemsize)
     ids = []
-    for off in range(0, len(raw), BHT_PIECE):
-        piece = raw[off:off + BHT_PIECE]
+    # piece by piece: a whole copy of a 2 TiB disk's table would be another 512 MiB
+    for r in range(0, len(table), rows):
+        piece = np.ascontiguousarray(table[r:r + rows], dtype=BHT_DTYPE).tobytes()
         cid = repo.sealer.chunk_id(piece)
         if not writer.has(cid):
             writer.add(cid, repo.encode_chunk(cid, piece), len(piece))

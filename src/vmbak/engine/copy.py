@@ -120,7 +120,8 @@ class _Copier:
         self.workers = max(1, workers)
         self.progress = progress
         self.rep = rep
-        self.same_ids = src.sealer.id_key == dst.sealer.id_key
+        # Chunk ids carry over when both repositories compute them alike (same key, same scheme).
+        self.same_ids = src.sealer.id_key == dst.sealer.id_key and src.sealer.chunk_ids == dst.sealer.chunk_ids
         self.same_seal = (self.same_ids and src.encryption == dst.encryption
                           and src.master.enc_key == dst.master.enc_key)
         # source chunk id -> (destination chunk id, destination hash rows of its blocks)

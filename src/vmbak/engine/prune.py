@@ -41,7 +41,7 @@ from vmbak.repo.backend import ObjectMissing
 from vmbak.repo.index import INDEX_AAD, encode_index, index_id
 from vmbak.repo.marks import Mark, delete_mark, load_marks, parse_time, write_mark, write_ready
 from vmbak.repo.pack import PackWriter, list_packs, pack_name, read_header
-from vmbak.repo.repository import FORMAT_VERSION, Repository, _lock_stale
+from vmbak.repo.repository import PRUNE_VERSION, Repository, _lock_stale
 
 DEFAULT_GRACE_S = 3600.0
 DEFAULT_REPACK_THRESHOLD = 0.5
@@ -340,10 +340,10 @@ def _eligible(repo: Repository, marks: list[Mark], grace_s: float, own_lock: str
 
 
 def _upgrade_format(repo: Repository) -> bool:
-    if int(repo.config.get("version", 1)) >= FORMAT_VERSION:
+    if int(repo.config.get("version", 1)) >= PRUNE_VERSION:
         return False
     cfg = dict(repo.config)
-    cfg["version"] = FORMAT_VERSION
+    cfg["version"] = PRUNE_VERSION
     repo.backend.write("config", json.dumps(cfg, indent=1).encode())
     repo.config = cfg
     return True

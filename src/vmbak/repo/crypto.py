@@ -42,6 +42,18 @@ SCRYPT_P = 1
 TAG_LEN = 16
 NONCE_LEN = 12
 
+# How chunk ids are computed (the config's "chunk_id"; docs/repository-format.md):
+# "blake3" (repositories of format version 1 and 2, which have no such field): the keyed
+# BLAKE3 of the plaintext. "blake3-blocks-64k" (version 3): the keyed BLAKE3 over the
+# plaintext's length and the 16-byte block hashes of its 64 KiB pieces, so that a backup
+# at the default block size hashes every byte once (the block hashes it computes anyway
+# give the chunk id).
+CHUNK_ID_BLAKE3 = "blake3"
+CHUNK_ID_BLOCKS = "blake3-blocks-64k"
+CHUNK_ID_SCHEMES = (CHUNK_ID_BLOCKS, CHUNK_ID_BLAKE3)
+ID_GRAIN = 1 << 16
+_ID_PREFIX = b"vmbak chunk id v2"
+
 
 def _b64(b: bytes) -> str:
     return base64.b64encode(b).decode()
@@ -54,11 +66,16 @@ def _unb64(s: str) -> bytes:
 # The config fields that a key file binds (see bound_config). Changing any of them
 # without the password makes every key file refuse the repository.
 BOUND_FIELDS = ("id", "encryption", "chunk_size", "pack_size", "compression")
+# Bound when present (configs written before the field existed do not have it, and the key
+# files of such repositories bind the text without it).
+BOUND_IF_PRESENT = ("chunk_id",)
 
 
 def bound_config(config: dict) -> str:
     """The canonical text of the config fields a key file binds: compact JSON, sorted keys."""
-    return json.dumps({k: config.get(k) for k in BOUND_FIELDS}, sort_keys=True, separators=(",", ":"))
+    d = {k: config.get(k) for k in BOUND_FIELDS}
+    d.update({k: config[k] for k in BOUND_IF_PRESENT if k in config})
+    return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -259,8 +276,11 @@ class Sealer:
     Thread-safe: AESGCM objects may be shared between threads.
     """
 
-    def __init__(self, master: MasterKey, encryption: str) -> None:
+    def __init__(self, master: MasterKey, encryption: str, chunk_ids: str = CHUNK_ID_BLAKE3) -> None:
+        if chunk_ids not in CHUNK_ID_SCHEMES:
+            raise RepositoryError(f"unknown chunk id scheme {chunk_ids!r}")
         self.encryption = encryption
+        self.chunk_ids = chunk_ids
         self.id_key = master.id_key
         # Derived keys keep the uses apart: block hashes never equal chunk ids.
         self.block_key = blake3.blake3(b"vmbak block hash v1", key=master.id_key).digest()
@@ -268,8 +288,23 @@ class Sealer:
         self._aead = AESGCM(master.enc_key) if encryption == ENC_AES else None
 
     def chunk_id(self, data: bytes | memoryview) -> bytes:
-        """The keyed BLAKE3 of a chunk's plaintext: its 32-byte id."""
-        return blake3.blake3(data, key=self.id_key).digest()
+        """A chunk's 32-byte id: see CHUNK_ID_SCHEMES."""
+        if self.chunk_ids == CHUNK_ID_BLAKE3:
+            return blake3.blake3(data, key=self.id_key).digest()
+        mv = memoryview(data)
+        key = self.block_key
+        hashes = b"".join([blake3.blake3(mv[o:o + ID_GRAIN], key=key).digest(TAG_LEN)
+                           for o in range(0, len(mv), ID_GRAIN)])
+        return self.chunk_id_from_hashes(hashes, len(mv))
+
+    def chunk_id_from_hashes(self, hashes: bytes, length: int) -> bytes:
+        """The id (scheme "blake3-blocks-64k") of a chunk of ``length`` bytes whose 64 KiB
+        pieces (the last may be shorter) have the block hashes ``hashes`` (16 bytes each,
+        in order): the keyed BLAKE3 of "vmbak chunk id v2" || u64 length || hashes."""
+        h = blake3.blake3(_ID_PREFIX, key=self.id_key)
+        h.update(length.to_bytes(8, "little"))
+        h.update(hashes)
+        return h.digest()
 
     def block_hash(self, data: bytes | memoryview) -> bytes:
         """The 16-byte keyed hash of one block, kept per block for scans and diffs."""

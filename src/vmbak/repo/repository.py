@@ -29,6 +29,9 @@ from vmbak.interrupts import deferred, register_cleanup, unregister_cleanup
 from vmbak.repo import zstd
 from vmbak.repo.backend import Backend, LocalBackend, ObjectMissing, host_id, makedirs_private, pid_alive
 from vmbak.repo.crypto import (
+    CHUNK_ID_BLAKE3,
+    CHUNK_ID_BLOCKS,
+    CHUNK_ID_SCHEMES,
     ENC_AES,
     ENC_NONE,
     ENCRYPTIONS,
@@ -66,7 +69,12 @@ FORMAT_NAME = "vmbak-repository"
 # prune/: every writer must honour prune marks, which a version-1 vmbak does not know,
 # so version-1 programs must refuse it. Version-1 repositories are read and written as
 # they are; the first prune upgrades them (see docs/repository-format.md).
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# Version 3 (written by init since chunk ids come from block hashes) differs from version 2
+# only by the config's "chunk_id" field: a version-2 program would compute other chunk ids,
+# so it must refuse it. Versions 1 and 2 keep their chunk ids ("blake3") for good; prune
+# raises version 1 to PRUNE_VERSION, never to 3.
+PRUNE_VERSION = 2
 DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_PACK_SIZE = 32 << 20
 DEFAULT_ZSTD_LEVEL = 1
@@ -131,7 +139,7 @@ class Repository:
         # stored as a chunk (block hash tables, engine/common.py), whichever is larger.
         self.max_chunk: int = max(self.chunk_size, METADATA_PIECE)
         self.zstd_level: int = int(config["compression"]["level"])
-        self.sealer = Sealer(master, self.encryption)
+        self.sealer = Sealer(master, self.encryption, config.get("chunk_id", CHUNK_ID_BLAKE3))
         self.master = master  # for key management (vmbak key add / passwd)
         self._index: Index | None = None
         # The index is loaded on first use, which may be from several pipeline threads at
@@ -158,14 +166,19 @@ class Repository:
     @classmethod
     def init(cls, location: str, password: str | None, encryption: str = ENC_AES,
              chunk_size: int = DEFAULT_CHUNK_SIZE, pack_size: int = DEFAULT_PACK_SIZE,
-             zstd_level: int = DEFAULT_ZSTD_LEVEL) -> Repository:
-        """Create a new repository at ``location`` (an empty or missing directory)."""
+             zstd_level: int = DEFAULT_ZSTD_LEVEL, chunk_ids: str = CHUNK_ID_BLOCKS) -> Repository:
+        """Create a new repository at ``location`` (an empty or missing directory).
+
+        ``chunk_ids`` "blake3" writes a version-2 repository with the chunk ids of earlier
+        vmbak versions (for compatibility and tests); the default writes version 3."""
         if encryption not in ENCRYPTIONS:
             raise RepositoryError(f"unknown encryption {encryption!r} (choose {', '.join(ENCRYPTIONS)})")
         if encryption == ENC_AES and not password:
             raise RepositoryError("a password is required to create an encrypted repository "
                                   "(set VMBAK_PASSWORD, use --password-file, or --encryption none)")
         check_config_values(chunk_size, pack_size, zstd_level)
+        if chunk_ids not in CHUNK_ID_SCHEMES:
+            raise RepositoryError(f"unknown chunk id scheme {chunk_ids!r} (choose {', '.join(CHUNK_ID_SCHEMES)})")
         backend = open_backend(location)
         if isinstance(backend, LocalBackend):
             root = backend.root
@@ -189,7 +202,7 @@ class Repository:
                 prepare()  # the bucket exists and holds nothing under the prefix
         config = {
             "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
+            "version": FORMAT_VERSION if chunk_ids != CHUNK_ID_BLAKE3 else PRUNE_VERSION,
             "id": os.urandom(32).hex(),
             "created": _now_iso(),
             "encryption": encryption,
@@ -197,6 +210,8 @@ class Repository:
             "pack_size": pack_size,
             "compression": {"codec": "zstd", "level": zstd_level},
         }
+        if chunk_ids != CHUNK_ID_BLAKE3:
+            config["chunk_id"] = chunk_ids
         master = MasterKey.generate()
         keydoc = wrap_key(master, password, config)
         keyname = save_key_file(backend, keydoc)
@@ -238,6 +253,10 @@ class Repository:
                 raise RepositoryError(f"repository config is damaged (missing {k})")
         if config["encryption"] not in ENCRYPTIONS:
             raise RepositoryError(f"repository uses unknown encryption {config['encryption']!r}")
+        if config.get("chunk_id", CHUNK_ID_BLAKE3) not in CHUNK_ID_SCHEMES or (
+                "chunk_id" in config and version < 3):
+            raise RepositoryError(f"repository config is damaged (chunk_id {config.get('chunk_id')!r} in a "
+                                  f"version {version} repository)")
         if config["encryption"] == ENC_NONE and password:
             # Someone who can write to the storage can replace an encrypted repository's
             # config and key files with unencrypted ones; a client holding a password
