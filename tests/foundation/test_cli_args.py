@@ -205,6 +205,11 @@ def test_a_command_builds_only_its_own_group() -> None:
     assert command_group(["--repo=/r", "snapshots"]) == "snapshots"
     for argv in (["--help", "backup"], ["-h"], ["--version"], [], ["-r"], ["nosuch"], ["key", "list"], ["--", "backup"]):
         assert command_group(argv) is None, argv
+    # an abbreviated or unknown option before the command: the whole parser reads the line
+    # (argparse takes --rep as --repo, so 'backup' is its value and 'snapshots' the command)
+    for argv in (["--rep", "backup", "snapshots"], ["--pass", "f", "backup"], ["--jso", "backup"]):
+        assert command_group(argv) is None, argv
+    assert build_parser().parse_args(["--rep", "backup", "snapshots"]).repo == "backup"
     only = build_parser("backup")
     names = set(only._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
     assert names == {"backup"}

@@ -35,6 +35,9 @@ COMMAND_GROUPS = {"backup": "backup", "restore": "restore", "snapshots": "snapsh
                   "check": "repository", "stats": "repository", "forget": "maintenance", "prune": "maintenance"}
 # Global options that take a value (as a separate word), to find the command word.
 _VALUE_OPTIONS = ("-r", "--repo", "--password-file", "--password-command", "--s3-endpoint")
+# Global options that take no value. Any other option word before the command (an
+# abbreviation such as --rep, or a typo) makes the whole parser read the line.
+_FLAG_OPTIONS = ("--json", "-q", "--quiet")
 
 
 def command_group(argv: list[str]) -> str | None:
@@ -48,6 +51,8 @@ def command_group(argv: list[str]) -> str | None:
             next(it, None)
         elif not a.startswith("-"):
             return COMMAND_GROUPS.get(a)
+        elif a not in _FLAG_OPTIONS and a.split("=", 1)[0] not in _VALUE_OPTIONS:
+            return None
     return None
 
 
