@@ -1065,10 +1065,11 @@ def _one_boot(repo: Repository, m: Manifest, password: str | None, opts: BootOpt
         disks: list[tuple[BootDisk, str]] = []
         cache = max(opts.cache_bytes // len(parts.disks), 16 << 20)
         for i, d in enumerate(parts.disks):
-            sock = run.file(f"disk{i}.sock")
+            n = str(i) if i else ""  # the first disk's files keep their single-disk names
+            sock = run.file(f"disk{n}.sock")
             server = Server(repo, d.snapshot, password, socket=sock, writable=True,
-                            overlay=run.file(f"overlay{i}.qcow2"), qmp=run.file(f"qsd{i}.sock"), cache_bytes=cache,
-                            workdir=run.file(f"serve{i}"))
+                            overlay=run.file(f"overlay{n}.qcow2"), qmp=run.file(f"qsd{n}.sock"), cache_bytes=cache,
+                            workdir=run.file(f"serve{n}"))
             servers.append(server)
             server.start()
             disks.append((d, sock))
