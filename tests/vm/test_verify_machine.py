@@ -55,7 +55,15 @@ def test_machine_from_the_stored_domain_xml(tmp_path: Path) -> None:
     assert mach.nvram_template and os.path.isfile(mach.nvram_template)
     assert mach.kernel == str(kernel) and mach.append == "root=/dev/sda1 console=ttyS0" and mach.initrd is None
     assert any("initrd /nonexistent/initrd.img is not on this host" in n for n in mach.notes)
-    assert any("NVRAM is not in the snapshot" in n for n in mach.notes)
+    assert any("NVRAM is not in the backup" in n for n in mach.notes)
+    # what the backup stored is used instead of the host's files (which may be gone)
+    kept = machine_for(m, BootOptions(), frozenset({"nvram", "kernel", "initrd"}))
+    assert kept.from_backup == {"nvram": "/var/lib/libvirt/qemu/nvram/web_VARS.fd", "kernel": str(kernel),
+                                "initrd": "/nonexistent/initrd.img"}
+    assert kept.initrd == "/nonexistent/initrd.img" and not any("not on this host" in n for n in kept.notes)
+    assert not any("NVRAM" in n for n in kept.notes)
+    assert machine_for(m, BootOptions(firmware="bios", kernel=str(kernel)), frozenset({"nvram", "kernel"})) \
+        .from_backup == {}
     # options win
     over = machine_for(m, BootOptions(memory_mib=512, cpus=1, firmware="bios"))
     assert (over.memory_mib, over.cpus, over.firmware, over.loader) == (512, 1, "bios", None)

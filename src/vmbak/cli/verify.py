@@ -33,7 +33,9 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
         description="Prove that a backup restores: boot the snapshot in an isolated QEMU from a copy-on-write "
         "export (nothing is restored, nothing is written to the repository) and wait for the signs of life "
         "asked for. The machine (memory, vCPUs, firmware, kernel) comes from the domain XML stored by "
-        "'backup --libvirt' when there is one, else from defaults; options override it.",
+        "'backup --libvirt' when there is one, else from defaults; options override it. A snapshot of a "
+        "'backup --libvirt' boots with every disk of that backup and its stored NVRAM, kernel, initrd and TPM "
+        "state (throw-away copies).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("snapshot", nargs="?", metavar="SNAP", help="snapshot id (prefix), NAME:latest or NAME@TIME")
     p.add_argument("--boot", action="store_true", help="boot the snapshot (the only kind of verify; "

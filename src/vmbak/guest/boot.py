@@ -14,7 +14,10 @@ one forwarded port, 127.0.0.1:<free port> -> guest:PORT.
 The machine: memory, vCPUs, machine type, firmware (BIOS, or UEFI with a throw-away copy
 of the NVRAM template), kernel, initrd and command line come from the libvirt domain XML
 stored with a ``backup --libvirt`` snapshot when there is one, else from defaults
-(DEFAULT_MEMORY_MIB, one vCPU, ``pc``, BIOS); options override both.
+(DEFAULT_MEMORY_MIB, one vCPU, ``pc``, BIOS); options override both. Such a snapshot also
+brings its backup (``backup_parts``): every disk of the same backup, attached in the XML's
+order through an export each, and the stored NVRAM, kernel, initrd, loader and TPM state,
+restored into the run directory as throw-away copies (the TPM's served by swtpm).
 
 Signs of life (docs/verify.md), each optional and reported: the guest agent answers
 ``guest-ping`` on its virtio-serial port; a serial-console line matches a regex; a TCP
@@ -148,6 +151,10 @@ class Machine:
     bus: str = "virtio"
     source: str = "defaults"  # "domain XML" when a stored domain XML was used
     notes: list[str] = field(default_factory=list)
+    # roles (nvram, loader, kernel, initrd) taken from the backup's own state snapshots,
+    # restored into each run's directory; the value is the path the domain XML names
+    from_backup: dict[str, str] = field(default_factory=dict)
+    nvram: str | None = None  # a run's own NVRAM file (a throw-away copy), used as it is
 
     def to_json(self) -> dict:
         return {"memory_mib": self.memory_mib, "cpus": self.cpus, "machine": self.machine,
@@ -166,14 +173,15 @@ def domain_xml_of(m: Manifest) -> str | None:
     return xml if isinstance(xml, str) and xml.strip() else None
 
 
-def machine_for(m: Manifest, opts: BootOptions) -> Machine:
+def machine_for(m: Manifest, opts: BootOptions, stored: frozenset[str] = frozenset()) -> Machine:
     """The machine to boot ``m`` in: the stored domain XML's settings (when present and
-    usable on this host), then ``opts`` over them."""
+    usable on this host; ``stored``: the state roles the backup holds, which are used
+    instead of the host's files), then ``opts`` over them."""
     mach = Machine()
     xml = domain_xml_of(m)
     if xml:
         try:
-            _from_domain_xml(mach, ET.fromstring(xml), m)
+            _from_domain_xml(mach, ET.fromstring(xml), m, stored)
             mach.source = "domain XML"
         except (ET.ParseError, ValueError) as e:
             mach.notes.append(f"the stored domain XML cannot be read ({e}); using defaults")
@@ -185,19 +193,23 @@ def machine_for(m: Manifest, opts: BootOptions) -> Machine:
         mach.firmware = opts.firmware
         if opts.firmware == "bios":
             mach.loader = mach.nvram_template = None
+            mach.from_backup.pop("nvram", None)
+            mach.from_backup.pop("loader", None)
     if opts.kernel is not None:
         mach.kernel, mach.initrd, mach.append = opts.kernel, opts.initrd, opts.append
+        mach.from_backup.pop("kernel", None)
+        mach.from_backup.pop("initrd", None)
     if mach.firmware == "uefi":
-        if not (mach.loader and os.path.isfile(mach.loader)):
+        if "loader" not in mach.from_backup and not (mach.loader and os.path.isfile(mach.loader)):
             mach.loader = next((p for p in OVMF_CODE if os.path.isfile(p)), None)
-        if not (mach.nvram_template and os.path.isfile(mach.nvram_template)):
+        if "nvram" not in mach.from_backup and not (mach.nvram_template and os.path.isfile(mach.nvram_template)):
             mach.nvram_template = next((p for p in OVMF_VARS if os.path.isfile(p)), None)
-        if not mach.loader or not mach.nvram_template:
+        if not mach.loader or not (mach.nvram_template or "nvram" in mach.from_backup):
             raise BootVerifyError("UEFI firmware is not installed (Debian package ovmf)")
     return mach
 
 
-def _from_domain_xml(mach: Machine, root: ET.Element, m: Manifest) -> None:
+def _from_domain_xml(mach: Machine, root: ET.Element, m: Manifest, stored: frozenset[str] = frozenset()) -> None:
     mem = root.find("memory")
     if mem is not None and (mem.text or "").strip():
         unit = (mem.get("unit") or "KiB").lower()
@@ -215,17 +227,24 @@ def _from_domain_xml(mach: Machine, root: ET.Element, m: Manifest) -> None:
             mach.firmware = "uefi"
             if loader is not None and (loader.text or "").strip():
                 mach.loader = loader.text.strip()  # type: ignore[union-attr]
+                if "loader" in stored:
+                    mach.from_backup["loader"] = mach.loader
             nv = os_el.find("nvram")
             if nv is not None and nv.get("template"):
                 mach.nvram_template = nv.get("template")
-            mach.notes.append("UEFI: the guest's NVRAM is not in the snapshot; booting with a fresh copy of "
-                              "the firmware's variable store")
+            if "nvram" in stored:
+                mach.from_backup["nvram"] = (nv.text or "").strip() if nv is not None else ""
+            else:
+                mach.notes.append("UEFI: the guest's NVRAM is not in the backup; booting with a fresh copy of "
+                                  "the firmware's variable store")
         for tag in ("kernel", "initrd", "cmdline"):
             el = os_el.find(tag)
             val = (el.text or "").strip() if el is not None else ""
             if not val:
                 continue
-            if tag != "cmdline" and not os.path.isfile(val):
+            if tag in stored and (tag == "kernel" or "kernel" in mach.from_backup):
+                mach.from_backup[tag] = val  # the backup's copy, restored into the run directory
+            elif tag != "cmdline" and not os.path.isfile(val):
                 mach.notes.append(f"the domain XML's {tag} {val} is not on this host; give --kernel/--initrd")
                 continue
             setattr(mach, "append" if tag == "cmdline" else tag, val)
@@ -380,6 +399,137 @@ def _lock_free(path: str, missing_is_free: bool) -> bool:
         os.close(fd)
 
 
+# ---------------------------------------------------------------------------- the backup's own state
+@dataclass
+class BootDisk:
+    """One disk of the boot: the snapshot it comes from, its target and bus in the domain
+    XML, and its boot index (None: not a boot device)."""
+
+    snapshot: Manifest
+    target: str | None = None
+    bus: str = "virtio"
+    bootindex: int | None = 1
+
+
+@dataclass
+class BackupParts:
+    """What a ``backup --libvirt`` snapshot's backup holds besides it: every disk of the
+    same backup (same checkpoint), in the domain XML's order, and the state files'
+    snapshots by role with their records (``vmbak.domain.state``)."""
+
+    disks: list[BootDisk]
+    state: dict[str, tuple[dict, Manifest]]
+    xml_tpm: dict | None = None  # the XML's emulated TPM: {"model": ..., "version": ...}
+    notes: list[str] = field(default_factory=list)
+
+
+def backup_parts(repo: Repository, m: Manifest) -> BackupParts:
+    """The disks and state of the libvirt backup ``m`` belongs to; just ``m`` when it is
+    no libvirt snapshot or its backup is incomplete."""
+    from vmbak.domain.state import check_record
+    from vmbak.engine.sources import LIBVIRT_KEY, libvirt_groups
+
+    lv = m.extra.get(LIBVIRT_KEY) if isinstance(m.extra, dict) else None
+    parts = BackupParts(disks=[BootDisk(m)], state={})
+    if not isinstance(lv, dict) or not domain_xml_of(m):
+        return parts
+    group = next((g for g in libvirt_groups(repo, lv.get("domain")) if any(x.id == m.id for x in g)), None)
+    if group is None:
+        parts.notes.append("the libvirt backup of this snapshot is incomplete (a disk's or a state file's backup "
+                           "failed): booting this disk alone, without the backup's NVRAM, TPM state or kernel")
+        return parts
+    by_target: dict[str, Manifest] = {}
+    for x in group:
+        xl = x.extra.get(LIBVIRT_KEY)
+        if xl.get("state_role"):
+            continue
+        by_target[str(xl.get("target"))] = x
+    records = [check_record(r, f"snapshot {m.short_id}") for r in lv.get("state") or []]
+    roles = {x.extra[LIBVIRT_KEY]["state_role"]: x for x in group if x.extra[LIBVIRT_KEY].get("state_role")}
+    parts.state = {r["role"]: (r, roles[r["role"]]) for r in records if r["stored"] and r["role"] in roles}
+    root = ET.fromstring(domain_xml_of(m) or "")
+    disks: list[BootDisk] = []
+    orders: dict[str, int] = {}
+    for d in root.findall("./devices/disk"):
+        t = d.find("target")
+        tgt = t.get("dev") if t is not None else None
+        if tgt not in by_target or any(x.target == tgt for x in disks):
+            continue
+        disks.append(BootDisk(by_target[tgt], tgt, str(t.get("bus") or "virtio"), None))  # type: ignore[union-attr]
+        b = d.find("boot")
+        if b is not None and (b.get("order") or "").isdigit():
+            orders[tgt] = int(b.get("order") or 0)
+    for tgt in sorted(set(by_target) - {x.target for x in disks}):
+        disks.append(BootDisk(by_target[tgt], tgt, "virtio", None))
+    if orders:  # the XML's per-disk boot order
+        for x in disks:
+            x.bootindex = orders.get(str(x.target))
+    elif disks:  # <os><boot dev='hd'/> (or nothing): the first disk
+        disks[0].bootindex = 1
+    parts.disks = disks
+    for tpm in root.findall("./devices/tpm"):
+        be = tpm.find("backend")
+        if be is not None and be.get("type") == "emulator":
+            parts.xml_tpm = {"model": tpm.get("model") or "tpm-tis", "version": be.get("version") or "2.0"}
+            break
+    return parts
+
+
+def _restore_state(repo: Repository, rec: dict, m: Manifest, path: str) -> None:
+    """The state file's snapshot ``m`` restored to ``path`` (in the run directory), checked
+    against the sha256 recorded with the backup."""
+    from vmbak.domain.state import file_sha256
+    from vmbak.engine.restore import restore
+
+    restore(repo, m, path, verify=True, workers=1)
+    if rec.get("sha256") and file_sha256(path) != rec["sha256"]:
+        raise BootVerifyError(f"the {rec['role']} restored from snapshot {m.short_id} does not match the sha256 "
+                              "recorded with the backup")
+
+
+def _swtpm_start(run: RunDir, tpm: dict, state_dir: str) -> subprocess.Popen:
+    """swtpm on ``state_dir`` (a throw-away copy in the run directory) for QEMU's
+    ``-tpmdev emulator``; it ends when QEMU closes its control channel (``--terminate``)
+    or when vmbak dies."""
+    exe = shutil.which("swtpm")
+    if exe is None:
+        raise BootVerifyError("swtpm is not installed (Debian package swtpm)")
+    sock = run.file("swtpm.sock")
+    cmd = [exe, "socket", "--tpmstate", f"dir={state_dir},mode=0600", "--ctrl", f"type=unixio,path={sock},mode=0600",
+           "--pid", f"file={run.file('swtpm.pid')}", "--log", f"file={run.file('swtpm.log')}", "--terminate"]
+    if not str(tpm.get("version", "2.0")).startswith("1."):
+        cmd.append("--tpm2")
+    setpriv = shutil.which("setpriv")
+    if setpriv and threading.current_thread() is threading.main_thread():
+        cmd = [setpriv, "--pdeathsig", "KILL", "--", *cmd]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + 15
+    while not os.path.exists(sock):
+        if proc.poll() is not None:
+            err = (proc.stderr.read() if proc.stderr else b"").decode("utf-8", "replace").strip().splitlines()
+            raise BootVerifyError(f"swtpm did not start: {err[-1] if err else f'exit status {proc.returncode}'}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise BootVerifyError("swtpm did not start within 15 s")
+        time.sleep(0.05)
+    return proc
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is None:
+        return
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stderr:
+        proc.stderr.close()
+
+
 # ---------------------------------------------------------------------------- QEMU
 def kvm_usable(base: str) -> bool:
     return os.access("/dev/kvm", os.R_OK | os.W_OK) and not os.path.exists(os.path.join(base, KVM_MARKER))
@@ -394,12 +544,12 @@ def _free_port() -> int:
         s.close()
 
 
-def qemu_command(mach: Machine, run: RunDir, accel: str, disk_socket: str, host_port: int | None,
-                 guest_port: int | None) -> list[str]:
-    """The QEMU command line of one boot."""
+def qemu_command(mach: Machine, run: RunDir, accel: str, disks: list[tuple[BootDisk, str]], host_port: int | None,
+                 guest_port: int | None, tpm: dict | None = None) -> list[str]:
+    """The QEMU command line of one boot: ``disks`` are (disk, NBD socket of its export),
+    attached in that order as ``disk0``, ``disk1``, ...; ``tpm`` ({"model", "socket"}):
+    a TPM on a running swtpm."""
     exe = shutil.which(QEMU) or f"/usr/bin/{QEMU}"
-    blk = json.dumps({"driver": "nbd", "node-name": "disk0", "export": "",
-                      "server": {"type": "unix", "path": disk_socket}})
     cmd = [exe, "-name", f"vmbak-verify-{run.id}", "-machine", f"{mach.machine},accel={accel}",
            "-m", str(mach.memory_mib), "-smp", str(mach.cpus), "-nodefaults", "-no-user-config", "-no-reboot",
            "-display", "none", "-vga", "std", "-pidfile", run.file("qemu.pid"),
@@ -407,26 +557,37 @@ def qemu_command(mach: Machine, run: RunDir, accel: str, disk_socket: str, host_
            "-qmp", f"unix:{run.file('qmp.sock')},server=on,wait=off",
            "-chardev", f"socket,id=qga0,path={run.file('qga.sock')},server=on,wait=off",
            "-device", "virtio-serial-pci", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
-           "-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng0",
-           "-blockdev", blk]
+           "-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng0"]
     if accel == "kvm":
         cmd += ["-cpu", "host"]
-    bus = mach.bus
-    if bus in ("sata", "ide"):
-        cmd += ["-device", "ide-hd,drive=disk0,bootindex=1"]
-    elif bus == "scsi":
-        cmd += ["-device", "virtio-scsi-pci,id=scsi0", "-device", "scsi-hd,drive=disk0,bus=scsi0.0,bootindex=1"]
-    else:
-        cmd += ["-device", "virtio-blk-pci,drive=disk0,bootindex=1"]
+    scsi = False
+    for i, (d, sock) in enumerate(disks):
+        node = f"disk{i}"
+        cmd += ["-blockdev", json.dumps({"driver": "nbd", "node-name": node, "export": "",
+                                         "server": {"type": "unix", "path": sock}})]
+        boot = f",bootindex={d.bootindex}" if d.bootindex is not None else ""
+        if d.bus in ("sata", "ide"):
+            cmd += ["-device", f"ide-hd,drive={node},id=dev-{node}{boot}"]
+        elif d.bus == "scsi":
+            if not scsi:
+                cmd += ["-device", "virtio-scsi-pci,id=scsi0"]
+                scsi = True
+            cmd += ["-device", f"scsi-hd,drive={node},id=dev-{node},bus=scsi0.0{boot}"]
+        else:
+            cmd += ["-device", f"virtio-blk-pci,drive={node},id=dev-{node}{boot}"]
+    if tpm is not None:
+        cmd += ["-chardev", f"socket,id=chrtpm,path={tpm['socket']}", "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+                "-device", f"{tpm['model']},tpmdev=tpm0"]
     if host_port is not None and guest_port is not None:
         cmd += ["-netdev", f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{host_port}-:{guest_port}",
                 "-device", "virtio-net-pci,netdev=net0"]
     else:
         cmd += ["-nic", "none"]
     if mach.firmware == "uefi":
-        assert mach.loader and mach.nvram_template
-        vars_copy = run.file("nvram.fd")
-        shutil.copyfile(mach.nvram_template, vars_copy)
+        assert mach.loader and (mach.nvram or mach.nvram_template)
+        vars_copy = mach.nvram or run.file("nvram.fd")
+        if not mach.nvram:
+            shutil.copyfile(mach.nvram_template, vars_copy)  # type: ignore[arg-type]
         cmd += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={mach.loader}",
                 "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}"]
     if mach.kernel:
@@ -450,15 +611,15 @@ def _check(requested: bool) -> dict:
 class _Boot:
     """One QEMU boot of an export and the watching of its signs of life."""
 
-    def __init__(self, run: RunDir, mach: Machine, opts: BootOptions, accel: str, disk_socket: str,
-                 probe_kvm: bool) -> None:
+    def __init__(self, run: RunDir, mach: Machine, opts: BootOptions, accel: str, disks: list[tuple[BootDisk, str]],
+                 probe_kvm: bool, tpm: dict | None = None) -> None:
         self.run = run
         self.mach = mach
         self.opts = opts
         self.accel = accel
         self.probe_kvm = probe_kvm
         self.host_port = _free_port() if opts.expect_port is not None else None
-        self.cmd = qemu_command(mach, run, accel, disk_socket, self.host_port, opts.expect_port)
+        self.cmd = qemu_command(mach, run, accel, disks, self.host_port, opts.expect_port, tpm)
         self.proc: subprocess.Popen | None = None
         self.qmp = None
         self.agent = None
@@ -691,6 +852,21 @@ class _Boot:
                 return True
         return False
 
+    def attached(self) -> tuple[set[str], bool | None]:
+        """What QEMU reports: the block nodes with a guest device (QMP ``query-block``),
+        and whether a TPM is present (``query-tpm``; None when not asked)."""
+        nodes: set[str] = set()
+        tpm = None
+        try:
+            for b in self.qmp.execute("query-block") or []:  # type: ignore[union-attr]
+                ins = b.get("inserted") or {}
+                if b.get("qdev") and ins.get("node-name"):
+                    nodes.add(str(ins["node-name"]))
+            tpm = bool(self.qmp.execute("query-tpm"))  # type: ignore[union-attr]
+        except (VmbakError, OSError, AttributeError):
+            pass
+        return nodes, tpm
+
     # -------------------------------------------------------------- the end
     def screenshot(self, path: str) -> str | None:
         """A PNG of the display (QMP screendump), or None when QEMU cannot take one."""
@@ -773,8 +949,13 @@ def verify_boot(repo: Repository, snapshot: Manifest, password: str | None, opts
     for r in reaped:
         log(f"removed what a dead verify run left: {r['run']}"
             + (f" (killed pids {', '.join(map(str, r['killed_pids']))})" if r["killed_pids"] else ""))
-    mach = machine_for(snapshot, opts)
-    notes = list(mach.notes)
+    parts = backup_parts(repo, snapshot)
+    mach = machine_for(snapshot, opts, frozenset(parts.state))
+    notes = parts.notes + list(mach.notes)
+    state = _state_report(parts, mach, opts)
+    for role, st in state.items():
+        if st.get("detail"):
+            notes.append(f"{role}: {st['detail']}")
     if mach.kernel is None and mach.firmware == "bios":
         notes.append("no kernel given (--kernel): booting the disk's own boot loader with BIOS")
     accel = opts.accel
@@ -786,7 +967,8 @@ def verify_boot(repo: Repository, snapshot: Manifest, password: str | None, opts
     os.makedirs(out_dir, exist_ok=True)
     stem = f"{_safe(snapshot.name)}-{snapshot.short_id}"
     while True:
-        res = _one_boot(repo, snapshot, password, opts, mach, accel, probe, base, out_dir, stem, phase)
+        res = _one_boot(repo, snapshot, password, opts, mach, parts, state, accel, probe, base, out_dir, stem,
+                        phase)
         why = res.pop("_kvm_gave_up", None)
         if why:
             notes.append(f"{why}; booted again with TCG (and {os.path.join(base, KVM_MARKER)} makes later runs "
@@ -803,30 +985,99 @@ def verify_boot(repo: Repository, snapshot: Manifest, password: str | None, opts
     res["reaped"] = reaped
     res["timings"]["total_s"] = round(time.monotonic() - t_start, 2)
     res["machine"] = mach.to_json()
+    res["state"] = state
     return res
 
 
+def _state_report(parts: BackupParts, mach: Machine, opts: BootOptions) -> dict:
+    """Where each of the machine's state files comes from (``state`` in the result):
+    ``backup`` (the snapshot of it stored with the same backup), ``host``, ``option``,
+    ``template`` (a fresh NVRAM) or ``fresh`` (a new TPM)."""
+    out: dict[str, dict] = {}
+    for role in ("nvram", "loader", "kernel", "initrd"):
+        if role in mach.from_backup:
+            rec, sm = parts.state[role]
+            out[role] = {"from": "backup", "snapshot": sm.id, "path": rec.get("path"), "sha256": rec.get("sha256")}
+    if mach.firmware == "uefi" and "nvram" not in out:
+        out["nvram"] = {"from": "template", "path": mach.nvram_template}
+    if mach.firmware == "uefi" and "loader" not in out:
+        out["loader"] = {"from": "host", "path": mach.loader}
+    for role in ("kernel", "initrd"):
+        path = getattr(mach, role)
+        if role not in out and path:
+            out[role] = {"from": "option" if opts.kernel else "host", "path": path}
+    if parts.xml_tpm is not None:
+        stored = parts.state.get("tpm")
+        if shutil.which("swtpm") is None:
+            out["tpm"] = {"from": None, "attached": False, "detail": "the domain has a TPM, and swtpm is not "
+                          "installed (Debian package swtpm): booting without a TPM"}
+        elif stored is not None:
+            out["tpm"] = {"from": "backup", "snapshot": stored[1].id, "attached": True, "model": parts.xml_tpm["model"]}
+        else:
+            out["tpm"] = {"from": "fresh", "attached": True, "model": parts.xml_tpm["model"],
+                          "detail": "the backup holds no TPM state (the domain had none yet): a new, empty TPM"}
+    elif "tpm" in parts.state:
+        out["tpm"] = {"from": None, "attached": False, "snapshot": parts.state["tpm"][1].id,
+                      "detail": "the backup holds TPM state, and the domain XML has no emulated TPM: not attached"}
+    return out
+
+
 def _one_boot(repo: Repository, m: Manifest, password: str | None, opts: BootOptions, mach: Machine,
-              accel: str, probe: bool, base: str, out_dir: str, stem: str,
+              parts: BackupParts, state: dict, accel: str, probe: bool, base: str, out_dir: str, stem: str,
               phase: Callable[[str], None]) -> dict:
+    import dataclasses
+
     from vmbak.serve.server import Server
 
     t0 = time.monotonic()
     run = RunDir(base)
-    server: Server | None = None
+    servers: list[Server] = []
+    swtpm: subprocess.Popen | None = None
     boot: _Boot | None = None
     res: dict = {"snapshot": m.id, "short_id": m.short_id, "name": m.name, "time": m.time, "ok": False,
                  "reason": None, "accel": accel, "checks": {}, "screenshot": None, "serial_log": None,
                  "output_dir": out_dir, "timings": {}, "notes": []}
     try:
         phase("export")
-        disk_socket = run.file("disk.sock")
-        server = Server(repo, m, password, socket=disk_socket, writable=True, overlay=run.file("overlay.qcow2"),
-                        qmp=run.file("qsd.sock"), cache_bytes=opts.cache_bytes, workdir=run.file("serve"))
-        server.start()
+        # the backup's state files: throw-away copies in the run directory
+        bm = dataclasses.replace(mach, from_backup=dict(mach.from_backup))
+        for role in mach.from_backup:
+            rec, sm = parts.state[role]
+            path = run.file(f"state-{role}")
+            _restore_state(repo, rec, sm, path)
+            if role == "nvram":
+                bm.nvram = path
+            else:
+                setattr(bm, role, path)
+        tpm = None
+        if state.get("tpm", {}).get("attached"):
+            tpm_dir = run.file("tpm")
+            if "tpm" in parts.state:
+                rec, sm = parts.state["tpm"]
+                _restore_state(repo, rec, sm, run.file("state-tpm.tar"))
+                from vmbak.domain.state import place_tpm
+
+                place_tpm(run.file("state-tpm.tar"), tpm_dir, rec)
+            else:
+                os.mkdir(tpm_dir, 0o700)
+            swtpm = _swtpm_start(run, parts.xml_tpm or {}, tpm_dir)
+            tpm = {"model": (parts.xml_tpm or {}).get("model") or "tpm-tis", "socket": run.file("swtpm.sock")}
+        disks: list[tuple[BootDisk, str]] = []
+        cache = max(opts.cache_bytes // len(parts.disks), 16 << 20)
+        for i, d in enumerate(parts.disks):
+            n = str(i) if i else ""  # the first disk's files keep their single-disk names
+            sock = run.file(f"disk{n}.sock")
+            server = Server(repo, d.snapshot, password, socket=sock, writable=True,
+                            overlay=run.file(f"overlay{n}.qcow2"), qmp=run.file(f"qsd{n}.sock"), cache_bytes=cache,
+                            workdir=run.file(f"serve{n}"))
+            servers.append(server)
+            server.start()
+            disks.append((d, sock))
+        if len(disks) == 1 and disks[0][0].target is None:
+            disks[0][0].bus = mach.bus
         res["timings"]["export_s"] = round(time.monotonic() - t0, 2)
         phase("boot")
-        boot = _Boot(run, mach, opts, accel, disk_socket, probe)
+        boot = _Boot(run, bm, opts, accel, disks, probe, tpm)
         try:
             boot.start()
         except BootVerifyError as e:
@@ -839,6 +1090,12 @@ def _one_boot(repo: Repository, m: Manifest, password: str | None, opts: BootOpt
             return {"_kvm_gave_up": f"KVM showed nothing on the console within {KVM_PROBE_S:.0f} s"}
         res["timings"]["boot_s"] = boot.elapsed()
         res["timings"]["first_console_s"] = boot.first_console_s
+        nodes, tpm_seen = boot.attached()
+        res["disks"] = [{"target": d.target, "snapshot": d.snapshot.id, "name": d.snapshot.name, "bus": d.bus,
+                         "bootindex": d.bootindex, "attached": f"disk{i}" in nodes}
+                        for i, (d, _sock) in enumerate(disks)]
+        if tpm is not None:
+            state["tpm"]["attached"] = bool(tpm_seen)
         phase("shutdown")
         if opts.screenshot:
             shot = boot.screenshot(run.file("screen.png"))
@@ -883,8 +1140,13 @@ def _one_boot(repo: Repository, m: Manifest, password: str | None, opts: BootOpt
             if os.path.exists(serial) and not boot.kvm_gave_up:
                 res["serial_log"] = os.path.join(out_dir, f"{stem}-serial.log")
                 _put(serial, res["serial_log"])
-        if server is not None:
-            st = server.close()
-            if st:  # what the boot read from the snapshot, and what that cost the repository
+        _stop(swtpm)
+        for server in servers:
+            try:
+                st = server.close()
+            except (VmbakError, OSError) as e:
+                res["notes"].append(f"stopping an export failed: {e}")
+                continue
+            if st and server.snapshot.id == m.id:  # what the boot read from the snapshot, and its cost
                 res["export"] = {k: st.get(k) for k in ("read_bytes", "fetched_chunks", "fetched_bytes", "hit_rate")}
         run.remove()
