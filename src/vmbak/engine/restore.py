@@ -27,6 +27,7 @@ from vmbak.engine.common import (
     bounded_unordered,
     hash_blocks,
     nonzero_rows,
+    prefix_counts,
     range_text,
     resolve_bht,
     runs,
@@ -392,9 +393,8 @@ def plan(chain: list[Manifest]) -> tuple[list[_Job], np.ndarray]:
         ct = m.ext_count.astype(np.int64)
         if int((st + ct).max()) > n:
             raise IntegrityError(f"snapshot {m.short_id}: extent map points past the disk end")
-        # blocks of each extent [st, st + ct) this manifest provides: sums over the pairs
-        need = np.add.reduceat(own, np.stack((st, st + ct), axis=1).ravel(), dtype=np.int64)[0::2]
-        need[ct == 0] = 0
+        # blocks of each extent [st, st + ct) this manifest provides
+        need = prefix_counts(own, st + ct) - prefix_counts(own, st)
         for j in np.flatnonzero(need).tolist():
             s, c = int(st[j]), int(ct[j])
             if need[j] == c:
