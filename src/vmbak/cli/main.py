@@ -165,10 +165,15 @@ def _fail(code: int, message: str, exit_class: str | None = None, **extra: objec
 
 
 def _main(argv: list[str] | None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if command_group(argv) is not None:  # a repository command: derive its key during the imports
+        from vmbak.repo import kdf_early
+
+        kdf_early.start(argv, _VALUE_OPTIONS)
+
     from vmbak.cli.common import damage_warnings
     from vmbak.errors import VmbakError
 
-    argv = sys.argv[1:] if argv is None else list(argv)
     _JSON[0] = "--json" in argv
     parser = build_parser(command_group(argv))
     try:

@@ -19,7 +19,16 @@ import numpy as np
 
 from vmbak.changes.base import ChangeMap
 from vmbak.disks.base import DiskReader
-from vmbak.engine.common import BHT_DTYPE, bounded_map, hash_blocks, range_text, resolve_bht, runs, store_bht
+from vmbak.engine.common import (
+    BHT_DTYPE,
+    bounded_map,
+    hash_blocks,
+    nonzero_rows,
+    range_text,
+    resolve_bht,
+    runs,
+    store_bht,
+)
 from vmbak.engine.progress import NoProgress, Progress, set_phase, watch_upload
 from vmbak.errors import DiskError, VmbakError, printable
 from vmbak.repo.crypto import CHUNK_ID_BLOCKS, ID_GRAIN
@@ -280,7 +289,7 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
                 considered[:] = True
             # Blocks freed since the parent become zeros even if the source did not see them.
             assert parent_bht is not None
-            considered |= ~used & parent_bht.any(axis=1)
+            considered |= ~used & nonzero_rows(parent_bht)
             source = cm.source
             reference = cm.reference
             notes.extend(cm.notes)
@@ -293,11 +302,22 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
 
         writer = repo.chunk_writer()
         pipe = _Pipeline(repo, disk, bs, grid, parent_bht, writer.has)
-        cur = parent_bht.copy() if parent_bht is not None else np.zeros((nblocks, 2), BHT_DTYPE)
-        # Considered blocks that are not read read as zeros (holes, unused blocks). A full's
-        # table starts as zeros: writing them would make all of it resident (512 MiB at 2 TiB).
+        # The new table is the parent's, updated in place (a copy of a 2 TiB disk's table
+        # would make all 512 MiB of it resident); ``differs`` records which rows change.
+        # A full's table starts as zeros (calloc: only the rows written get pages).
+        cur = parent_bht if parent_bht is not None else np.zeros((nblocks, 2), BHT_DTYPE)
+        differs: np.ndarray | None = None
         if parent_bht is not None:
-            cur[considered & ~to_read] = 0
+            # Considered blocks that are not read read as zeros (holes, unused blocks).
+            differs = np.zeros(nblocks, bool)
+            step = 1 << 16  # piece by piece: bounded temporaries, zero pages left unmapped
+            for r in range(0, nblocks, step):
+                unread = considered[r:r + step] & ~to_read[r:r + step]
+                if unread.any():
+                    rows = cur[r:r + step]
+                    d = differs[r:r + step]
+                    np.logical_and(unread, rows.any(axis=1), out=d)
+                    rows[d] = 0
         ext_start: list[int] = []
         ext_count: list[int] = []
         ext_id: list[bytes] = []
@@ -313,6 +333,8 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
                 for r in bounded_map(pool, pipe.work, _tasks(to_read, grid, TASK_BYTES // bs),
                                      2 * opts.workers + 2):
                     for (s, n), h in zip(r.runs, r.hashes, strict=True):
+                        if differs is not None:  # the worker is done with these parent rows
+                            differs[s:s + n] = (h != cur[s:s + n]).any(axis=1)
                         cur[s:s + n] = h
                     for s, n, cid, blob, raw in r.chunks:
                         if blob is None or not writer.add(cid, blob, raw):
@@ -340,8 +362,7 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
                 m.used = used
                 table = cur
             else:
-                assert parent_bht is not None
-                differs = (cur != parent_bht).any(axis=1)
+                assert differs is not None
                 m.changed = considered & used & differs
                 m.newly_unused = considered & ~used & differs
                 if tracked is not None and opts.verify_changes:

@@ -222,7 +222,7 @@ def _rebuilt_bht(repo: Repository, m: Manifest, keep: np.ndarray, lost_mask: np.
     table itself is lost, rows are recomputed from the extents that remain."""
     cov = m.covered()
     if all(usable(c) for c in m.bht_chunks):
-        table = load_bht(repo, m).copy()
+        table = load_bht(repo, m)
     else:
         full = np.zeros((m.block_count, 2), BHT_DTYPE)
         zero_hash = np.frombuffer(repo.sealer.block_hash(bytes(m.block_size)), BHT_DTYPE)

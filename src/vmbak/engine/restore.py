@@ -26,6 +26,8 @@ from vmbak.engine.common import (
     bounded_map,
     bounded_unordered,
     hash_blocks,
+    nonzero_rows,
+    prefix_counts,
     range_text,
     resolve_bht,
     runs,
@@ -375,23 +377,24 @@ def plan(chain: list[Manifest]) -> tuple[list[_Job], np.ndarray]:
     """Assign each block to the newest manifest covering it; return write jobs and the
     mask of blocks that get data (the rest are zeros)."""
     n = chain[0].block_count
-    level = np.full(n, -1, np.int32)
-    for i, m in enumerate(chain):
-        cov = m.covered()
-        level[cov & (level < 0)] = i
-    assert not (level < 0).any()
+    # Bitmaps only, no per-block level or prefix sums: at 2 TiB those cost 128-256 MiB each.
+    done = np.zeros(n + 1, bool)  # covered by a newer manifest (one spare False at the end)
     jobs: list[_Job] = []
     data_mask = np.zeros(n, bool)
     for i, m in enumerate(chain):
+        cov = m.covered()
+        own = np.zeros(n + 1, bool)
+        np.logical_and(cov, ~done[:n], out=own[:n])
+        done[:n] |= cov
+        del cov
         if len(m.ext_start) == 0:
             continue
-        own = level == i
-        cs = np.concatenate(([0], np.cumsum(own, dtype=np.int64)))
         st = m.ext_start.astype(np.int64)
         ct = m.ext_count.astype(np.int64)
         if int((st + ct).max()) > n:
             raise IntegrityError(f"snapshot {m.short_id}: extent map points past the disk end")
-        need = cs[st + ct] - cs[st]
+        # blocks of each extent [st, st + ct) this manifest provides
+        need = prefix_counts(own, st + ct) - prefix_counts(own, st)
         for j in np.flatnonzero(need).tolist():
             s, c = int(st[j]), int(ct[j])
             if need[j] == c:
@@ -403,6 +406,7 @@ def plan(chain: list[Manifest]) -> tuple[list[_Job], np.ndarray]:
                 for a, b in sub:
                     data_mask[a:a + b] = True
             jobs.append(_Job(i, bytes(m.ext_id[j]), s, c, sub))
+    assert done[:n].all()
     return jobs, data_mask
 
 
@@ -461,7 +465,7 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
                 warnings.append(f"{e}; blocks were checked against their chunk ids only")
         inline = expected is not None and not readback
         if expected is not None:
-            missing = expected.any(axis=1) & ~data_mask
+            missing = nonzero_rows(expected) & ~data_mask
             if missing.any():
                 ms, ml = runs(missing)
                 if not ignore_errors:

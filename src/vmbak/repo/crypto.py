@@ -113,6 +113,11 @@ class MasterKey:
 
 
 def _kek(password: bytes, salt: bytes, n: int, r: int, p: int) -> bytes:
+    from vmbak.repo import kdf_early  # started before the imports when the command line allowed
+
+    early = kdf_early.take(password, salt, n, r, p)
+    if early is not None:
+        return early
     return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(password)
 
 
