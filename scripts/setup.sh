@@ -38,6 +38,14 @@ if [[ -c /dev/kvm && $(id -u) -eq 0 ]] && getent group kvm >/dev/null; then
     chgrp kvm /dev/kvm && chmod 0660 /dev/kvm || true
 fi
 
+# swtpm's local CA belongs to tss: libvirt runs swtpm_setup as tss. A libvirtd started before
+# swtpm-tools made the tss user runs it as root and leaves root-owned files there, after which
+# every TPM guest a later libvirtd starts fails ("Need read/write rights on
+# /var/lib/swtpm-localca/.lock.swtpm-localca for user tss").
+if [[ -d /var/lib/swtpm-localca && $(id -u) -eq 0 ]] && getent passwd tss >/dev/null; then
+    chown -R tss:root /var/lib/swtpm-localca || true
+fi
+
 # Debian's python3 owns the libnbd, libvirt, rados and rbd bindings (compiled for its
 # 3.11), so the venv is made by it and sees its site-packages.
 PY=/usr/bin/python3

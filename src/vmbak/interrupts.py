@@ -23,6 +23,7 @@ from __future__ import annotations
 # before anything else is loaded.
 import _signal
 import _thread
+import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -61,12 +62,39 @@ def _handler(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
+def _redeliver(signum: int) -> None:
+    pause = _thread.allocate_lock()
+    pause.acquire()
+    pause.acquire(timeout=0.05)  # a sleep without importing time
+    _thread.interrupt_main(signum)  # runs _handler in the main thread (nothing once quiet())
+
+
+def _unraisable(info: object) -> None:
+    """A signal that lands while the main thread runs a ``__del__`` or a weakref callback
+    (the garbage collector runs them at any moment) raises ``Interrupted`` where Python
+    cannot propagate it: it would be printed as "Exception ignored" and the command would
+    go on as if nothing had happened. Deliver it again a moment later instead, when the
+    main thread is back in ordinary code."""
+    exc = getattr(info, "exc_value", None)
+    if isinstance(exc, Interrupted):
+        _state["raised"] = False
+        _thread.start_new_thread(_redeliver, (exc.signum,))
+        return
+    _previous_unraisablehook[0](info)
+
+
+_previous_unraisablehook = [sys.unraisablehook]
+
+
 def install(hold: bool = False) -> None:
     """Make SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` in the main thread (call it
     from the main thread). With ``hold``, a signal is held back until ``release()``:
     the entry point holds them from its first line until it stands in the ``try`` that
     reports them."""
     _state["main"] = _thread.get_ident()
+    if sys.unraisablehook is not _unraisable:
+        _previous_unraisablehook[0] = sys.unraisablehook
+        sys.unraisablehook = _unraisable
     if hold and not _state["held"]:
         _state["held"] = True
         _state["depth"] += 1

@@ -137,3 +137,39 @@ def test_signals_during_start_up(make_repo, popen_vmbak) -> None:
         assert os.listdir(repo.path / "locks") == [] if (repo.path / "locks").is_dir() else True
     assert seen["interrupted"] >= 2, seen
     repo.check(read_data=False)
+
+
+GC_SCRIPT = """
+import signal, time
+from vmbak import interrupts
+interrupts.install()
+
+class Finalized:
+    def __del__(self):
+        signal.raise_signal(signal.SIGTERM)
+        for _ in range(100000):  # the handler runs here, inside __del__
+            pass
+
+try:
+    Finalized()  # dropped at once: __del__ runs, and the signal's exception lands in it
+    t = time.monotonic()
+    while time.monotonic() - t < 10:
+        pass
+    print("lost")
+except interrupts.Interrupted as e:
+    print("interrupted", e.signum)
+"""
+
+
+def test_signal_inside_a_finalizer_is_not_lost() -> None:
+    """A signal handled while the main thread runs a __del__ or a weakref callback (the
+    garbage collector's, at any moment) raises where Python can only print "Exception
+    ignored" and go on. vmbak delivers it again once the finalizer is over: the command
+    still ends, and nothing is printed."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    p = subprocess.run([sys.executable, "-c", GC_SCRIPT], capture_output=True, text=True, timeout=60, env=env)
+    assert p.stdout.strip() == f"interrupted {int(signal.SIGTERM)}", (p.stdout, p.stderr)
+    assert p.stderr == "", p.stderr

@@ -57,6 +57,7 @@ def test_new_data_directory_is_fsynced_before_a_pack_lands(tmp_path, make_repo, 
     pending: dict[str, str] = {}
     for line in log.read_text().splitlines():
         pid, _, rest = line.partition(" ")
+        rest = rest.lstrip()  # strace pads the pid column
         if rest.endswith("<unfinished ...>"):
             pending[pid] = rest[: -len("<unfinished ...>")]
             continue

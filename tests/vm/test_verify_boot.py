@@ -283,8 +283,13 @@ def test_sigterm_cleans_up_kill9_is_reaped_by_the_next_run_which_times_out(boot_
     assert rc == 1 and not s["ok"] and s["failed"] == 3, json.dumps(s, indent=1) + err
     assert [r["name"] for r in s["results"]] == ["damaged", "good", "noagent"]
     for r in s["results"]:
-        assert r["reason"] == "timed out after 8 s waiting for: agent, port", r["reason"]
-        assert r["checks"]["agent"]["status"] == "failed" and r["checks"]["port"]["status"] == "failed"
+        if r["name"] == "damaged" and r["reason"].startswith("the console shows a fatal error: Failed to mount"):
+            continue  # with KVM the damaged guest gets to its failed mount within the 8 s
+        # with KVM "good"'s agent may answer within the 8 s; its port never does
+        assert r["reason"] in ("timed out after 8 s waiting for: agent, port", "timed out after 8 s waiting for: port"), \
+            r["reason"]
+        assert r["checks"]["port"]["status"] == "failed", r["checks"]
+        assert r["name"] == "good" or r["checks"]["agent"]["status"] == "failed", r["checks"]
     reaped = s["results"][0]["reaped"]
     assert [x["run"] for x in reaped] == [str(run)], reaped
     assert not run.exists() and qemu_pid not in qemu_pids(boot_repo.base)
