@@ -18,6 +18,7 @@ to its qemu-guest-agent through libvirt (``Guest.agent``, ``Guest.exec``). Use
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -317,23 +318,31 @@ def _kvm_ok(conn) -> bool:  # noqa: ANN001
         return False
 
 
-@pytest.fixture(scope="module")
-def guest(guest_image: Path) -> Iterator[Guest]:
+@contextlib.contextmanager
+def booted_guest(cls: type[Guest], guest_image: Path, kind: str) -> Iterator[Guest]:
+    """A guest of ``cls`` (Guest or a subclass) with a fresh work directory
+    /var/tmp/vmbak-test-KIND-..., booted; destroyed and its directory removed after."""
     _fix_kvm()
     _start_libvirtd()
     libvirt.registerErrorHandler(lambda *a: None, None)
-    workdir = Path(f"/var/tmp/vmbak-test-vm-{os.getpid()}-{secrets.token_hex(3)}")
+    workdir = Path(f"/var/tmp/vmbak-test-{kind}-{os.getpid()}-{secrets.token_hex(3)}")
     workdir.mkdir(mode=0o755)
     os.chmod(workdir, 0o755)
     conn = libvirt.open(URI)
-    g = Guest(conn, guest_image, workdir)
+    g = cls(conn, guest_image, workdir)
     try:
         g.start()
-        print(f"\nguest {g.name} ({g.virt}) booted in {g.boot_s:.1f} s", file=sys.stderr)
-        with open(guest_image.parent / "boot-times.log", "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {g.virt} {g.boot_s:.1f}\n")
+        print(f"\n{kind} guest {g.name} ({g.virt}) booted in {g.boot_s:.1f} s", file=sys.stderr)
         yield g
     finally:
         g.destroy()
         conn.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def guest(guest_image: Path) -> Iterator[Guest]:
+    with booted_guest(Guest, guest_image, "vm") as g:
+        with open(guest_image.parent / "boot-times.log", "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {g.virt} {g.boot_s:.1f}\n")
+        yield g

@@ -27,7 +27,7 @@ from pathlib import Path
 import libvirt
 import libvirt_qemu
 import pytest
-from conftest import MARKER, URI, Guest, _fix_kvm, _start_libvirtd
+from conftest import MARKER, Guest, booted_guest
 
 pytestmark = [pytest.mark.xdist_group("vm-state-guest"), pytest.mark.timeout(4800)]
 
@@ -101,7 +101,7 @@ class UefiGuest(Guest):
                 return t.get("state", "")
         return ""
 
-    def remove(self) -> None:
+    def destroy(self) -> None:
         remove_domain(self.dom)
 
 
@@ -121,22 +121,8 @@ def remove_domain(dom) -> None:  # noqa: ANN001
 
 @pytest.fixture(scope="module")
 def uefi_guest(guest_image: Path) -> Iterator[UefiGuest]:
-    _fix_kvm()
-    _start_libvirtd()
-    libvirt.registerErrorHandler(lambda *a: None, None)
-    workdir = Path(f"/var/tmp/vmbak-test-state-{os.getpid()}-{secrets.token_hex(3)}")
-    workdir.mkdir(mode=0o755)
-    os.chmod(workdir, 0o755)
-    conn = libvirt.open(URI)
-    g = UefiGuest(conn, guest_image, workdir)
-    try:
-        g.start()
-        print(f"\nUEFI guest {g.name} ({g.virt}) booted in {g.boot_s:.1f} s", file=sys.stderr)
-        yield g
-    finally:
-        g.remove()
-        conn.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with booted_guest(UefiGuest, guest_image, "state") as g:
+        yield g  # type: ignore[misc]
 
 
 def _sha(path: Path | str) -> str:
