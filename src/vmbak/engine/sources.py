@@ -301,9 +301,10 @@ def open_qemu_source(sock: str, node: str, since: str | None, block_size: int, n
 
 def open_rbd_source(spec: str, since: str | None, changes: ChangeSpec, mode: str, block_size: int, *,
                     ceph_conf: str | None = None, ceph_id: str | None = None, log: Log | None = None,
-                    quiesce: Quiesce | None = None) -> BackupSource:
+                    quiesce: Quiesce | None = None, chain: str | None = None) -> BackupSource:
     """A new snapshot of an RBD image (``rbd:POOL/IMAGE``) and librbd's diff since the
-    snapshot ``since`` names (changes/rbd.py); ``quiesce`` is entered around the snapshot."""
+    snapshot ``since`` names (changes/rbd.py); ``quiesce`` is entered around the snapshot.
+    ``chain`` (``REPOSITORY-ID:NAME``) owns the snapshot (see changes/rbd.py)."""
     from vmbak.changes.rbd import open_session
     from vmbak.disks.rbd import parse_rbd
 
@@ -314,7 +315,7 @@ def open_rbd_source(spec: str, since: str | None, changes: ChangeSpec, mode: str
     rs = parse_rbd(spec)
     s = open_session(rs, since, block_size, conf=ceph_conf, client_id=ceph_id,
                      keep_older=mode == "differential" and since is not None, log=log,
-                     quiesce=quiesce)
+                     quiesce=quiesce, chain=chain)
     if changes.kind != "auto":
         s.change_map = None  # scan or full: read every used block of the new snapshot
     return BackupSource(reader=s.reader, description=str(rs), change_map=s.change_map, change_id=s.change_id,
@@ -337,7 +338,7 @@ def open_source(repo: Repository, *, name: str, mode: str, changes: ChangeSpec, 
         parent = previous_snapshot(repo, name, mode)
         since = parent.change_id if parent is not None else None
         return open_rbd_source(disk, since, changes, mode, block_size, ceph_conf=ceph_conf, ceph_id=ceph_id,
-                               log=log, quiesce=quiesce)
+                               log=log, quiesce=quiesce, chain=f"{repo.id}:{name}")
     if ceph_conf is not None or ceph_id is not None:
         raise VmbakError("--ceph-conf and --ceph-id go with an RBD image (rbd:POOL/IMAGE)")
     if changes.kind in ("track", "qemu"):
