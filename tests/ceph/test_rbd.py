@@ -181,6 +181,17 @@ def test_differential_keeps_the_full_snapshot(ceph, repo) -> None:  # noqa: ANN0
         assert d["stats"]["verify_missed_blocks"] == 0
         assert _vmbak_snaps(ceph, img) == [full_snap]  # the full's snapshot stays the reference
     _restore_same(repo, ceph, "df:latest", ceph.read(img))
+    # an incremental after a differential: the differential's snapshot is gone, the full's
+    # still serves (a diff since the full holds every change since the differential)
+    ceph.write(img, 13 * MiB, rng.randbytes(MiB))
+    p = repo.run("backup", f"rbd:{ceph.pool}/{img}", "--name", "df", "--ceph-conf", ceph.conf,
+                 "--verify-changes", "--json")
+    assert f"changed since the chain's older snapshot {full_snap}" in p.stderr, p.stderr
+    inc = repo.json("snapshots", "--name", "df")[-1]
+    assert inc["type"] == "incremental" and inc["change_source"] == "rbd-fast-diff"
+    assert inc["stats"]["verify_missed_blocks"] == 0
+    assert len(_vmbak_snaps(ceph, img)) == 1 and full_snap not in _vmbak_snaps(ceph, img)
+    _restore_same(repo, ceph, "df:latest", ceph.read(img))
 
 
 def test_what_killed_runs_leave_is_removed_and_nothing_else(ceph, repo, make_repo, tmp_path, popen_vmbak) -> None:  # noqa: ANN001

@@ -172,6 +172,17 @@ def _reap(image, chain: str, keep: set[str], kept_too: bool = False) -> list[str
     return out
 
 
+def _settled(image, chain: str) -> list[str]:  # noqa: ANN001
+    """The snapshots of ``chain`` whose backups' manifests were saved (by their records)."""
+    out = []
+    for key, value in image.metadata_list():
+        if key.startswith(OWNER_PREFIX):
+            rec = parse_owner(value)
+            if rec.get("chain") == chain and "pid" not in rec:
+                out.append(key[len(OWNER_PREFIX):])
+    return out
+
+
 def _flags_invalid(image) -> str | None:  # noqa: ANN001
     _, rbd = _modules()
     f = int(image.flags())
@@ -211,6 +222,7 @@ def open_session(spec: RbdSpec, since: str | None, block_size: int, *, conf: str
                     for gone in _reap(head, chain, keep={ref[2]} if ref else set()):
                         note(f"rbd: removed snapshot {spec}@{gone}, left by a killed backup")
                 snaps = {s["name"]: int(s["id"]) for s in head.list_snaps()}
+                settled = _settled(head, chain) if chain is not None else []
                 try:
                     # the owner record first: a kill right after the snapshot leaves it reapable
                     head.metadata_set(OWNER_PREFIX + name, owner_record(chain=chain))
@@ -246,8 +258,16 @@ def open_session(spec: RbdSpec, since: str | None, block_size: int, *, conf: str
             return sess
         _, ref_id, ref_name = ref
         if snaps.get(ref_name) != ref_id:
-            note(f"rbd: reference snapshot {spec}@{ref_name} is gone; reading every used block (scan)")
-            return sess
+            # an older snapshot this chain kept (a full's, kept for differentials) still
+            # serves: every block written since the parent's snapshot was written since it
+            older = [n for n in settled if n in snaps and snaps[n] < ref_id]
+            if not older:
+                note(f"rbd: reference snapshot {spec}@{ref_name} is gone; reading every used block (scan)")
+                return sess
+            base = max(older, key=lambda n: snaps[n])
+            note(f"rbd: reference snapshot {spec}@{ref_name} is gone; reading what changed since the "
+                 f"chain's older snapshot {base}")
+            ref_name = base
         sess.older = ref_name
         bad = _flags_invalid(reader.image) if fast else None
         if bad is None and fast:
