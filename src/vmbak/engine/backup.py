@@ -363,10 +363,13 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
                 table = cur
             else:
                 assert differs is not None
-                m.changed = considered & used & differs
-                m.newly_unused = considered & ~used & differs
+                differs &= considered
+                changed = differs & used
+                differs &= ~used  # now: the newly unused blocks
+                m.changed, m.newly_unused = changed, differs  # stored packed (Manifest.bits)
+                changed_blocks = int(np.count_nonzero(changed))
                 if tracked is not None and opts.verify_changes:
-                    missed = m.changed & ~tracked  # newly unused blocks need not have been written
+                    missed = changed & ~tracked  # newly unused blocks need not have been written
                     n_missed = int(np.count_nonzero(missed))
                     extra_stats["verify_missed_blocks"] = n_missed
                     extra_stats["verify_reported_blocks"] = int(np.count_nonzero(tracked))
@@ -376,7 +379,9 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
                              f"({range_text(ms.tolist(), ml.tolist())}); they are included in this backup")
                     else:
                         note("verify-changes: the change source reported every changed block (0 missed)")
-                table = cur[m.changed | m.newly_unused]
+                changed |= differs
+                table = cur[changed]  # the covered blocks' rows
+                del changed, differs
             order = np.argsort(np.asarray(ext_start, np.uint64), kind="stable")
             m.ext_start = np.asarray(ext_start, np.uint64)[order]
             m.ext_count = np.asarray(ext_count, np.uint32)[order]
@@ -384,7 +389,8 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
             m.bht_count = len(table)
             m.bht_chunks = store_bht(writer, repo, table)
             writer.flush()
-            changed_blocks = nblocks if parent is None else int(np.count_nonzero(m.changed))
+            if parent is None:
+                changed_blocks = nblocks
             m.stats = extra_stats | {
                 "logical_bytes": size,
                 "considered_bytes": min(int(np.count_nonzero(considered)) * bs, size),
