@@ -27,6 +27,7 @@ from vmbak.engine.common import (
     range_text,
     resolve_bht,
     runs,
+    sparse_table,
     store_bht,
 )
 from vmbak.engine.progress import NoProgress, Progress, set_phase, watch_upload
@@ -304,8 +305,8 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
         pipe = _Pipeline(repo, disk, bs, grid, parent_bht, writer.has)
         # The new table is the parent's, updated in place (a copy of a 2 TiB disk's table
         # would make all 512 MiB of it resident); ``differs`` records which rows change.
-        # A full's table starts as zeros (calloc: only the rows written get pages).
-        cur = parent_bht if parent_bht is not None else np.zeros((nblocks, 2), BHT_DTYPE)
+        # A full's table starts as zeros (sparse_table: only the rows written get pages).
+        cur = parent_bht if parent_bht is not None else sparse_table(nblocks)
         differs: np.ndarray | None = None
         if parent_bht is not None:
             # Considered blocks that are not read read as zeros (holes, unused blocks).
