@@ -75,7 +75,7 @@ STAGES = [
     ("guest freeze/thaw (agent)", ("Quiescer.", "LibvirtAgent.")),
     ("commit: end job, drop old checkpoint", ("LibvirtJob.commit", "LibvirtBackup.commit")),
     ("NBD connect", ("NbdDisk.__init__", "NbdDisk._connect")),
-    ("block status: dirty bitmap", ("_change_map (",)),
+    ("block status: dirty bitmap", ("change_map (",)),
     ("usage analysis over NBD", ("used_map (",)),
     ("block status: allocation", ("NbdDisk.data_extents",)),
     ("parent hash table", ("resolve_bht (",)),

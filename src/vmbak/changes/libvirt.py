@@ -39,11 +39,12 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from vmbak.changes.base import ChangeMap
 from vmbak.disks.nbd import STATE_DIRTY, NbdDisk
 from vmbak.errors import ChangeTrackingError, DiskError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # numpy is imported when a change map is made: libvirt_early begins a job before it loads
+    from vmbak.changes.base import ChangeMap
 
 SOURCE = "libvirt-checkpoint"
 PREFIX = "vmbak-"
@@ -147,6 +148,7 @@ class LibvirtDiskView:
     format: str
     reader: NbdDisk
     change_map: ChangeMap | None
+    bitmap_context: str | None = None  # the NBD meta context of the dirty bitmap since ``since``
 
 
 @dataclass
@@ -312,13 +314,14 @@ def _clear_old_job(dom, tmpdir: str | None, notes: list[str]) -> None:  # noqa: 
 def begin_backup(domain: str, since: str | None, block_size: int, *, uri: str = DEFAULT_URI,
                  tmpdir: str | None = None, log: Callable[[str], None] | None = None,
                  quiesce: Callable[[], contextlib.AbstractContextManager] | None = None,
-                 full_disks: frozenset[str] = frozenset()) -> LibvirtBackup:
+                 full_disks: frozenset[str] = frozenset(), change_maps: bool = True) -> LibvirtBackup:
     """Start a pull-mode backup of every disk of the running ``domain``; see the module
     documentation. Raises ChangeTrackingError (after cleaning up) when ``since`` cannot
     be used, DiskError for a domain that does not exist or does not run. ``quiesce``
     (e.g. ``Quiescer.frozen``) is entered just before the checkpoint is made and left as
     soon as it exists. The disks named in ``full_disks`` (added since ``since``) are
-    exported without a bitmap: the checkpoint ``since`` does not cover them."""
+    exported without a bitmap: the checkpoint ``since`` does not cover them. Without
+    ``change_maps``, the views' change maps are left for the caller (``change_map``)."""
     lv = _libvirt()
     log = log or (lambda s: None)
     if since is not None and not since.startswith(PREFIX):
@@ -405,9 +408,10 @@ def begin_backup(domain: str, since: str | None, block_size: int, *, uri: str = 
                     r = NbdDisk(sock, bd.get("exportname") or tgt, meta_contexts=contexts,
                                 description=f"libvirt:{domain}:{tgt}")
                     cm = None
-                    if bitmap and since is not None:
-                        cm = _change_map(r, contexts[0], block_size, since, new, tgt)
-                    views[tgt] = LibvirtDiskView(tgt, k.source, k.format, r, cm)
+                    ctx = contexts[0] if bitmap and since is not None else None
+                    if ctx is not None and change_maps:
+                        cm = change_map(r, ctx, block_size, since, new, tgt)  # type: ignore[arg-type]
+                    views[tgt] = LibvirtDiskView(tgt, k.source, k.format, r, cm, ctx)
             except BaseException:
                 for v in views.values():
                     v.reader.close()
@@ -425,7 +429,12 @@ def begin_backup(domain: str, since: str | None, block_size: int, *, uri: str = 
         conn.close()
 
 
-def _change_map(r: NbdDisk, context: str, bs: int, since: str, new: str, tgt: str) -> ChangeMap:
+def change_map(r: NbdDisk, context: str, bs: int, since: str, new: str, tgt: str) -> ChangeMap:
+    """The blocks the dirty bitmap ``context`` of export ``r`` marks, as a change map."""
+    import numpy as np
+
+    from vmbak.changes.base import ChangeMap
+
     if context not in r.contexts:
         raise ChangeTrackingError(f"libvirt does not export the dirty bitmap of disk {tgt}")
     n = (r.size + bs - 1) // bs
