@@ -165,21 +165,45 @@ class LibvirtBackup:
     notes: list[str] = field(default_factory=list)
     _dir: str = ""
     _done: bool = False
+    _ending: threading.Thread | None = None
+    _ended: list = field(default_factory=list)  # what ending the job raised, if anything
 
     def _end_job(self, dom) -> None:  # noqa: ANN001
         for v in self.disks.values():
             v.reader.close()
         _abort_job(dom)
 
+    def end_reads(self) -> None:
+        """Every disk is read: begin ending the job (its NBD exports, scratch files) in a
+        thread, while the caller goes on (e.g. with the state files); ``commit`` and
+        ``abort`` wait for it."""
+        if self._ending is not None or self._done:
+            return
+
+        def run() -> None:
+            try:
+                conn = connect(self.uri)
+                try:
+                    self._end_job(lookup(conn, self.domain))
+                finally:
+                    conn.close()
+            except BaseException as e:  # noqa: BLE001 - raised by commit/abort, which end it again
+                self._ended.append(e)
+
+        self._ending = threading.Thread(target=run, name="vmbak-libvirt-end", daemon=True)
+        self._ending.start()
+
     def _finish(self, ok: bool) -> None:
         if self._done:
             return
         self._done = True
+        if self._ending is not None:
+            self._ending.join()
         try:
             conn = connect(self.uri)
             try:
                 dom = lookup(conn, self.domain)
-                self._end_job(dom)
+                self._end_job(dom)  # (one round trip when end_reads ended it already)
                 if ok:
                     if self.since is not None:
                         _delete_checkpoint(dom, self.since)

@@ -406,6 +406,12 @@ class LibvirtJob:
                     pass
             self._cleanup.clear()
 
+    @property
+    def last_disk(self) -> BackupSource | None:
+        """The last source read through the job (the others are state files)."""
+        disks = [s for s in self.sources if not (s.extra.get(LIBVIRT_KEY) or {}).get("state_role")]
+        return disks[-1] if disks else None
+
     def commit(self) -> None:
         self._end(True)
 
@@ -712,6 +718,8 @@ def run_libvirt_backup(repo: Repository, job: LibvirtJob, opts: BackupOptions,
             out.append(m)
             if on_disk is not None:
                 on_disk(m)
+            if src is job.last_disk:  # the state files are copies: the job can end meanwhile
+                job._lv.end_reads()  # type: ignore[attr-defined]
     except BaseException:
         try:
             job.abort()
