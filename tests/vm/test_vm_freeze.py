@@ -151,10 +151,14 @@ def _wait_frozen(guest, proc, timeout: float = 300) -> None:  # noqa: ANN001
         time.sleep(0.2)
 
 
-def test_sigterm_while_frozen_thaws(guest, vrepo, popen_vmbak) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("delay", [0, 3])
+def test_sigterm_while_frozen_thaws(guest, vrepo, popen_vmbak, delay) -> None:  # noqa: ANN001
+    # delay 3: the modules are loaded and the command waits for the job begun early (a
+    # signal that interrupted that wait once let the process exit with the guest frozen)
     checkpoints = sorted(c.getName() for c in guest.dom.listAllCheckpoints())
     proc = popen_vmbak("backup", "--libvirt", guest.name, env={**vrepo.env(), "VMBAK_TEST_FREEZE_PAUSE": "120"})
     _wait_frozen(guest, proc)
+    time.sleep(delay)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)

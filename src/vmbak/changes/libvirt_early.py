@@ -77,7 +77,9 @@ def start(argv: list[str]) -> None:
         return
     from vmbak.interrupts import register_cleanup
 
-    box: dict = {"logs": []}
+    # Waited for with an Event, not Thread.join: a join that a signal interrupts may mark the
+    # thread as ended (bpo-45274), and the next join would not wait for the thaw.
+    box: dict = {"logs": [], "done": threading.Event()}
     t = threading.Thread(target=_run, args=(o["domain"], o["uri"], o["freeze"], box), name="vmbak-libvirt-early",
                          daemon=True)
     _state.update(thread=t, box=box, domain=o["domain"], uri=o["uri"], token=register_cleanup(discard))
@@ -85,6 +87,13 @@ def start(argv: list[str]) -> None:
 
 
 def _run(domain: str, uri: str, freeze: str, box: dict) -> None:
+    try:
+        _begin(domain, uri, freeze, box)
+    finally:
+        box["done"].set()
+
+
+def _begin(domain: str, uri: str, freeze: str, box: dict) -> None:
     try:
         import xml.etree.ElementTree as ET
 
@@ -141,7 +150,7 @@ def take(domain: str, uri: str):  # noqa: ANN201 - (LibvirtBackup, Quiescer, log
         return None
     from vmbak.interrupts import unregister_cleanup
 
-    _state["thread"].join()  # interrupted, ``discard`` (a cleanup) ends the job
+    _state["box"]["done"].wait()  # interrupted, ``discard`` (a cleanup) ends the job
     with _lock:
         _state["taken"] = True
     unregister_cleanup(_state["token"])
@@ -161,7 +170,7 @@ def discard() -> None:
     box["discarded"] = True
     if "q" in box:
         box["q"].interrupt()  # a freeze held for a test (VMBAK_TEST_FREEZE_PAUSE) ends now
-    _state["thread"].join()
+    box["done"].wait()
     try:
         if "job" in box:
             box["job"].abort()
