@@ -163,6 +163,9 @@ class LibvirtBackup:
     domain_xml: str
     disks: dict[str, LibvirtDiskView]
     notes: list[str] = field(default_factory=list)
+    # (state items, work directory, notes): the domain's state files, captured right after the
+    # checkpoint by whoever began the job early (vmbak.domain.state.capture); the taker owns it
+    state: tuple | None = None
     _dir: str = ""
     _done: bool = False
     _ending: threading.Thread | None = None

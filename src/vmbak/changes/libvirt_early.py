@@ -8,7 +8,9 @@ checkpoint, and vmbak leaves one checkpoint of its own per domain. So ``start`` 
 with the command line, before the slow imports) begins the job in a thread: with libvirt's
 one ``vmbak-*`` checkpoint as the reference (none: a full view), the guest frozen around
 the checkpoint exactly as ``Quiescer.frozen`` does it, and no change maps yet (they need
-numpy; the caller reads the dirty bitmaps once it knows the reference is right).
+numpy; the caller reads the dirty bitmaps once it knows the reference is right). The
+domain's state files (``vmbak.domain.state``) are then copied, as the usual way does right
+after the checkpoint (``LibvirtBackup.state``).
 
 ``take(domain, uri)`` hands the job over (or None: not started, or it failed, and the
 caller begins one itself, which reports any error). The caller then checks the reference
@@ -134,8 +136,27 @@ def _begin(domain: str, uri: str, freeze: str, box: dict) -> None:
             q.close_agent()
             raise
         box["job"], box["quiescer"] = job, q
+        _capture_state(job, uri)
     except BaseException as e:  # noqa: BLE001 - the usual way begins again and reports it
         box["error"] = e
+
+
+def _capture_state(job, uri: str) -> None:  # noqa: ANN001 - a LibvirtBackup
+    """Copy the domain's state files (NVRAM, TPM, kernel, ...) right after the checkpoint, as
+    the usual way does after it; on any error leave it to the usual way, which reports it."""
+    import shutil
+    import tempfile
+
+    from vmbak.domain.state import capture, state_items
+
+    work = tempfile.mkdtemp(prefix=f"vmbak-state-{os.getpid()}-")
+    try:
+        items = state_items(job.domain_xml, uri)
+        notes = capture(items, work)
+    except Exception:  # noqa: BLE001
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    job.state = (items, work, notes)
 
 
 def pending(domain: str, uri: str) -> bool:
@@ -173,6 +194,10 @@ def discard() -> None:
     box["done"].wait()
     try:
         if "job" in box:
+            if box["job"].state is not None:
+                import shutil
+
+                shutil.rmtree(box["job"].state[1], ignore_errors=True)
             box["job"].abort()
     finally:
         if "quiescer" in box:

@@ -623,13 +623,17 @@ def open_libvirt(repo: Repository, domain: str, *, prefix: str, mode: str, chang
                 b = begin_backup(domain, None, block_size, uri=uri, log=log, quiesce=quiesce, tmpdir=tmpdir)
             cleanup.append(b.abort)  # a no-op once the job is committed
         notes.extend(b.notes)
-        work = tempfile.mkdtemp(prefix=f"vmbak-state-{os.getpid()}-", dir=tmpdir)
-        cleanup.append(lambda: shutil.rmtree(work, ignore_errors=True))
-        items = state_items(b.domain_xml, uri)
-        try:
-            state_notes = capture(items, work)
-        except DiskError as e:
-            raise DiskError(f"libvirt domain {domain!r}: {e}; no backup taken") from None
+        if early is not None and b.state is not None:  # captured right after the early checkpoint
+            items, work, state_notes = b.state
+            cleanup.append(lambda: shutil.rmtree(work, ignore_errors=True))
+        else:
+            work = tempfile.mkdtemp(prefix=f"vmbak-state-{os.getpid()}-", dir=tmpdir)
+            cleanup.append(lambda: shutil.rmtree(work, ignore_errors=True))
+            items = state_items(b.domain_xml, uri)
+            try:
+                state_notes = capture(items, work)
+            except DiskError as e:
+                raise DiskError(f"libvirt domain {domain!r}: {e}; no backup taken") from None
         for n in state_notes:
             note(n)
         records = [it.record() for it in items]
