@@ -19,8 +19,8 @@ there is none), the job's view is still a consistent point in time of every disk
 whole (scan) without the bitmap; the committed job drops the older checkpoint as usual.
 
 Only the plain case starts early: ``backup --libvirt DOMAIN`` (no pattern) with at most
--r/--repo, --json, -q/--quiet, --name, --tag, --workers, --libvirt-uri, --mode
-auto|incremental and --freeze auto|never; a running domain with at most one vmbak
+-r/--repo, --json, -q/--quiet, --name, --tag, --workers, --libvirt-uri, --mode and
+--freeze auto|never; a running domain with at most one vmbak
 checkpoint and no freeze record of a killed vmbak (``recover`` runs first, as usual).
 Anything else begins the job the usual way. A job that is not taken (an error, a wrong
 password, a signal) is ended and its new checkpoint removed when the command ends
@@ -67,7 +67,9 @@ def parse(argv: list[str]) -> dict | None:
     domain = opts.get("--libvirt")
     if command != "backup" or not domain or any(c in domain for c in "*?["):
         return None
-    if opts.get("--mode", "auto") not in ("auto", "incremental") or opts.get("--freeze", "auto") not in ("auto", "never"):
+    # any mode: the repository decides the reference afterwards (a full reads the view whole)
+    if opts.get("--mode", "auto") not in ("auto", "full", "incremental", "differential") \
+            or opts.get("--freeze", "auto") not in ("auto", "never"):
         return None
     return {"domain": domain, "uri": opts.get("--libvirt-uri", "qemu:///system"), "freeze": opts.get("--freeze", "auto")}
 
