@@ -249,6 +249,15 @@ def test_job_begins_while_the_repository_opens(guest, vrepo, tmp_path, init_repo
     assert "is missing" in p.stderr and "scan" in p.stderr, p.stderr
     snap = vrepo.json("backup", "--libvirt", guest.name)["snapshots"][0]
     assert snap["type"] == "incremental" and snap["change_source"] == "libvirt-checkpoint", snap
+    # a full and a differential begin early too; the chain goes on through the checkpoints
+    full = vrepo.json("backup", "--libvirt", guest.name, "--mode", "full")["snapshots"][0]
+    assert full["type"] == "full" and full["parent"] is None, full
+    diff = vrepo.json("backup", "--libvirt", guest.name, "--mode", "differential")["snapshots"][0]
+    assert diff["type"] == "differential" and diff["parent"] == full["id"], diff
+    assert diff["change_source"] == "libvirt-checkpoint", diff
+    snap = vrepo.json("backup", "--libvirt", guest.name)["snapshots"][0]
+    assert snap["type"] == "incremental" and snap["parent"] == diff["id"], snap
+    assert snap["change_source"] == "libvirt-checkpoint", snap
 
     checkpoints = sorted(c.getName() for c in guest.dom.listAllCheckpoints())
     p = enc.run("backup", "--libvirt", guest.name, env={"VMBAK_PASSWORD": "wrong"}, check=False)
