@@ -170,6 +170,10 @@ def _main(argv: list[str] | None) -> int:
         from vmbak.repo import kdf_early
 
         kdf_early.start(argv, _VALUE_OPTIONS)
+        if command_group(argv) == "backup":  # backup --libvirt DOMAIN: begin the job meanwhile
+            from vmbak.changes import libvirt_early
+
+            libvirt_early.start(argv)
 
     from vmbak.cli.common import damage_warnings
     from vmbak.errors import VmbakError
