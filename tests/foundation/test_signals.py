@@ -205,3 +205,37 @@ def test_signal_while_the_arguments_are_parsed(tmp_path) -> None:
     assert p.stdout.strip() == f"rc {128 + int(signal.SIGTERM)} fired 1", (p.stdout, p.stderr)
     assert p.stderr.strip() == "vmbak: error: interrupted (SIGTERM)", p.stderr
     assert not (tmp_path / "out.raw").exists()
+
+
+# A SIGTERM exactly when a small object (a manifest, an index file) has been written to its
+# temp file and is about to be moved into place: the temp file must not stay behind.
+OBJECT_SCRIPT = """
+import os, signal, sys
+from vmbak import interrupts
+from vmbak.cli import main as m
+fired = []
+def prof(frame, event, arg):
+    if (event == "call" and frame.f_code.co_name == "write_file" and not fired
+            and frame.f_back is not None and frame.f_back.f_code.co_name == "write"
+            and interrupts._state["depth"] == 0):  # not a lock file (those are written with signals held)
+        fired.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+sys.setprofile(prof)
+rc = m.main(["-r", sys.argv[1], "backup", sys.argv[2], "--name", "d", "-q"])
+sys.setprofile(None)
+print("rc", rc, "fired", len(fired))
+"""
+
+
+def test_signal_while_an_object_is_moved_into_place(make_repo, make_disk) -> None:
+    import subprocess
+    import sys
+
+    repo = make_repo("none")
+    disk = make_disk("small.raw", 4 * MiB, seed=5)
+    env = {**repo.env(), "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    p = subprocess.run([sys.executable, "-c", OBJECT_SCRIPT, str(repo.path), str(disk.path)],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.stdout.strip() == f"rc {128 + int(signal.SIGTERM)} fired 1", (p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr, p.stderr
+    assert os.listdir(repo.path / "tmp") == []

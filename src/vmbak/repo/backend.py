@@ -139,12 +139,14 @@ class LocalBackend:
                 f.flush()
                 os.fsync(f.fileno())
             self.write_file(name, tmp)
-        except OSError as e:
+        except BaseException as e:  # an error, or a signal (Interrupted): no temp file stays behind
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
-            raise self._wrap(e, name) from None
+            if isinstance(e, OSError):
+                raise self._wrap(e, name) from None
+            raise
 
     def write_file(self, name: str, path: str) -> None:
         dest = self._path(name)

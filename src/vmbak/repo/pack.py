@@ -21,6 +21,7 @@ import blake3
 import numpy as np
 
 from vmbak.errors import IntegrityError, RepositoryError
+from vmbak.interrupts import deferred
 from vmbak.repo.backend import Backend, create_private
 from vmbak.repo.crypto import Sealer
 
@@ -70,7 +71,8 @@ class PackWriter:
         self.sealer = sealer
         self.path = backend.temp_path("pack")
         try:
-            self.f = open(create_private(self.path), "wb", buffering=0)
+            with deferred():  # a signal between creating the file and holding it would orphan it
+                self.f = open(create_private(self.path), "wb", buffering=0)
         except OSError as e:
             raise self._error(e) from None
         self.hasher = blake3.blake3(max_threads=1)
