@@ -297,6 +297,11 @@ def _block_cols(rows: np.ndarray) -> dict[str, np.ndarray]:
     return {name: np.ascontiguousarray(rows[name]) for name in _COLS}
 
 
+def _drain(pieces: list[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    while pieces:
+        yield pieces.pop(0)
+
+
 class _Spill:
     """Pass 1 of a paged build: staged rows, written in groups to an unlinked temporary
     file, each group ordered by bucket (the key's top BUCKET_BITS bits; chunk ids are uniform
@@ -308,12 +313,12 @@ class _Spill:
         self.end = 0
         self.groups: list[tuple[int, np.ndarray]] = []  # (file offset, bucket bounds: 4097 row numbers)
 
-    def add(self, pieces: list[dict[str, np.ndarray]], batch: int) -> None:
-        """Write (and drop) ``pieces`` in order, in groups of about ``batch`` rows."""
+    def add(self, pieces: Iterator[dict[str, np.ndarray]] | list[dict[str, np.ndarray]], batch: int) -> None:
+        """Write ``pieces`` in order, in groups of about ``batch`` rows (a list is emptied as
+        it is written, so that each piece is freed once written)."""
         group: list[dict[str, np.ndarray]] = []
         rows = 0
-        while pieces:
-            p = pieces.pop(0)
+        for p in _drain(pieces) if isinstance(pieces, list) else pieces:
             group.append(p)
             rows += len(p["key"])
             if rows >= batch:
@@ -496,32 +501,21 @@ class Index:
         """Page this load: what the index held before goes first (its rows win ties, as in
         the in-memory build), then everything staged."""
         spill = _Spill()
-        old = self._existing_pieces()
-        spill.add(old, self._batch())
+        spill.add(self._existing_pieces(), self._batch())
         self._spill = spill
 
-    def _existing_pieces(self) -> list[dict[str, np.ndarray]]:
-        """The rows the index holds now (each id once), as column pieces."""
-        base, table, recent, over, shadow = self._state
+    def _existing_pieces(self) -> Iterator[dict[str, np.ndarray]]:
+        """The rows the index holds now, as column pieces (the paged table's a block at a time)."""
+        base, table, recent, over, _ = self._state
         if recent:
-            table, moved = _merge(table, recent, over, base)
-            shadow = shadow.union(moved)
-        pieces = [{n: getattr(table, n) for n in _COLS}] if len(table) else []
+            table, _ = _merge(table, recent, over, base)
+        if len(table):
+            yield {n: getattr(table, n) for n in _COLS}
         if base is not None:
-            drop = {int.from_bytes(c[:8], "big"): c for c in shadow}  # replaced in table
-            dkeys = np.fromiter(drop, np.uint64, len(drop))
+            # (the paged rows that ``shadow`` replaced come along: the table's copy is outside
+            # the doomed packs and comes first, so the build keeps it)
             for rows in base.blocks(SPILL_ROWS):
-                cols = _block_cols(rows)
-                if drop:
-                    hit = np.flatnonzero(np.isin(cols["key"], dkeys))
-                    ids = _ids(cols, 0, len(rows))
-                    keep = np.ones(len(rows), bool)
-                    for i in hit.tolist():
-                        if ids[i].tobytes() in shadow:
-                            keep[i] = False
-                    cols = {n: c[keep] for n, c in cols.items()}
-                pieces.append(cols)
-        return pieces
+                yield _block_cols(rows)
 
     def commit(self) -> None:
         """Build the table from everything staged (and what the index held before)."""
@@ -538,7 +532,7 @@ class Index:
             return
         base, table, recent, over, _ = self._state
         if base is not None:
-            pieces = self._existing_pieces() + self._staged
+            pieces = [*self._existing_pieces(), *self._staged]
         else:
             if recent:
                 table, _ = _merge(table, recent, over)
