@@ -34,14 +34,20 @@ def _pid(n: int) -> str:
 PAGED = [None, 7, 0]
 
 
+def _small_runs(monkeypatch: pytest.MonkeyPatch, paged_rows: int | None) -> None:
+    """Spill groups and sorted runs of a few rows: many of each, as at scale."""
+    if paged_rows is not None:
+        monkeypatch.setattr(index_mod, "SPILL_ROWS", max(1, paged_rows))
+        monkeypatch.setattr(index_mod, "RUN_ROWS", max(1, paged_rows))
+
+
 @pytest.mark.parametrize("paged_rows", PAGED)
 @pytest.mark.parametrize("seed", [1, 2])
 def test_index_matches_a_dict_model(monkeypatch: pytest.MonkeyPatch, seed: int, paged_rows: int | None) -> None:
     """Staged and added packs, duplicated ids, colliding 8-byte prefixes, doomed packs and
     merges of added rows: every lookup agrees with a plain dict that applies the rules."""
     monkeypatch.setattr(index_mod, "COMPACT_MIN", 40)
-    if paged_rows == 0:  # groups of one row: many more groups than buckets per run
-        monkeypatch.setattr(index_mod, "SPILL_ROWS", 1)
+    _small_runs(monkeypatch, paged_rows)
     rng = random.Random(seed)
     prefix = rng.randbytes(8)
     colliding = [prefix + rng.randbytes(24) for _ in range(6)]
@@ -157,6 +163,7 @@ def test_paged_and_in_memory_indexes_agree(monkeypatch: pytest.MonkeyPatch, tmp_
     indexes answer every question exactly as the in-memory one."""
     monkeypatch.setattr(index_mod, "COMPACT_MIN", 16)
     monkeypatch.setenv("VMBAK_CACHE_DIR", str(tmp_path))
+    _small_runs(monkeypatch, 9)
     rng = random.Random(seed)
     pool = [rng.randbytes(32) for _ in range(300)] + [b"\x42" * 8 + rng.randbytes(24) for _ in range(6)]
     indexes = [Index(), Index(5), Index(64)]

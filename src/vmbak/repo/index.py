@@ -495,7 +495,7 @@ class Index:
             self._staged_rows = 0
 
     def _batch(self) -> int:
-        return max(1, min(SPILL_ROWS, self.paged_rows))
+        return SPILL_ROWS
 
     def _start_spill(self) -> None:
         """Page this load: what the index held before goes first (its rows win ties, as in
@@ -526,7 +526,7 @@ class Index:
         if spill is not None:
             spill.add(self._staged, self._batch())
             self._staged_rows = 0
-            base = spill.build(self._doomed_no, max(1, min(RUN_ROWS, self.paged_rows)))
+            base = spill.build(self._doomed_no, RUN_ROWS)
             self._state = (base, _Table(), {}, set(), frozenset())
             trim_heap()
             return
