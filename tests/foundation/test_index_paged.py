@@ -64,3 +64,33 @@ def test_a_bad_paged_rows_setting_is_one_line(repo, make_disk, tmp_path, assert_
     for args in (("backup", disk.path, "--name", "d"), ("check",), ("restore", "d:latest", tmp_path / "r.raw")):
         proc = repo.run(*args, env={"VMBAK_INDEX_PAGED_ROWS": "lots"}, check=False)
         assert_cli_error(proc, "VMBAK_INDEX_PAGED_ROWS", "lots")
+
+
+def test_prune_and_repair_write_the_index_in_bounded_files(repo, make_disk, tmp_path, monkeypatch,  # noqa: ANN001
+                                                            assert_same_file):
+    """A consolidated index is split into files of at most CONSOLIDATED_ENTRIES entries
+    (whole packs), so that no reader has to hold one file naming every chunk."""
+    import vmbak.repo.repository as repository_mod
+    from vmbak.engine.prune import PruneOptions, prune
+    from vmbak.engine.repair import repair_index
+
+    disks = [make_disk(f"d{i}.raw", 3 * MiB, seed=70 + i) for i in range(4)]
+    for i, d in enumerate(disks):
+        repo.backup(d, f"d{i}")  # one pack each: 3 chunks of data and one of block hashes
+    repo.run("forget", "d0:latest")
+    monkeypatch.setattr(repository_mod, "CONSOLIDATED_ENTRIES", 8)  # two packs a file
+    r = repo.open()
+    prune(r, PruneOptions(grace_s=0))
+    files = sorted((repo.path / "index").iterdir())
+    loaded = [r.read_index_file(f"index/{f.name}") for f in files]
+    assert sorted(len(x) for x in loaded) == [1, 2]  # d1-d3's packs, whole
+    assert sum(len(e) for x in loaded for _, e in x) == 12
+    r = repo.open()
+    rep = repair_index(r)
+    assert len(rep.new_index_files) == 2 and rep.new_index == rep.new_index_files[0]
+    assert sorted(f"index/{f.name}" for f in (repo.path / "index").iterdir()) == sorted(rep.new_index_files)
+    assert rep.chunks == 12
+    repo.check(read_data=True)
+    for i, d in enumerate(disks[1:], 1):
+        repo.restore(f"d{i}:latest", tmp_path / f"r{i}.raw")
+        assert_same_file(tmp_path / f"r{i}.raw", d.path)
