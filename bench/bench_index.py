@@ -15,7 +15,10 @@ the default threshold), in child processes, RUNS times, alternating:
   then the mean time of a lookup (``usable``) of 20 000 ids the index holds and of 20 000 it
   does not;
 * backup: `vmbak backup` of a 64 MiB random disk into that repository (a full: its chunks are
-  new), with its wall time and peak RSS (GNU time's %M).
+  new), with its wall time, CPU time (user + system) and peak RSS (GNU time's %U, %S, %M).
+
+The load's CPU time is given too (time.process_time, all threads): on a shared machine it
+varies much less than the wall time.
 
     .venv/bin/python bench/bench_index.py --chunks 10000000 --impl src --impl /work/main/src [--runs 3]
     .venv/bin/python bench/bench_index.py --chunks 10000000 --mode memory --mode paged [--runs 3]
@@ -52,8 +55,10 @@ from vmbak.repo.repository import Repository
 r = Repository.open(sys.argv[1], None)
 before = rss()
 t = time.perf_counter()
+c = time.process_time()
 n = len(r.index)
 dt = time.perf_counter() - t
+cpu = time.process_time() - c
 after = rss()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 idx = r.index
@@ -67,7 +72,7 @@ for what, ids in (("present", present), ("missing", missing)):
     found = sum(map(idx.usable, ids))
     look[what] = (time.perf_counter() - t) / len(ids)
     assert found == (len(ids) if what == "present" else 0), (what, found)
-print(json.dumps({"chunks": n, "load_s": dt, "index_bytes": after - before, "peak_rss": peak,
+print(json.dumps({"chunks": n, "load_s": dt, "load_cpu_s": cpu, "index_bytes": after - before, "peak_rss": peak,
                   "paged": getattr(idx, "paged", False), "lookup_present_us": look["present"] * 1e6,
                   "lookup_missing_us": look["missing"] * 1e6}))
 """
@@ -102,7 +107,7 @@ def build(repo: Path, n: int, seed: int) -> None:
 
 
 def run_child(impl: str, args: list[str], code: str | None = None,
-              mode: str = "default") -> tuple[float, int, str]:
+              mode: str = "default") -> tuple[float, int, str, float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VMBAK_")}
     if MODES[mode] is not None:
         env["VMBAK_INDEX_PAGED_ROWS"] = MODES[mode]
@@ -112,14 +117,16 @@ def run_child(impl: str, args: list[str], code: str | None = None,
     # inherit this process's high-water mark, e.g. after it built the repository)
     rss_file = Path(tempfile.mkstemp(prefix="vmbak-bench-rss-")[1])
     t = time.perf_counter()
-    p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *cmd], env=env, capture_output=True,
-                       text=True)
+    p = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", str(rss_file), *cmd], env=env,
+                       capture_output=True, text=True)
     wall = time.perf_counter() - t
-    peak = int(rss_file.read_text().split()[-1]) * 1024
+    kib, user, system = rss_file.read_text().split()[-3:]
+    peak = int(kib) * 1024
+    cpu = float(user) + float(system)
     rss_file.unlink()
     if p.returncode != 0:
         raise SystemExit(f"{cmd} failed:\n{p.stdout}\n{p.stderr}")
-    return wall, peak, p.stdout
+    return wall, peak, p.stdout, cpu
 
 
 def main() -> None:
@@ -152,24 +159,27 @@ def main() -> None:
         order = impls if run % 2 == 0 else impls[::-1]
         for impl, mode in order:
             name = f"{impl}:{mode}"
-            _, peak, out = run_child(impl, [str(repo)], LOAD_CHILD, mode)
+            _, peak, out, _ = run_child(impl, [str(repo)], LOAD_CHILD, mode)
             m = json.loads(out)
             rec = {"impl": name, "what": "load", "run": run, "paged": m.get("paged"), "load_s": round(m["load_s"], 2),
+                   "load_cpu_s": round(m.get("load_cpu_s", 0), 2),
                    "bytes_per_chunk": round(m["index_bytes"] / a.chunks, 1), "peak_rss_mib": peak >> 20,
                    "lookup_present_us": round(m.get("lookup_present_us", 0), 2),
                    "lookup_missing_us": round(m.get("lookup_missing_us", 0), 2)}
             print(json.dumps(rec), flush=True)
-            for k in ("load_s", "bytes_per_chunk", "peak_rss_mib", "lookup_present_us", "lookup_missing_us"):
+            for k in ("load_s", "load_cpu_s", "bytes_per_chunk", "peak_rss_mib", "lookup_present_us", "lookup_missing_us"):
                 res[name].setdefault("load_" + k, []).append(rec[k])
             if a.no_backup:
                 continue
             tmp = work / "bk-repo"
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(repo, tmp, symlinks=True)
-            wall, peak, _ = run_child(impl, ["-r", str(tmp), "backup", str(disk), "--name", f"b{run}",
+            wall, peak, _, cpu = run_child(impl, ["-r", str(tmp), "backup", str(disk), "--name", f"b{run}",
                                              "--mode", "full", "-q"], None, mode)
-            rec = {"impl": name, "what": "backup", "run": run, "wall_s": round(wall, 2), "peak_rss_mib": peak >> 20}
+            rec = {"impl": name, "what": "backup", "run": run, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+                   "peak_rss_mib": peak >> 20}
             print(json.dumps(rec), flush=True)
+            res[name].setdefault("backup_cpu_s", []).append(rec["cpu_s"])
             res[name].setdefault("backup_wall_s", []).append(rec["wall_s"])
             res[name].setdefault("backup_peak_rss_mib", []).append(rec["peak_rss_mib"])
             shutil.rmtree(tmp, ignore_errors=True)
