@@ -184,7 +184,7 @@ PAGED_ROWS_ENV = "VMBAK_INDEX_PAGED_ROWS"
 ROW = np.dtype([(name, dt) for name, dt in _COLS.items()])  # one row of the table file, 48 bytes
 SPARSE_EVERY = 64  # the sparse array holds the key of every 64th row (3 KiB windows)
 BUCKET_BITS = 12  # pass 1 sorts rows into 4096 buckets by the key's top 12 bits
-SPILL_ROWS = 1 << 18  # rows per group written in pass 1 (at most, unless one index file is larger)
+SPILL_ROWS = 1 << 18  # pass 1 writes a group once this many rows are staged (plus the last piece)
 RUN_ROWS = 1 << 19  # rows sorted at once in pass 2 (at least one whole bucket)
 
 
@@ -331,7 +331,7 @@ class _Spill:
         if not n:
             return
         if n >= 1 << 32:
-            raise RepositoryError("an index file names more than 2^32 chunks")
+            raise RepositoryError("an index file names 2^32 chunks or more")
         arr = np.empty(n, ROW)
         pos = 0
         while group:
@@ -490,18 +490,15 @@ class Index:
         self._staged_rows += len(entries)
         if self._spill is None and self._staged_rows + len(self) > self.paged_rows:
             self._start_spill()
-        if self._spill is not None and self._staged_rows >= self._batch():
-            self._spill.add(self._staged, self._batch())
+        if self._spill is not None and self._staged_rows >= SPILL_ROWS:
+            self._spill.add(self._staged, SPILL_ROWS)
             self._staged_rows = 0
-
-    def _batch(self) -> int:
-        return SPILL_ROWS
 
     def _start_spill(self) -> None:
         """Page this load: what the index held before goes first (its rows win ties, as in
         the in-memory build), then everything staged."""
         spill = _Spill()
-        spill.add(self._existing_pieces(), self._batch())
+        spill.add(self._existing_pieces(), SPILL_ROWS)
         self._spill = spill
 
     def _existing_pieces(self) -> Iterator[dict[str, np.ndarray]]:
@@ -524,7 +521,7 @@ class Index:
             self._start_spill()
         spill, self._spill = self._spill, None
         if spill is not None:
-            spill.add(self._staged, self._batch())
+            spill.add(self._staged, SPILL_ROWS)
             self._staged_rows = 0
             base = spill.build(self._doomed_no, RUN_ROWS)
             self._state = (base, _Table(), {}, set(), frozenset())
