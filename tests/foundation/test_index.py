@@ -231,3 +231,45 @@ def test_paged_rows_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
         monkeypatch.setenv("VMBAK_INDEX_PAGED_ROWS", bad)
         with pytest.raises(RepositoryError, match="VMBAK_INDEX_PAGED_ROWS"):
             Index()
+
+
+def test_paged_lookups_from_several_threads_while_one_adds(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+    """Pipeline threads look chunks up while the writer adds packs and merges them."""
+    import threading
+
+    monkeypatch.setattr(index_mod, "COMPACT_MIN", 50)
+    monkeypatch.setenv("VMBAK_CACHE_DIR", str(tmp_path))
+    rng = random.Random(8)
+    loaded = [rng.randbytes(32) for _ in range(20_000)]
+    e = _entries(loaded, rng)
+    idx = Index(0)
+    idx.stage([_pid(1)], e)
+    idx.commit()
+    assert idx.paged
+    want = {cid: int(o) for cid, o in zip(loaded, e["off"].tolist(), strict=True)}
+    added = [[rng.randbytes(32) for _ in range(20)] for _ in range(300)]
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def reader(seed: int) -> None:
+        r = random.Random(seed)
+        while not stop.is_set():
+            cid = r.choice(loaded)
+            loc = idx.get(cid)
+            if loc is None or loc.offset != want[cid] or not idx.usable(cid):
+                errors.append(cid.hex())
+                return
+
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for p, ids in enumerate(added, 2):
+            idx.add_pack(_pid(p), _entries(ids, rng))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors
+    assert len(idx) == 20_000 + 300 * 20
+    assert all(idx.get(cid).pack == _pid(p) for p, ids in enumerate(added, 2) for cid in ids)
