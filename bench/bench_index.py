@@ -6,14 +6,22 @@ A synthetic repository (unencrypted, so that only the index is measured) gets in
 naming N random chunk ids in packs of 64 chunks (a 32 MiB pack of ~0.5 MiB stored chunks);
 the packs themselves are not written: loading the index does not open them. Then, for each
 implementation given (this tree's src/ and a peer's, e.g. /work/main/src before the compact
-index), in child processes, RUNS times, alternating:
+index) and each index mode given (``--mode memory``: the table in memory, whatever its size;
+``--mode paged``: the table in a temporary file, $VMBAK_INDEX_PAGED_ROWS=0; ``--mode default``:
+the default threshold), in child processes, RUNS times, alternating:
 
 * load: a fresh process opens the repository and loads the index; reported: wall time of
   the load, the RSS the index added (after minus before) / N = bytes per chunk, and peak RSS;
+  then the mean time of a lookup (``usable``) of 20 000 ids the index holds and of 20 000 it
+  does not;
 * backup: `vmbak backup` of a 64 MiB random disk into that repository (a full: its chunks are
-  new), with its wall time and peak RSS (GNU time's %M).
+  new), with its wall time, CPU time (user + system) and peak RSS (GNU time's %U, %S, %M).
+
+The load's CPU time is given too (time.process_time, all threads): on a shared machine it
+varies much less than the wall time.
 
     .venv/bin/python bench/bench_index.py --chunks 10000000 --impl src --impl /work/main/src [--runs 3]
+    .venv/bin/python bench/bench_index.py --chunks 10000000 --mode memory --mode paged [--runs 3]
 
 Prints one JSON object per measurement and a summary (medians) at the end.
 """
@@ -47,12 +55,28 @@ from vmbak.repo.repository import Repository
 r = Repository.open(sys.argv[1], None)
 before = rss()
 t = time.perf_counter()
+c = time.process_time()
 n = len(r.index)
 dt = time.perf_counter() - t
+cpu = time.process_time() - c
 after = rss()
-print(json.dumps({"chunks": n, "load_s": dt, "index_bytes": after - before,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+idx = r.index
+_, entries = r.read_index_file_flat(sorted(n for n, _ in r.backend.list("index"))[0])
+present = entries["id"][:20000].tolist()
+del entries
+missing = [os.urandom(32) for _ in range(20000)]
+look = {}
+for what, ids in (("present", present), ("missing", missing)):
+    t = time.perf_counter()
+    found = sum(map(idx.usable, ids))
+    look[what] = (time.perf_counter() - t) / len(ids)
+    assert found == (len(ids) if what == "present" else 0), (what, found)
+print(json.dumps({"chunks": n, "load_s": dt, "load_cpu_s": cpu, "index_bytes": after - before, "peak_rss": peak,
+                  "paged": getattr(idx, "paged", False), "lookup_present_us": look["present"] * 1e6,
+                  "lookup_missing_us": look["missing"] * 1e6}))
 """
+MODES = {"memory": str(10**15), "paged": "0", "default": None}
 
 
 def build(repo: Path, n: int, seed: int) -> None:
@@ -82,33 +106,40 @@ def build(repo: Path, n: int, seed: int) -> None:
         done += k
 
 
-def run_child(impl: str, args: list[str], code: str | None = None) -> tuple[float, int, str]:
+def run_child(impl: str, args: list[str], code: str | None = None,
+              mode: str = "default") -> tuple[float, int, str, float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VMBAK_")}
+    if MODES[mode] is not None:
+        env["VMBAK_INDEX_PAGED_ROWS"] = MODES[mode]
     env["PYTHONPATH"] = str((ROOT / impl).resolve()) if not os.path.isabs(impl) else impl
     cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "vmbak.cli.main", *args]
     # GNU time reports the child's own peak RSS (a child forked from this process would
     # inherit this process's high-water mark, e.g. after it built the repository)
     rss_file = Path(tempfile.mkstemp(prefix="vmbak-bench-rss-")[1])
     t = time.perf_counter()
-    p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *cmd], env=env, capture_output=True,
-                       text=True)
+    p = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", str(rss_file), *cmd], env=env,
+                       capture_output=True, text=True)
     wall = time.perf_counter() - t
-    peak = int(rss_file.read_text().split()[-1]) * 1024
+    kib, user, system = rss_file.read_text().split()[-3:]
+    peak = int(kib) * 1024
+    cpu = float(user) + float(system)
     rss_file.unlink()
     if p.returncode != 0:
         raise SystemExit(f"{cmd} failed:\n{p.stdout}\n{p.stderr}")
-    return wall, peak, p.stdout
+    return wall, peak, p.stdout, cpu
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--chunks", type=int, default=10_000_000)
     ap.add_argument("--impl", action="append", help="a src/ directory to measure (repeatable)")
+    ap.add_argument("--mode", action="append", choices=sorted(MODES),
+                    help="index mode (repeatable; default: default): memory, paged or the default threshold")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--workdir", default=str(ROOT / "bench" / "work" / "index"))
     ap.add_argument("--no-backup", action="store_true", help="measure the index load only")
     a = ap.parse_args()
-    impls = a.impl or ["src"]
+    impls = [(i, m) for i in (a.impl or ["src"]) for m in (a.mode or ["default"])]
     work = Path(a.workdir)
     repo = work / f"repo-{a.chunks}"
     if not (repo / ".built").exists():
@@ -121,30 +152,36 @@ def main() -> None:
     disk = work / "disk-64m.raw"
     if not disk.exists():
         disk.write_bytes(np.random.default_rng(2).integers(0, 255, 64 << 20, dtype=np.uint8).tobytes())
-    res: dict[str, dict[str, list[float]]] = {i: {} for i in impls}
+    res: dict[str, dict[str, list[float]]] = {f"{i}:{m}": {} for i, m in impls}
     with open("/proc/loadavg") as f:
         print(json.dumps({"loadavg": f.read().split()[:3]}))
     for run in range(a.runs):
         order = impls if run % 2 == 0 else impls[::-1]
-        for impl in order:
-            _, peak, out = run_child(impl, [str(repo)], LOAD_CHILD)
+        for impl, mode in order:
+            name = f"{impl}:{mode}"
+            _, peak, out, _ = run_child(impl, [str(repo)], LOAD_CHILD, mode)
             m = json.loads(out)
-            rec = {"impl": impl, "what": "load", "run": run, "load_s": round(m["load_s"], 2),
-                   "bytes_per_chunk": round(m["index_bytes"] / a.chunks, 1), "peak_rss_mib": peak >> 20}
+            rec = {"impl": name, "what": "load", "run": run, "paged": m.get("paged"), "load_s": round(m["load_s"], 2),
+                   "load_cpu_s": round(m.get("load_cpu_s", 0), 2),
+                   "bytes_per_chunk": round(m["index_bytes"] / a.chunks, 1), "peak_rss_mib": peak >> 20,
+                   "lookup_present_us": round(m.get("lookup_present_us", 0), 2),
+                   "lookup_missing_us": round(m.get("lookup_missing_us", 0), 2)}
             print(json.dumps(rec), flush=True)
-            for k in ("load_s", "bytes_per_chunk", "peak_rss_mib"):
-                res[impl].setdefault("load_" + k, []).append(rec[k])
+            for k in ("load_s", "load_cpu_s", "bytes_per_chunk", "peak_rss_mib", "lookup_present_us", "lookup_missing_us"):
+                res[name].setdefault("load_" + k, []).append(rec[k])
             if a.no_backup:
                 continue
             tmp = work / "bk-repo"
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(repo, tmp, symlinks=True)
-            wall, peak, _ = run_child(impl, ["-r", str(tmp), "backup", str(disk), "--name", f"b{run}",
-                                             "--mode", "full", "-q"])
-            rec = {"impl": impl, "what": "backup", "run": run, "wall_s": round(wall, 2), "peak_rss_mib": peak >> 20}
+            wall, peak, _, cpu = run_child(impl, ["-r", str(tmp), "backup", str(disk), "--name", f"b{run}",
+                                             "--mode", "full", "-q"], None, mode)
+            rec = {"impl": name, "what": "backup", "run": run, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+                   "peak_rss_mib": peak >> 20}
             print(json.dumps(rec), flush=True)
-            res[impl].setdefault("backup_wall_s", []).append(rec["wall_s"])
-            res[impl].setdefault("backup_peak_rss_mib", []).append(rec["peak_rss_mib"])
+            res[name].setdefault("backup_cpu_s", []).append(rec["cpu_s"])
+            res[name].setdefault("backup_wall_s", []).append(rec["wall_s"])
+            res[name].setdefault("backup_peak_rss_mib", []).append(rec["peak_rss_mib"])
             shutil.rmtree(tmp, ignore_errors=True)
     summary = {i: {k: statistics.median(v) for k, v in d.items()} for i, d in res.items()}
     print(json.dumps({"summary": summary, "chunks": a.chunks, "runs": a.runs,

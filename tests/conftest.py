@@ -343,9 +343,11 @@ class VmbakRepo:
     path: Path
     encryption: str
     password: str | None
+    # more environment for every command run on it (e.g. VMBAK_INDEX_PAGED_ROWS)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     def env(self, **extra: str | None) -> dict[str, str | None]:
-        e: dict[str, str | None] = {"VMBAK_REPOSITORY": os.fspath(self.path)}
+        e: dict[str, str | None] = {"VMBAK_REPOSITORY": os.fspath(self.path), **self.extra_env}
         if self.password is not None:
             e["VMBAK_PASSWORD"] = self.password
         e.update(extra)

@@ -29,6 +29,8 @@ ENVIRONMENT = [
     ("VMBAK_CACHE_DIR", "where index files and manifests of S3 repositories are cached (default ~/.cache/vmbak; "
      "off: no cache)"),
     ("VMBAK_TOOL_TIMEOUT", "seconds that every external tool (qemu-img, a password command) may run"),
+    ("VMBAK_INDEX_PAGED_ROWS", "above this many loaded index rows (default 4000000), the chunk index is kept in "
+     "a temporary file under $VMBAK_CACHE_DIR/tmp (else $TMPDIR) instead of in memory"),
 ]
 
 PRECEDENCE = ("The password is taken from the first of: --password-file or --password-command (not both); "

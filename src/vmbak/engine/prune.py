@@ -15,12 +15,12 @@ processes that may have loaded the index without seeing the mark.
 **Sweep** (a later run, or the same run with ``--grace 0``). A mark is swept once it is
 older than the grace period and none of its recorded locks remains. The references are
 computed again (snapshots written since count). A doomed pack that holds the only copy
-of a chunk some snapshot now references is spared. Then: one index file naming every
-surviving pack is written (superseding every index file read), the superseded index
-files are deleted, the doomed packs are deleted, and last the mark.
+of a chunk some snapshot now references is spared. Then: index files naming every
+surviving pack are written (each superseding every index file read; at most
+CONSOLIDATED_ENTRIES entries each), the superseded index files are deleted, the doomed packs are deleted, and last the mark.
 
 A kill at any moment leaves a valid repository: before the new index exists nothing is
-removed; after it, every deleted index file's surviving content is in it; a doomed
+removed; after them, every deleted index file's surviving content is in them; a doomed
 pack is deleted only after no index file names it, and loaders never bring back an
 unindexed pack that a mark dooms. Rerunning prune finishes the work.
 """
@@ -38,7 +38,6 @@ import numpy as np
 
 from vmbak.errors import IntegrityError, RepositoryError, VmbakError
 from vmbak.repo.backend import ObjectMissing
-from vmbak.repo.index import INDEX_AAD, encode_index, index_id
 from vmbak.repo.marks import Mark, delete_mark, load_marks, parse_time, write_mark, write_ready
 from vmbak.repo.pack import PackWriter, list_packs, pack_name, read_header
 from vmbak.repo.repository import PRUNE_VERSION, Repository, _lock_stale
@@ -292,14 +291,12 @@ def _sweep(repo: Repository, marks: list[Mark], rep: PruneReport, log: Callable[
     keep = [(p.pack_id, p.entries) for p in sorted(sv.packs.values(), key=lambda p: p.pack_id)
             if p.present and p.entries is not None and p.pack_id not in delete]
     superseded = [f.rsplit("/", 1)[-1] for f in sv.index_files]
-    # 1. one index naming every surviving pack, superseding every index file read
-    plain = encode_index(keep, superseded)
-    blob = repo.sealer.seal(plain, INDEX_AAD)
-    new_name = f"index/{index_id(blob)}"
-    repo.backend.write(new_name, blob)
+    # 1. index files naming every surviving pack (CONSOLIDATED_ENTRIES entries each at
+    # most), superseding every index file read
+    new_names = set(repo.write_consolidated_index(keep, superseded))
     # 2. the superseded index files; 3. the doomed packs; 4. the marks
     for f in sv.index_files:
-        if f != new_name:
+        if f not in new_names:
             repo.backend.delete(f)
     freed = 0
     for pid in delete:

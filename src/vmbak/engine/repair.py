@@ -2,9 +2,9 @@
 manifests that reference lost chunks.
 
 Packs describe themselves (docs/repository-format.md, "Packs"), so the index can always
-be rebuilt from them. ``repair_index`` writes one index file naming every pack whose
-header reads, with ``supersedes`` = every index file it listed (damaged or not), and
-then deletes those files: the same order as a prune sweep (new index first, old ones
+be rebuilt from them. ``repair_index`` writes index files (at most CONSOLIDATED_ENTRIES
+entries each) naming every pack whose header reads, each with ``supersedes`` = every
+index file it listed (damaged or not), and then deletes those files: the same order as a prune sweep (new index first, old ones
 after), so a kill at any moment leaves a valid repository. It holds a lock that
 excludes prune (whose sweep also rewrites the index) but not backups or restores: an
 index file written by a backup after the listing is not touched, and a pack a backup
@@ -24,7 +24,6 @@ import numpy as np
 from vmbak.engine.common import BHT_DTYPE, hash_blocks, load_bht, range_text, runs, store_bht
 from vmbak.errors import IntegrityError, RepositoryError
 from vmbak.repo.backend import ObjectMissing
-from vmbak.repo.index import INDEX_AAD, encode_index, index_id
 from vmbak.repo.manifest import Manifest, is_full
 from vmbak.repo.pack import PackWriter, list_packs, pack_name, read_header
 from vmbak.repo.repository import Repository
@@ -35,7 +34,8 @@ class RepairReport:
     index_files_read: int = 0
     damaged_index_files: dict[str, str] = field(default_factory=dict)
     removed_index_files: list[str] = field(default_factory=list)
-    new_index: str | None = None
+    new_index: str | None = None  # the first of new_index_files
+    new_index_files: list[str] = field(default_factory=list)
     packs: int = 0
     chunks: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -43,6 +43,7 @@ class RepairReport:
     def to_json(self) -> dict:
         return {"index_files_read": self.index_files_read, "damaged_index_files": self.damaged_index_files,
                 "removed_index_files": self.removed_index_files, "new_index": self.new_index,
+                "new_index_files": self.new_index_files,
                 "packs": self.packs, "chunks": self.chunks, "warnings": self.warnings}
 
 
@@ -87,18 +88,14 @@ def repair_index(repo: Repository, log: Callable[[str], None] | None = None, dry
             rep.warnings.append(f"pack {pid[:16]} is named by the index but missing; it is left out")
         rep.packs = len(keep)
         rep.chunks = int(sum(len(e) for _, e in keep))
-        new_name = None
         if dry_run:
             rep.removed_index_files = list(files)
             return rep
-        if keep:
-            plain = encode_index(keep, [f.rsplit("/", 1)[-1] for f in files])
-            blob = repo.sealer.seal(plain, INDEX_AAD)
-            new_name = f"index/{index_id(blob)}"
-            repo.backend.write(new_name, blob)  # first the new index ...
-            rep.new_index = new_name
-        for f in files:  # ... then the ones it supersedes
-            if f != new_name:
+        if keep:  # first the new index files ...
+            rep.new_index_files = repo.write_consolidated_index(keep, [f.rsplit("/", 1)[-1] for f in files])
+            rep.new_index = rep.new_index_files[0]
+        for f in files:  # ... then the ones they supersede
+            if f not in rep.new_index_files:
                 repo.backend.delete(f)
                 rep.removed_index_files.append(f)
         repo._index = None  # noqa: SLF001 - the index changed under us

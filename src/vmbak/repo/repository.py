@@ -79,6 +79,9 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_PACK_SIZE = 32 << 20
 DEFAULT_ZSTD_LEVEL = 1
 
+# Prune and repair write the whole index anew in files of at most this many entries
+# (10.4 MB of plaintext each), never in one file a reader would have to hold whole.
+CONSOLIDATED_ENTRIES = 200_000
 # At most one of these runs at a time: prune (its sweep rewrites the index) and repair
 # (which rewrites it too); they run beside backups and restores.
 SOLO_PURPOSES = ("prune", "repair")
@@ -435,6 +438,26 @@ class Repository:
             raise IntegrityError(f"{what}: content does not match its name (renamed or tampered)")
         _, packs = decode_index(payload, what)
         return packs
+
+    def write_consolidated_index(self, packs: list[tuple[str, np.ndarray]], supersedes: list[str]) -> list[str]:
+        """Write index files naming ``packs`` (whole packs, at most CONSOLIDATED_ENTRIES
+        entries a file unless one pack has more), each superseding ``supersedes``; return
+        their names. Several bounded files, not one, so that a reader holds one file of
+        bounded size at a time (docs/index-memory.md)."""
+        names: list[str] = []
+        group: list[tuple[str, np.ndarray]] = []
+        rows = 0
+        for pack in [*packs, None]:
+            if group and (pack is None or rows + len(pack[1]) > CONSOLIDATED_ENTRIES):
+                blob = self.sealer.seal(encode_index(group, supersedes), INDEX_AAD)
+                name = f"index/{index_id(blob)}"
+                self.backend.write(name, blob)
+                names.append(name)
+                group, rows = [], 0
+            if pack is not None:
+                group.append(pack)
+                rows += len(pack[1])
+        return names
 
     def write_index(self, packs: list[tuple[str, np.ndarray]]) -> str:
         plain = encode_index(packs)
