@@ -35,7 +35,6 @@ import os
 import posixpath
 import shutil
 import stat
-import tarfile
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -195,6 +194,8 @@ def _tar_tpm(d: str) -> tuple[bytes, list[dict]]:
     """A tar of swtpm's state directory (regular files and directories; swtpm's ``.lock``
     and sockets left out), in name order, with neutral owners and times, so that an
     unchanged state gives the same bytes."""
+    import tarfile  # only a domain with a TPM needs it
+
     members: list[dict] = []
     buf = io.BytesIO()
     total = 0
@@ -284,6 +285,8 @@ def place_tpm(tar_path: str, dest: str, record: dict) -> None:
     """Unpack a TPM state tar (made by ``capture``) into the new directory ``dest``:
     regular files and directories only, every name inside ``dest``, and every file's
     sha256 as recorded. ``dest`` must not exist; on failure it is removed again."""
+    import tarfile
+
     want = {m.get("name"): m.get("sha256") for m in record.get("members") or [] if isinstance(m, dict)}
     try:
         os.makedirs(os.path.dirname(dest), mode=0o711, exist_ok=True)
