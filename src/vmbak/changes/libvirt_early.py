@@ -86,7 +86,7 @@ def start(argv: list[str]) -> None:
 
     # Waited for with an Event, not Thread.join: a join that a signal interrupts may mark the
     # thread as ended (bpo-45274), and the next join would not wait for the thaw.
-    box: dict = {"logs": [], "done": threading.Event()}
+    box: dict = {"logs": [], "done": threading.Event(), "ready": threading.Event()}
     t = threading.Thread(target=_run, args=(o["domain"], o["uri"], o["freeze"], o["mode"], box), name="vmbak-libvirt-early",
                          daemon=True)
     _state.update(thread=t, box=box, domain=o["domain"], uri=o["uri"], token=register_cleanup(discard))
@@ -97,7 +97,17 @@ def _run(domain: str, uri: str, freeze: str, mode: str, box: dict) -> None:
     try:
         _begin(domain, uri, freeze, mode, box)
     finally:
+        box["ready"].set()
         box["done"].set()
+
+
+def let_run_first(timeout: float = 1.0) -> None:
+    """Wait (at most ``timeout`` seconds) until the job's thread has loaded its modules and
+    waits on libvirt and the guest: the command's own imports (numpy, the engine) would
+    otherwise share the interpreter with it, and its path (imports, freeze, checkpoint,
+    thaw) is the longer one. Returns at once when no job was begun."""
+    if _state and not _state.get("taken"):
+        _state["box"]["ready"].wait(timeout)
 
 
 def _begin(domain: str, uri: str, freeze: str, mode: str, box: dict) -> None:
@@ -108,6 +118,8 @@ def _begin(domain: str, uri: str, freeze: str, mode: str, box: dict) -> None:
         from vmbak.guest.agent import LibvirtAgent
         from vmbak.guest.quiesce import Quiescer, _state_path
 
+        lvc._libvirt()  # the bindings; from here on the thread mostly waits on libvirt and the guest
+        box["ready"].set()
         if os.path.exists(_state_path(LibvirtAgent.key_for(uri, domain))):
             return  # a killed vmbak left the guest frozen: the usual way thaws it first
         conn = lvc.connect(uri)

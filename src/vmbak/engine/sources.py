@@ -772,16 +772,17 @@ def run_libvirt_backup(repo: Repository, job: LibvirtJob, opts: BackupOptions,
     log = log or (lambda s: None)
     out: list[Manifest] = []
     try:
-        for src in job.sources:
-            o = dataclasses.replace(opts, name=src.name, change_map=src.change_map, change_id=src.change_id,
-                                    notes=[*opts.notes, *src.notes], extra={**opts.extra, **src.extra},
-                                    source=src.description, **src.options)
-            m = backup(repo, src.reader, o)
-            out.append(m)
-            if on_disk is not None:
-                on_disk(m)
-            if src is job.last_disk:  # the state files are copies: the job can end meanwhile
-                job._lv.end_reads()  # type: ignore[attr-defined]
+        with repo.lock(purpose="backup"):  # one lock for every snapshot of the job (each backup's is this one)
+            for src in job.sources:
+                o = dataclasses.replace(opts, name=src.name, change_map=src.change_map, change_id=src.change_id,
+                                        notes=[*opts.notes, *src.notes], extra={**opts.extra, **src.extra},
+                                        source=src.description, **src.options)
+                m = backup(repo, src.reader, o)
+                out.append(m)
+                if on_disk is not None:
+                    on_disk(m)
+                if src is job.last_disk:  # the state files are copies: the job can end meanwhile
+                    job._lv.end_reads()  # type: ignore[attr-defined]
     except BaseException:
         try:
             job.abort()
