@@ -216,6 +216,35 @@ def test_exit_11_locked(repo, make_disk, assert_cli_error):
         repo.run("backup", disk.path, "--name", "l")
 
 
+def test_a_shared_lock_taken_again_by_its_thread_is_the_same_lock(repo, make_disk, assert_cli_error):
+    """Nested shared locks of one thread (a libvirt job's snapshots inside one lock) write one
+    lock file; another thread's shared lock is its own; the outer lock still blocks forget
+    after an inner one ends."""
+    import threading
+
+    disk = make_disk("n.raw", MiB, seed=1309)
+    repo.backup(disk, "n")
+    lib = repo.open()
+    locks = repo.path / "locks"
+    with lib.lock(purpose="backup"):
+        assert len(list(locks.iterdir())) == 1
+        with lib.lock(purpose="backup"):
+            assert len(list(locks.iterdir())) == 1
+        seen = []
+
+        def other() -> None:
+            with lib.lock(purpose="backup"):
+                seen.append(len(list(locks.iterdir())))
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert seen == [2]
+        p = repo.run("forget", "n:latest", "--json", check=False)
+        assert_error(p, 11, "locked", f"pid {os.getpid()}", assert_cli_error=assert_cli_error)
+    assert list(locks.iterdir()) == []
+
+
 def test_exit_12_wrong_or_missing_password(encrypted_repo, assert_cli_error):
     p = encrypted_repo.run("snapshots", "--json", env={"VMBAK_PASSWORD": "not the password"}, check=False)
     assert_error(p, 12, "wrong_password", "wrong password", assert_cli_error=assert_cli_error)

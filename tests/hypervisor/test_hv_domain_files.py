@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vmbak.domain.state import capture, place_tpm, state_items
+from vmbak.domain.state import SETTLED_NS, StateItem, capture, place_tpm, state_items
 from vmbak.domain.xml import check_disks, rewrite_for_restore
 from vmbak.errors import DiskError, RepositoryError
 
@@ -64,6 +64,51 @@ def test_state_items_and_capture(tmp_path: Path) -> None:
     assert notes == []
     assert items["nvram"].sha256 == hashlib.sha256(b"\x01" * 8192).hexdigest()
     assert Path(items["kernel"].copy).read_bytes() == b"kernel"
+
+
+def test_a_file_whose_stat_equals_the_record_is_not_read(tmp_path: Path) -> None:
+    import os
+    import time
+
+    k = tmp_path / "vmlinuz"
+    k.write_bytes(b"kernel one")
+    work = tmp_path / "work"
+    work.mkdir()
+
+    def item() -> StateItem:
+        return StateItem("kernel", str(k), stored=True)
+
+    # just written: read, and its stat not kept (a write in the same timestamp tick could follow)
+    first = item()
+    capture([first], str(work))
+    assert first.stat is None and first.copy and not first.unchanged
+    time.sleep(SETTLED_NS / 1e9 + 0.1)
+    second = item()
+    capture([second], str(work), {"kernel": first.record()})  # a record without a stat: read
+    st = k.stat()
+    assert second.stat == {"dev": st.st_dev, "ino": st.st_ino, "size": 10, "mtime_ns": st.st_mtime_ns,
+                           "ctime_ns": st.st_ctime_ns} and second.copy and not second.unchanged
+    rec = second.record()
+    assert rec["stat"] == second.stat
+    # the same stat: not read (no copy), the record's size, sha256 and stat carried over
+    os.unlink(second.copy)
+    third = item()
+    capture([third], str(work), {"kernel": rec})
+    assert third.unchanged and not third.copy and third.record() == rec
+    assert not any(work.iterdir())
+    # another path, or a record that is not stored: read
+    other = StateItem("kernel", str(tmp_path / "vmlinuz2"), stored=True)
+    (tmp_path / "vmlinuz2").write_bytes(b"kernel one")
+    capture([other], str(work), {"kernel": rec})
+    assert not other.unchanged and other.copy
+    # new content, same size, the modification time put back: the change time differs
+    k.write_bytes(b"kernel two")
+    os.utime(k, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (k.stat().st_size, k.stat().st_mtime_ns, k.stat().st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+    fourth = item()
+    capture([fourth], str(work), {"kernel": rec})
+    assert not fourth.unchanged and fourth.sha256 == hashlib.sha256(b"kernel two").hexdigest()
+    assert Path(fourth.copy).read_bytes() == b"kernel two" and fourth.stat is None  # just changed
 
 
 def test_unreadable_disks_are_named_with_the_reason() -> None:

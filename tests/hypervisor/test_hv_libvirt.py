@@ -271,13 +271,14 @@ def test_early_job_only_for_a_plain_command_line(tmp_path) -> None:  # noqa: ANN
     from vmbak.changes.libvirt_early import parse
 
     repo = str(tmp_path)
-    plain = {"domain": "db", "uri": "qemu:///system", "freeze": "auto"}
+    plain = {"domain": "db", "uri": "qemu:///system", "freeze": "auto", "mode": "auto"}
     assert parse(["-r", repo, "backup", "--libvirt", "db"]) == plain
     assert parse(["backup", "--libvirt=db", "--json", "-q", "--tag", "a,b", "--name", "x", "--workers", "3"]) == plain
     assert parse(["backup", "--libvirt", "db", "--libvirt-uri", "qemu:///session", "--freeze", "never",
-                  "--mode", "incremental"]) == {"domain": "db", "uri": "qemu:///session", "freeze": "never"}
+                  "--mode", "incremental"]) == {"domain": "db", "uri": "qemu:///session", "freeze": "never",
+                                                "mode": "incremental"}
     for mode in ("full", "differential"):  # the repository decides the reference afterwards
-        assert parse(["backup", "--libvirt", "db", "--mode", mode]) == plain
+        assert parse(["backup", "--libvirt", "db", "--mode", mode]) == plain | {"mode": mode}
     for argv in (["backup", "--libvirt", "db", "--freeze", "always"],
                  ["backup", "--libvirt", "db", "--mode", "mirror"],
                  ["backup", "--libvirt", "db", "--hook-pre", "/bin/true"],

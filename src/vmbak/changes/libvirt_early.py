@@ -10,7 +10,9 @@ one ``vmbak-*`` checkpoint as the reference (none: a full view), the guest froze
 the checkpoint exactly as ``Quiescer.frozen`` does it, and no change maps yet (they need
 numpy; the caller reads the dirty bitmaps once it knows the reference is right). The
 domain's state files (``vmbak.domain.state``) are then copied, as the usual way does right
-after the checkpoint (``LibvirtBackup.state``).
+after the checkpoint (``LibvirtBackup.state``), for ``--mode full`` or ``differential``;
+otherwise the caller captures them once the repository is open, as the usual way does,
+because a file whose stat equals the previous backup's record is not read at all.
 
 ``take(domain, uri)`` hands the job over (or None: not started, or it failed, and the
 caller begins one itself, which reports any error). The caller then checks the reference
@@ -71,7 +73,8 @@ def parse(argv: list[str]) -> dict | None:
     if opts.get("--mode", "auto") not in ("auto", "full", "incremental", "differential") \
             or opts.get("--freeze", "auto") not in ("auto", "never"):
         return None
-    return {"domain": domain, "uri": opts.get("--libvirt-uri", "qemu:///system"), "freeze": opts.get("--freeze", "auto")}
+    return {"domain": domain, "uri": opts.get("--libvirt-uri", "qemu:///system"), "freeze": opts.get("--freeze", "auto"),
+            "mode": opts.get("--mode", "auto")}
 
 
 def start(argv: list[str]) -> None:
@@ -83,21 +86,31 @@ def start(argv: list[str]) -> None:
 
     # Waited for with an Event, not Thread.join: a join that a signal interrupts may mark the
     # thread as ended (bpo-45274), and the next join would not wait for the thaw.
-    box: dict = {"logs": [], "done": threading.Event()}
-    t = threading.Thread(target=_run, args=(o["domain"], o["uri"], o["freeze"], box), name="vmbak-libvirt-early",
+    box: dict = {"logs": [], "done": threading.Event(), "ready": threading.Event()}
+    t = threading.Thread(target=_run, args=(o["domain"], o["uri"], o["freeze"], o["mode"], box), name="vmbak-libvirt-early",
                          daemon=True)
     _state.update(thread=t, box=box, domain=o["domain"], uri=o["uri"], token=register_cleanup(discard))
     t.start()
 
 
-def _run(domain: str, uri: str, freeze: str, box: dict) -> None:
+def _run(domain: str, uri: str, freeze: str, mode: str, box: dict) -> None:
     try:
-        _begin(domain, uri, freeze, box)
+        _begin(domain, uri, freeze, mode, box)
     finally:
+        box["ready"].set()
         box["done"].set()
 
 
-def _begin(domain: str, uri: str, freeze: str, box: dict) -> None:
+def let_run_first(timeout: float = 1.0) -> None:
+    """Wait (at most ``timeout`` seconds) until the job's thread has loaded its modules and
+    waits on libvirt and the guest: the command's own imports (numpy, the engine) would
+    otherwise share the interpreter with it, and its path (imports, freeze, checkpoint,
+    thaw) is the longer one. Returns at once when no job was begun."""
+    if _state and not _state.get("taken"):
+        _state["box"]["ready"].wait(timeout)
+
+
+def _begin(domain: str, uri: str, freeze: str, mode: str, box: dict) -> None:
     try:
         import xml.etree.ElementTree as ET
 
@@ -105,6 +118,8 @@ def _begin(domain: str, uri: str, freeze: str, box: dict) -> None:
         from vmbak.guest.agent import LibvirtAgent
         from vmbak.guest.quiesce import Quiescer, _state_path
 
+        lvc._libvirt()  # the bindings; from here on the thread mostly waits on libvirt and the guest
+        box["ready"].set()
         if os.path.exists(_state_path(LibvirtAgent.key_for(uri, domain))):
             return  # a killed vmbak left the guest frozen: the usual way thaws it first
         conn = lvc.connect(uri)
@@ -138,7 +153,8 @@ def _begin(domain: str, uri: str, freeze: str, box: dict) -> None:
             q.close_agent()
             raise
         box["job"], box["quiescer"] = job, q
-        _capture_state(job, uri)
+        if mode in ("full", "differential"):  # else the caller compares the files with the last backup's
+            _capture_state(job, uri)
     except BaseException as e:  # noqa: BLE001 - the usual way begins again and reports it
         box["error"] = e
 

@@ -198,6 +198,7 @@ def _main(argv: list[str] | None) -> int:
             from vmbak.changes import libvirt_early
 
             libvirt_early.start(argv)
+            libvirt_early.let_run_first()  # its imports first, then ours while it waits on the guest
 
     from vmbak.cli.common import damage_warnings
     from vmbak.errors import VmbakError

@@ -10,11 +10,21 @@ back by a restore.
 | ``kernel``, ``initrd``, ``dtb`` | ``<os><kernel>``, ``<os><initrd>``, ``<os><dtb>`` (direct kernel boot) | stored |
 | ``loader`` | ``<os><loader>`` (firmware code) | read-only firmware below ``/usr/share`` (a package's, e.g. OVMF_CODE): path, size and sha256 recorded, not stored; any other loader: stored |
 
-``capture(items, workdir)`` copies each stored item into ``workdir`` (the file is read
-until two reads in a row agree, so a file the hypervisor rewrites meanwhile is not
-kept torn) and records its size and sha256; the backup then stores each copy as a
+``capture(items, workdir, previous)`` copies each stored item into ``workdir`` (the file
+is read until two reads in a row agree, so a file the hypervisor rewrites meanwhile is
+not kept torn) and records its size and sha256; the backup then stores each copy as a
 snapshot of its own (``PREFIX-ROLE``). ``place_tpm`` unpacks a TPM tar into a new state
 directory, checking every member.
+
+A file (any role but ``tpm``) whose ``os.stat`` (device, inode, size, modification and
+change time, in nanoseconds) equals the ``stat`` recorded with the previous backup
+(``previous``: role -> record) is not read again: it is ``unchanged``, its size and
+sha256 are the record's, and no copy is made. A stat is recorded only when it held
+still over the read that gave the content (the same before and after it) and the file's
+times were at least ``SETTLED_NS`` old: a write cannot leave both times as they were
+(the change time cannot be set from user space, so a write whose modification time is
+put back still changes it), and a file modified within the granularity of its
+timestamps is read again next time.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ import os
 import posixpath
 import shutil
 import stat
-import tarfile
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
@@ -37,6 +47,10 @@ PACKAGE_FIRMWARE_DIR = "/usr/share/"
 SYSTEM_URIS = ("qemu:///system", "qemu+unix:///system")
 READ_ATTEMPTS = 5
 TPM_MAX_BYTES = 64 << 20  # a TPM state directory larger than this is not a TPM state directory
+# A stat is trusted for the next backup only when the file's times are this much older than
+# the read: a later write then cannot carry the same times (timestamps of 1 or 2 s granularity).
+SETTLED_NS = 2_000_000_000
+STAT_KEYS = ("dev", "ino", "size", "mtime_ns", "ctime_ns")
 
 
 @dataclass
@@ -53,6 +67,8 @@ class StateItem:
     members: list[dict] = field(default_factory=list)  # tpm: {"name", "size", "sha256"} per file
     copy: str = ""  # the local copy the backup reads (stored items)
     notes: list[str] = field(default_factory=list)
+    stat: dict | None = None  # STAT_KEYS of the file whose content size/sha256 describe (see the module)
+    unchanged: bool = False  # the stat equals the previous backup's record: not read, no copy
 
     def record(self) -> dict:
         """What the manifest keeps about this item (``extra.libvirt.state``)."""
@@ -64,6 +80,8 @@ class StateItem:
             out["template"] = self.template
         if self.members:
             out["members"] = self.members
+        if self.stat is not None:
+            out["stat"] = dict(self.stat)
         return out
 
 
@@ -114,23 +132,58 @@ def state_items(xml: str, uri: str) -> list[StateItem]:
     return out
 
 
-def _stable_read(path: str, what: str) -> bytes:
-    """The file's content, read until two reads in a row agree."""
+def stat_key(st: os.stat_result) -> dict:
+    """The STAT_KEYS of a stat result."""
+    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns}
+
+
+def _stable_read_stat(path: str, what: str) -> tuple[bytes, dict | None]:
+    """The file's content, read until two reads in a row agree, and the stat that describes
+    it (None when the file changed during the read or its times are not SETTLED_NS old)."""
     last = None
     for _ in range(READ_ATTEMPTS):
         try:
             with open(path, "rb") as f:
-                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                before = os.fstat(f.fileno())
+                if not stat.S_ISREG(before.st_mode):
                     raise DiskError(f"{what} {path} is not a regular file")
                 data = f.read()
+                key: dict | None = stat_key(os.fstat(f.fileno()))
         except FileNotFoundError:
             raise DiskError(f"{what} {path} does not exist") from None
         except OSError as e:
             raise DiskError(f"cannot read {what} {path}: {e.strerror or e}") from None
+        if key != stat_key(before) or max(before.st_mtime_ns, before.st_ctime_ns) > time.time_ns() - SETTLED_NS:
+            key = None
         if last is not None and data == last:
-            return data
+            return data, key
         last = data
     raise DiskError(f"{what} {path} changed on every one of {READ_ATTEMPTS} reads; it cannot be backed up consistently")
+
+
+def _stable_read(path: str, what: str) -> bytes:
+    """The file's content, read until two reads in a row agree."""
+    return _stable_read_stat(path, what)[0]
+
+
+def _unchanged(it: StateItem, prev: object) -> bool:
+    """Whether the file of ``it`` is the one the previous backup recorded (``prev``): the
+    same path and role, a recorded stat, and the file's stat equal to it. Then ``it`` takes
+    the record's size, sha256 and stat."""
+    if not isinstance(prev, dict) or prev.get("path") != it.path or prev.get("stored") is not it.stored:
+        return False
+    rec, sha, size = prev.get("stat"), prev.get("sha256"), prev.get("size")
+    if not isinstance(rec, dict) or not isinstance(sha, str) or len(sha) != 64 or not isinstance(size, int):
+        return False
+    try:
+        st = os.stat(it.path)
+    except OSError:
+        return False  # the read reports it
+    if not stat.S_ISREG(st.st_mode) or stat_key(st) != {k: rec.get(k) for k in STAT_KEYS} or st.st_size != size:
+        return False
+    it.size, it.sha256, it.stat, it.unchanged, it.copy = size, sha, stat_key(st), True, ""
+    return True
 
 
 def _sha(data: bytes) -> str:
@@ -141,6 +194,8 @@ def _tar_tpm(d: str) -> tuple[bytes, list[dict]]:
     """A tar of swtpm's state directory (regular files and directories; swtpm's ``.lock``
     and sockets left out), in name order, with neutral owners and times, so that an
     unchanged state gives the same bytes."""
+    import tarfile  # only a domain with a TPM needs it
+
     members: list[dict] = []
     buf = io.BytesIO()
     total = 0
@@ -172,12 +227,17 @@ def _tar_tpm(d: str) -> tuple[bytes, list[dict]]:
     return buf.getvalue(), members
 
 
-def capture(items: list[StateItem], workdir: str) -> list[str]:
+def capture(items: list[StateItem], workdir: str, previous: dict[str, dict] | None = None) -> list[str]:
     """Read every item: stored ones are copied to ``workdir`` (``copy``); all get their
-    size and sha256. Returns notes. Raises DiskError for a stored file that cannot be
-    read (the backup of the domain would not be complete)."""
+    size and sha256. A file whose stat equals its record in ``previous`` (role -> the
+    previous backup's record) is not read (``unchanged``; see the module). Returns notes.
+    Raises DiskError for a stored file that cannot be read (the backup of the domain would
+    not be complete)."""
     notes: list[str] = []
     for it in items:
+        it.unchanged, it.stat = False, None
+        if it.role != "tpm" and previous and _unchanged(it, previous.get(it.role)):
+            continue
         what = {"nvram": "NVRAM file", "kernel": "kernel", "initrd": "initrd", "dtb": "device tree",
                 "loader": "firmware", "tpm": "TPM state"}[it.role]
         if it.role == "tpm":
@@ -192,10 +252,10 @@ def capture(items: list[StateItem], workdir: str) -> list[str]:
                 continue
             data, it.members = _tar_tpm(it.path)
         elif it.stored:
-            data = _stable_read(it.path, what)
+            data, it.stat = _stable_read_stat(it.path, what)
         else:
             try:
-                data = _stable_read(it.path, what)
+                data, it.stat = _stable_read_stat(it.path, what)
             except DiskError as e:
                 notes.append(f"libvirt: {e} (it is only recorded)")
                 continue
@@ -225,6 +285,8 @@ def place_tpm(tar_path: str, dest: str, record: dict) -> None:
     """Unpack a TPM state tar (made by ``capture``) into the new directory ``dest``:
     regular files and directories only, every name inside ``dest``, and every file's
     sha256 as recorded. ``dest`` must not exist; on failure it is removed again."""
+    import tarfile
+
     want = {m.get("name"): m.get("sha256") for m in record.get("members") or [] if isinstance(m, dict)}
     try:
         os.makedirs(os.path.dirname(dest), mode=0o711, exist_ok=True)

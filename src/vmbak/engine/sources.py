@@ -50,6 +50,9 @@ if TYPE_CHECKING:
 Log = Callable[[str], None]
 Quiesce = Callable[[], contextlib.AbstractContextManager]  # freeze/thaw around a point in time
 
+# The change source of a state file's snapshot when the file's stat equals the parent's
+# record (vmbak.domain.state): nothing is read, nothing changed.
+UNCHANGED_FILE = "file-unchanged"
 CHANGES_HELP = "auto, scan, full, overlay, track:SOCKET or qemu:QMP_SOCKET:NODE"
 LIBVIRT_KEY = "libvirt"  # manifest.extra key of a libvirt disk backup
 # File name extensions of restored images, by qemu format name.
@@ -465,6 +468,42 @@ def libvirt_groups(repo: Repository, name: str | None = None) -> list[list[Manif
     return out
 
 
+def _previous_state(repo: Repository, prefix: str, group: list[Manifest]) -> dict[str, dict]:
+    """The state records (role -> record) of the backup ``group`` whose files a new backup may
+    take as unchanged: those whose snapshot in the group is the newest of its name (the
+    parent the new snapshot of that role will have)."""
+    lv = _lv_info(group[0])
+    records = {r["role"]: r for r in (lv or {}).get("state") or [] if isinstance(r, dict) and isinstance(r.get("role"), str)}
+    out = {}
+    for m in group:
+        role = state_role(m)
+        if role in records and records[role].get("stored") is True:
+            latest = repo.latest(f"{prefix}-{role}")
+            if latest is not None and latest.id == m.id:
+                out[role] = records[role]
+    for role, rec in records.items():  # recorded, not stored (packaged firmware): no snapshot
+        if rec.get("stored") is False:
+            out[role] = rec
+    return out
+
+
+def _open_unchanged(it) -> object:  # noqa: ANN001 - a StateItem; a RawDisk or None
+    """The file of an unchanged state item, opened; None when it is no longer the file
+    recorded (replaced or written since its stat was compared)."""
+    from vmbak.disks.raw import RawDisk
+    from vmbak.domain.state import STAT_KEYS
+
+    try:
+        r = RawDisk(it.path)
+    except DiskError:
+        return None
+    state = r.source_state()
+    if state is None or state != tuple(it.stat[k] for k in STAT_KEYS):
+        r.close()
+        return None
+    return r
+
+
 def _start_paused(conn, dom, domain: str) -> None:  # noqa: ANN001
     """Start a shut-off domain paused, tied to ``conn`` (libvirt destroys it when the
     connection closes, so a vmbak that dies leaves it shut off again)."""
@@ -530,6 +569,8 @@ def open_libvirt(repo: Repository, domain: str, *, prefix: str, mode: str, chang
     ``quiesce`` is then not used (the disks are at rest). ``early`` is a job that
     ``vmbak.changes.libvirt_early`` began already (with ``quiesce`` done); it is used (or
     ended) here."""
+    import numpy as np
+
     from vmbak.changes.libvirt import begin_backup, change_map, connect, domain_disks, lookup
     from vmbak.disks.raw import RawDisk
     from vmbak.domain.state import capture, state_items
@@ -569,12 +610,15 @@ def open_libvirt(repo: Repository, domain: str, *, prefix: str, mode: str, chang
         current = {d.target: d.source for d in domain_disks(xml_now)}
         since = None
         previous: dict[str, dict] = {}
+        previous_state: dict[str, dict] = {}  # role -> the state record an unchanged file is checked against
         if mode != "full" and changes.kind == "auto":
             groups = [g for g in libvirt_groups(repo, prefix) if _lv_info(g[0]).get("domain") == domain]  # type: ignore[union-attr]
             if groups:
                 since = groups[-1][0].change_id
                 previous = {lv["target"]: {"source": lv.get("source"), "id": m.short_id}
                             for m in groups[-1] if (lv := _lv_info(m)) is not None and not lv.get("state_role")}
+                if mode in ("auto", "incremental"):
+                    previous_state = _previous_state(repo, prefix, groups[-1])
         full_disks = set()
         for tgt, src in sorted(current.items()):
             if since is None or not previous:
@@ -632,7 +676,7 @@ def open_libvirt(repo: Repository, domain: str, *, prefix: str, mode: str, chang
             cleanup.append(lambda: shutil.rmtree(work, ignore_errors=True))
             items = state_items(b.domain_xml, uri)
             try:
-                state_notes = capture(items, work)
+                state_notes = capture(items, work, previous_state)
             except DiskError as e:
                 raise DiskError(f"libvirt domain {domain!r}: {e}; no backup taken") from None
         for n in state_notes:
@@ -653,12 +697,25 @@ def open_libvirt(repo: Repository, domain: str, *, prefix: str, mode: str, chang
                                      extra={LIBVIRT_KEY: info}, name=f"{prefix}-{tgt}",
                                      options={"mode": "full"} if tgt in full_disks and tgt in previous else {}))
         for it in stored:
-            r = RawDisk(it.copy)
+            cm = None
+            if it.unchanged:
+                # not read: the file itself, not a copy, so that nothing is read from it; an
+                # empty change map since the parent's snapshot of it (the one recorded)
+                r = _open_unchanged(it)
+                if r is None:  # it changed after all (just now): read it now
+                    for n in capture([it], work):
+                        note(n)
+                else:
+                    cm = ChangeMap(np.zeros((it.size + block_size - 1) // block_size, bool), block_size, UNCHANGED_FILE,
+                                   reference=since, new_reference=b.change_id)
+            if cm is None:
+                r = RawDisk(it.copy)
             cleanup.append(r.close)
             info = {**base, "state_role": it.role, "path": it.path}
             srcs.append(BackupSource(reader=r, description=f"libvirt:{domain}:{it.role} ({it.path})",
-                                     change_id=b.change_id, notes=list(notes), extra={LIBVIRT_KEY: info},
-                                     name=f"{prefix}-{it.role}", options={"skip_unused": False}))
+                                     change_map=cm, change_id=b.change_id, notes=list(notes),
+                                     extra={LIBVIRT_KEY: info}, name=f"{prefix}-{it.role}",
+                                     options={"skip_unused": False}))
     except BaseException:
         undo()
         raise
@@ -715,16 +772,17 @@ def run_libvirt_backup(repo: Repository, job: LibvirtJob, opts: BackupOptions,
     log = log or (lambda s: None)
     out: list[Manifest] = []
     try:
-        for src in job.sources:
-            o = dataclasses.replace(opts, name=src.name, change_map=src.change_map, change_id=src.change_id,
-                                    notes=[*opts.notes, *src.notes], extra={**opts.extra, **src.extra},
-                                    source=src.description, **src.options)
-            m = backup(repo, src.reader, o)
-            out.append(m)
-            if on_disk is not None:
-                on_disk(m)
-            if src is job.last_disk:  # the state files are copies: the job can end meanwhile
-                job._lv.end_reads()  # type: ignore[attr-defined]
+        with repo.lock(purpose="backup"):  # one lock for every snapshot of the job (each backup's is this one)
+            for src in job.sources:
+                o = dataclasses.replace(opts, name=src.name, change_map=src.change_map, change_id=src.change_id,
+                                        notes=[*opts.notes, *src.notes], extra={**opts.extra, **src.extra},
+                                        source=src.description, **src.options)
+                m = backup(repo, src.reader, o)
+                out.append(m)
+                if on_disk is not None:
+                    on_disk(m)
+                if src is job.last_disk:  # the state files are copies: the job can end meanwhile
+                    job._lv.end_reads()  # type: ignore[attr-defined]
     except BaseException:
         try:
             job.abort()

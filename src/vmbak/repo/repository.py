@@ -159,6 +159,7 @@ class Repository:
         self.recovered_packs = 0
         self.key_name: str = ""  # the key file that opened the repository
         self.held_locks: list[str] = []  # names of the locks this object holds
+        self._shared_held: dict[int, int] = {}  # thread -> depth of the shared lock it holds (lock())
         # Told one line when a snapshot is found by an id it had before a rewrite (resolve).
         self.note: Callable[[str], None] | None = None
         attach = getattr(backend, "attach_cache", None)
@@ -292,7 +293,17 @@ class Repository:
     # ------------------------------------------------------------------ locks
     @contextmanager
     def lock(self, exclusive: bool = False, purpose: str = "") -> Iterator[None]:
-        """Hold a shared (backup, restore, check) or exclusive (prune) lock."""
+        """Hold a shared (backup, restore, check) or exclusive (prune) lock. A shared lock
+        asked for by a thread that holds one already (the backups of a libvirt domain's
+        disks inside one lock) is that lock: no second lock file."""
+        me_thread = threading.get_ident()
+        if not exclusive and self._shared_held.get(me_thread):
+            self._shared_held[me_thread] += 1
+            try:
+                yield
+            finally:
+                self._shared_held[me_thread] -= 1
+            return
         name = f"locks/{os.urandom(16).hex()}"
         me = {"host": socket.gethostname(), "pid": os.getpid(), "time": _now_iso(),
               "exclusive": exclusive, "purpose": purpose, "hostid": host_id()}
@@ -323,9 +334,13 @@ class Repository:
                         f"repository is locked by pid {d.get('pid')} on {d.get('host')} "
                         f"({d.get('purpose') or 'unknown'}, since {d.get('time')}); "
                         "if that process is gone, run 'vmbak unlock'")
+            if not exclusive:
+                self._shared_held[me_thread] = 1
             yield
         finally:
             with deferred():
+                if not exclusive:
+                    self._shared_held.pop(me_thread, None)
                 self.held_locks.remove(name)
                 self.backend.delete(name)
                 unregister_cleanup(token)

@@ -25,9 +25,9 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import crc32c
 import numpy as np
 
+from vmbak.usage.crc import crc32c
 from vmbak.usage.model import FsUsage, UsageError, Volume, empty_ranges, normalize, subtract, total
 
 NAME = "btrfs"
@@ -96,7 +96,7 @@ def read_super(vol: Volume) -> Super:
     csum_type, = struct.unpack_from("<H", sb, 0xC4)
     if csum_type != 0:
         raise UsageError(f"checksum type {csum_type} is not supported (only crc32c)")
-    if crc32c.crc32c(sb[0x20:]) != struct.unpack_from("<I", sb, 0)[0]:
+    if crc32c(sb[0x20:]) != struct.unpack_from("<I", sb, 0)[0]:
         raise UsageError("superblock checksum mismatch")
     bytenr, = struct.unpack_from("<Q", sb, 0x30)
     if bytenr != SUPER_OFFSETS[0]:
@@ -168,7 +168,7 @@ class _Reader:
         err = "tree block not readable"
         for _d, phys in c.stripes:
             b = self.vol.read(phys + logical - c.logical, ns)
-            if crc32c.crc32c(b[0x20:]) != struct.unpack_from("<I", b, 0)[0]:
+            if crc32c(b[0x20:]) != struct.unpack_from("<I", b, 0)[0]:
                 err = f"tree block {logical:#x} checksum mismatch"
                 continue
             bytenr, = struct.unpack_from("<Q", b, 0x30)

@@ -20,9 +20,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-import crc32c
 import numpy as np
 
+from vmbak.usage.crc import crc32c
 from vmbak.usage.model import FsUsage, UsageError, Volume, empty_ranges, normalize, runs_of, subtract
 
 NAME = "ext"
@@ -304,7 +304,7 @@ def _check_backup(vol: Volume, g: _Geometry, sb: bytes, d: dict[str, np.ndarray]
 # ---------------------------------------------------------------------------- checksums
 def _crc32c_raw(seed: int, data: bytes) -> int:
     """The kernel's crc32c_le(seed, data): no inversion before or after (crc32c.crc32c inverts both)."""
-    return ~crc32c.crc32c(data, ~seed & 0xFFFFFFFF) & 0xFFFFFFFF
+    return ~crc32c(data, ~seed & 0xFFFFFFFF) & 0xFFFFFFFF
 
 
 def _csum_seed(sb: bytes) -> int:

@@ -32,9 +32,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-import crc32c
 import numpy as np
 
+from vmbak.usage.crc import crc32c
 from vmbak.usage.model import FsUsage, UsageError, Volume, empty_ranges, normalize, subtract
 
 NAME = "xfs"
@@ -97,7 +97,7 @@ def probe(vol: Volume) -> bool:
 
 def _crc_ok(buf: bytes, off: int) -> bool:
     stored, = struct.unpack_from("<I", buf, off)
-    return crc32c.crc32c(buf[:off] + b"\0\0\0\0" + buf[off + 4:]) == stored
+    return crc32c(buf[:off] + b"\0\0\0\0" + buf[off + 4:]) == stored
 
 
 def _log2(n: int) -> int:
