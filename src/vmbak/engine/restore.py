@@ -9,6 +9,7 @@ written; an existing target gets its zero ranges written (or punched) once.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -18,6 +19,7 @@ import socket
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -320,19 +322,18 @@ class RestoreTarget:
             # Aligned whole pages go through the direct descriptor from an aligned buffer;
             # a tail shorter than a page (the disk's last partial block) is written buffered.
             n = len(view) - len(view) % DIRECT_ALIGN
-            buf = self._bounce(n)
-            bv = memoryview(buf)[:n]
-            try:
+            if _aligned(view):
+                bv = view[:n]  # written from where it is (restore decodes into aligned buffers)
+            else:
+                bv = memoryview(self._bounce(n))[:n]
                 bv[:] = view[:n]
-                try:
-                    self._pwrite_all(dfd, bv, offset)
-                except OSError as e:
-                    if e.errno != errno.EINVAL:
-                        raise
-                    self.dfd = -1  # refused after all: write buffered from now on
-                    self._pwrite_all(self.fd, view[:n], offset)
-            finally:
-                bv.release()
+            try:
+                self._pwrite_all(dfd, bv, offset)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.dfd = -1  # refused after all: write buffered from now on
+                self._pwrite_all(self.fd, view[:n], offset)
             view = view[n:]
             offset += n
         self._pwrite_all(self.fd, view, offset)
@@ -476,6 +477,45 @@ def plan(chain: list[Manifest]) -> tuple[list[_Job], np.ndarray]:
     return jobs, data_mask
 
 
+_GROUP_BYTES = 8 << 20  # chunks adjacent on the disk are decoded and written together, up to this
+
+
+def _groups(jobs: list[_Job], locs: dict, bs: int, size: int) -> Iterator[list[_Job]]:
+    """The jobs (in reading order) cut into groups of whole chunks that follow each
+    other on the disk, of at most _GROUP_BYTES (or one chunk)."""
+    group: list[_Job] = []
+    total = 0
+    for j in jobs:
+        ln = min(j.count * bs, size - j.start * bs)
+        if group and (group[-1].start + group[-1].count != j.start or total + ln > _GROUP_BYTES):
+            yield group
+            group, total = [], 0
+        group.append(j)
+        total += ln
+    if group:
+        yield group
+
+
+def _aligned(view: memoryview) -> bool:
+    """Whether a buffer starts at a DIRECT_ALIGN boundary (only writable buffers can tell)."""
+    if view.readonly or not view.c_contiguous:
+        return False
+    return _addr(view) % DIRECT_ALIGN == 0
+
+
+def _addr(view: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) if len(view) else 0
+
+
+def _pos_in(view: memoryview, base: memoryview) -> int:
+    """Where ``view`` (a slice of ``base``) starts in ``base``."""
+    return _addr(view) - _addr(base)
+
+
+def _follows(prev: memoryview, prev_len: int, nxt: memoryview, base: memoryview) -> bool:
+    return _pos_in(nxt, base) == _pos_in(prev, base) + prev_len
+
+
 def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *,
             overwrite: bool = False, verify: bool = True, workers: int = 4,
             progress: Progress | None = None, sync: bool = False, readback: bool = False,
@@ -545,21 +585,35 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
         try:
             written = 0
 
-            def run(job: _Job) -> tuple[int, list[tuple[int, int, str, str]]]:
+            bufs = threading.local()
+
+            def buffer(n: int) -> memoryview:
+                # this thread's page-aligned buffer (mmap), reused: chunks are decoded
+                # straight into it and written from it without another copy
+                buf = getattr(bufs, "buf", None)
+                if buf is None or len(buf) < n:
+                    buf = bufs.buf = mmap.mmap(-1, max(n, _GROUP_BYTES))
+                return memoryview(buf)[:n]
+
+            def run_job(job: _Job, out: memoryview,
+                        writes: list[tuple[int, memoryview]]) -> tuple[int, list[tuple[int, int, str, str]]]:
+                """Decode one chunk into ``out`` and verify it; the pieces to write are
+                appended to ``writes``; return (bytes to write, damaged ranges)."""
                 m = chain[job.level]
                 what = (f"chunk {job.chunk_id.hex()[:16]} (blocks {job.start}-{job.start + job.count - 1} "
                         f"of snapshot {m.short_id})")
                 pieces = job.sub or [(job.start, job.count)]
+                want = min(job.count * bs, size - job.start * bs)
                 try:
-                    data = repo.read_at(job.chunk_id, locs[job.chunk_id], what, check_id=not inline)
-                    if len(data) != min(job.count * bs, size - job.start * bs):
+                    if locs[job.chunk_id].raw_length != want:
                         raise IntegrityError(f"{what}: has the wrong length")
+                    repo.read_into(job.chunk_id, locs[job.chunk_id], out, what, check_id=not inline)
                 except IntegrityError as e:
                     if not ignore_errors:
                         raise
                     why = str(e).removeprefix(what + ": ")
                     return 0, [(a, b, m.short_id, f"chunk {job.chunk_id.hex()[:16]}: {why}") for a, b in pieces]
-                mv = memoryview(data)
+                mv = out[:want]
                 n = 0
                 lost: list[tuple[int, int, str, str]] = []
                 for a, b in pieces:
@@ -579,16 +633,48 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
                                              "match the snapshot's block hashes (corrupt data)"))
                             gs, gl = runs(~bad)
                             for x, y in zip(gs.tolist(), gl.tolist(), strict=True):
-                                tgt.write((a + x) * bs, piece[x * bs:(x + y) * bs])
-                                n += len(piece[x * bs:(x + y) * bs])
+                                good = piece[x * bs:(x + y) * bs]
+                                writes.append(((a + x) * bs, good))
+                                n += len(good)
                             continue
-                    tgt.write(a * bs, piece)
+                    writes.append((a * bs, piece))
                     n += len(piece)
+                return n, lost
+
+            def run(group: list[_Job]) -> tuple[int, list[tuple[int, int, str, str]]]:
+                """Decode a group of chunks (adjacent on the disk) into one aligned buffer,
+                then write each contiguous stretch of it with one call."""
+                total = sum(min(j.count * bs, size - j.start * bs) for j in group)
+                out = buffer(max(total, max(locs[j.chunk_id].raw_length for j in group)))
+                writes: list[tuple[int, memoryview]] = []
+                n = 0
+                lost: list[tuple[int, int, str, str]] = []
+                pos = 0
+                try:
+                    for job in group:
+                        k, bad = run_job(job, out[pos:], writes)
+                        n += k
+                        lost += bad
+                        pos += min(job.count * bs, size - job.start * bs)
+                    # join writes adjacent both on the disk and in the buffer
+                    i = 0
+                    while i < len(writes):
+                        off, view = writes[i]
+                        ln = len(view)
+                        j = i + 1
+                        while j < len(writes) and writes[j][0] == off + ln and _follows(view, ln, writes[j][1], out):
+                            ln += len(writes[j][1])
+                            j += 1
+                        start = _pos_in(view, out)
+                        tgt.write(off, out[start:start + ln])
+                        i = j
+                finally:
+                    writes.clear()
                 return n, lost
 
             progress.start(int(np.count_nonzero(data_mask)) * bs, "restore")
             with cf.ThreadPoolExecutor(max(1, workers), thread_name_prefix="vmbak-restore") as pool:
-                for n, lost in bounded_unordered(pool, run, jobs, 4 * workers):
+                for n, lost in bounded_unordered(pool, run, _groups(jobs, locs, bs, size), 2 * workers):
                     written += n
                     damaged.extend(lost)
                     progress.advance(n)

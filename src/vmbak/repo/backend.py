@@ -113,6 +113,25 @@ class LocalBackend:
         finally:
             os.close(fd)
 
+    def read_range_into(self, name: str, offset: int, out: memoryview) -> int:
+        """:meth:`read_range` of ``len(out)`` bytes into ``out``; return how many were read."""
+        try:
+            fd = os.open(self._path(name), os.O_RDONLY)
+        except OSError as e:
+            raise self._wrap(e, name) from None
+        try:
+            n = 0
+            while n < len(out):
+                k = os.preadv(fd, [out[n:]], offset + n)
+                if not k:
+                    break
+                n += k
+            return n
+        except OSError as e:
+            raise self._wrap(e, name) from None
+        finally:
+            os.close(fd)
+
     def size(self, name: str) -> int:
         try:
             return os.stat(self._path(name)).st_size
