@@ -477,17 +477,21 @@ def plan(chain: list[Manifest]) -> tuple[list[_Job], np.ndarray]:
     return jobs, data_mask
 
 
-_GROUP_BYTES = 8 << 20  # chunks adjacent on the disk are decoded and written together, up to this
+_GROUP_BYTES = 8 << 20  # chunks are decoded by one task, and written joined where adjacent, up to this
+_GROUP_JOBS = 128  # and at most this many chunks per task
 
 
 def _groups(jobs: list[_Job], locs: dict, bs: int, size: int) -> Iterator[list[_Job]]:
-    """The jobs (in reading order) cut into groups of whole chunks that follow each
-    other on the disk, of at most _GROUP_BYTES (or one chunk)."""
+    """The jobs, in reading order, cut into groups of at most _GROUP_BYTES (or one chunk)
+    and _GROUP_JOBS. A worker decodes a group into one buffer and joins the writes of
+    chunks that follow each other on the disk; a chain's many small chunks cost one task
+    per group instead of one each (thread handoffs dominated a 30-incremental chain's
+    restore: 270,000 futex calls for 15,000 chunks)."""
     group: list[_Job] = []
     total = 0
     for j in jobs:
         ln = min(j.count * bs, size - j.start * bs)
-        if group and (group[-1].start + group[-1].count != j.start or total + ln > _GROUP_BYTES):
+        if group and (total + ln > _GROUP_BYTES or len(group) >= _GROUP_JOBS):
             yield group
             group, total = [], 0
         group.append(j)
