@@ -12,8 +12,6 @@ BLAKE3 (unkeyed) of the whole file, so check --read-data can verify it.
 
 from __future__ import annotations
 
-import errno
-import mmap
 import os
 import re
 import struct
@@ -64,21 +62,10 @@ class FinishedPack:
     size: int
 
 
-DIRECT_ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses are multiples of this
-_STAGE = 8 << 20  # a direct-I/O pack is staged in an aligned buffer and written in pieces this large
-
-
 class PackWriter:
-    """Appends sealed blobs to a local temp file; ``finish`` moves it into the repository.
+    """Appends sealed blobs to a local temp file; ``finish`` moves it into the repository."""
 
-    With ``direct`` (a local repository: the pack is fsynced and then never read back),
-    the pack is written with O_DIRECT from an aligned staging buffer, bypassing the page
-    cache: a backup that stores gigabytes otherwise spends most of its system time
-    copying them into freshly allocated cache pages. Only the last partial page goes
-    through the cache. Where O_DIRECT is refused the pack is written buffered.
-    """
-
-    def __init__(self, backend: Backend, sealer: Sealer, direct: bool = False) -> None:
+    def __init__(self, backend: Backend, sealer: Sealer) -> None:
         self.backend = backend
         self.sealer = sealer
         self.path = backend.temp_path("pack")
@@ -92,75 +79,18 @@ class PackWriter:
         self.offs: list[int] = []
         self.lens: list[int] = []
         self.raws: list[int] = []
-        self._dfd = -1
-        self._stage: mmap.mmap | None = None
-        self._fill = 0  # bytes in the stage
-        self._done = 0  # bytes of the file before the stage (written)
-        if direct and hasattr(os, "O_DIRECT") and not os.environ.get("VMBAK_PACK_BUFFERED"):
-            try:
-                self._dfd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-                self._stage = mmap.mmap(-1, _STAGE)
-            except OSError:
-                self._close_direct()
 
     def _error(self, e: OSError) -> RepositoryError:
         return RepositoryError(f"cannot write a new pack of {self.backend.location} at {self.path}: "
                                f"{e.strerror or e}")
 
-    def _close_direct(self) -> None:
-        if self._dfd >= 0:
-            os.close(self._dfd)
-            self._dfd = -1
-        if self._stage is not None:
-            self._stage.close()
-            self._stage = None
-
-    def _pwrite(self, fd: int, view: memoryview, offset: int) -> None:
-        # A write may be short (a full disk returns what fitted before it fails): write
-        # the rest, which then raises.
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view = view[n:]
-            offset += n
-
-    def _drain(self, final: bool) -> None:
-        """Write the stage's whole pages directly (and, if ``final``, the rest buffered)."""
-        assert self._stage is not None
-        stage = memoryview(self._stage)
-        try:
-            n = self._fill - self._fill % DIRECT_ALIGN
-            if n:
-                try:
-                    self._pwrite(self._dfd if self._dfd >= 0 else self.f.fileno(), stage[:n], self._done)
-                except OSError as e:
-                    if e.errno != errno.EINVAL or self._dfd < 0:
-                        raise
-                    os.close(self._dfd)  # refused after all: the rest goes through the cache
-                    self._dfd = -1
-                    self._pwrite(self.f.fileno(), stage[:n], self._done)
-                self._done += n
-                stage[:self._fill - n] = stage[n:self._fill]
-                self._fill -= n
-            if final and self._fill:
-                self._pwrite(self.f.fileno(), stage[:self._fill], self._done)
-                self._done += self._fill
-                self._fill = 0
-        finally:
-            stage.release()
-
     def _write(self, data: bytes) -> None:
+        # An unbuffered write may be short (a full disk returns what fitted before it
+        # fails): write the rest, which then raises.
         view = memoryview(data)
         try:
-            if self._stage is None:
-                self._pwrite(self.f.fileno(), view, self.offset)
-                return
             while view:
-                k = min(len(view), _STAGE - self._fill)
-                self._stage[self._fill:self._fill + k] = view[:k]
-                self._fill += k
-                view = view[k:]
-                if self._fill == _STAGE:
-                    self._drain(False)
+                view = view[self.f.write(view):]
         except OSError as e:
             raise self._error(e) from None
 
@@ -197,9 +127,6 @@ class PackWriter:
         self._write(tail)
         self.hasher.update(tail)
         try:
-            if self._stage is not None:
-                self._drain(True)
-            self._close_direct()
             self.f.close()
         except OSError as e:
             raise self._error(e) from None
@@ -210,7 +137,6 @@ class PackWriter:
 
     def abandon(self) -> None:
         try:
-            self._close_direct()
             self.f.close()
         finally:
             try:

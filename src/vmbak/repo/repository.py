@@ -813,8 +813,7 @@ class ChunkWriter:
         return True
 
     def _write_pack(self, blobs: list[bytes], meta: list[tuple[bytes, int]]) -> FinishedPack:
-        # A local pack is fsynced and moved into place, never read back: written directly.
-        pw = PackWriter(self.repo.backend, self.repo.sealer, direct=isinstance(self.repo.backend, LocalBackend))
+        pw = PackWriter(self.repo.backend, self.repo.sealer)
         try:
             if self.repo.index.doomed:
                 # While prune marks exist a pack must not get the name of a doomed pack

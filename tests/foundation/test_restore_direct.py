@@ -1,6 +1,6 @@
-"""Direct I/O (O_DIRECT) where data is written once and not read back: a restore writes
-the restored disk, and a backup to a local repository its packs, past the page cache.
-Only a last partial page is written buffered. ``VMBAK_RESTORE_BUFFERED=1`` restores
+"""A restore writes the restored data with direct I/O (O_DIRECT): each block is written
+once and never read again, so it does not go through the page cache. Only the disk's
+last partial page is written buffered. ``VMBAK_RESTORE_BUFFERED=1`` writes everything
 through the page cache, with the same result."""
 
 from __future__ import annotations
@@ -78,22 +78,3 @@ def test_buffered_restore_is_the_same(repo, make_disk, tmp_path, assert_same_fil
     assert r["verified"]
     assert resident_bytes(out) >= size - PAGE  # through the page cache
     assert_same_file(out, disk.path)
-
-
-@pytest.mark.parametrize("encryption", ["none", "aes-256-gcm"])
-def test_backup_writes_packs_past_the_page_cache(make_repo, make_disk, tmp_path, encryption):
-    """A local repository's packs are fsynced and never read back by the backup: they are
-    written directly, all but each pack's last partial page."""
-    assert direct_io_works(tmp_path), "the test directory's filesystem must accept O_DIRECT"
-    repo = make_repo(encryption, pack_size=4 * MiB)
-    disk = make_disk("d.raw", 20 * MiB + 100, seed=9)  # random: stored as it is, about 5 packs
-    repo.backup(disk, "d")
-    packs = repo.pack_files()
-    assert len(packs) >= 4
-    resident = sum(resident_bytes(p) for p in packs)
-    # Through the page cache all 20 MiB would be resident (the old code).
-    assert resident <= len(packs) * PAGE, resident
-    repo.check(read_data=True)
-    out = tmp_path / "out.raw"
-    repo.restore("d:latest", out)
-    assert out.read_bytes() == disk.read()
