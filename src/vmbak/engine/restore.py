@@ -304,8 +304,8 @@ class RestoreTarget:
         """This thread's page-aligned buffer of at least ``n`` bytes, reused across writes."""
         buf = getattr(self._bufs, "buf", None)
         if buf is None or len(buf) < n:
-            if buf is not None:
-                buf.close()
+            # the old one is unmapped once no view of it is left (never closed here: a
+            # view held by an earlier error's traceback would make close() raise)
             buf = self._bufs.buf = mmap.mmap(-1, max(n, _DIRECT_BUF))
         return buf
 
