@@ -30,9 +30,9 @@ bench: setup
 
 # The S3 tests against Ceph radosgw instead of moto, and the RBD tests (tests/ceph), on one
 # single-node cluster (Debian's packages, started by scripts/ceph-rgw.sh). Not part of
-# `make test` (CI): it installs and starts Ceph (40-65 s to start; the RBD tests take 2-6
-# minutes on the shared 2-core machine). Without `make test-ceph`, tests/ceph starts its own
-# cluster (fixture).
+# `make test`: it installs and starts Ceph (40-65 s to start; the RBD tests take 2-6
+# minutes on the shared 2-core machine); .ci/run runs it after `make test`. Without `make
+# test-ceph`, tests/ceph starts its own cluster (fixture).
 test-ceph: setup
 	@bash scripts/ceph-rgw.sh start
 	. /tmp/vmbak-ceph/env && .venv/bin/python -m pytest tests/s3 tests/ceph -q -n 2 --dist loadgroup; status=$$?; bash scripts/ceph-rgw.sh stop; exit $$status

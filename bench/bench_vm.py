@@ -75,7 +75,7 @@ STAGES = [
     ("guest freeze/thaw (agent)", ("Quiescer.", "LibvirtAgent.")),
     ("commit: end job, drop old checkpoint", ("LibvirtJob.commit", "LibvirtBackup.commit")),
     ("NBD connect", ("NbdDisk.__init__", "NbdDisk._connect")),
-    ("block status: dirty bitmap", ("_change_map (",)),
+    ("block status: dirty bitmap", ("change_map (",)),
     ("usage analysis over NBD", ("used_map (",)),
     ("block status: allocation", ("NbdDisk.data_extents",)),
     ("parent hash table", ("resolve_bht (",)),
@@ -195,22 +195,27 @@ def _active(dom) -> bool:  # noqa: ANN001
         return False
 
 
+EARLY = "early thread: "  # vmbak.changes.libvirt_early's thread, beside the main thread's imports
+
+
 def stage_breakdown(raw: Path) -> dict[str, float]:
-    """Seconds per stage from a py-spy raw (collapsed) profile, main thread only."""
+    """Seconds per stage from a py-spy raw (collapsed) profile: the main thread's, and (as
+    EARLY + stage) those of the thread that begins the libvirt job early."""
     out: dict[str, float] = collections.Counter()
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         frames = stack.split(";")
-        if not any(f.startswith("_run_module_as_main") for f in frames):
+        early = any(f.startswith("_run (") and "libvirt_early" in f for f in frames)
+        if not early and not any(f.startswith("_run_module_as_main") for f in frames):
             continue  # not the main thread
         where = "other"
         for name, keys in STAGES:
             if any(k in f for f in frames for k in keys):
                 where = name
                 break
-        out[where] += int(count) / 100
+        out[EARLY + where if early else where] += int(count) / 100
     return dict(out)
 
 
@@ -281,7 +286,8 @@ def main() -> int:  # noqa: C901, PLR0915
             owned[tool] = {snap["change_id"]}
             if prof is not None:
                 st = stage_breakdown(prof)
-                st["process start-up and exit (not sampled)"] = max(0.0, took - sum(st.values()))
+                main = sum(v for k, v in st.items() if not k.startswith(EARLY))
+                st["process start-up and exit (not sampled)"] = max(0.0, took - main)
                 profiles[f"{tool} {kind}"].append(st | {"total (wall, under py-spy)": took})
             else:
                 res[f"{tool} {kind}"].append(took)

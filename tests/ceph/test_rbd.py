@@ -181,3 +181,89 @@ def test_differential_keeps_the_full_snapshot(ceph, repo) -> None:  # noqa: ANN0
         assert d["stats"]["verify_missed_blocks"] == 0
         assert _vmbak_snaps(ceph, img) == [full_snap]  # the full's snapshot stays the reference
     _restore_same(repo, ceph, "df:latest", ceph.read(img))
+    # an incremental after a differential: the differential's snapshot is gone, the full's
+    # still serves (a diff since the full holds every change since the differential)
+    ceph.write(img, 13 * MiB, rng.randbytes(MiB))
+    p = repo.run("backup", f"rbd:{ceph.pool}/{img}", "--name", "df", "--ceph-conf", ceph.conf,
+                 "--verify-changes", "--json")
+    assert f"changed since the chain's older snapshot {full_snap}" in p.stderr, p.stderr
+    inc = repo.json("snapshots", "--name", "df")[-1]
+    assert inc["type"] == "incremental" and inc["change_source"] == "rbd-fast-diff"
+    assert inc["stats"]["verify_missed_blocks"] == 0
+    assert len(_vmbak_snaps(ceph, img)) == 1 and full_snap not in _vmbak_snaps(ceph, img)
+    _restore_same(repo, ceph, "df:latest", ceph.read(img))
+
+
+def test_what_killed_runs_leave_is_removed_and_nothing_else(ceph, repo, make_repo, tmp_path, popen_vmbak) -> None:  # noqa: ANN001
+    """kill -9 of a backup right after its snapshot (from its --hook-post) and of a restore
+    mid-write: the next backup of the chain removes the dead backup's snapshot and keeps the
+    chain; the next restore into the pool removes the partial image. Another repository's
+    snapshot of the same image, the user's own and a --mode full chain's are kept right."""
+    io, rbd = ceph.rbd()
+    rng = random.Random(22)
+    img = ceph.new_image(48 * MiB)
+    ceph.write(img, 0, rng.randbytes(40 * MiB))
+    with ceph.image(img) as h:
+        h.create_snap("users-own")
+    full = _backup(repo, ceph, img, "kb")
+    other = make_repo("none", name="other")
+    _backup(other, ceph, img, "kb")  # another repository's chain on the same image
+    (ours,) = [s for s in _vmbak_snaps(ceph, img) if full["change_id"].endswith(":" + s)]
+    theirs = [s for s in _vmbak_snaps(ceph, img) if s != ours]
+    assert len(theirs) == 1
+
+    # kill -9 of a backup, from its post hook: right after its snapshot was taken
+    killer = tmp_path / "kill-parent.sh"
+    killer.write_text("#!/bin/sh\nkill -9 $PPID\n")
+    killer.chmod(0o755)
+    ceph.write(img, 3 * MiB, rng.randbytes(MiB))
+    p = repo.run("backup", f"rbd:{ceph.pool}/{img}", "--name", "kb", "--ceph-conf", ceph.conf,
+                 "--hook-post", killer, check=False)
+    assert p.returncode == -9, (p.returncode, p.stderr)
+    left = set(_vmbak_snaps(ceph, img)) - {ours, *theirs}
+    assert len(left) == 1, _vmbak_snaps(ceph, img)
+
+    ceph.write(img, 20 * MiB, rng.randbytes(MiB))
+    p = repo.run("backup", f"rbd:{ceph.pool}/{img}", "--name", "kb", "--ceph-conf", ceph.conf,
+                 "--verify-changes", "--json")
+    assert f"removed snapshot rbd:{ceph.pool}/{img}@{left.pop()}, left by a killed backup" in p.stderr, p.stderr
+    inc = repo.json("snapshots", "--name", "kb")[-1]
+    assert inc["type"] == "incremental" and inc["change_source"] == "rbd-fast-diff"  # the chain held
+    assert inc["stats"]["verify_missed_blocks"] == 0
+    snaps = _vmbak_snaps(ceph, img)
+    assert theirs[0] in snaps and ours not in snaps and len(snaps) == 2  # theirs, and our new reference
+    assert "users-own" in ceph.snaps(img)
+    _restore_same(repo, ceph, "kb:latest", ceph.read(img))
+
+    # --mode full: the chain's earlier reference goes once the new full is saved
+    _backup(repo, ceph, img, "kb", "--mode", "full")
+    _backup(repo, ceph, img, "kb", "--mode", "full")
+    snaps = _vmbak_snaps(ceph, img)
+    assert theirs[0] in snaps and len(snaps) == 2, snaps
+    with ceph.image(img) as h:  # each snapshot has one owner record, nothing more
+        keys = sorted(k for k, _ in h.metadata_list())
+    assert keys == sorted(f"vmbak.snap.{s}" for s in snaps), keys
+
+    # kill -9 of a restore while it writes its partial image
+    target = f"kr-{random.randrange(1 << 30):08x}"
+    for _attempt in range(3):
+        proc = popen_vmbak("restore", "kb:latest", f"rbd:{ceph.pool}/{target}", "--ceph-conf", ceph.conf,
+                           env=repo.env())
+        partial = None
+        while proc.poll() is None and partial is None:
+            partial = next((n for n in rbd.RBD().list(io) if n.startswith(f".{target}.vmbak-partial.")), None)
+        if partial is not None and proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+            break
+        proc.communicate()
+        if target in _names(ceph):  # it finished first: try again with a new name
+            target += "x"
+    else:
+        raise AssertionError("the restore always finished before it could be killed")
+    assert partial in _names(ceph)
+    r = repo.json("restore", "kb:latest", f"rbd:{ceph.pool}/{target}-2", "--ceph-conf", ceph.conf)
+    assert f"removed rbd:{ceph.pool}/{partial}: the partial image of a killed restore" in r["warnings"]
+    assert partial not in _names(ceph)
+    assert ceph.read(f"{target}-2") == ceph.read(img)
+    repo.check()

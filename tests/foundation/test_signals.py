@@ -173,3 +173,35 @@ def test_signal_inside_a_finalizer_is_not_lost() -> None:
     p = subprocess.run([sys.executable, "-c", GC_SCRIPT], capture_output=True, text=True, timeout=60, env=env)
     assert p.stdout.strip() == f"interrupted {int(signal.SIGTERM)}", (p.stdout, p.stderr)
     assert p.stderr == "", p.stderr
+
+
+# A SIGTERM sent exactly while argparse formats the usage line inside
+# parse_known_intermixed_args: argparse's own finally then fails (AttributeError
+# 'save_nargs'), which hid the interruption behind a traceback (CI, trial 21).
+PARSE_SCRIPT = """
+import os, signal, sys
+from vmbak.cli import main as m
+import argparse
+fired = []
+def prof(frame, event, arg):
+    if event == "call" and frame.f_code.co_name == "format_usage" and not fired:
+        fired.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+sys.setprofile(prof)
+rc = m.main(["-r", sys.argv[1], "restore", "x:latest", sys.argv[2]])
+sys.setprofile(None)
+print("rc", rc, "fired", len(fired))
+"""
+
+
+def test_signal_while_the_arguments_are_parsed(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    p = subprocess.run([sys.executable, "-c", PARSE_SCRIPT, str(tmp_path / "repo"), str(tmp_path / "out.raw")],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert "Traceback" not in p.stderr, p.stderr
+    assert p.stdout.strip() == f"rc {128 + int(signal.SIGTERM)} fired 1", (p.stdout, p.stderr)
+    assert p.stderr.strip() == "vmbak: error: interrupted (SIGTERM)", p.stderr
+    assert not (tmp_path / "out.raw").exists()

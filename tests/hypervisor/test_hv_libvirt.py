@@ -262,3 +262,34 @@ def test_libvirt_domain_backup_and_restore(domain, repo, assert_cli_error) -> No
     assert rr["defined"] == f"{new}3" and rr["xml"] == str(d.workdir / f"{new}3.xml")
     qcompare(d.workdir / f"{new}3-vda.qcow2", d.a)
     qcompare(d.workdir / f"{new}3-vdb.raw", d.b)
+
+
+def test_early_job_only_for_a_plain_command_line(tmp_path) -> None:  # noqa: ANN001
+    """vmbak.changes.libvirt_early begins the job before the command line is parsed for real:
+    only for a plain ``backup --libvirt DOMAIN``, never where the options change what the job
+    must be (hooks, mountpoints, --freeze always, a block size, a pattern, ...)."""
+    from vmbak.changes.libvirt_early import parse
+
+    repo = str(tmp_path)
+    plain = {"domain": "db", "uri": "qemu:///system", "freeze": "auto"}
+    assert parse(["-r", repo, "backup", "--libvirt", "db"]) == plain
+    assert parse(["backup", "--libvirt=db", "--json", "-q", "--tag", "a,b", "--name", "x", "--workers", "3"]) == plain
+    assert parse(["backup", "--libvirt", "db", "--libvirt-uri", "qemu:///session", "--freeze", "never",
+                  "--mode", "incremental"]) == {"domain": "db", "uri": "qemu:///session", "freeze": "never"}
+    for mode in ("full", "differential"):  # the repository decides the reference afterwards
+        assert parse(["backup", "--libvirt", "db", "--mode", mode]) == plain
+    for argv in (["backup", "--libvirt", "db", "--freeze", "always"],
+                 ["backup", "--libvirt", "db", "--mode", "mirror"],
+                 ["backup", "--libvirt", "db", "--hook-pre", "/bin/true"],
+                 ["backup", "--libvirt", "db", "--freeze-mountpoint", "/"],
+                 ["backup", "--libvirt", "db", "--block-size", "1M"],
+                 ["backup", "--libvirt", "db", "--changes", "scan"],
+                 ["backup", "--libvirt", "web-*"],
+                 ["backup", "--libvirt", "db", "--libvirt", "other"],
+                 ["backup", "disk.img", "--libvirt", "db"],
+                 ["backup", "--libvirt"],
+                 ["backup", "--name", "db"],
+                 ["snapshots", "--libvirt", "db"],
+                 ["-r", str(tmp_path / "missing"), "backup", "--libvirt", "db"],
+                 ["backup", "--libvirt", "db", "--help"]):
+        assert parse(argv) is None, argv

@@ -137,6 +137,15 @@ def corrupt(src: Path, dst: Path, offset: int, data: bytes) -> Path:
     return dst
 
 
+def flip_byte(src: Path, dst: Path, offset: int) -> Path:
+    """A copy of ``src`` with every bit of the byte at ``offset`` inverted: a change for
+    sure, whatever the byte was (a fixed value can equal a random serial number)."""
+    with open(src, "rb") as f:
+        f.seek(offset)
+        old = f.read(1)[0]
+    return corrupt(src, dst, offset, bytes([old ^ 0xFF]))
+
+
 # ---------------------------------------------------------------------------- FAT
 def build_fat(path: Path, size: int, bits: int, files_root: Path | None, seed: int, spc: int | None = None,
               nfats: int = 2, label: str | None = None, fragment: bool = False) -> dict[str, bytes]:

@@ -24,6 +24,7 @@ from fatlvm_util import (
     exfat_files,
     extract,
     extract_fat,
+    flip_byte,
     fsck_exfat,
     fsck_fat_counts,
     garbage_file,
@@ -110,12 +111,12 @@ def test_backup_boot_region_is_used_when_the_main_one_is_damaged(tmp_path):
     img = tmp_path / "ex.img"
     build_exfat(img, 16 * MiB, files, seed=3)
     clean = analyze_path(img)
-    bad = corrupt(img, tmp_path / "bad.img", 100, b"\x55")  # inside the checksummed boot sector
+    bad = flip_byte(img, tmp_path / "bad.img", 100)  # inside the checksummed boot sector
     u = analyze_path(bad)
     assert any("backup boot region" in n for n in u.entries[0].notes)
     assert (u.free == clean.free).all() and u.free_bytes == clean.free_bytes
     # both regions damaged: all used
-    worse = corrupt(bad, tmp_path / "worse.img", 12 * 512 + 100, b"\x55")
+    worse = flip_byte(bad, tmp_path / "worse.img", 12 * 512 + 100)
     assert analyze_path(worse).free_bytes == 0
 
 

@@ -151,10 +151,14 @@ def _wait_frozen(guest, proc, timeout: float = 300) -> None:  # noqa: ANN001
         time.sleep(0.2)
 
 
-def test_sigterm_while_frozen_thaws(guest, vrepo, popen_vmbak) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("delay", [0, 3])
+def test_sigterm_while_frozen_thaws(guest, vrepo, popen_vmbak, delay) -> None:  # noqa: ANN001
+    # delay 3: the modules are loaded and the command waits for the job begun early (a
+    # signal that interrupted that wait once let the process exit with the guest frozen)
     checkpoints = sorted(c.getName() for c in guest.dom.listAllCheckpoints())
     proc = popen_vmbak("backup", "--libvirt", guest.name, env={**vrepo.env(), "VMBAK_TEST_FREEZE_PAUSE": "120"})
     _wait_frozen(guest, proc)
+    time.sleep(delay)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
@@ -201,3 +205,62 @@ def test_agent_gone_auto_is_crash_consistent_always_fails(guest, vrepo, assert_c
         while not guest.ping():
             assert time.monotonic() < deadline, "the agent did not come back"
             time.sleep(1)
+
+
+def _backup_job(guest) -> bool:  # noqa: ANN001
+    try:
+        guest.dom.backupGetXMLDesc()
+        return True
+    except libvirt.libvirtError:
+        return False
+
+
+def test_job_begins_while_the_repository_opens(guest, vrepo, tmp_path, init_repo) -> None:  # noqa: ANN001
+    """The freeze, checkpoint and backup job of a plain ``backup --libvirt DOMAIN`` begin while
+    the command's modules load and the repository opens (vmbak.changes.libvirt_early): the
+    password command of an encrypted repository, run only once the modules are loaded, sees
+    the job (before, the job began after the repository was open). A repository whose last
+    checkpoint is no longer libvirt's then reads the job's view whole (scan), says so, and
+    the next backup is a checkpoint incremental again; a wrong password leaves the guest's
+    checkpoints as they were (and the guest thawed, no job: the autouse check)."""
+    if not any(s["name"].startswith(guest.name) for s in vrepo.snapshots()):
+        vrepo.json("backup", "--libvirt", guest.name)
+    seen = tmp_path / "seen"
+    cmd = tmp_path / "password.sh"
+    cmd.write_text("#!/bin/sh\n"
+                   "for i in $(seq 150); do\n"
+                   f"  if virsh -c qemu:///system backup-dumpxml {guest.name} >/dev/null 2>&1; then\n"
+                   f"    echo job > {seen}; break\n"
+                   "  fi\n"
+                   "  sleep 0.1\n"
+                   "done\n"
+                   "echo enc-password\n")
+    cmd.chmod(0o755)
+    enc = init_repo(tmp_path / "enc", encryption="aes-256-gcm", password="enc-password")
+    env = {"VMBAK_PASSWORD": None, "VMBAK_PASSWORD_COMMAND": str(cmd)}
+    r = enc.json("backup", "--libvirt", guest.name, env=env)
+    assert r["snapshots"][0]["type"] == "full" and r["guest_consistency"]["level"] == "frozen", r
+    assert seen.exists(), "no backup job was running while the repository opened"
+
+    # vrepo's checkpoint was dropped by enc's backup: a scan of the job's view, then a checkpoint
+    p = vrepo.run("backup", "--libvirt", guest.name, "--json")
+    snap = json.loads(p.stdout.splitlines()[-1])["snapshots"][0]
+    assert snap["type"] == "incremental" and snap["change_source"] == "scan", snap
+    assert "is missing" in p.stderr and "scan" in p.stderr, p.stderr
+    snap = vrepo.json("backup", "--libvirt", guest.name)["snapshots"][0]
+    assert snap["type"] == "incremental" and snap["change_source"] == "libvirt-checkpoint", snap
+    # a full and a differential begin early too; the chain goes on through the checkpoints
+    full = vrepo.json("backup", "--libvirt", guest.name, "--mode", "full")["snapshots"][0]
+    assert full["type"] == "full" and full["parent"] is None, full
+    diff = vrepo.json("backup", "--libvirt", guest.name, "--mode", "differential")["snapshots"][0]
+    assert diff["type"] == "differential" and diff["parent"] == full["id"], diff
+    assert diff["change_source"] == "libvirt-checkpoint", diff
+    snap = vrepo.json("backup", "--libvirt", guest.name)["snapshots"][0]
+    assert snap["type"] == "incremental" and snap["parent"] == diff["id"], snap
+    assert snap["change_source"] == "libvirt-checkpoint", snap
+
+    checkpoints = sorted(c.getName() for c in guest.dom.listAllCheckpoints())
+    p = enc.run("backup", "--libvirt", guest.name, env={"VMBAK_PASSWORD": "wrong"}, check=False)
+    assert p.returncode == 12 and "Traceback" not in p.stderr, p.stderr
+    assert sorted(c.getName() for c in guest.dom.listAllCheckpoints()) == checkpoints
+    assert not _backup_job(guest)

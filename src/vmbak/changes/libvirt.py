@@ -39,11 +39,12 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from vmbak.changes.base import ChangeMap
 from vmbak.disks.nbd import STATE_DIRTY, NbdDisk
 from vmbak.errors import ChangeTrackingError, DiskError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # numpy is imported when a change map is made: libvirt_early begins a job before it loads
+    from vmbak.changes.base import ChangeMap
 
 SOURCE = "libvirt-checkpoint"
 PREFIX = "vmbak-"
@@ -147,6 +148,7 @@ class LibvirtDiskView:
     format: str
     reader: NbdDisk
     change_map: ChangeMap | None
+    bitmap_context: str | None = None  # the NBD meta context of the dirty bitmap since ``since``
 
 
 @dataclass
@@ -161,23 +163,50 @@ class LibvirtBackup:
     domain_xml: str
     disks: dict[str, LibvirtDiskView]
     notes: list[str] = field(default_factory=list)
+    # (state items, work directory, notes): the domain's state files, captured right after the
+    # checkpoint by whoever began the job early (vmbak.domain.state.capture); the taker owns it
+    state: tuple | None = None
     _dir: str = ""
     _done: bool = False
+    _ending: threading.Thread | None = None
+    _ended: list = field(default_factory=list)  # what ending the job raised, if anything
 
     def _end_job(self, dom) -> None:  # noqa: ANN001
         for v in self.disks.values():
             v.reader.close()
         _abort_job(dom)
 
+    def end_reads(self) -> None:
+        """Every disk is read: begin ending the job (its NBD exports, scratch files) in a
+        thread, while the caller goes on (e.g. with the state files); ``commit`` and
+        ``abort`` wait for it."""
+        if self._ending is not None or self._done:
+            return
+
+        def run() -> None:
+            try:
+                conn = connect(self.uri)
+                try:
+                    self._end_job(lookup(conn, self.domain))
+                finally:
+                    conn.close()
+            except BaseException as e:  # noqa: BLE001 - raised by commit/abort, which end it again
+                self._ended.append(e)
+
+        self._ending = threading.Thread(target=run, name="vmbak-libvirt-end", daemon=True)
+        self._ending.start()
+
     def _finish(self, ok: bool) -> None:
         if self._done:
             return
         self._done = True
+        if self._ending is not None:
+            self._ending.join()
         try:
             conn = connect(self.uri)
             try:
                 dom = lookup(conn, self.domain)
-                self._end_job(dom)
+                self._end_job(dom)  # (one round trip when end_reads ended it already)
                 if ok:
                     if self.since is not None:
                         _delete_checkpoint(dom, self.since)
@@ -312,13 +341,14 @@ def _clear_old_job(dom, tmpdir: str | None, notes: list[str]) -> None:  # noqa: 
 def begin_backup(domain: str, since: str | None, block_size: int, *, uri: str = DEFAULT_URI,
                  tmpdir: str | None = None, log: Callable[[str], None] | None = None,
                  quiesce: Callable[[], contextlib.AbstractContextManager] | None = None,
-                 full_disks: frozenset[str] = frozenset()) -> LibvirtBackup:
+                 full_disks: frozenset[str] = frozenset(), change_maps: bool = True) -> LibvirtBackup:
     """Start a pull-mode backup of every disk of the running ``domain``; see the module
     documentation. Raises ChangeTrackingError (after cleaning up) when ``since`` cannot
     be used, DiskError for a domain that does not exist or does not run. ``quiesce``
     (e.g. ``Quiescer.frozen``) is entered just before the checkpoint is made and left as
     soon as it exists. The disks named in ``full_disks`` (added since ``since``) are
-    exported without a bitmap: the checkpoint ``since`` does not cover them."""
+    exported without a bitmap: the checkpoint ``since`` does not cover them. Without
+    ``change_maps``, the views' change maps are left for the caller (``change_map``)."""
     lv = _libvirt()
     log = log or (lambda s: None)
     if since is not None and not since.startswith(PREFIX):
@@ -405,9 +435,10 @@ def begin_backup(domain: str, since: str | None, block_size: int, *, uri: str = 
                     r = NbdDisk(sock, bd.get("exportname") or tgt, meta_contexts=contexts,
                                 description=f"libvirt:{domain}:{tgt}")
                     cm = None
-                    if bitmap and since is not None:
-                        cm = _change_map(r, contexts[0], block_size, since, new, tgt)
-                    views[tgt] = LibvirtDiskView(tgt, k.source, k.format, r, cm)
+                    ctx = contexts[0] if bitmap and since is not None else None
+                    if ctx is not None and change_maps:
+                        cm = change_map(r, ctx, block_size, since, new, tgt)  # type: ignore[arg-type]
+                    views[tgt] = LibvirtDiskView(tgt, k.source, k.format, r, cm, ctx)
             except BaseException:
                 for v in views.values():
                     v.reader.close()
@@ -425,7 +456,12 @@ def begin_backup(domain: str, since: str | None, block_size: int, *, uri: str = 
         conn.close()
 
 
-def _change_map(r: NbdDisk, context: str, bs: int, since: str, new: str, tgt: str) -> ChangeMap:
+def change_map(r: NbdDisk, context: str, bs: int, since: str, new: str, tgt: str) -> ChangeMap:
+    """The blocks the dirty bitmap ``context`` of export ``r`` marks, as a change map."""
+    import numpy as np
+
+    from vmbak.changes.base import ChangeMap
+
     if context not in r.contexts:
         raise ChangeTrackingError(f"libvirt does not export the dirty bitmap of disk {tgt}")
     n = (r.size + bs - 1) // bs

@@ -18,6 +18,14 @@ engine reads every used block of the new snapshot and compares it with the paren
 * the object map is flagged invalid (``rbd object-map check`` reports it; ``rebuild``
   repairs it).
 
+Each snapshot vmbak takes has an owner record in the image's metadata, under
+``vmbak.snap.<snapshot name>``: the backup chain (repository id and disk name), and while
+the backup runs this host's id and the process id. A backup removes, once its manifest is
+durable, the snapshots its chain no longer needs (the previous reference; with ``--mode
+full`` every earlier one), and at its start the snapshots of its chain that a killed backup
+left (their process is gone). Snapshots of other chains, of other hosts' running backups
+and the user's own are never touched.
+
 After ``rbd snap rollback``, librbd's fast-diff reports every object of the image as
 changed (it cannot tell which objects the rollback rewrote); that over-report is safe, and
 the backup notes it ("every object changed ... a rollback?") because it reads the whole
@@ -27,6 +35,7 @@ image, like a scan.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import time
@@ -36,10 +45,22 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vmbak.changes.base import ChangeMap
-from vmbak.disks.rbd import Cluster, RbdDisk, RbdSpec, _modules, _why, allocated_extents, open_image
+from vmbak.disks.rbd import (
+    Cluster,
+    RbdDisk,
+    RbdSpec,
+    _modules,
+    _why,
+    allocated_extents,
+    open_image,
+    owner_dead,
+    owner_record,
+    parse_owner,
+)
 from vmbak.errors import DiskError
 
 SNAP_PREFIX = "vmbak."
+OWNER_PREFIX = "vmbak.snap."  # image metadata: OWNER_PREFIX + snapshot name -> owner record
 _CHANGE_ID = re.compile(r"rbd:([^:]+):(\d+):(.+)")
 
 Log = Callable[[str], None]
@@ -68,31 +89,41 @@ class RbdSession:
     older: str | None  # the reference snapshot, removed by commit
     notes: list[str] = field(default_factory=list)
     keep_older: bool = False  # a differential: the full's snapshot stays the reference
+    chain: str | None = None  # whose snapshots these are (owner records)
 
-    def _remove(self, name: str) -> None:
+    def _edit(self, action: Callable[[object], None], what: str) -> None:
         _, rbd = _modules()
         ioctx = self.cluster.ioctx(self.spec.pool)
         try:
             img = open_image(ioctx, self.spec)
             try:
-                img.remove_snap(name)
-            except rbd.ImageNotFound:
-                pass
+                action(img)
             finally:
                 img.close()
         except rbd.Error as e:
-            raise DiskError(f"cannot remove snapshot {self.spec}@{name}: {_why(e)}") from None
+            raise DiskError(f"cannot {what} of {self.spec}: {_why(e)}") from None
         finally:
             ioctx.close()
 
+    def _remove(self, name: str) -> None:
+        self._edit(lambda img: _remove_snap(img, name), f"remove snapshot {name}")
+
     def commit(self) -> None:
-        """The manifest is durable: the older snapshot is no longer the reference."""
+        """The manifest is durable: the older snapshot is no longer the reference (nor,
+        after a full or an incremental, any other snapshot of the chain)."""
         try:
             self.reader.close()
             if self.keep_older:
                 self._remove(self.snapshot)  # the next differential diffs from the full's snapshot
-            elif self.older is not None:
-                self._remove(self.older)
+            else:
+                def settle(img: object) -> None:
+                    img.metadata_set(OWNER_PREFIX + self.snapshot,  # type: ignore[attr-defined]
+                                     json.dumps({"chain": self.chain}, sort_keys=True))
+                    if self.chain is not None:
+                        _reap(img, self.chain, keep={self.snapshot}, kept_too=True)
+                    if self.older is not None:
+                        _remove_snap(img, self.older)
+                self._edit(settle, "settle the snapshots")
         finally:
             self.cluster.close()
 
@@ -103,6 +134,53 @@ class RbdSession:
             self._remove(self.snapshot)
         finally:
             self.cluster.close()
+
+
+def _remove_snap(image, name: str) -> None:  # noqa: ANN001
+    """Remove snapshot ``name`` and its owner record (either may be gone already)."""
+    _, rbd = _modules()
+    try:
+        image.remove_snap(name)
+    except rbd.ImageNotFound:
+        pass
+    try:
+        image.metadata_remove(OWNER_PREFIX + name)
+    except (KeyError, rbd.ImageNotFound):
+        pass
+
+
+def _reap(image, chain: str, keep: set[str], kept_too: bool = False) -> list[str]:  # noqa: ANN001
+    """Remove the snapshots of ``chain`` that a killed backup left (its process is gone);
+    with ``kept_too`` also the references the chain has moved past. ``keep``: never these.
+    Return the names removed."""
+    _, rbd = _modules()
+    out = []
+    for key, value in list(image.metadata_list()):
+        name = key[len(OWNER_PREFIX):] if key.startswith(OWNER_PREFIX) else None
+        if name is None or name in keep:
+            continue
+        rec = parse_owner(value)
+        if rec.get("chain") != chain:
+            continue
+        if not (owner_dead(rec) if "pid" in rec else kept_too):
+            continue
+        try:
+            _remove_snap(image, name)
+        except rbd.Error:
+            continue  # busy (a clone's parent, protected): left as it is
+        out.append(name)
+    return out
+
+
+def _settled(image, chain: str) -> list[str]:  # noqa: ANN001
+    """The snapshots of ``chain`` whose backups' manifests were saved (by their records)."""
+    out = []
+    for key, value in image.metadata_list():
+        if key.startswith(OWNER_PREFIX):
+            rec = parse_owner(value)
+            if rec.get("chain") == chain and "pid" not in rec:
+                out.append(key[len(OWNER_PREFIX):])
+    return out
 
 
 def _flags_invalid(image) -> str | None:  # noqa: ANN001
@@ -117,9 +195,12 @@ def _flags_invalid(image) -> str | None:  # noqa: ANN001
 
 def open_session(spec: RbdSpec, since: str | None, block_size: int, *, conf: str | None = None,
                  client_id: str | None = None, keep_older: bool = False, log: Log | None = None,
-                 quiesce: Callable[[], contextlib.AbstractContextManager] | None = None) -> RbdSession:
+                 quiesce: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 chain: str | None = None) -> RbdSession:
     """Snapshot ``spec`` and work out what changed since the snapshot ``since`` names;
-    ``quiesce`` (a guest freeze) is entered around the snapshot's creation only."""
+    ``quiesce`` (a guest freeze) is entered around the snapshot's creation only. ``chain``
+    (repository id and disk name) owns the snapshot: the chain's snapshots that killed
+    backups left are removed here, those it has moved past by ``commit``."""
     _, rbd = _modules()
     log = log or (lambda s: None)
     cluster = Cluster(conf, client_id)
@@ -135,12 +216,20 @@ def open_session(spec: RbdSpec, since: str | None, block_size: int, *, conf: str
             head = open_image(ioctx, spec)
             try:
                 image_id = head.id()
-                snaps = {s["name"]: int(s["id"]) for s in head.list_snaps()}
                 name = f"{SNAP_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.{os.urandom(3).hex()}"
+                ref = parse_change_id(since)
+                if chain is not None:
+                    for gone in _reap(head, chain, keep={ref[2]} if ref else set()):
+                        note(f"rbd: removed snapshot {spec}@{gone}, left by a killed backup")
+                snaps = {s["name"]: int(s["id"]) for s in head.list_snaps()}
+                settled = _settled(head, chain) if chain is not None else []
                 try:
+                    # the owner record first: a kill right after the snapshot leaves it reapable
+                    head.metadata_set(OWNER_PREFIX + name, owner_record(chain=chain))
                     with quiesce() if quiesce is not None else contextlib.nullcontext():
                         head.create_snap(name)
                 except rbd.Error as e:
+                    _remove_snap(head, name)
                     raise DiskError(f"cannot snapshot RBD image {spec}: {_why(e)}") from None
                 snap_id = {s["name"]: int(s["id"]) for s in head.list_snaps()}[name]
                 features = int(head.features())
@@ -159,9 +248,8 @@ def open_session(spec: RbdSpec, since: str | None, block_size: int, *, conf: str
         raise
     sess = RbdSession(spec=spec, cluster=cluster, reader=reader, change_map=None,
                       change_id=change_id(image_id, snap_id, name), snapshot=name, older=None, notes=notes,
-                      keep_older=keep_older)
+                      keep_older=keep_older, chain=chain)
     try:
-        ref = parse_change_id(since)
         if since is None:
             return sess
         if ref is None or ref[0] != image_id:
@@ -170,8 +258,16 @@ def open_session(spec: RbdSpec, since: str | None, block_size: int, *, conf: str
             return sess
         _, ref_id, ref_name = ref
         if snaps.get(ref_name) != ref_id:
-            note(f"rbd: reference snapshot {spec}@{ref_name} is gone; reading every used block (scan)")
-            return sess
+            # an older snapshot this chain kept (a full's, kept for differentials) still
+            # serves: every block written since the parent's snapshot was written since it
+            older = [n for n in settled if n in snaps and snaps[n] < ref_id]
+            if not older:
+                note(f"rbd: reference snapshot {spec}@{ref_name} is gone; reading every used block (scan)")
+                return sess
+            base = max(older, key=lambda n: snaps[n])
+            note(f"rbd: reference snapshot {spec}@{ref_name} is gone; reading what changed since the "
+                 f"chain's older snapshot {base}")
+            ref_name = base
         sess.older = ref_name
         bad = _flags_invalid(reader.image) if fast else None
         if bad is None and fast:
@@ -221,7 +317,7 @@ def _drop(cluster: Cluster, spec: RbdSpec, name: str) -> None:
         try:
             img = open_image(ioctx, spec)
             try:
-                img.remove_snap(name)
+                _remove_snap(img, name)
             finally:
                 img.close()
         finally:

@@ -200,7 +200,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def _quiescer(args: argparse.Namespace, lg, *, vm: str, disk: str, name: str, source: str,  # noqa: ANN001
-              point_in_time: bool, agent, agent_key: str | None) -> Quiescer:  # noqa: ANN001
+              point_in_time: bool, agent, agent_key: str | None, recover: bool = True) -> Quiescer:  # noqa: ANN001
     if args.freeze_mountpoints and not point_in_time:
         raise VmbakError("--freeze-mountpoint goes with --libvirt, qemu: or track: (a point-in-time view)")
     if not point_in_time and args.freeze == "always":
@@ -212,7 +212,8 @@ def _quiescer(args: argparse.Namespace, lg, *, vm: str, disk: str, name: str, so
     q = Quiescer(mode=args.freeze, agent=agent, agent_key=agent_key, guest=f"libvirt domain {vm!r}" if vm
                  else (f"the guest behind {disk}"), mountpoints=args.freeze_mountpoints, hooks=hooks,
                  point_in_time=point_in_time, log=lg)
-    q.recover()
+    if recover:
+        q.recover()
     return q
 
 
@@ -280,25 +281,39 @@ def _backup_domain(args: argparse.Namespace, changes, opened, bar, domain: str, 
                    tags: list[str]) -> tuple[dict, str]:
     """Back up every disk (and state file) of one domain; its summary and its line. ``opened()``
     gives the repository (it may still be opening in a thread: its errors are reported first)."""
+    from vmbak.changes import libvirt_early
     from vmbak.engine import sources
 
     lg = log(args)
     uri = args.libvirt_uri
+    # A job begun while the modules loaded (see libvirt_early) may hold the guest frozen
+    # right now, with its freeze record: recover only if there is none.
+    pending = libvirt_early.pending(domain, uri)
     try:
         targets = sources.libvirt_disk_targets(domain, uri)
         q = _quiescer(args, lg, vm=domain, disk=" ".join(targets), name=prefix, source="libvirt",
                       point_in_time=True, agent=lambda: LibvirtAgent(uri, domain),
-                      agent_key=LibvirtAgent.key_for(uri, domain))
+                      agent_key=LibvirtAgent.key_for(uri, domain), recover=not pending)
         sources.preload_libvirt()
     except BaseException:
         opened()  # a repository error is reported first
         raise
     repo = opened()
+    early = libvirt_early.take(domain, uri) if pending else None
+    if pending and early is None:
+        q.recover()  # it failed: begin the usual way
+    if early is not None:
+        job0, q0, lines = early
+        q0.log = lg
+        for line in lines:
+            lg(line)
+        q = q0
     ok = False
     try:
         q.start()
         job = sources.open_libvirt(repo, domain, prefix=prefix, mode=args.mode, changes=changes,
-                                   block_size=args.block_size, uri=uri, log=lg, quiesce=q.frozen)
+                                   block_size=args.block_size, uri=uri, log=lg, quiesce=q.frozen,
+                                   early=early[0] if early is not None else None)
         if job.offline:
             q.at_rest()
         opts = BackupOptions(name=prefix, mode=args.mode, changes=changes.engine_changes,
@@ -315,6 +330,8 @@ def _backup_domain(args: argparse.Namespace, changes, opened, bar, domain: str, 
         ok = True
     finally:
         q.close(ok)
+        if early is not None and not ok:
+            early[0].abort()  # (a no-op when open_libvirt ended it already)
     level = q.record()["level"]
     roles = [m.extra["libvirt"]["state_role"] for m in ms if (m.extra.get("libvirt") or {}).get("state_role")]
     text = (f"libvirt domain {domain}: {len(ms) - len(roles)} disks"

@@ -321,16 +321,11 @@ def run_detached(args: argparse.Namespace) -> tuple[subprocess.Popen[str], dict]
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True,
                             close_fds=True, text=True)
     assert proc.stdout is not None and proc.stderr is not None
-    from vmbak.disks.qemu import tool_timeout
+    from vmbak.disks.qemu import stop_process, tool_timeout
 
     timeout = tool_timeout("detach")  # $VMBAK_TOOL_TIMEOUT, else DEFAULT_TOOL_TIMEOUT
     if not select.select([proc.stdout], [], [], timeout)[0]:  # nothing read yet: the buffer is empty
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, grace=10)
         raise VmbakError(f"the background vmbak {args.command} did not become ready within {timeout:g} s "
                          "and was stopped")
     line = proc.stdout.readline()

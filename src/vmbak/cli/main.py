@@ -117,16 +117,40 @@ def main(argv: list[str] | None = None) -> int:
         interrupts.quiet()  # the command is over: a late signal only ends the process
         return code
     except KeyboardInterrupt as e:  # a signal during start-up, parsing or the command
-        import signal
-
-        interrupts.quiet()
-        interrupts.run_cleanups()
-        sig = getattr(e, "signum", signal.SIGINT)
-        name = "" if sig == signal.SIGINT else f" ({signal.Signals(sig).name})"
-        return _fail(128 + sig, f"interrupted{name}", "interrupted", signal=signal.Signals(sig).name)
+        return _interrupted(e)
+    except Exception as e:
+        # A signal raised inside code whose own cleanup then failed (a library's finally
+        # that assumed its try had run to the end) reaches here as that second error,
+        # with the interruption as its context: it is still an interruption.
+        cause = _interruption_behind(e)
+        if cause is None:
+            raise
+        return _interrupted(cause)
     finally:
         interrupts.quiet()
         interrupts.run_cleanups()  # what an interrupted owner could not release itself
+
+
+def _interruption_behind(e: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt in ``e``'s chain of context, if there is one."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__context__
+    return None
+
+
+def _interrupted(e: KeyboardInterrupt) -> int:
+    import signal
+
+    interrupts.quiet()
+    interrupts.run_cleanups()
+    sig = getattr(e, "signum", signal.SIGINT)
+    name = "" if sig == signal.SIGINT else f" ({signal.Signals(sig).name})"
+    return _fail(128 + sig, f"interrupted{name}", "interrupted", signal=signal.Signals(sig).name)
 
 
 # Whether errors go to standard output as JSON too: "--json" on the command line, known
@@ -170,6 +194,10 @@ def _main(argv: list[str] | None) -> int:
         from vmbak.repo import kdf_early
 
         kdf_early.start(argv, _VALUE_OPTIONS)
+        if command_group(argv) == "backup":  # backup --libvirt DOMAIN: begin the job meanwhile
+            from vmbak.changes import libvirt_early
+
+            libvirt_early.start(argv)
 
     from vmbak.cli.common import damage_warnings
     from vmbak.errors import VmbakError
@@ -177,7 +205,8 @@ def _main(argv: list[str] | None) -> int:
     _JSON[0] = "--json" in argv
     parser = build_parser(command_group(argv))
     try:
-        args = parser.parse_args(argv)
+        with interrupts.deferred():  # argparse's own finally blocks fail when a signal cuts them short
+            args = parser.parse_args(argv)
         for k, v in (("repo", None), ("password_file", None), ("password_command", None), ("json", False),
                      ("quiet", False)):
             if not hasattr(args, k):

@@ -187,6 +187,8 @@ def _cmd_rbd(args: argparse.Namespace, where) -> int:  # noqa: ANN001 - a Snapsh
         tgt.close()
     r["format"] = "rbd"
     r["alias"] = alias
+    r["warnings"] += [f"removed rbd:{spec.pool}/{printable(n)}: the partial image of a killed restore"
+                      for n in tgt.reaped]
     text = (f"restored snapshot {m.short_id} ({printable(m.name)}, {m.time}) to {r['target']}: "
             f"{human(r['written_bytes'])} written from a chain of {r['chain_length']}"
             + (", verified" if r["verified"] else "") + f" in {r['duration_s']} s")

@@ -303,18 +303,23 @@ def _private_dir(prefix: str) -> str:
     return tempfile.mkdtemp(prefix=prefix, dir=base)
 
 
+def stop_process(proc: subprocess.Popen, grace: float = 5) -> None:
+    """SIGTERM ``proc`` if it still runs, and SIGKILL it after ``grace`` seconds; reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _cleanup(procs: list, directory: str) -> None:
     for proc in procs:
         if proc is None:
             continue
         try:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
         except Exception:  # noqa: BLE001, S110 - best effort at exit
             pass
     shutil.rmtree(directory, ignore_errors=True)

@@ -5,12 +5,21 @@ client id (its keyring comes from the conf, as for the ``rbd`` command). ``RbdDi
 an image at one of its snapshots (a consistent, point-in-time view); ``RbdRestoreTarget``
 writes a new image, sparsely, under a hidden name and renames it into place once complete.
 
+What vmbak leaves on the cluster while it works names its owner, this host and the process:
+a partial restore image in its name (``.IMAGE.vmbak-partial.HOST.PID.RANDOM``, HOST a
+hash of ``host_id``), a backup's new snapshot in an owner record in the image's metadata
+(``owner_record``, written before the snapshot). A later vmbak on the same host removes
+what a killed one left (``owner_dead``); it never touches what a live process, another
+host or the user owns.
+
 The bindings belong to Debian's ``/usr/bin/python3``; vmbak's venv is made by that Python
 with ``--system-site-packages`` (scripts/setup.sh), so ``import rbd`` finds them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import threading
@@ -21,6 +30,7 @@ import numpy as np
 
 from vmbak.engine.restore import RestoreTarget
 from vmbak.errors import DiskError, VmbakError, printable
+from vmbak.repo.backend import host_id, pid_alive
 
 PREFIX = "rbd:"
 # What librados may take to reach the monitors before it gives up (seconds).
@@ -214,12 +224,38 @@ class RbdDisk:
 
 
 PARTIAL = ".vmbak-partial."
+_PARTIAL_OWNER = re.compile(r"\.vmbak-partial\.([0-9a-f]{8})\.(\d+)\.[0-9a-f]+$")
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(host_id().encode()).hexdigest()[:8]
+
+
+def owner_record(**extra: object) -> str:
+    """The metadata value that names this process as the owner of something on the cluster."""
+    return json.dumps({"host": host_id(), "pid": os.getpid(), **extra}, sort_keys=True)
+
+
+def parse_owner(value: str | None) -> dict:
+    try:
+        rec = json.loads(value or "")
+    except ValueError:
+        return {}
+    return rec if isinstance(rec, dict) else {}
+
+
+def owner_dead(rec: dict) -> bool:
+    """Whether an owner record names a process of this host that no longer runs (never
+    true for another host's, whose pids mean nothing here)."""
+    pid = rec.get("pid")
+    return rec.get("host") == host_id() and isinstance(pid, int) and not isinstance(pid, bool) and \
+        pid != os.getpid() and not pid_alive(pid)
 
 
 class RbdRestoreTarget(RestoreTarget):
     """A restore target that is a new RBD image.
 
-    The image is created under ``.IMAGE.vmbak-partial.RANDOM`` in the same pool, written
+    The image is created under ``.IMAGE.vmbak-partial.HOST.PID.RANDOM`` in the same pool, written
     sparsely (blocks of zeros are never written: a new image reads as zeros), and renamed
     to IMAGE by ``commit``; ``discard`` (or ``close`` before commit) removes it."""
 
@@ -237,6 +273,7 @@ class RbdRestoreTarget(RestoreTarget):
         self.is_file = False
         self.created = False
         self.image = None
+        self.reaped: list[str] = []  # partial images of killed restores, removed on the way
         self.cluster = Cluster(conf, client_id)
         try:
             self.ioctx = self.cluster.ioctx(spec.pool)
@@ -244,9 +281,12 @@ class RbdRestoreTarget(RestoreTarget):
             self.cluster.close()
             raise
         try:
-            if spec.image in self._names():
+            names = self._names()
+            if spec.image in names:
                 raise DiskError(f"RBD image {spec} exists (vmbak restores into a new image only)")
-            self.partial = f".{spec.image}{PARTIAL}{os.urandom(4).hex()}"
+            self.reaped = self._reap_partials(names)
+            # the owner (this host, this process) is in the name: a kill leaves nothing unnamed
+            self.partial = f".{spec.image}{PARTIAL}{_host_tag()}.{os.getpid()}.{os.urandom(4).hex()}"
             self.path = f"{PREFIX}{spec.pool}/{self.partial}"
             try:
                 rbd.RBD().create(self.ioctx, self.partial, size)
@@ -265,6 +305,23 @@ class RbdRestoreTarget(RestoreTarget):
             return list(rbd.RBD().list(self.ioctx))
         except rbd.Error as e:
             raise DiskError(f"cannot list the images of pool {self.spec.pool}: {_why(e)}") from None
+
+    def _reap_partials(self, names: list[str]) -> list[str]:
+        """Remove the partial images of restores into this pool that were killed on this
+        host (their owner process is gone); return their names."""
+        _, rbd = _modules()
+        reaped = []
+        for name in names:
+            m = _PARTIAL_OWNER.search(name) if name.startswith(".") else None
+            if m is None or not owner_dead({"host": host_id() if m.group(1) == _host_tag() else None,
+                                             "pid": int(m.group(2))}):
+                continue
+            try:
+                rbd.RBD().remove(self.ioctx, name)
+            except rbd.Error:
+                continue  # gone meanwhile, or in use: not ours to judge now
+            reaped.append(name)
+        return reaped
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         _, rbd = _modules()

@@ -27,6 +27,7 @@ from vmbak.engine.common import (
     range_text,
     resolve_bht,
     runs,
+    sparse_table,
     store_bht,
 )
 from vmbak.engine.progress import NoProgress, Progress, set_phase, watch_upload
@@ -304,8 +305,8 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
         pipe = _Pipeline(repo, disk, bs, grid, parent_bht, writer.has)
         # The new table is the parent's, updated in place (a copy of a 2 TiB disk's table
         # would make all 512 MiB of it resident); ``differs`` records which rows change.
-        # A full's table starts as zeros (calloc: only the rows written get pages).
-        cur = parent_bht if parent_bht is not None else np.zeros((nblocks, 2), BHT_DTYPE)
+        # A full's table starts as zeros (sparse_table: only the rows written get pages).
+        cur = parent_bht if parent_bht is not None else sparse_table(nblocks)
         differs: np.ndarray | None = None
         if parent_bht is not None:
             # Considered blocks that are not read read as zeros (holes, unused blocks).
@@ -363,10 +364,13 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
                 table = cur
             else:
                 assert differs is not None
-                m.changed = considered & used & differs
-                m.newly_unused = considered & ~used & differs
+                differs &= considered
+                changed = differs & used
+                differs &= ~used  # now: the newly unused blocks
+                m.changed, m.newly_unused = changed, differs  # stored packed (Manifest.bits)
+                changed_blocks = int(np.count_nonzero(changed))
                 if tracked is not None and opts.verify_changes:
-                    missed = m.changed & ~tracked  # newly unused blocks need not have been written
+                    missed = changed & ~tracked  # newly unused blocks need not have been written
                     n_missed = int(np.count_nonzero(missed))
                     extra_stats["verify_missed_blocks"] = n_missed
                     extra_stats["verify_reported_blocks"] = int(np.count_nonzero(tracked))
@@ -376,7 +380,9 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
                              f"({range_text(ms.tolist(), ml.tolist())}); they are included in this backup")
                     else:
                         note("verify-changes: the change source reported every changed block (0 missed)")
-                table = cur[m.changed | m.newly_unused]
+                changed |= differs
+                table = cur[changed]  # the covered blocks' rows
+                del changed, differs
             order = np.argsort(np.asarray(ext_start, np.uint64), kind="stable")
             m.ext_start = np.asarray(ext_start, np.uint64)[order]
             m.ext_count = np.asarray(ext_count, np.uint32)[order]
@@ -384,7 +390,8 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
             m.bht_count = len(table)
             m.bht_chunks = store_bht(writer, repo, table)
             writer.flush()
-            changed_blocks = nblocks if parent is None else int(np.count_nonzero(m.changed))
+            if parent is None:
+                changed_blocks = nblocks
             m.stats = extra_stats | {
                 "logical_bytes": size,
                 "considered_bytes": min(int(np.count_nonzero(considered)) * bs, size),

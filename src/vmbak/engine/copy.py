@@ -215,7 +215,8 @@ class _Copier:
                 chunk_blocks=m.chunk_blocks, source=m.source, hostname=m.hostname,
                 change_source=m.change_source, parent=mapping[m.parent] if m.parent else None,
                 reference=mapping.get(m.reference, m.reference) if m.reference else None,
-                change_id=m.change_id, used=m.used, changed=m.changed, newly_unused=m.newly_unused,
+                change_id=m.change_id, used=m.bits("used"), changed=m.bits("changed"),
+                newly_unused=m.bits("newly_unused"),
                 ext_start=m.ext_start.copy(), ext_count=m.ext_count.copy(), stats=dict(m.stats),
                 notes=list(m.notes), extra=dict(m.extra), consistency=m.consistency,
                 guest_consistency=m.guest_consistency, tags=list(m.tags))

@@ -169,12 +169,14 @@ def collapse(repo: Repository, segment: list[Manifest], writer: ChunkWriter, wor
                    consistency=top.consistency, tags=list(top.tags))
     if full:
         table = resolve_bht(repo, segment)
-        used = (bottom.used.copy() if bottom.used is not None and len(bottom.used) == n
-                else np.ones(n, bool))
+        ub = bottom.bits("used")
+        used = ub.bools() if ub is not None and len(ub) == n else np.ones(n, bool)
         for m in reversed(segment[:-1]):
             used[m.changed] = True
-            if m.newly_unused is not None:
-                used[m.newly_unused] = False
+            nu = m.newly_unused
+            if nu is not None:
+                used[nu] = False
+            del nu
         out.used = used
     else:
         table = np.zeros((n, 2), BHT_DTYPE)
@@ -183,8 +185,10 @@ def collapse(repo: Repository, segment: list[Manifest], writer: ChunkWriter, wor
         for i, m in enumerate(segment):
             sel = level == i
             changed |= sel & m.changed
-            if m.newly_unused is not None:
-                newly |= sel & m.newly_unused
+            nu = m.newly_unused
+            if nu is not None:
+                newly |= sel & nu
+            del nu
         for m in reversed(segment):
             cov = m.covered()
             rows = load_bht(repo, m)

@@ -43,6 +43,10 @@ from vmbak.interrupts import deferred, register_cleanup, unregister_cleanup
 from vmbak.repo.manifest import Manifest
 from vmbak.repo.repository import Repository, _parse_iso, parse_time_limit
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from vmbak.changes.libvirt import LibvirtBackup
+
 Log = Callable[[str], None]
 Quiesce = Callable[[], contextlib.AbstractContextManager]  # freeze/thaw around a point in time
 
@@ -301,9 +305,10 @@ def open_qemu_source(sock: str, node: str, since: str | None, block_size: int, n
 
 def open_rbd_source(spec: str, since: str | None, changes: ChangeSpec, mode: str, block_size: int, *,
                     ceph_conf: str | None = None, ceph_id: str | None = None, log: Log | None = None,
-                    quiesce: Quiesce | None = None) -> BackupSource:
+                    quiesce: Quiesce | None = None, chain: str | None = None) -> BackupSource:
     """A new snapshot of an RBD image (``rbd:POOL/IMAGE``) and librbd's diff since the
-    snapshot ``since`` names (changes/rbd.py); ``quiesce`` is entered around the snapshot."""
+    snapshot ``since`` names (changes/rbd.py); ``quiesce`` is entered around the snapshot.
+    ``chain`` (``REPOSITORY-ID:NAME``) owns the snapshot (see changes/rbd.py)."""
     from vmbak.changes.rbd import open_session
     from vmbak.disks.rbd import parse_rbd
 
@@ -314,7 +319,7 @@ def open_rbd_source(spec: str, since: str | None, changes: ChangeSpec, mode: str
     rs = parse_rbd(spec)
     s = open_session(rs, since, block_size, conf=ceph_conf, client_id=ceph_id,
                      keep_older=mode == "differential" and since is not None, log=log,
-                     quiesce=quiesce)
+                     quiesce=quiesce, chain=chain)
     if changes.kind != "auto":
         s.change_map = None  # scan or full: read every used block of the new snapshot
     return BackupSource(reader=s.reader, description=str(rs), change_map=s.change_map, change_id=s.change_id,
@@ -337,7 +342,7 @@ def open_source(repo: Repository, *, name: str, mode: str, changes: ChangeSpec, 
         parent = previous_snapshot(repo, name, mode)
         since = parent.change_id if parent is not None else None
         return open_rbd_source(disk, since, changes, mode, block_size, ceph_conf=ceph_conf, ceph_id=ceph_id,
-                               log=log, quiesce=quiesce)
+                               log=log, quiesce=quiesce, chain=f"{repo.id}:{name}")
     if ceph_conf is not None or ceph_id is not None:
         raise VmbakError("--ceph-conf and --ceph-id go with an RBD image (rbd:POOL/IMAGE)")
     if changes.kind in ("track", "qemu"):
@@ -401,6 +406,12 @@ class LibvirtJob:
                 except Exception:  # noqa: BLE001, S110 - cleanup after the job: best effort
                     pass
             self._cleanup.clear()
+
+    @property
+    def last_disk(self) -> BackupSource | None:
+        """The last source read through the job (the others are state files)."""
+        disks = [s for s in self.sources if not (s.extra.get(LIBVIRT_KEY) or {}).get("state_role")]
+        return disks[-1] if disks else None
 
     def commit(self) -> None:
         self._end(True)
@@ -509,15 +520,17 @@ def _remove_dead_workdirs(tmpdir: str | None) -> None:
 
 def open_libvirt(repo: Repository, domain: str, *, prefix: str, mode: str, changes: ChangeSpec,
                  block_size: int, uri: str, log: Log | None = None, quiesce: Quiesce | None = None,
-                 tmpdir: str | None = None) -> LibvirtJob:
+                 tmpdir: str | None = None, early: LibvirtBackup | None = None) -> LibvirtJob:
     """Start a pull-mode backup of every disk of ``domain``, and capture the files it needs
     besides them. Each disk's backup is named ``PREFIX-TARGET`` (``db-vda``), each state
     file's ``PREFIX-ROLE`` (``db-nvram``); the checkpoint of the newest complete backup of
     the domain is the reference for the changes. A disk added since then (or whose image
     file changed) starts its own full; a disk removed since then is reported. A shut-off
     domain is started paused (no guest code runs) for the backup and stopped after it;
-    ``quiesce`` is then not used (the disks are at rest)."""
-    from vmbak.changes.libvirt import begin_backup, connect, domain_disks, lookup
+    ``quiesce`` is then not used (the disks are at rest). ``early`` is a job that
+    ``vmbak.changes.libvirt_early`` began already (with ``quiesce`` done); it is used (or
+    ended) here."""
+    from vmbak.changes.libvirt import begin_backup, change_map, connect, domain_disks, lookup
     from vmbak.disks.raw import RawDisk
     from vmbak.domain.state import capture, state_items
     from vmbak.domain.xml import check_disks
@@ -533,8 +546,14 @@ def open_libvirt(repo: Repository, domain: str, *, prefix: str, mode: str, chang
         log(msg)
 
     _remove_dead_workdirs(tmpdir)
-    conn = connect(uri)
-    cleanup: list[Callable[[], None]] = [conn.close]
+    cleanup: list[Callable[[], None]] = [early.abort] if early is not None else []  # a no-op once committed
+    try:
+        conn = connect(uri)
+    except BaseException:
+        if early is not None:
+            early.abort()
+        raise
+    cleanup.append(conn.close)
 
     def undo() -> None:
         for fn in reversed(cleanup):
@@ -570,30 +589,52 @@ def open_libvirt(repo: Repository, domain: str, *, prefix: str, mode: str, chang
             note(f"libvirt: disk {tgt} ({previous[tgt]['source']}) was removed from the domain; its snapshots "
                  f"stay in the repository (the last: {previous[tgt]['id']})")
         offline = not dom.isActive()
+        if offline and early is not None:  # it stopped meanwhile: its job is gone with it
+            early.abort()
+            early = None
         if offline:
             _start_paused(conn, dom, domain)
             cleanup.append(lambda: _stop_started(dom))
             note(f"libvirt: domain {domain} is shut off: started it paused (its CPUs do not run) to read its "
                  "disks through a checkpoint; it is stopped again after the backup")
             quiesce = None
-        try:
-            b = begin_backup(domain, since, block_size, uri=uri, log=log, quiesce=quiesce,
-                             full_disks=frozenset(full_disks), tmpdir=tmpdir)
-        except ChangeTrackingError as e:
-            if since is None:
-                raise
-            note(f"libvirt: {e}; reading every disk whole (scan) with a new checkpoint")
-            full_disks = set()
-            b = begin_backup(domain, None, block_size, uri=uri, log=log, quiesce=quiesce, tmpdir=tmpdir)
-        cleanup.append(b.abort)  # a no-op once the job is committed
+        if early is not None:
+            b = early
+            if b.since != since:
+                # The job's reference is libvirt's vmbak checkpoint, not the repository's:
+                # its view is a point in time all the same, read whole (scan). Committed, it
+                # drops that checkpoint, as a job begun here without one drops the others.
+                if since is not None:
+                    note(f"libvirt: checkpoint {since!r} of libvirt domain {domain!r} is missing, so the changes "
+                         "since the last backup are unknown; reading every disk whole (scan) with a new checkpoint")
+                full_disks = set()
+            else:
+                for tgt, v in b.disks.items():
+                    if since is not None and v.bitmap_context is not None and tgt not in full_disks:
+                        v.change_map = change_map(v.reader, v.bitmap_context, block_size, since, b.change_id, tgt)
+        else:
+            try:
+                b = begin_backup(domain, since, block_size, uri=uri, log=log, quiesce=quiesce,
+                                 full_disks=frozenset(full_disks), tmpdir=tmpdir)
+            except ChangeTrackingError as e:
+                if since is None:
+                    raise
+                note(f"libvirt: {e}; reading every disk whole (scan) with a new checkpoint")
+                full_disks = set()
+                b = begin_backup(domain, None, block_size, uri=uri, log=log, quiesce=quiesce, tmpdir=tmpdir)
+            cleanup.append(b.abort)  # a no-op once the job is committed
         notes.extend(b.notes)
-        work = tempfile.mkdtemp(prefix=f"vmbak-state-{os.getpid()}-", dir=tmpdir)
-        cleanup.append(lambda: shutil.rmtree(work, ignore_errors=True))
-        items = state_items(b.domain_xml, uri)
-        try:
-            state_notes = capture(items, work)
-        except DiskError as e:
-            raise DiskError(f"libvirt domain {domain!r}: {e}; no backup taken") from None
+        if early is not None and b.state is not None:  # captured right after the early checkpoint
+            items, work, state_notes = b.state
+            cleanup.append(lambda: shutil.rmtree(work, ignore_errors=True))
+        else:
+            work = tempfile.mkdtemp(prefix=f"vmbak-state-{os.getpid()}-", dir=tmpdir)
+            cleanup.append(lambda: shutil.rmtree(work, ignore_errors=True))
+            items = state_items(b.domain_xml, uri)
+            try:
+                state_notes = capture(items, work)
+            except DiskError as e:
+                raise DiskError(f"libvirt domain {domain!r}: {e}; no backup taken") from None
         for n in state_notes:
             note(n)
         records = [it.record() for it in items]
@@ -682,6 +723,8 @@ def run_libvirt_backup(repo: Repository, job: LibvirtJob, opts: BackupOptions,
             out.append(m)
             if on_disk is not None:
                 on_disk(m)
+            if src is job.last_disk:  # the state files are copies: the job can end meanwhile
+                job._lv.end_reads()  # type: ignore[attr-defined]
     except BaseException:
         try:
             job.abort()

@@ -52,6 +52,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from vmbak.disks.qemu import stop_process
 from vmbak.errors import VmbakError
 from vmbak.repo.manifest import Manifest
 from vmbak.repo.repository import Repository
@@ -519,13 +520,7 @@ def _swtpm_start(run: RunDir, tpm: dict, state_dir: str) -> subprocess.Popen:
 def _stop(proc: subprocess.Popen | None) -> None:
     if proc is None:
         return
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_process(proc)
     if proc.stderr:
         proc.stderr.close()
 

@@ -163,6 +163,9 @@ class Quiescer:
         self._pre_ran = False
         self._post_ran = False
         self.hooks_run: list[str] = []
+        # set by SIGINT/SIGTERM while frozen (main thread), or by ``interrupt`` (another thread
+        # freezing: vmbak.changes.libvirt_early)
+        self.wake = threading.Event()
 
     # -- notes
     def _note(self, msg: str, show: bool = True) -> None:
@@ -311,7 +314,7 @@ class Quiescer:
         """Freeze (per the mode) for the duration of the block, which makes the checkpoint;
         thaw on every way out. After a checkpoint that succeeded, the post hook runs."""
         t0 = time.monotonic()
-        wake = threading.Event()
+        wake = self.wake
         with _held_signals(wake):
             is_frozen = self._freeze()
             t1 = time.monotonic()
@@ -329,6 +332,11 @@ class Quiescer:
                                f"{self.frozen_s:.3f} s (freeze took {t1 - t0:.3f} s)")
         self.level = FROZEN if is_frozen else CRASH
         self._run_post("ok")
+
+    def interrupt(self) -> None:
+        """End a freeze that ``frozen`` holds in another thread as soon as it can (the
+        thaw follows at once)."""
+        self.wake.set()
 
     def at_rest(self) -> None:
         """The guest is shut off (started paused only to read its disks): nothing to freeze;

@@ -7,18 +7,27 @@ the GIL, so ``start`` runs it in a thread as soon as the command line is known, 
 key (AES-GCM over the master key) are unchanged: an early result is the same 32 bytes the
 key file's own derivation would give, for the same password, salt, N, r and p.
 
-Only the plain case is started early: a local repository, the password in $VMBAK_PASSWORD
-(no password file or command anywhere), the first key file in name order (the one
-``open_master_key`` tries first). Anything else derives as before.
+Only the plain case is started early: a local repository, the first key file in name order
+(the one ``open_master_key`` tries first), and a password that can be known without side
+effects, taken with the command line's precedence (cli/common.py ``resolve_password``):
+``--password-file FILE``, else $VMBAK_PASSWORD_FILE, else $VMBAK_PASSWORD; never when the
+password would come from a command (--password-command, or $VMBAK_PASSWORD_COMMAND without
+--password-file). A password file is
+read early only when it is a regular file of at most 64 KiB, read the way the command line
+reads it (UTF-8 text, trailing line ends removed); the command line still reads it again
+itself, so its errors are reported as before, and a FIFO or a device is never consumed
+here. Anything else derives as before.
 """
 
 from __future__ import annotations
 
+import atexit
 import base64
 import hashlib
 import json
 import os
 import re
+import stat
 import threading
 
 _KEY_NAME = re.compile(r"[0-9a-f]{32}")
@@ -29,19 +38,49 @@ def _derive(password: bytes, salt: bytes, n: int, r: int, p: int) -> bytes:
     return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, dklen=32, maxmem=128 * r * (n + p + 2) + (16 << 20))
 
 
+_MAX_PASSWORD_FILE = 1 << 16
+
+
+def _password_file(path: str) -> str | None:
+    """The password in ``path`` as cli/common.py reads it, if it is a small regular file."""
+    st = os.stat(path)  # before opening: opening a FIFO would block or take its writer's data
+    if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_PASSWORD_FILE:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read(_MAX_PASSWORD_FILE + 1).rstrip("\r\n")
+
+
+def _password(file_opt: str | None) -> str | None:
+    """The password resolve_password would return, when it can be had without running a
+    command; None otherwise (or when it is not to be had at all)."""
+    env = os.environ
+    if file_opt:
+        return _password_file(file_opt)
+    env_file, env_cmd = env.get("VMBAK_PASSWORD_FILE"), env.get("VMBAK_PASSWORD_COMMAND")
+    if env_cmd:
+        return None
+    if env_file:
+        return _password_file(env_file)
+    return env.get("VMBAK_PASSWORD")
+
+
 def start(argv: list[str], value_options: tuple[str, ...]) -> None:
     """Start deriving the first key file's key of the repository ``argv`` names, if simple."""
     try:
         env = os.environ
-        pw = env.get("VMBAK_PASSWORD")
-        if pw is None or env.get("VMBAK_PASSWORD_FILE") or env.get("VMBAK_PASSWORD_COMMAND"):
-            return
         repo = env.get("VMBAK_REPOSITORY")
+        file_opt: str | None = None
         it = iter(argv)
         for a in it:
-            if a.startswith("--pass"):
+            if a == "--password-file":
+                file_opt = next(it, None)
+                if file_opt is None:
+                    return
+            elif a.startswith("--password-file="):
+                file_opt = a.split("=", 1)[1]
+            elif a.startswith("--pass"):  # a password command, or an abbreviation
                 return
-            if a in ("-r", "--repo"):
+            elif a in ("-r", "--repo"):
                 repo = next(it, None)
             elif a.startswith("--repo="):
                 repo = a.split("=", 1)[1]
@@ -60,6 +99,9 @@ def start(argv: list[str], value_options: tuple[str, ...]) -> None:
         if not (1 < n <= 1 << 22 and 0 < r <= 64 and 0 < p <= 16):
             return
         salt = base64.b64decode(doc["salt"].encode(), validate=True)
+        pw = _password(file_opt)  # last: a password file is read only for a repository that needs it
+        if pw is None:
+            return
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return  # the real opening reports whatever is wrong
     key = (pw.encode(), salt, n, r, p)
@@ -72,8 +114,19 @@ def start(argv: list[str], value_options: tuple[str, ...]) -> None:
             pass
 
     t = threading.Thread(target=run, name="vmbak-kdf", daemon=True)
+    if not _pending:
+        atexit.register(_join_pending)
     _pending[key] = (t, box)
     t.start()
+
+
+def _join_pending() -> None:
+    """At exit (a signal or an error before the key was taken): let the derivation end
+    first. A thread still inside OpenSSL's scrypt while the process exits can meet the
+    locks OpenSSL's exit handlers free (seen: SIGSEGV in pthread_rwlock_rdlock on a
+    non-main thread, about 1 in 100 start-ups interrupted by SIGINT)."""
+    for t, _ in list(_pending.values()):
+        t.join(timeout=30)
 
 
 def take(password: bytes, salt: bytes, n: int, r: int, p: int) -> bytes | None:

@@ -43,6 +43,125 @@ def is_full(kind: str) -> bool:
     return kind in (FULL, SYNTHETIC)
 
 
+BITMAPS = ("used", "changed", "newly_unused")
+_BITS_PREFIX = "_bits_"
+# Packed bitmaps larger than this are held zstd-compressed in memory (a disk above 32 GiB
+# at 64 KiB blocks); smaller ones stay plain, so normal-size disks pay nothing.
+_COMPRESS_ABOVE = 64 << 10
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)
+
+
+class Bits:
+    """A bitmap of ``n`` bits (one per block) as the manifest stores it: numpy packbits
+    with little bit order, the padding bits of the last byte zero.
+
+    A manifest keeps its bitmaps in this form, zstd-compressed when large, and unpacks one
+    only when it is read: a 2 TiB disk's bitmap is 32 MiB as a bool array, 4 MiB packed,
+    and a few KiB compressed when few blocks are set. Every snapshot of a repository is
+    loaded to list or resolve them, so a bool array each made the memory of any command
+    grow by 64 MiB per incremental of a 2 TiB disk. Immutable.
+    """
+
+    __slots__ = ("_data", "_nbytes", "_z", "n")
+
+    def __init__(self, packed: bytes | np.ndarray, n: int) -> None:
+        nbytes = (n + 7) // 8
+        buf = np.frombuffer(packed, np.uint8) if isinstance(packed, (bytes, bytearray, memoryview)) \
+            else np.ascontiguousarray(packed, np.uint8).ravel()
+        if len(buf) != nbytes:
+            raise ValueError(f"{len(buf)} bytes of packed bits for {n} bits")
+        if n % 8 and buf[-1] >> (n % 8):  # clear the padding bits (a reader ignores them)
+            buf = buf.copy()
+            buf[-1] &= (1 << (n % 8)) - 1
+        data = buf.tobytes()
+        self.n = n
+        self._nbytes = nbytes
+        self._z = False
+        if nbytes > _COMPRESS_ABOVE:
+            z = zstandard.ZstdCompressor(level=1).compress(data)
+            if len(z) < nbytes // 2:
+                data, self._z = z, True
+        self._data = data
+
+    @classmethod
+    def from_bools(cls, a: np.ndarray) -> Bits:
+        """Pack a bool (or 0/1) array."""
+        a = np.asarray(a)
+        return cls(np.packbits(a if a.dtype == bool else a.astype(bool), bitorder="little"), len(a))
+
+    @classmethod
+    def ones(cls, n: int) -> Bits:
+        b = np.full((n + 7) // 8, 0xFF, np.uint8)
+        return cls(b, n)  # the padding is cleared by __init__
+
+    def __len__(self) -> int:
+        return self.n
+
+    def tobytes(self) -> bytes:
+        """The packed bytes (the manifest's on-disk encoding)."""
+        if not self._z:
+            return self._data
+        return zstd.decompress(self._data, self._nbytes, "bitmap")
+
+    def packed(self) -> np.ndarray:
+        """The packed bytes as a read-only uint8 array."""
+        return np.frombuffer(self.tobytes(), np.uint8)
+
+    def bools(self) -> np.ndarray:
+        """A new bool array of ``n`` elements."""
+        return _unpack(self.packed(), self.n)
+
+    def count(self) -> int:
+        """The number of bits set."""
+        p = self.packed()
+        if hasattr(np, "bitwise_count"):
+            return int(np.bitwise_count(p).sum(dtype=np.int64))
+        return int(_POPCOUNT[p].sum(dtype=np.int64))
+
+    def __or__(self, other: Bits) -> Bits:
+        if other.n != self.n:
+            raise ValueError(f"bitmaps of {self.n} and {other.n} bits")
+        return Bits(np.bitwise_or(self.packed(), other.packed()), self.n)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Bits) and other.n == self.n and other.tobytes() == self.tobytes()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Bits(n={self.n}, stored={len(self._data)} bytes{', zstd' if self._z else ''})"
+
+
+def _unpack(packed: np.ndarray, n: int) -> np.ndarray:
+    nz = np.flatnonzero(packed)
+    if len(nz) * 16 > len(packed):
+        # unpackbits gives 0/1 bytes, which are valid bools: a view instead of a second array
+        return np.unpackbits(packed, count=n, bitorder="little").view(bool)
+    # Few bits set (the usual incremental): zeros, then only the non-zero bytes unpacked,
+    # 4 times faster at 2 TiB than unpacking every byte.
+    out = np.zeros(len(packed) * 8, bool)
+    out.reshape(-1, 8)[nz] = np.unpackbits(packed[nz, None], axis=1, bitorder="little").view(bool)
+    return out[:n]
+
+
+class BitmapField:
+    """A Manifest field that reads as a bool array (a new one each time: changing it does
+    not change the manifest) and is stored as :class:`Bits`. Assign a bool array, a
+    :class:`Bits` or None. (A descriptor-typed dataclass field, default None.)"""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = _BITS_PREFIX + name
+
+    def __get__(self, obj: object, objtype: type | None = None) -> np.ndarray | None:
+        if obj is None:
+            return None  # the dataclass default
+        b = obj.__dict__.get(self.key)
+        return None if b is None else b.bools()
+
+    def __set__(self, obj: object, value: np.ndarray | Bits | None) -> None:
+        obj.__dict__[self.key] = value if value is None or isinstance(value, Bits) else Bits.from_bools(value)
+
+
 @dataclass
 class Manifest:
     name: str
@@ -57,9 +176,11 @@ class Manifest:
     parent: str | None = None
     reference: str | None = None
     change_id: str | None = None
-    used: np.ndarray | None = None          # full: bool per block
-    changed: np.ndarray | None = None       # incremental/differential: bool per block
-    newly_unused: np.ndarray | None = None  # incremental/differential: bool per block
+    # The bitmaps read and assign as bool arrays, one element per block, but are kept as
+    # Bits (packed, compressed when large): see BitmapField.
+    used: np.ndarray | None = BitmapField()          # full
+    changed: np.ndarray | None = BitmapField()       # incremental/differential
+    newly_unused: np.ndarray | None = BitmapField()  # incremental/differential
     ext_start: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     ext_count: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
     ext_id: np.ndarray = field(default_factory=lambda: np.zeros(0, "V32"))
@@ -81,13 +202,33 @@ class Manifest:
     def short_id(self) -> str:
         return self.id[:8]
 
+    def bits(self, name: str) -> Bits | None:
+        """The bitmap ``name`` (used, changed, newly_unused) as stored, without unpacking it."""
+        if name not in BITMAPS:
+            raise KeyError(name)
+        return self.__dict__.get(_BITS_PREFIX + name)
+
     def covered(self) -> np.ndarray:
-        """Blocks whose content this manifest defines (all blocks for a full)."""
+        """Blocks whose content this manifest defines (all blocks for a full), as a new
+        bool array."""
         if is_full(self.kind):
             return np.ones(self.block_count, dtype=bool)
-        c = self.changed.copy()
-        if self.newly_unused is not None:
-            c |= self.newly_unused
+        c = self._changed_bits()
+        u = self.bits("newly_unused")
+        return c.bools() if u is None else _unpack(np.bitwise_or(c.packed(), u.packed()), c.n)
+
+    def covered_bits(self) -> Bits:
+        """:meth:`covered`, packed: one bit per block."""
+        if is_full(self.kind):
+            return Bits.ones(self.block_count)
+        c = self._changed_bits()
+        u = self.bits("newly_unused")
+        return c if u is None else c | u
+
+    def _changed_bits(self) -> Bits:
+        c = self.bits("changed")
+        if c is None:
+            raise IntegrityError(f"snapshot {self.short_id}: incremental manifest without a changed bitmap")
         return c
 
     def summary(self) -> dict:
@@ -136,20 +277,16 @@ class Manifest:
         return [a["id"] for a in self.aliases()]
 
 
-def _bits(a: np.ndarray) -> bytes:
-    return np.packbits(a.astype(bool), bitorder="little").tobytes()
-
-
 def encode_manifest(m: Manifest) -> bytes:
     """Return the manifest plaintext (zstd-compressed)."""
     arrays: list[tuple[str, str, int, bytes]] = []
     n = m.block_count
-    for name in ("used", "changed", "newly_unused"):
-        a = getattr(m, name)
-        if a is not None:
-            if len(a) != n:
-                raise ValueError(f"bitmap {name} has {len(a)} bits, expected {n}")
-            arrays.append((name, "bits", n, _bits(a)))
+    for name in BITMAPS:
+        b = m.bits(name)
+        if b is not None:
+            if len(b) != n:
+                raise ValueError(f"bitmap {name} has {len(b)} bits, expected {n}")
+            arrays.append((name, "bits", n, b.tobytes()))
     ne = len(m.ext_start)
     arrays.append(("ext_start", "<u8", ne, np.ascontiguousarray(m.ext_start, dtype="<u8").tobytes()))
     arrays.append(("ext_count", "<u4", ne, np.ascontiguousarray(m.ext_count, dtype="<u4").tobytes()))
@@ -244,15 +381,12 @@ def decode_manifest(payload: bytes, snap_id: str) -> Manifest:
         if int(h["version"]) > MANIFEST_VERSION:
             raise IntegrityError(f"{what}: manifest version {h['version']} is newer than this vmbak")
         n = _geometry(h, what)
-        arrays: dict[str, np.ndarray] = {}
+        arrays: dict[str, np.ndarray | Bits] = {}
         for a in h["arrays"]:
             name, enc, cnt, nb = _array_bytes(a, n, what)
             raw = r.read_exact(nb)
-            if enc == "bits":
-                arr = np.unpackbits(np.frombuffer(raw, np.uint8), count=cnt, bitorder="little").astype(bool)
-            else:
-                arr = np.frombuffer(raw, np.dtype(enc), cnt)
-            arrays[name] = arr
+            # bitmaps stay packed (see Bits)
+            arrays[name] = Bits(raw, cnt) if enc == "bits" else np.frombuffer(raw, np.dtype(enc), cnt)
         r.expect_end()
         m = Manifest(
             name=h["name"], kind=h["type"], time=h["time"], disk_size=int(h["disk_size"]),
@@ -277,6 +411,6 @@ def decode_manifest(payload: bytes, snap_id: str) -> Manifest:
             or not (m.guest_consistency is None or isinstance(m.guest_consistency, dict)
                     and isinstance(m.guest_consistency.get("level"), str)):
         raise IntegrityError(f"{what}: manifest has fields of the wrong type")
-    if not is_full(m.kind) and m.changed is None:
+    if not is_full(m.kind) and m.bits("changed") is None:
         raise IntegrityError(f"{what}: incremental manifest without a changed bitmap")
     return m
