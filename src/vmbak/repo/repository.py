@@ -27,7 +27,15 @@ from vmbak.errors import (
 )
 from vmbak.interrupts import deferred, register_cleanup, unregister_cleanup
 from vmbak.repo import zstd
-from vmbak.repo.backend import Backend, LocalBackend, ObjectMissing, host_id, makedirs_private, pid_alive
+from vmbak.repo.backend import (
+    Backend,
+    LocalBackend,
+    ObjectMissing,
+    OpenFiles,
+    host_id,
+    makedirs_private,
+    pid_alive,
+)
 from vmbak.repo.crypto import (
     CHUNK_ID_BLAKE3,
     CHUNK_ID_BLOCKS,
@@ -512,12 +520,21 @@ class Repository:
             raise IntegrityError(f"{what or 'chunk ' + chunk_id.hex()[:16]}: pack {loc.pack[:16]} is truncated")
         return self.decode_chunk(chunk_id, blob, loc.raw_length, what, check_id)
 
+    def open_files(self, threads: int) -> OpenFiles | None:
+        """A cache of open pack descriptors for :meth:`read_into` calls from up to
+        ``threads`` threads (None where the backend does not read local files); close it
+        once they are done."""
+        if not isinstance(self.backend, LocalBackend):
+            return None
+        return OpenFiles(OpenFiles.budget(threads))
+
     def read_into(self, chunk_id: bytes, loc: Location, out: memoryview, what: str = "",
-                  check_id: bool = True) -> int:
+                  check_id: bool = True, files: OpenFiles | None = None) -> int:
         """:meth:`read_at` into ``out`` (at least ``loc.raw_length`` bytes): the chunk's
         plaintext is written to the start of ``out`` and its length returned, with the same
         checks. The stored blob and the decrypted payload go through this thread's reused
-        buffers, so a restore allocates no memory per chunk; thread-safe."""
+        buffers, so a restore allocates no memory per chunk; thread-safe. ``files`` (from
+        :meth:`open_files`) keeps the packs open across calls."""
         label = what or f"chunk {chunk_id.hex()[:16]}"
         raw_len = loc.raw_length
         if raw_len > self.max_chunk or raw_len > len(out):
@@ -528,7 +545,8 @@ class Repository:
         read_into = getattr(self.backend, "read_range_into", None)
         try:
             if read_into is not None:
-                got = read_into(name, loc.offset, blob_buf)
+                got = read_into(name, loc.offset, blob_buf, files) if files is not None else \
+                    read_into(name, loc.offset, blob_buf)
             else:
                 data = self.backend.read_range(name, loc.offset, loc.length)
                 got = len(data)
