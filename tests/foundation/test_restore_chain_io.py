@@ -5,6 +5,7 @@ one write per chunk. Counted with strace on the real command line."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -80,3 +81,45 @@ def test_chain_head_restore_opens_each_pack_once_per_thread_and_writes_long_runs
     # 32 MiB in runs of up to 8 MiB: 4 writes (a little slack for where the runs are cut).
     # Before: about 500, one per chunk of an incremental and per piece of the full between them.
     assert 4 <= len(writes) <= 8, (len(writes), writes[:10])
+
+
+def test_a_forged_chunk_in_a_chain_is_caught_by_the_block_hashes(make_repo, make_disk, tmp_path, assert_cli_error):
+    """The blocks a task takes from several chunks are checked against the block hashes
+    together: a chunk of an incremental whose envelope is valid but whose content is not
+    what the snapshot's block hashes say stops the restore before anything of it is
+    written, naming that chunk and block; with --ignore-errors only that block is lost."""
+    repo = make_repo("none")
+    size = 8 * MiB
+    disk = make_disk("f.raw", size, seed=21)  # random: chunks are stored raw
+    repo.backup(disk, "f")
+    for blk in (3, 4, 40, 41, 42, 90):
+        disk.write_random(blk * BLOCK, BLOCK, seed=blk)
+    snap = repo.backup(disk, "f")
+    expect = disk.read()
+    r = repo.open()
+    m = next(m for m in r.manifests() if m.id == snap["id"])
+    k = int(np.flatnonzero(m.ext_start == 40)[0])
+    cid = bytes(m.ext_id[k])
+    assert int(m.ext_count[k]) == 3
+    loc = r.index.get(cid)
+    pack = repo.path / "data" / loc.pack[:2] / loc.pack
+    blob = pack.read_bytes()[loc.offset:loc.offset + loc.length]
+    payload = bytearray(r.sealer.open(blob, b"vmbak-chunk:" + cid, "test"))
+    assert payload[0] == 0, "random data should be stored raw"
+    payload[1 + BLOCK + 5] ^= 1  # block 41
+    sealed = r.sealer.seal(bytes(payload), b"vmbak-chunk:" + cid)
+    with open(pack, "r+b") as f:
+        f.seek(loc.offset)
+        f.write(sealed)
+
+    out = tmp_path / "o.raw"
+    line = assert_cli_error(repo.run("restore", "f:latest", out, check=False), "block hashes", cid.hex()[:16])
+    assert "blocks 41 do not match" in line, line
+    assert not out.exists()
+    p = repo.run("restore", "f:latest", out, "--ignore-errors", "--json", check=False)
+    assert p.returncode == 3, p.stderr
+    rep = json.loads(p.stdout.splitlines()[-1])
+    assert [(d["start_block"], d["blocks"]) for d in rep["damaged"]] == [(41, 1)], rep["damaged"]
+    got = out.read_bytes()
+    assert got[41 * BLOCK:42 * BLOCK] == bytes(BLOCK)
+    assert got[:41 * BLOCK] == expect[:41 * BLOCK] and got[42 * BLOCK:] == expect[42 * BLOCK:]

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 
 import numpy as np
 
@@ -608,91 +608,93 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
                     setattr(bufs, kind, buf)
                 return memoryview(buf)[:n]
 
-            def run_job(job: _Job, out: memoryview,
-                        writes: list[tuple[int, memoryview]]) -> tuple[int, list[tuple[int, int, str, str]]]:
-                """Decode one chunk into ``out`` and verify it; the pieces to write are
-                appended to ``writes``; return (bytes to write, damaged ranges)."""
-                m = chain[job.level]
-                what = (f"chunk {job.chunk_id.hex()[:16]} (blocks {job.start}-{job.start + job.count - 1} "
-                        f"of snapshot {m.short_id})")
-                pieces = job.sub or [(job.start, job.count)]
-                want = min(job.count * bs, size - job.start * bs)
+            def what(job: _Job) -> str:
+                return (f"chunk {job.chunk_id.hex()[:16]} (blocks {job.start}-{job.start + job.count - 1} "
+                        f"of snapshot {chain[job.level].short_id})")
+
+            def decode(job: _Job, out: memoryview) -> list[tuple[int, int, str, str]] | None:
+                """Decode one chunk into ``out``; None, or (with ``ignore_errors``) the
+                damaged ranges of the chunk that could not be read."""
+                label = what(job)
                 try:
-                    if locs[job.chunk_id].raw_length != want:
-                        raise IntegrityError(f"{what}: has the wrong length")
-                    repo.read_into(job.chunk_id, locs[job.chunk_id], out, what, check_id=not inline, files=files)
+                    if locs[job.chunk_id].raw_length != min(job.count * bs, size - job.start * bs):
+                        raise IntegrityError(f"{label}: has the wrong length")
+                    repo.read_into(job.chunk_id, locs[job.chunk_id], out, label, check_id=not inline, files=files)
                 except IntegrityError as e:
                     if not ignore_errors:
                         raise
-                    why = str(e).removeprefix(what + ": ")
-                    return 0, [(a, b, m.short_id, f"chunk {job.chunk_id.hex()[:16]}: {why}") for a, b in pieces]
-                mv = out[:want]
-                n = 0
-                lost: list[tuple[int, int, str, str]] = []
-                for a, b in pieces:
-                    piece = mv[(a - job.start) * bs:(a - job.start + b) * bs]
-                    if inline:
-                        assert expected is not None
-                        h, _ = hash_blocks(repo.sealer.block_hash, piece, b, bs, zero_hash)
-                        bad = (h != expected[a:a + b]).any(axis=1)
-                        if bad.any():
-                            bs_, bl = runs(bad)
-                            if not ignore_errors:
-                                raise IntegrityError(
-                                    f"{what}: blocks {range_text((bs_ + a).tolist(), bl.tolist())} do not match the "
-                                    "snapshot's block hashes (corrupt data); the restore stopped before writing them")
-                            for x, y in zip(bs_.tolist(), bl.tolist(), strict=True):
-                                lost.append((a + x, y, m.short_id, f"chunk {job.chunk_id.hex()[:16]}: does not "
-                                             "match the snapshot's block hashes (corrupt data)"))
-                            gs, gl = runs(~bad)
-                            for x, y in zip(gs.tolist(), gl.tolist(), strict=True):
-                                good = piece[x * bs:(x + y) * bs]
-                                writes.append(((a + x) * bs, good))
-                                n += len(good)
-                            continue
-                    writes.append((a * bs, piece))
-                    n += len(piece)
-                return n, lost
+                    why = str(e).removeprefix(label + ": ")
+                    return [(a, b, chain[job.level].short_id, f"chunk {job.chunk_id.hex()[:16]}: {why}")
+                            for a, b in job.sub or [(job.start, job.count)]]
+                return None
 
             def run(group: list[_Job]) -> tuple[int, list[tuple[int, int, str, str]]]:
                 """Restore the stretch of the disk a group covers: decode each chunk at its
-                place in one aligned buffer that stands for the stretch, then write each
-                contiguous run of the blocks taken from them with one call."""
+                place in one aligned buffer that stands for the stretch, check each run of
+                adjacent blocks taken from them against the block hashes at once, then
+                write each run with one call."""
                 base = group[0].start * bs
-                end = max(min((j.start + j.count) * bs, size) for j in group)
-                out = buffer(end - base)
-                writes: list[tuple[int, memoryview]] = []
-                n = 0
+                out = buffer(max(min((j.start + j.count) * bs, size) for j in group) - base)
                 lost: list[tuple[int, int, str, str]] = []
-                try:
-                    # Older snapshots first, then from each pack in order: a chunk's
-                    # extent holds only blocks its own snapshot or newer ones provide, so
-                    # a newer chunk decoded later overwrites only blocks the older one
-                    # does not provide, and each block's bytes are final (and checked)
-                    # once its own chunk is decoded.
-                    for job in sorted(group, key=lambda j: (-j.level, locs[j.chunk_id].pack,
-                                                            locs[j.chunk_id].offset)):
-                        if job.inside:
-                            k, bad = run_job(job, out[job.start * bs - base:], writes)
-                        else:  # decoded aside; only the blocks it provides are copied in
-                            first = len(writes)
-                            k, bad = run_job(job, buffer(locs[job.chunk_id].raw_length, "aside", 0), writes)
-                            for off, view in writes[first:]:
-                                out[off - base:off - base + len(view)] = view
-                        n += k
+                pieces: list[tuple[int, int, _Job]] = []  # (first block, count, chunk) decoded
+                # Older snapshots first, then from each pack in order: a chunk's extent
+                # holds only blocks its own snapshot or newer ones provide, so a newer chunk
+                # decoded later overwrites only blocks the older one does not provide.
+                for job in sorted(group, key=lambda j: (-j.level, locs[j.chunk_id].pack, locs[j.chunk_id].offset)):
+                    mine = job.sub or [(job.start, job.count)]
+                    if job.inside:
+                        bad = decode(job, out[job.start * bs - base:])
+                    else:  # decoded aside; only the blocks it provides are copied in
+                        aside = buffer(locs[job.chunk_id].raw_length, "aside", 0)
+                        bad = decode(job, aside)
+                        if bad is None:
+                            for a, b in mine:
+                                lo, hi = a * bs, min((a + b) * bs, size)
+                                out[lo - base:hi - base] = aside[lo - job.start * bs:hi - job.start * bs]
+                    if bad is not None:
                         lost += bad
-                    # one write per run of blocks adjacent on the disk (and so in the buffer)
-                    writes.sort(key=lambda w: w[0])
-                    i = 0
-                    while i < len(writes):
-                        off, ln = writes[i][0], len(writes[i][1])
-                        i += 1
-                        while i < len(writes) and writes[i][0] == off + ln:
-                            ln += len(writes[i][1])
-                            i += 1
-                        tgt.write(off, out[off - base:off - base + ln])
-                finally:
-                    writes.clear()
+                        continue
+                    pieces += [(a, b, job) for a, b in mine]
+                pieces.sort(key=itemgetter(0))
+                writes: list[tuple[int, int]] = []  # (first block, count)
+                i = 0
+                while i < len(pieces):  # each run of blocks adjacent on the disk
+                    a, b = pieces[i][0], pieces[i][1]
+                    j = i + 1
+                    while j < len(pieces) and pieces[j][0] == a + b:
+                        b += pieces[j][1]
+                        j += 1
+                    if inline:
+                        assert expected is not None
+                        h, _ = hash_blocks(repo.sealer.block_hash, out[a * bs - base:min((a + b) * bs, size) - base],
+                                           b, bs, zero_hash)
+                        bad_rows = (h != expected[a:a + b]).any(axis=1)
+                        if bad_rows.any():
+                            for pa, pb, job in pieces[i:j]:
+                                pbad = bad_rows[pa - a:pa - a + pb]
+                                if not pbad.any():
+                                    continue
+                                rs, rl = runs(pbad)
+                                if not ignore_errors:
+                                    raise IntegrityError(
+                                        f"{what(job)}: blocks {range_text((rs + pa).tolist(), rl.tolist())} do not "
+                                        "match the snapshot's block hashes (corrupt data); the restore stopped before "
+                                        "writing them")
+                                for x, y in zip(rs.tolist(), rl.tolist(), strict=True):
+                                    lost.append((pa + x, y, chain[job.level].short_id,
+                                                 f"chunk {job.chunk_id.hex()[:16]}: does not match the snapshot's "
+                                                 "block hashes (corrupt data)"))
+                            gs, gl = runs(~bad_rows)
+                            writes += [(a + x, y) for x, y in zip(gs.tolist(), gl.tolist(), strict=True)]
+                            i = j
+                            continue
+                    writes.append((a, b))
+                    i = j
+                n = 0
+                for a, b in writes:
+                    lo, hi = a * bs, min((a + b) * bs, size)
+                    tgt.write(lo, out[lo - base:hi - base])
+                    n += hi - lo
                 return n, lost
 
             progress.start(int(np.count_nonzero(data_mask)) * bs, "restore")
