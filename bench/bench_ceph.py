@@ -6,8 +6,11 @@ in one bucket of the cluster's radosgw:
 
 1. W `vmbak backup rbd:POOL/img-i --name img-i` processes start at once, each backing up
    its own image (full); timed together: throughput = logical bytes read / wall time;
-2. every image gets changes (CHANGE_MIB of random writes), then W incremental backups
-   run at once while `vmbak prune --grace 0` runs beside them;
+2. a scratch image is backed up and forgotten (so that prune has packs to delete); every
+   image gets changes (CHANGE_MIB of random writes), then W incremental backups run at
+   once while `vmbak prune --grace 0` runs beside them (it marks the scratch packs; it may
+   sweep only what no operation running at marking time can still use), and a second
+   prune after them sweeps what the first could not;
 3. every image is restored (`vmbak restore img-i:latest rbd:POOL/restored-i`) and compared
    byte for byte with the image; then `vmbak check --read-data`.
 
@@ -70,6 +73,15 @@ def wait(p: subprocess.Popen) -> tuple[int, str, str]:
     return peak, out, err
 
 
+def prune_summary(result: tuple[int, str, str]) -> dict:
+    """What one prune did, from its --json summary: packs it marked and deleted, bytes freed."""
+    rss, out, _ = result
+    doc = json.loads(out.strip().splitlines()[-1])
+    marked = doc.get("marked") or {}
+    return {"marked_packs": marked.get("doomed_packs", 0), "deleted_packs": sum(x["deleted_packs"] for x in doc["swept"]),
+            "freed_mib": round(doc["freed_bytes"] / MiB, 1), "postponed": len(doc["postponed"]), "peak_rss_mib": rss >> 20}
+
+
 def fill(img, size: int, seed: int) -> None:  # noqa: ANN001 - rbd.Image
     """Half the image: random 4 MiB stretches, text-like ones and holes."""
     rng = np.random.default_rng(seed)
@@ -92,6 +104,7 @@ def main() -> None:
     ap.add_argument("--writers", default="1,2,4,8")
     ap.add_argument("--image-mib", type=int, default=128)
     ap.add_argument("--change-mib", type=int, default=8)
+    ap.add_argument("--scratch-mib", type=int, default=32, help="size of the forgotten scratch image prune deletes")
     ap.add_argument("--pool", default="vmbak-bench")
     a = ap.parse_args()
     import boto3
@@ -137,6 +150,20 @@ def main() -> None:
         rec: dict = {"writers": w}
         for phase in ("full", "incremental"):
             if phase == "incremental":
+                scratch = f"scratch-{w}"
+                if scratch in set(rbd.RBD().list(io)):
+                    rbd.RBD().remove(io, scratch)
+                rbd.RBD().create(io, scratch, a.scratch_mib * MiB, order=22)
+                with rbd.Image(io, scratch) as img:
+                    for off in range(0, a.scratch_mib * MiB, 4 * MiB):
+                        img.write(rng.integers(0, 256, 4 * MiB, dtype=np.uint8).tobytes(), off)
+                wait(start(["backup", f"rbd:{a.pool}/{scratch}", "--name", scratch, "-q", "--ceph-conf", a.ceph_conf],
+                           env))
+                wait(start(["forget", f"{scratch}:latest", "-q"], env))
+                with rbd.Image(io, scratch) as img:
+                    for sn in img.list_snaps():
+                        img.remove_snap(sn["name"])
+                rbd.RBD().remove(io, scratch)
                 for n in imgs:
                     with rbd.Image(io, n) as img:
                         for _ in range(a.change_mib):
@@ -148,7 +175,7 @@ def main() -> None:
             pruner = start(["prune", "--grace", "0", "--json"], env) if phase == "incremental" else None
             outs = [wait(p) for p in procs]
             wall = time.perf_counter() - t
-            prune_rss = wait(pruner)[0] if pruner is not None else None
+            pruned = wait(pruner) if pruner is not None else None
             sums = [json.loads(o.strip().splitlines()[-1]) for _, o, _ in outs]
             read = sum(s["stats"]["read_bytes"] for s in sums)
             rec[phase] = {"wall_s": round(wall, 2), "read_mib": read // MiB,
@@ -156,8 +183,9 @@ def main() -> None:
                           "logical_mib_per_s": round(w * size / MiB / wall, 1),
                           "peak_rss_mib": [r >> 20 for r, _, _ in outs],
                           "sources": sorted({s["change_source"] for s in sums})}
-            if prune_rss is not None:
-                rec[phase]["prune_peak_rss_mib"] = prune_rss >> 20
+            if pruned is not None:
+                rec[phase]["prune_beside_writers"] = prune_summary(pruned)
+                rec[phase]["prune_after_writers"] = prune_summary(wait(start(["prune", "--grace", "0", "--json"], env)))
             print(json.dumps({"writers": w, phase: rec[phase]}), flush=True)
         # restore every image into a new one and compare
         t = time.perf_counter()
@@ -189,6 +217,8 @@ def main() -> None:
             objs = s3.list_objects_v2(Bucket=bucket, Prefix=f"w{w}/")
     summary = [{"writers": r["writers"], "full_mib_per_s": r["full"]["mib_per_s"],
                 "incr_wall_s": r["incremental"]["wall_s"],
+                "pruned_beside_writers_packs": r["incremental"]["prune_beside_writers"]["deleted_packs"],
+                "pruned_after_packs": r["incremental"]["prune_after_writers"]["deleted_packs"],
                 "median_writer_peak_rss_mib": statistics.median(r["full"]["peak_rss_mib"]),
                 "restore_identical": r["restore"]["byte_identical"], "check_ok": r["check"]["ok"]}
                for r in results]
