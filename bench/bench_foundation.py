@@ -549,7 +549,8 @@ def clean(*paths: Path) -> None:
             p.unlink()
 
 
-def run_tool(tool: Tool, run: int, workdir: Path, v1: Path, v2: Path, meta: dict[str, Any]) -> list[Measure]:
+def run_tool(tool: Tool, run: int, workdir: Path, v1: Path, v2: Path, meta: dict[str, Any],
+             baseline: str | None = None) -> list[Measure]:
     repo = workdir / "repos" / tool.name
     out = workdir / "restore" / tool.name
     disk = workdir / "disk" / "disk.raw"
@@ -575,14 +576,24 @@ def run_tool(tool: Tool, run: int, workdir: Path, v1: Path, v2: Path, meta: dict
         if m.rc:
             return results
     cmd, cwd, restored = tool.restore(repo, out, disk)
-    m = measured(Measure(tool.name, "restore", run), cmd, tool.env, log, cwd=cwd, repo=repo)
-    if m.rc == 0:
-        m.verify = verify_restore(tool.name, restored, v2, meta)
-        if not m.verify.get("ok"):
-            m.error = "restore verification failed: " + m.verify.get("reason", "?")
-    results.append(m)
-    say(f"  run {run} {tool.name:9} {'restore':11} {m.wall_s:7.1f} s  cpu {m.cpu_s:7.1f} s  "
-        f"rss {m.max_rss_kib / KIB:7.0f} MiB  verify {'ok' if m.verify.get('ok') else m.error}")
+    # With --baseline, the same repository is also restored by the baseline vmbak (first in
+    # odd runs, second in even ones).
+    steps = [("restore", cmd)]
+    if baseline and tool.name.startswith("vmbak"):
+        steps.append(("restore-baseline", [baseline, *cmd[1:]]))
+        if run % 2 == 0:
+            steps.reverse()
+    for step, c in steps:
+        clean(out)
+        out.mkdir(parents=True)
+        m = measured(Measure(tool.name, step, run), c, tool.env, log, cwd=cwd, repo=repo)
+        if m.rc == 0:
+            m.verify = verify_restore(tool.name, restored, v2, meta)
+            if not m.verify.get("ok"):
+                m.error = "restore verification failed: " + m.verify.get("reason", "?")
+        results.append(m)
+        say(f"  run {run} {tool.name:9} {step:11} {m.wall_s:7.1f} s  cpu {m.cpu_s:7.1f} s  "
+            f"rss {m.max_rss_kib / KIB:7.0f} MiB  verify {'ok' if m.verify.get('ok') else m.error}")
     clean(out, repo, cache, disk)
     return results
 
@@ -719,18 +730,24 @@ def build_chain(tool: Tool, workdir: Path, v1: Path) -> tuple[Path, Path, Path, 
     return chain_repo, full_repo, disk, facts
 
 
-def run_chain(tool: Tool, run: int, workdir: Path, built: tuple[Path, Path, Path, dict[str, Any]]) -> list[Measure]:
-    """Restore the head of the chain and the one full of the same disk, in alternating order."""
+def run_chain(tool: Tool, run: int, workdir: Path, built: tuple[Path, Path, Path, dict[str, Any]],
+              baseline: str | None = None) -> list[Measure]:
+    """Restore the head of the chain and the one full of the same disk, in alternating order
+    (with ``baseline``, each also with that vmbak)."""
     chain_repo, full_repo, disk, facts = built
     out = workdir / "chain30" / "restore"
     log = workdir / "logs" / f"run{run}-chain30.log"
     clean(log)
     results = []
-    order = (("restore-chain", chain_repo), ("restore-full", full_repo))
-    for step, repo in order if run % 2 else order[::-1]:
+    order = [("restore-chain", chain_repo, None), ("restore-full", full_repo, None)]
+    if baseline:
+        order += [("restore-chain-baseline", chain_repo, baseline), ("restore-full-baseline", full_repo, baseline)]
+    for step, repo, exe in order if run % 2 else order[::-1]:
         clean(out)
         out.mkdir(parents=True)
         cmd, _, restored = tool.restore(repo, out, disk)
+        if exe:
+            cmd = [exe, *cmd[1:]]
         m = measured(Measure("chain30", step, run), cmd, tool.env, log)
         if m.rc == 0:
             if restored.stat().st_size == disk.stat().st_size and sha256_file(restored) == facts["sha256"]:
@@ -855,6 +872,24 @@ def ratios(med: dict[tuple[str, str], dict[str, float]]) -> list[dict[str, Any]]
     rows.append({"name": "chain30_restore_over_full_restore",
                  "label": f"restore of a {CHAIN_LENGTH}-incremental chain / restore of one full (wall)",
                  "value": r, "target": f"<= {CHAIN_RESTORE_MAX}", "pass": None if r is None else r <= CHAIN_RESTORE_MAX})
+    r = ratio(("chain30", "restore-chain-baseline"), ("chain30", "restore-full-baseline"))
+    if r is not None:
+        rows.append({"name": "chain30_baseline_restore_over_full_restore",
+                     "label": f"baseline: restore of the {CHAIN_LENGTH}-incremental chain / of one full (wall)",
+                     "value": r, "target": "(for comparison)", "pass": None})
+    for key, (num, den), label in (
+        ("vmbak_baseline_restore_over_restore", (("vmbak", "restore-baseline"), ("vmbak", "restore")),
+         "baseline restore wall / vmbak restore wall"),
+        ("vmbak_noskip_baseline_restore_over_restore", (("vmbak-noskip", "restore-baseline"), ("vmbak-noskip", "restore")),
+         "baseline --no-skip-unused restore wall / vmbak's"),
+        ("chain30_baseline_chain_over_chain", (("chain30", "restore-chain-baseline"), ("chain30", "restore-chain")),
+         "baseline chain30 chain-head restore wall / vmbak's"),
+        ("chain30_baseline_full_over_full", (("chain30", "restore-full-baseline"), ("chain30", "restore-full")),
+         "baseline chain30 full restore wall / vmbak's"),
+    ):
+        r = ratio(num, den)
+        if r is not None:
+            rows.append({"name": key, "label": label, "value": r, "target": "(for comparison)", "pass": None})
     for what in ("wall_s", "cpu_s"):
         v = med.get(("fixedcost-vmbak", "snapshots"), {}).get(what)
         rows.append({"name": f"vmbak_snapshots_{what}", "label": f"vmbak snapshots on a small repository ({what})",
@@ -886,10 +921,14 @@ def report(results: list[Measure], parts: list[str], runs: int, meta: dict[str, 
     for part in parts:
         if part == "chain30":
             rows_of += [("chain30", "restore-chain"), ("chain30", "restore-full")]
+            rows_of += [("chain30", s) for s in ("restore-chain-baseline", "restore-full-baseline")
+                        if ("chain30", s) in med]
         elif part == "fixedcost":
             rows_of += [("fixedcost-vmbak", "snapshots"), ("fixedcost-restic", "snapshots")]
         else:
             rows_of += [(part, step) for step in STEPS]
+            if (part, "restore-baseline") in med:
+                rows_of.append((part, "restore-baseline"))
     for part, step in rows_of:
         size = SPARSE_SIZE if part == "sparse64" else IMAGE_SIZE
         v = med.get((part, step))
@@ -928,6 +967,10 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated subset of {','.join(ALL_PARTS)} (default: all)")
     ap.add_argument("--rebuild-images", action="store_true", help="rebuild v1.raw and v2.raw")
     ap.add_argument("--vmbak", default=str(ROOT / ".venv" / "bin" / "vmbak"), help="vmbak executable")
+    ap.add_argument("--baseline", default=None, metavar="VMBAK",
+                    help="another vmbak executable (for example an older build) that also restores what "
+                         "vmbak backed up, in the same runs: steps restore-baseline and chain30's "
+                         "restore-*-baseline")
     args = ap.parse_args(argv)
 
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
@@ -946,6 +989,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(p in ("vmbak", "vmbak-noskip", "sparse64", "chain30", "fixedcost") for p in parts) \
             and not os.access(args.vmbak, os.X_OK):
         say(f"bench: {args.vmbak} not found; run scripts/setup.sh")
+        return 2
+    if args.baseline and not os.access(args.baseline, os.X_OK):
+        say(f"bench: --baseline {args.baseline} is not an executable")
         return 2
     missing = [p for p in parts if p in TOOLS and p not in tools]
     if missing:
@@ -971,12 +1017,12 @@ def main(argv: list[str] | None = None) -> int:
                 results += run_sparse(tools["vmbak"], run, workdir)
             elif part == "chain30":
                 assert chain is not None
-                results += run_chain(tools["vmbak"], run, workdir, chain)
+                results += run_chain(tools["vmbak"], run, workdir, chain, args.baseline)
             elif part == "fixedcost":
                 assert fixed is not None
                 results += run_fixed(tools, run, workdir, fixed, args.vmbak)
             else:
-                results += run_tool(tools[part], run, workdir, v1, v2, meta)
+                results += run_tool(tools[part], run, workdir, v1, v2, meta, args.baseline)
     clean(workdir / "disk", workdir / "cache", workdir / "restore", workdir / "repos", workdir / "chain30",
           workdir / "fixedcost")
 
@@ -990,6 +1036,7 @@ def main(argv: list[str] | None = None) -> int:
         "parts": parts,
         "images": meta,
         "tools": {n: {"version": t.version, "encryption": t.encryption} for n, t in tools.items()},
+        "baseline": args.baseline,
         "results": [asdict(m) for m in results],
         "medians": [{"tool": k[0], "step": k[1], **v} for k, v in sorted(med.items())],
         "checks": ratios(med),

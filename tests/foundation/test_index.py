@@ -106,6 +106,8 @@ def test_index_matches_a_dict_model(monkeypatch: pytest.MonkeyPatch, seed: int, 
         missing = rng.randbytes(32)
         assert idx.get(missing) is None and missing not in idx and not idx.usable(missing)
     assert idx.get(prefix + b"\1" * 24) is None
+    probe = [*model, *(rng.randbytes(32) for _ in range(50)), prefix + b"\1" * 24]
+    assert idx.get_many(probe) == [idx.get(c) for c in probe]  # the batch lookup agrees, in both modes
     seen = dict(idx.items())
     assert set(seen) == set(model)
     assert len(seen) == len(model)  # each id once
@@ -150,6 +152,7 @@ def _agree(indexes: list[Index], probe: list[bytes]) -> None:
         assert dict(idx.items()) == items
         assert idx.totals() == want.totals()
         assert idx.known_packs() == want.known_packs()
+        assert idx.get_many(probe) == [want.get(c) for c in probe]
         for cid in probe:
             assert idx.get(cid) == want.get(cid)
             assert (cid in idx) == (cid in want)

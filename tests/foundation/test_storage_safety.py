@@ -115,3 +115,14 @@ def test_full_disk_is_named_and_leaves_the_repository_valid(small_fs, make_disk,
     run_vmbak("check", "--read-data", env=env)
     leftovers = [p for p in (small_fs / "repo" / "tmp").iterdir()]
     assert leftovers == [], leftovers
+
+
+def test_restore_onto_a_full_disk_is_named_and_leaves_nothing(small_fs, repo, make_disk, run_vmbak,
+                                                              assert_cli_error):
+    """The restored data is written with direct I/O from reused buffers: a full target
+    filesystem still gives one line naming it, and the partial file is removed."""
+    disk = make_disk("r.raw", 8 * MiB, seed=9)  # random: 8 MiB to write into 3 MiB
+    repo.backup(disk, "r")
+    p = repo.run("-q", "restore", "r:latest", small_fs / "out.raw", check=False)
+    assert_cli_error(p, "No space left on device")
+    assert list(small_fs.iterdir()) == []

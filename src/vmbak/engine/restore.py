@@ -9,14 +9,19 @@ written; an existing target gets its zero ranges written (or punched) once.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import shutil
 import socket
 import stat
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from operator import attrgetter, itemgetter
 
 import numpy as np
 
@@ -36,11 +41,16 @@ from vmbak.engine.progress import NoProgress, Progress
 from vmbak.errors import DiskError, IntegrityError, VmbakError
 from vmbak.interrupts import deferred, register_cleanup, unregister_cleanup
 from vmbak.repo.backend import pid_alive
-from vmbak.repo.manifest import Manifest
+from vmbak.repo.manifest import Manifest, is_full
 from vmbak.repo.repository import Repository
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
+
+# Direct I/O: offsets, lengths and buffer addresses aligned to this (a multiple of every
+# logical block size in use: 512 and 4096).
+DIRECT_ALIGN = 4096
+_DIRECT_BUF = 4 << 20  # the per-thread aligned bounce buffer (grown for larger writes)
 
 
 PARTIAL = ".vmbak-partial."  # .NAME.vmbak-partial.HOST.PID.RANDOM: a new target being written
@@ -208,6 +218,8 @@ class RestoreTarget:
         self.fd = -1
         self.lock: TargetLock | None = None
         self._token: int | None = None
+        self.dfd = -1  # the same file opened with O_DIRECT, or -1 (see write)
+        self._bufs = threading.local()
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -234,6 +246,7 @@ class RestoreTarget:
                     self.created = True
                     self._token = register_cleanup(self.discard)
                 os.ftruncate(self.fd, size)
+                self._open_direct()
             except BaseException as e:
                 with deferred():
                     self.discard()
@@ -262,17 +275,69 @@ class RestoreTarget:
             have = os.lseek(self.fd, 0, os.SEEK_END)
             if have < size:
                 raise DiskError(f"restore target too small: {path} has {have} bytes, the disk needs {size}")
+            self._open_direct()
         except BaseException:
             with deferred():
                 self.close()
             raise
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
-        view = memoryview(data)
+    def _open_direct(self) -> None:
+        """Open a second descriptor of the target with O_DIRECT for ``write``.
+
+        Restored data bypasses the page cache: a restore writes each block once and
+        does not read it again, so caching it only costs a copy into freshly allocated
+        cache pages (measured: 41% of a restore's CPU, and the main part of its wall
+        time, on the benchmark machine) and evicts what other programs cache. Where the
+        filesystem refuses O_DIRECT (tmpfs), writes stay buffered.
+        """
+        if not hasattr(os, "O_DIRECT") or os.environ.get("VMBAK_RESTORE_BUFFERED"):
+            return
+        try:
+            self.dfd = os.open(f"/proc/self/fd/{self.fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError:
+            self.dfd = -1
+            return
+        if os.fstat(self.dfd).st_ino != os.fstat(self.fd).st_ino:  # not the same file: never use it
+            os.close(self.dfd)
+            self.dfd = -1
+
+    def _bounce(self, n: int) -> mmap.mmap:
+        """This thread's page-aligned buffer of at least ``n`` bytes, reused across writes."""
+        buf = getattr(self._bufs, "buf", None)
+        if buf is None or len(buf) < n:
+            # the old one is unmapped once no view of it is left (never closed here: a
+            # view held by an earlier error's traceback would make close() raise)
+            buf = self._bufs.buf = mmap.mmap(-1, max(n, _DIRECT_BUF))
+        return buf
+
+    def _pwrite_all(self, fd: int, view: memoryview, offset: int) -> None:
         while view:
-            n = os.pwrite(self.fd, view, offset)
+            n = os.pwrite(fd, view, offset)
             view = view[n:]
             offset += n
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        dfd = self.dfd
+        if dfd >= 0 and offset % DIRECT_ALIGN == 0 and len(view) >= DIRECT_ALIGN:
+            # Aligned whole pages go through the direct descriptor from an aligned buffer;
+            # a tail shorter than a page (the disk's last partial block) is written buffered.
+            n = len(view) - len(view) % DIRECT_ALIGN
+            if _aligned(view):
+                bv = view[:n]  # written from where it is (restore decodes into aligned buffers)
+            else:
+                bv = memoryview(self._bounce(n))[:n]
+                bv[:] = view[:n]
+            try:
+                self._pwrite_all(dfd, bv, offset)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.dfd = -1  # refused after all: write buffered from now on
+                self._pwrite_all(self.fd, view[:n], offset)
+            view = view[n:]
+            offset += n
+        self._pwrite_all(self.fd, view, offset)
 
     def write_zeros(self, offset: int, length: int) -> None:
         if self.created:
@@ -331,6 +396,9 @@ class RestoreTarget:
             if self.lock is not None:
                 self.lock.release()
                 self.lock = None
+            dfd, self.dfd = getattr(self, "dfd", -1), -1
+            if dfd >= 0:
+                os.close(dfd)
             if self.fd >= 0:
                 os.close(self.fd)
                 self.fd = -1
@@ -371,6 +439,9 @@ class _Job:
     start: int  # first block of the extent
     count: int
     sub: list[tuple[int, int]] | None  # (first block, count) to write, None = all
+    # the extent lies wholly inside the blocks its manifest defines (as every backup writes
+    # it), so none of its blocks is taken from an older snapshot (see restore's run)
+    inside: bool = True
 
 
 def plan(chain: list[Manifest]) -> tuple[list[_Job], np.ndarray]:
@@ -386,28 +457,74 @@ def plan(chain: list[Manifest]) -> tuple[list[_Job], np.ndarray]:
         own = np.zeros(n + 1, bool)
         np.logical_and(cov, ~done[:n], out=own[:n])
         done[:n] |= cov
-        del cov
         if len(m.ext_start) == 0:
             continue
+        full = is_full(m.kind)
         st = m.ext_start.astype(np.int64)
         ct = m.ext_count.astype(np.int64)
         if int((st + ct).max()) > n:
             raise IntegrityError(f"snapshot {m.short_id}: extent map points past the disk end")
         # blocks of each extent [st, st + ct) this manifest provides
-        need = prefix_counts(own, st + ct) - prefix_counts(own, st)
-        for j in np.flatnonzero(need).tolist():
-            s, c = int(st[j]), int(ct[j])
-            if need[j] == c:
-                sub = None
-                data_mask[s:s + c] = True
-            else:
-                rs, rl = runs(own[s:s + c])
-                sub = [(s + a, b) for a, b in zip(rs.tolist(), rl.tolist(), strict=True)]
-                for a, b in sub:
-                    data_mask[a:a + b] = True
-            jobs.append(_Job(i, bytes(m.ext_id[j]), s, c, sub))
+        pc = prefix_counts(own, np.concatenate((st + ct, st)))  # one pass over the bitmap
+        need = pc[:len(st)] - pc[len(st):]
+        take = np.flatnonzero(need)
+        whole = need[take] == ct[take]
+        for s, c in zip(st[take[whole]].tolist(), ct[take[whole]].tolist(), strict=True):
+            data_mask[s:s + c] = True
+        for s, c, all_own, cid in zip(st[take].tolist(), ct[take].tolist(), whole.tolist(),
+                                      m.ext_id[take].tolist(), strict=True):
+            if all_own:
+                jobs.append(_Job(i, cid, s, c, None))
+                continue
+            rs, rl = runs(own[s:s + c])
+            sub = [(s + a, b) for a, b in zip(rs.tolist(), rl.tolist(), strict=True)]
+            for a, b in sub:
+                data_mask[a:a + b] = True
+            jobs.append(_Job(i, cid, s, c, sub, full or bool(cov[s:s + c].all())))
+        del cov
     assert done[:n].all()
     return jobs, data_mask
+
+
+_GROUP_BYTES = 8 << 20  # the stretch of the disk one task restores (more only for a larger chunk)
+
+
+def _groups(jobs: list[_Job], bs: int, size: int) -> Iterator[list[_Job]]:
+    """The jobs, sorted by where they start on the disk, cut into groups whose extents lie
+    within _GROUP_BYTES of the disk (or a single larger chunk).
+
+    A worker decodes a group's chunks, each at its own place in one buffer that stands
+    for that stretch of the disk, and writes each contiguous run of it with one call. The
+    head of a chain takes many small chunks from many snapshots (the 30-incremental chain
+    of the benchmark: 15,000 chunks of 64 KiB scattered over the disk): taken in the order
+    of the packs, each was a 64 KiB direct write of its own (19,000 of them, 2.7 times
+    the time of restoring one full backup of the same disk); taken in disk order, they
+    join the blocks around them into writes of up to _GROUP_BYTES, as a full's do."""
+    group: list[_Job] = []
+    base = end = 0
+    for j in jobs:
+        j_end = min((j.start + j.count) * bs, size)
+        if group and max(end, j_end) - base > _GROUP_BYTES:
+            yield group
+            group = []
+        if not group:
+            base = j.start * bs
+            end = j_end
+        group.append(j)
+        end = max(end, j_end)
+    if group:
+        yield group
+
+
+def _aligned(view: memoryview) -> bool:
+    """Whether a buffer starts at a DIRECT_ALIGN boundary (only writable buffers can tell)."""
+    if view.readonly or not view.c_contiguous:
+        return False
+    return _addr(view) % DIRECT_ALIGN == 0
+
+
+def _addr(view: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) if len(view) else 0
 
 
 def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *,
@@ -436,13 +553,12 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
         jobs, data_mask = plan(chain)
         damaged: list[tuple[int, int, str, str]] = []  # (first block, count, snapshot short id, reason)
         warnings: list[str] = []
-        # Read packs in order, so the repository is read sequentially.
-        locs = {}
-        kept = []
-        for j in jobs:
-            if j.chunk_id not in locs:
-                loc = repo.index.get(j.chunk_id)
-                if loc is None:
+        ids = list(dict.fromkeys(j.chunk_id for j in jobs))
+        locs = {c: loc for c, loc in zip(ids, repo.index.get_many(ids), strict=True) if loc is not None}
+        if len(locs) < len(ids):
+            kept = []
+            for j in jobs:
+                if j.chunk_id not in locs:
                     m = chain[j.level]
                     if not ignore_errors:
                         raise IntegrityError(f"chunk {j.chunk_id.hex()[:16]} (blocks {j.start}-"
@@ -451,10 +567,11 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
                     for a, b in j.sub or [(j.start, j.count)]:
                         damaged.append((a, b, m.short_id, f"chunk {j.chunk_id.hex()[:16]} is missing"))
                     continue
-                locs[j.chunk_id] = loc
-            kept.append(j)
-        jobs = kept
-        jobs.sort(key=lambda j: (locs[j.chunk_id].pack, locs[j.chunk_id].offset))
+                kept.append(j)
+            jobs = kept
+        # In disk order (see _groups); of chunks that start at the same block, the oldest first
+        jobs.sort(key=attrgetter("level"), reverse=True)
+        jobs.sort(key=attrgetter("start"))
         expected = None
         if verify:
             try:
@@ -479,53 +596,117 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
         try:
             written = 0
 
-            def run(job: _Job) -> tuple[int, list[tuple[int, int, str, str]]]:
-                m = chain[job.level]
-                what = (f"chunk {job.chunk_id.hex()[:16]} (blocks {job.start}-{job.start + job.count - 1} "
-                        f"of snapshot {m.short_id})")
-                pieces = job.sub or [(job.start, job.count)]
+            bufs = threading.local()
+            files = repo.open_files(max(1, workers))  # each worker keeps the packs it reads open
+
+            def buffer(n: int, kind: str = "buf", least: int = _GROUP_BYTES) -> memoryview:
+                # this thread's page-aligned buffer (mmap), reused: chunks are decoded
+                # straight into it and written from it without another copy
+                buf = getattr(bufs, kind, None)
+                if buf is None or len(buf) < n:
+                    buf = mmap.mmap(-1, max(n, least))
+                    setattr(bufs, kind, buf)
+                return memoryview(buf)[:n]
+
+            def what(job: _Job) -> str:
+                return (f"chunk {job.chunk_id.hex()[:16]} (blocks {job.start}-{job.start + job.count - 1} "
+                        f"of snapshot {chain[job.level].short_id})")
+
+            def decode(job: _Job, out: memoryview) -> list[tuple[int, int, str, str]] | None:
+                """Decode one chunk into ``out``; None, or (with ``ignore_errors``) the
+                damaged ranges of the chunk that could not be read."""
+                label = what(job)
                 try:
-                    data = repo.read_at(job.chunk_id, locs[job.chunk_id], what, check_id=not inline)
-                    if len(data) != min(job.count * bs, size - job.start * bs):
-                        raise IntegrityError(f"{what}: has the wrong length")
+                    if locs[job.chunk_id].raw_length != min(job.count * bs, size - job.start * bs):
+                        raise IntegrityError(f"{label}: has the wrong length")
+                    repo.read_into(job.chunk_id, locs[job.chunk_id], out, label, check_id=not inline, files=files)
                 except IntegrityError as e:
                     if not ignore_errors:
                         raise
-                    why = str(e).removeprefix(what + ": ")
-                    return 0, [(a, b, m.short_id, f"chunk {job.chunk_id.hex()[:16]}: {why}") for a, b in pieces]
-                mv = memoryview(data)
-                n = 0
+                    why = str(e).removeprefix(label + ": ")
+                    return [(a, b, chain[job.level].short_id, f"chunk {job.chunk_id.hex()[:16]}: {why}")
+                            for a, b in job.sub or [(job.start, job.count)]]
+                return None
+
+            def run(group: list[_Job]) -> tuple[int, list[tuple[int, int, str, str]]]:
+                """Restore the stretch of the disk a group covers: decode each chunk at its
+                place in one aligned buffer that stands for the stretch, check each run of
+                adjacent blocks taken from them against the block hashes at once, then
+                write each run with one call."""
+                base = group[0].start * bs
+                out = buffer(max(min((j.start + j.count) * bs, size) for j in group) - base)
                 lost: list[tuple[int, int, str, str]] = []
-                for a, b in pieces:
-                    piece = mv[(a - job.start) * bs:(a - job.start + b) * bs]
+                pieces: list[tuple[int, int, _Job]] = []  # (first block, count, chunk) decoded
+                # Older snapshots first, then from each pack in order: a chunk's extent
+                # holds only blocks its own snapshot or newer ones provide, so a newer chunk
+                # decoded later overwrites only blocks the older one does not provide.
+                for job in sorted(group, key=lambda j: (-j.level, locs[j.chunk_id].pack, locs[j.chunk_id].offset)):
+                    mine = job.sub or [(job.start, job.count)]
+                    if job.inside:
+                        bad = decode(job, out[job.start * bs - base:])
+                    else:  # decoded aside; only the blocks it provides are copied in
+                        aside = buffer(locs[job.chunk_id].raw_length, "aside", 0)
+                        bad = decode(job, aside)
+                        if bad is None:
+                            for a, b in mine:
+                                lo, hi = a * bs, min((a + b) * bs, size)
+                                out[lo - base:hi - base] = aside[lo - job.start * bs:hi - job.start * bs]
+                    if bad is not None:
+                        lost += bad
+                        continue
+                    pieces += [(a, b, job) for a, b in mine]
+                pieces.sort(key=itemgetter(0))
+                writes: list[tuple[int, int]] = []  # (first block, count)
+                i = 0
+                while i < len(pieces):  # each run of blocks adjacent on the disk
+                    a, b = pieces[i][0], pieces[i][1]
+                    j = i + 1
+                    while j < len(pieces) and pieces[j][0] == a + b:
+                        b += pieces[j][1]
+                        j += 1
                     if inline:
                         assert expected is not None
-                        h, _ = hash_blocks(repo.sealer.block_hash, piece, b, bs, zero_hash)
-                        bad = (h != expected[a:a + b]).any(axis=1)
-                        if bad.any():
-                            bs_, bl = runs(bad)
-                            if not ignore_errors:
-                                raise IntegrityError(
-                                    f"{what}: blocks {range_text((bs_ + a).tolist(), bl.tolist())} do not match the "
-                                    "snapshot's block hashes (corrupt data); the restore stopped before writing them")
-                            for x, y in zip(bs_.tolist(), bl.tolist(), strict=True):
-                                lost.append((a + x, y, m.short_id, f"chunk {job.chunk_id.hex()[:16]}: does not "
-                                             "match the snapshot's block hashes (corrupt data)"))
-                            gs, gl = runs(~bad)
-                            for x, y in zip(gs.tolist(), gl.tolist(), strict=True):
-                                tgt.write((a + x) * bs, piece[x * bs:(x + y) * bs])
-                                n += len(piece[x * bs:(x + y) * bs])
+                        h, _ = hash_blocks(repo.sealer.block_hash, out[a * bs - base:min((a + b) * bs, size) - base],
+                                           b, bs, zero_hash)
+                        bad_rows = (h != expected[a:a + b]).any(axis=1)
+                        if bad_rows.any():
+                            for pa, pb, job in pieces[i:j]:
+                                pbad = bad_rows[pa - a:pa - a + pb]
+                                if not pbad.any():
+                                    continue
+                                rs, rl = runs(pbad)
+                                if not ignore_errors:
+                                    raise IntegrityError(
+                                        f"{what(job)}: blocks {range_text((rs + pa).tolist(), rl.tolist())} do not "
+                                        "match the snapshot's block hashes (corrupt data); the restore stopped before "
+                                        "writing them")
+                                for x, y in zip(rs.tolist(), rl.tolist(), strict=True):
+                                    lost.append((pa + x, y, chain[job.level].short_id,
+                                                 f"chunk {job.chunk_id.hex()[:16]}: does not match the snapshot's "
+                                                 "block hashes (corrupt data)"))
+                            gs, gl = runs(~bad_rows)
+                            writes += [(a + x, y) for x, y in zip(gs.tolist(), gl.tolist(), strict=True)]
+                            i = j
                             continue
-                    tgt.write(a * bs, piece)
-                    n += len(piece)
+                    writes.append((a, b))
+                    i = j
+                n = 0
+                for a, b in writes:
+                    lo, hi = a * bs, min((a + b) * bs, size)
+                    tgt.write(lo, out[lo - base:hi - base])
+                    n += hi - lo
                 return n, lost
 
             progress.start(int(np.count_nonzero(data_mask)) * bs, "restore")
-            with cf.ThreadPoolExecutor(max(1, workers), thread_name_prefix="vmbak-restore") as pool:
-                for n, lost in bounded_unordered(pool, run, jobs, 4 * workers):
-                    written += n
-                    damaged.extend(lost)
-                    progress.advance(n)
+            try:
+                with cf.ThreadPoolExecutor(max(1, workers), thread_name_prefix="vmbak-restore") as pool:
+                    for n, lost in bounded_unordered(pool, run, _groups(jobs, bs, size), 2 * workers):
+                        written += n
+                        damaged.extend(lost)
+                        progress.advance(n)
+            finally:
+                if files is not None:
+                    files.close()  # every worker has ended (the pool's exit waits for them)
             zero_bytes = 0
             damaged_mask = np.zeros(len(data_mask), bool)
             for a, b, _, _ in damaged:

@@ -4,7 +4,10 @@ so that an object store (S3) can implement the same interface."""
 from __future__ import annotations
 
 import os
+import resource
 import socket
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -112,6 +115,29 @@ class LocalBackend:
             return os.pread(fd, length, offset)
         finally:
             os.close(fd)
+
+    def read_range_into(self, name: str, offset: int, out: memoryview, files: OpenFiles | None = None) -> int:
+        """:meth:`read_range` of ``len(out)`` bytes into ``out``; return how many were read.
+        With ``files``, the object's descriptor is taken from (and kept in) that cache
+        instead of being opened and closed for this one read."""
+        path = self._path(name)
+        try:
+            fd = files.get(path) if files is not None else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise self._wrap(e, name) from None
+        try:
+            n = 0
+            while n < len(out):
+                k = os.preadv(fd, [out[n:]], offset + n)
+                if not k:
+                    break
+                n += k
+            return n
+        except OSError as e:
+            raise self._wrap(e, name) from None
+        finally:
+            if files is None:
+                os.close(fd)
 
     def size(self, name: str) -> int:
         try:
@@ -258,3 +284,69 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class OpenFiles:
+    """Read-only descriptors of local files kept open across many range reads.
+
+    A restore reads thousands of small chunks from the same few packs (a chain's
+    incrementals are many scattered 64 KiB chunks): opening and closing the pack for each
+    one cost an open and a close per chunk. Each thread keeps its own descriptors (so one
+    thread never closes a descriptor another is reading from), at most ``per_thread`` of
+    them, the least recently used closed first. :meth:`close` closes every thread's; call
+    it once no thread reads any more.
+    """
+
+    def __init__(self, per_thread: int) -> None:
+        self.per_thread = max(1, per_thread)
+        self._local = threading.local()
+        self._all: list[OrderedDict[str, int]] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @staticmethod
+    def budget(threads: int) -> int:
+        """A per-thread limit for ``threads`` readers that leaves at least half of this
+        process's descriptor limit to the rest of it."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            soft = 1 << 16
+        return max(4, min(4096, soft // 2) // max(1, threads))
+
+    def get(self, path: str) -> int:
+        """An open read-only descriptor of ``path`` (OSError if it cannot be opened)."""
+        fds: OrderedDict[str, int] | None = getattr(self._local, "fds", None)
+        if fds is None:
+            fds = OrderedDict()
+            with self._lock:
+                if self._closed:
+                    raise OSError(f"{path}: read after the restore's files were closed")
+                self._all.append(fds)
+            self._local.fds = fds
+        fd = fds.get(path)
+        if fd is not None:
+            fds.move_to_end(path)
+            return fd
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        with self._lock:
+            if self._closed:
+                os.close(fd)
+                raise OSError(f"{path}: read after the restore's files were closed")
+            fds[path] = fd
+            while len(fds) > self.per_thread:
+                os.close(fds.popitem(last=False)[1])
+        return fd
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for fds in self._all:
+                while fds:
+                    os.close(fds.popitem()[1])
+            self._all.clear()
+
+    def __enter__(self) -> OpenFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -348,3 +348,22 @@ class Sealer:
             except InvalidTag:
                 raise IntegrityError(f"{what}: authentication failed (corrupt or tampered data)") from None
         raise IntegrityError(f"{what}: unknown envelope type {kind}")
+
+    def open_into(self, blob: bytes | memoryview, aad: bytes, what: str, out: memoryview) -> int:
+        """:meth:`open` into ``out`` (at least as long as ``blob``): the payload is written
+        to the start of ``out`` and its length returned; nothing is allocated for it."""
+        if len(blob) < 1 + TAG_LEN:
+            raise IntegrityError(f"{what}: truncated")
+        mv = memoryview(blob)
+        if mv[0] != 1 or self._aead is None:
+            payload = self.open(blob, aad, what)
+            out[:len(payload)] = payload
+            return len(payload)
+        if len(blob) < 1 + NONCE_LEN + TAG_LEN:
+            raise IntegrityError(f"{what}: truncated")
+        n = len(blob) - 1 - NONCE_LEN - TAG_LEN
+        try:
+            self._aead.decrypt_into(mv[1:1 + NONCE_LEN], mv[1 + NONCE_LEN:], aad, out[:n])
+        except InvalidTag:
+            raise IntegrityError(f"{what}: authentication failed (corrupt or tampered data)") from None
+        return n

@@ -585,6 +585,39 @@ class Index:
             return None
         return Location(self.packs[t[0]], t[1], t[2], t[3])
 
+    def get_many(self, chunk_ids: list[bytes]) -> list[Location | None]:
+        """:meth:`get` of each id, the table searched for all of them at once (a restore of
+        a long chain looks up tens of thousands: one by one, that took 15 us each)."""
+        n = len(chunk_ids)
+        if not n or any(len(c) != 32 for c in chunk_ids):
+            return [self.get(c) for c in chunk_ids]
+        base, table, recent, _, _ = self._state
+        words = np.frombuffer(b"".join(chunk_ids), "<u8").reshape(n, 4)
+        key = words[:, 0].byteswap()
+        m = len(table)
+        if m:
+            i = np.minimum(table.key.searchsorted(key), m - 1)
+            key_eq = table.key[i] == key
+            hit = key_eq & (table.r1[i] == words[:, 1]) & (table.r2[i] == words[:, 2]) & (table.r3[i] == words[:, 3])
+            rows = list(zip(table.pack[i].tolist(), table.off[i].tolist(), table.len[i].tolist(),
+                            table.raw[i].tolist(), strict=True))
+            hits, near = hit.tolist(), (key_eq & ~hit).tolist()
+        else:
+            rows, hits, near = [], [False] * n, [False] * n
+        packs = self.packs
+        out: list[Location | None] = []
+        for k, cid in enumerate(chunk_ids):
+            t = recent.get(cid) if recent else None
+            if t is None:
+                if hits[k]:
+                    t = rows[k]
+                elif near[k]:  # 8-byte prefixes collide: the row may be a later one
+                    t = self._lookup(cid)
+                elif base is not None:  # paged: the rows loaded from the index files
+                    t = base.find(cid)
+            out.append(None if t is None else Location(packs[t[0]], t[1], t[2], t[3]))
+        return out
+
     def known_packs(self) -> set[str]:
         return set(self.packs)
 

@@ -27,7 +27,15 @@ from vmbak.errors import (
 )
 from vmbak.interrupts import deferred, register_cleanup, unregister_cleanup
 from vmbak.repo import zstd
-from vmbak.repo.backend import Backend, LocalBackend, ObjectMissing, host_id, makedirs_private, pid_alive
+from vmbak.repo.backend import (
+    Backend,
+    LocalBackend,
+    ObjectMissing,
+    OpenFiles,
+    host_id,
+    makedirs_private,
+    pid_alive,
+)
 from vmbak.repo.crypto import (
     CHUNK_ID_BLAKE3,
     CHUNK_ID_BLOCKS,
@@ -107,6 +115,16 @@ def check_config_values(chunk_size: int, pack_size: int, level: int) -> None:
         raise RepositoryError(f"compression level must be between {MIN_ZSTD_LEVEL} and {MAX_ZSTD_LEVEL}")
 
 _tls = threading.local()
+
+
+def _scratch(kind: str, n: int) -> memoryview:
+    """This thread's reusable buffer ``kind``, ``n`` bytes long (grown when needed)."""
+    key = "scratch_" + kind
+    buf = getattr(_tls, key, None)
+    if buf is None or len(buf) < n:
+        buf = bytearray(max(n, 1 << 20) + (1 << 16))
+        setattr(_tls, key, buf)
+    return memoryview(buf)[:n]
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
@@ -539,6 +557,59 @@ class Repository:
         if len(blob) != loc.length:
             raise IntegrityError(f"{what or 'chunk ' + chunk_id.hex()[:16]}: pack {loc.pack[:16]} is truncated")
         return self.decode_chunk(chunk_id, blob, loc.raw_length, what, check_id)
+
+    def open_files(self, threads: int) -> OpenFiles | None:
+        """A cache of open pack descriptors for :meth:`read_into` calls from up to
+        ``threads`` threads (None where the backend does not read local files); close it
+        once they are done."""
+        if not isinstance(self.backend, LocalBackend):
+            return None
+        return OpenFiles(OpenFiles.budget(threads))
+
+    def read_into(self, chunk_id: bytes, loc: Location, out: memoryview, what: str = "",
+                  check_id: bool = True, files: OpenFiles | None = None) -> int:
+        """:meth:`read_at` into ``out`` (at least ``loc.raw_length`` bytes): the chunk's
+        plaintext is written to the start of ``out`` and its length returned, with the same
+        checks. The stored blob and the decrypted payload go through this thread's reused
+        buffers, so a restore allocates no memory per chunk; thread-safe. ``files`` (from
+        :meth:`open_files`) keeps the packs open across calls."""
+        label = what or f"chunk {chunk_id.hex()[:16]}"
+        raw_len = loc.raw_length
+        if raw_len > self.max_chunk or raw_len > len(out):
+            raise IntegrityError(f"{label}: claims {raw_len} bytes, more than a chunk of this "
+                                 f"repository holds ({self.max_chunk})")
+        blob_buf = _scratch("blob", loc.length)
+        name = pack_name(loc.pack)
+        read_into = getattr(self.backend, "read_range_into", None)
+        try:
+            if read_into is not None:
+                got = read_into(name, loc.offset, blob_buf, files) if files is not None else \
+                    read_into(name, loc.offset, blob_buf)
+            else:
+                data = self.backend.read_range(name, loc.offset, loc.length)
+                got = len(data)
+                blob_buf[:got] = data[:loc.length]
+        except RepositoryError as e:
+            raise IntegrityError(f"{label}: {e}") from None
+        if got != loc.length:
+            raise IntegrityError(f"{label}: pack {loc.pack[:16]} is truncated")
+        payload = _scratch("payload", loc.length)
+        n = self.sealer.open_into(blob_buf, chunk_aad(chunk_id), label, payload)
+        if n == 0:
+            raise IntegrityError(f"{label}: empty payload")
+        dest = out[:raw_len]
+        codec = payload[0]
+        if codec == CODEC_ZSTD:
+            got = zstd.decompress_into(payload[1:n], dest, label)
+        elif codec == CODEC_RAW:
+            got = n - 1
+            if got == raw_len:
+                dest[:] = payload[1:n]
+        else:
+            raise IntegrityError(f"{label}: unknown codec {codec}")
+        if got != raw_len or (check_id and self.sealer.chunk_id(dest) != chunk_id):
+            raise IntegrityError(f"{label}: content does not match its id (corrupt data)")
+        return raw_len
 
     def chunk_writer(self) -> ChunkWriter:
         return ChunkWriter(self)

@@ -48,6 +48,27 @@ def decompress(data: bytes | memoryview, limit: int, what: str) -> bytes:
                              f"{limit} bytes its format allows)") from None
 
 
+def decompress_into(data: bytes | memoryview, out: memoryview, what: str) -> int:
+    """Decompress the first zstd frame of ``data`` into ``out`` (no allocation of the
+    result); return its length. IntegrityError naming ``what`` if the frame is corrupt or
+    holds more than ``len(out)`` bytes; thread-safe."""
+    _declared(data, len(out), what)
+    try:
+        r = _dctx().stream_reader(data, read_across_frames=False)
+        n = 0
+        while n < len(out):
+            k = r.readinto(out[n:])
+            if not k:
+                break
+            n += k
+        if n == len(out) and r.read(1):
+            raise IntegrityError(f"{what}: cannot decompress (larger than the {len(out)} bytes "
+                                 "its format allows)")
+    except zstandard.ZstdError:
+        raise IntegrityError(f"{what}: cannot decompress (corrupt data)") from None
+    return n
+
+
 class Reader:
     """Reads a zstd frame piece by piece, so that a caller can derive the limit of the
     rest from what it has read so far (a manifest's header gives its geometry)."""
