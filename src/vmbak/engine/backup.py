@@ -19,6 +19,7 @@ import numpy as np
 
 from vmbak.changes.base import ChangeMap
 from vmbak.disks.base import DiskReader
+from vmbak.engine.alloc import reuse_freed_memory
 from vmbak.engine.common import (
     BHT_DTYPE,
     bounded_map,
@@ -255,7 +256,7 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
     source_state = getattr(disk, "source_state", None)
     state_before = source_state() if source_state is not None else None
     set_phase(progress, "analyze")
-    with repo.lock(purpose="backup"):
+    with repo.lock(purpose="backup"), reuse_freed_memory():
         parent = choose_parent(repo, opts.name, opts.mode, size, bs, note)
         kind = FULL
         parent_bht = None
