@@ -116,3 +116,27 @@ def test_freed_memory_is_reused_during_a_pipeline():
     assert plain > 150 * 256, (plain, kept, after)
     assert kept * 10 < plain, (plain, kept, after)
     assert after * 2 > plain, (plain, kept, after)
+
+
+def test_raw_disk_reads_into_a_buffer(tmp_path):
+    """The backup reads a raw disk into a buffer it keeps per worker (RawDisk.pread_into):
+    the same bytes as pread, fewer only at the end of the disk, and a one-line DiskError."""
+    from vmbak.disks.raw import RawDisk
+    from vmbak.errors import DiskError
+
+    data = os.urandom(3 * MiB + 777)
+    (tmp_path / "d.img").write_bytes(data)
+    disk = RawDisk(str(tmp_path / "d.img"))
+    buf = bytearray(MiB)
+    for off in (0, 12345, 3 * MiB - 100, 3 * MiB + 777, 4 * MiB):
+        with memoryview(buf) as mv:
+            n = disk.pread_into(mv, off)
+        assert n == len(data[off:off + MiB]) and buf[:n] == data[off:off + MiB] == disk.pread(MiB, off)
+    disk.close()
+    disk = RawDisk(str(tmp_path / "d.img"))
+    os.close(disk.fd)
+    disk.fd = os.open(tmp_path / "d.img", os.O_WRONLY)  # a descriptor that cannot read
+    with pytest.raises(DiskError, match="read error on .* at offset 4096"):
+        disk.pread_into(memoryview(buf), 4096)
+    os.close(disk.fd)
+    disk.fd = -1
