@@ -360,6 +360,7 @@ class Measure:
     error: str = ""
     verify: dict[str, Any] = field(default_factory=dict)
     output: Any = None
+    load1: float = 0.0  # the 1-minute load average when the step started
 
 
 def du_bytes(path: Path) -> int:
@@ -378,6 +379,7 @@ def measured(m: Measure, cmd: Sequence[str], env: dict[str, str], log: Path, cwd
     rss_path = log.with_suffix(".rss")
     cmd = ["/usr/bin/time", "-q", "-f", "%M", "-o", str(rss_path), *cmd]
     os.sync()  # do not let the previous step's writeback land in this one's time
+    m.load1 = os.getloadavg()[0]
     with open(log, "ab") as lf, open(out_path, "wb") as of:
         lf.write(f"\n$ {m.cmd}\n".encode())
         lf.flush()
@@ -425,9 +427,22 @@ class Tool:
     version: str = ""
 
 
-def make_tools(vmbak: str, workdir: Path) -> dict[str, Tool]:
+def make_tools(vmbak: str, workdir: Path, baseline: str | None = None) -> dict[str, Tool]:
     base = dict(os.environ, PATH=sbin_path(), LC_ALL="C.UTF-8")
     tools: dict[str, Tool] = {}
+    if baseline:
+        for name, extra in (("vmbak-base", []), ("vmbak-noskip-base", ["--no-skip-unused"])):  # see --baseline-vmbak
+            tools[name] = Tool(
+                name, dict(base, VMBAK_PASSWORD=PASSWORD),
+                init=lambda repo: [baseline, "-r", str(repo), "init"],
+                backup=lambda repo, disk, label, extra=extra: [
+                    baseline, "-r", str(repo), "--json", "backup", str(disk), "--name", NAME, *extra],
+                restore=lambda repo, out, disk: (
+                    [baseline, "-r", str(repo), "--json", "restore", f"{NAME}:latest", str(out / "disk.raw")],
+                    None, out / "disk.raw"),
+                encryption=f"as vmbak{'-noskip' if extra else ''}, with the baseline executable {baseline}",
+                version=_version([baseline, "--version"]),
+            )
 
     tools["vmbak"] = Tool(
         "vmbak", dict(base, VMBAK_PASSWORD=PASSWORD),
@@ -864,6 +879,12 @@ def ratios(med: dict[tuple[str, str], dict[str, float]]) -> list[dict[str, Any]]
         r = ratio(num, den)
         rows.append({"name": key, "label": label, "value": r, "target": f">= {TARGETS[key]}",
                      "pass": None if r is None else r >= TARGETS[key]})
+    for tool in ("vmbak-base", "vmbak-noskip-base"):
+        if (tool, "full") in med and ("restic", "full") in med:
+            r = ratio(("restic", "full"), (tool, "full"))
+            rows.append({"name": f"restic_full_over_{tool.replace('-', '_')}_full",
+                         "label": f"restic full wall / {tool} full wall (the baseline, for comparison)",
+                         "value": r, "target": "", "pass": None})
     if ("vmbak", "full") in med and ("restic", "full") in med and med[("restic", "full")]["repo_bytes"]:
         f = med[("vmbak", "full")]["repo_bytes"] / med[("restic", "full")]["repo_bytes"]
         rows.append({"name": "vmbak_full_bytes_over_restic", "label": "vmbak repository / restic repository after the full",
@@ -914,7 +935,9 @@ def report(results: list[Measure], parts: list[str], runs: int, meta: dict[str, 
     disk = (f"disk {fmt_bytes(IMAGE_SIZE)} ext4 ({fmt_bytes(meta.get('v1_fs_used_bytes', 0))} used by the "
             f"filesystem), incremental = {meta.get('changed_offsets', CHANGED_WRITES)} x 64 KiB writes; "
             if meta else "")
-    lines = [f"Medians of {runs} run(s); {disk}{os.cpu_count()} CPUs, warm page cache.", "",
+    loads = [m.load1 for m in results if m.load1]
+    load = f" 1-minute load average {min(loads):.1f}-{max(loads):.1f} at the steps' starts." if loads else ""
+    lines = [f"Medians of {runs} run(s); {disk}{os.cpu_count()} CPUs, warm page cache.{load}", "",
              "| tool | step | wall s | CPU s | peak RSS MiB | repo after step | MB/s (disk size / wall) |",
              "|---|---|---:|---:|---:|---:|---:|"]
     rows_of: list[tuple[str, str]] = []
@@ -971,6 +994,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="another vmbak executable (for example an older build) that also restores what "
                          "vmbak backed up, in the same runs: steps restore-baseline and chain30's "
                          "restore-*-baseline")
+    ap.add_argument("--baseline-vmbak", metavar="PATH",
+                    help="an older vmbak executable (for example a script running an older source tree): "
+                         "vmbak and vmbak-noskip are also run with it, as vmbak-base and vmbak-noskip-base, "
+                         "right after them in every run")
     args = ap.parse_args(argv)
 
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
@@ -985,7 +1012,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     workdir: Path = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    tools = make_tools(args.vmbak, workdir)
+    tools = make_tools(args.vmbak, workdir, args.baseline_vmbak)
+    if args.baseline_vmbak:
+        if not os.access(args.baseline_vmbak, os.X_OK):
+            say(f"bench: {args.baseline_vmbak} is not an executable")
+            return 2
+        with_base = []
+        for p in parts:
+            with_base.append(p)
+            if p in ("vmbak", "vmbak-noskip"):
+                with_base.append(f"{p}-base")
+        parts = with_base
     if any(p in ("vmbak", "vmbak-noskip", "sparse64", "chain30", "fixedcost") for p in parts) \
             and not os.access(args.vmbak, os.X_OK):
         say(f"bench: {args.vmbak} not found; run scripts/setup.sh")

@@ -92,6 +92,20 @@ class RawDisk:
         except OSError as e:
             raise DiskError(f"read error on {self.path} at offset {offset}: {e.strerror}") from None
 
+    def pread_into(self, buf: memoryview, offset: int) -> int:
+        """Read up to ``len(buf)`` bytes at ``offset`` into ``buf``; return how many (fewer
+        only at the end of the disk). The backup reads into a buffer it keeps per thread."""
+        done = 0
+        try:
+            while done < len(buf):
+                n = os.preadv(self.fd, [buf[done:]], offset + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError as e:
+            raise DiskError(f"read error on {self.path} at offset {offset + done}: {e.strerror}") from None
+        return done
+
     def data_extents(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
         """Data ranges from SEEK_DATA/SEEK_HOLE (files); the whole range for devices."""
         end = self.size if end is None else min(end, self.size)

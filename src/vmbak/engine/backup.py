@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import numpy as np
 
 from vmbak.changes.base import ChangeMap
 from vmbak.disks.base import DiskReader
+from vmbak.engine.alloc import reuse_freed_memory
 from vmbak.engine.common import (
     BHT_DTYPE,
     bounded_map,
@@ -161,6 +163,9 @@ def _tasks(mask: np.ndarray, grid: int, task_blocks: int) -> Iterator[_Task]:
         yield _Task(cur)
 
 
+_read_tls = threading.local()  # a worker's read buffer (_Pipeline.work)
+
+
 class _Pipeline:
     def __init__(self, repo: Repository, disk: DiskReader, bs: int, grid: int,
                  parent_bht: np.ndarray | None, writer_has: Callable[[bytes], bool]) -> None:
@@ -182,9 +187,19 @@ class _Pipeline:
         # A reader that can keep several reads in flight (NBD) gets the whole task at once.
         many = getattr(self.disk, "pread_many", None)
         datas = many([(w, s * bs) for w, (s, _) in zip(wants, task.runs, strict=True)]) if many else None
+        into = getattr(self.disk, "pread_into", None) if datas is None else None
         for j, (s, n) in enumerate(task.runs):
             want = wants[j]
-            data = datas[j] if datas is not None else self.disk.pread(want, s * bs)
+            if datas is not None:
+                data: bytes | memoryview = datas[j]
+            elif into is not None:  # into this thread's buffer: no new pages per read
+                buf = getattr(_read_tls, "buf", None)
+                if buf is None or len(buf) < want:
+                    buf = _read_tls.buf = bytearray(max(want, TASK_BYTES))
+                data = memoryview(buf)[:want]
+                data = data[:into(data, s * bs)]
+            else:
+                data = self.disk.pread(want, s * bs)
             if len(data) != want:
                 raise DiskError(f"short read from {self.disk.description} at offset {s * bs} "
                                 "(did the disk shrink during the backup?)")
@@ -255,7 +270,7 @@ def backup(repo: Repository, disk: DiskReader, opts: BackupOptions) -> Manifest:
     source_state = getattr(disk, "source_state", None)
     state_before = source_state() if source_state is not None else None
     set_phase(progress, "analyze")
-    with repo.lock(purpose="backup"):
+    with repo.lock(purpose="backup"), reuse_freed_memory():
         parent = choose_parent(repo, opts.name, opts.mode, size, bs, note)
         kind = FULL
         parent_bht = None

@@ -45,7 +45,7 @@ def sparse_table(rows: int) -> np.ndarray:
     return np.frombuffer(mm, BHT_DTYPE).reshape(rows, 2)
 
 
-def hash_blocks(block_hash: Callable[[memoryview], bytes], data: bytes, n: int, bs: int,
+def hash_blocks(block_hash: Callable[[memoryview], bytes], data: bytes | memoryview, n: int, bs: int,
                 zero_hash: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Hash ``n`` blocks of ``data`` (the last may be short); return the (n, 2) hash rows,
     with zero rows for all-zero blocks, and the non-zero mask.

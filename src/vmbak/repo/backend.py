@@ -84,6 +84,9 @@ def create_private(path: str) -> int:
 class LocalBackend:
     """A repository in a local directory."""
 
+    # PackWriter writes packs with O_DIRECT where the filesystem allows it (repo/pack.py).
+    direct_writes = True
+
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
         self.location = self.root

@@ -17,6 +17,7 @@ import base64
 import json
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -186,6 +187,8 @@ def unwrap_key(doc: dict, password: str | None, repo_id: str, name: str,
         raise RepositoryError(f"key file {name} is damaged") from None
 
 
+_scratch = threading.local()  # Sealer.seal_payload's per-thread plaintext buffer
+
 KEY_DIR = "keys"
 _KEY_NAME = re.compile(r"keys/[0-9a-f]{32}")
 
@@ -322,6 +325,33 @@ class Sealer:
             return b"\x00" + payload + h.digest(TAG_LEN)
         nonce = os.urandom(NONCE_LEN)
         return b"\x01" + nonce + self._aead.encrypt(nonce, payload, aad)
+
+    def seal_payload(self, codec: int, body: bytes | memoryview, aad: bytes) -> bytearray:
+        """``seal(bytes((codec,)) + body, aad)``, built in one new buffer: the payload is
+        assembled in a per-thread scratch buffer (its pages stay mapped from one chunk to
+        the next) and AES-GCM encrypts it straight into the envelope."""
+        n = 1 + len(body)
+        if self._aead is None:
+            out = bytearray(1 + n + TAG_LEN)
+            out[1] = codec
+            out[2:1 + n] = body
+            with memoryview(out) as mv:
+                h = blake3.blake3(aad, key=self.check_key)
+                h.update(mv[1:1 + n])
+                out[1 + n:] = h.digest(TAG_LEN)
+            return out
+        scratch = getattr(_scratch, "buf", None)
+        if scratch is None or len(scratch) < n:
+            scratch = _scratch.buf = bytearray(max(n, 1 << 20) + 1)
+        nonce = os.urandom(NONCE_LEN)
+        out = bytearray(1 + NONCE_LEN + n + TAG_LEN)
+        out[0] = 1
+        out[1:1 + NONCE_LEN] = nonce
+        scratch[0] = codec
+        with memoryview(scratch) as sv, memoryview(out) as ov:
+            sv[1:n] = body
+            self._aead.encrypt_into(nonce, sv[:n], aad, ov[1 + NONCE_LEN:])
+        return out
 
     def open(self, blob: bytes | memoryview, aad: bytes, what: str) -> bytes:
         """Authenticate and return the payload; raise IntegrityError naming ``what``."""

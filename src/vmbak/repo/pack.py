@@ -12,9 +12,13 @@ BLAKE3 (unkeyed) of the whole file, so check --read-data can verify it.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import mmap
 import os
 import re
 import struct
+import threading
 from dataclasses import dataclass
 
 import blake3
@@ -63,8 +67,38 @@ class FinishedPack:
     size: int
 
 
+# Packs are written through a page-aligned staging buffer, in pieces of STAGE_BYTES, with
+# O_DIRECT where the backend allows it (a local repository): the pack's bytes then go from
+# the buffer to the disk without being copied into the page cache. Measured on the 2-core
+# development VM: copying a new pack into the page cache cost about 0.8 CPU-seconds per
+# GiB (every page-cache page was a fresh page of memory), O_DIRECT 0.04. The buffer is
+# kept per thread, so its pages are faulted in once.
+STAGE_BYTES = 4 << 20
+DIRECT_ALIGN = 4096  # offsets and lengths of O_DIRECT writes: a multiple of any logical block size in use
+
+_stage_tls = threading.local()
+
+
+def _take_stage() -> mmap.mmap:
+    free = getattr(_stage_tls, "free", None)
+    if free:
+        return free.pop()
+    return mmap.mmap(-1, STAGE_BYTES)  # page-aligned, as O_DIRECT wants
+
+
+def _give_stage(buf: mmap.mmap) -> None:
+    if not hasattr(_stage_tls, "free"):
+        _stage_tls.free = []
+    _stage_tls.free.append(buf)
+
+
 class PackWriter:
-    """Appends sealed blobs to a local temp file; ``finish`` moves it into the repository."""
+    """Appends sealed blobs to a local temp file; ``finish`` moves it into the repository.
+
+    Blobs are gathered in a staging buffer and written in large aligned pieces (O_DIRECT
+    when the backend's ``direct_writes`` says so and the filesystem accepts it; buffered
+    otherwise). Not thread-safe: one thread writes one pack.
+    """
 
     def __init__(self, backend: Backend, sealer: Sealer) -> None:
         self.backend = backend
@@ -72,9 +106,19 @@ class PackWriter:
         self.path = backend.temp_path("pack")
         try:
             with deferred():  # a signal between creating the file and holding it would orphan it
-                self.f = open(create_private(self.path), "wb", buffering=0)
+                self.fd = create_private(self.path)
         except OSError as e:
             raise self._error(e) from None
+        self.direct = False
+        if getattr(backend, "direct_writes", False) and hasattr(os, "O_DIRECT"):
+            try:
+                flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+                self.direct = True
+            except OSError:
+                pass  # a filesystem without O_DIRECT (tmpfs): buffered writes
+        self.buf: mmap.mmap | None = _take_stage()
+        self.fill = 0  # bytes of buf not yet written
         self.hasher = blake3.blake3(max_threads=1)
         self.offset = 0
         self.ids: list[bytes] = []
@@ -86,29 +130,65 @@ class PackWriter:
         return RepositoryError(f"cannot write a new pack of {self.backend.location} at {self.path}: "
                                f"{e.strerror or e}")
 
-    def _write(self, data: bytes) -> None:
-        # An unbuffered write may be short (a full disk returns what fitted before it
-        # fails): write the rest, which then raises.
-        view = memoryview(data)
+    def _write_out(self, view: memoryview) -> None:
+        # A write may be short (a full disk returns what fitted before it fails): write the
+        # rest, which then raises. A filesystem that refuses an O_DIRECT write (EINVAL) gets
+        # this and every later write buffered.
         try:
             while view:
-                view = view[self.f.write(view):]
+                try:
+                    view = view[os.write(self.fd, view):]
+                except OSError as e:
+                    if not (self.direct and e.errno == errno.EINVAL):
+                        raise
+                    self._buffered()
         except OSError as e:
             raise self._error(e) from None
+
+    def _buffered(self) -> None:
+        if self.direct:
+            flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+            self.direct = False
+
+    def _append(self, data: bytes | memoryview) -> None:
+        """Stage ``data``; write every full buffer (a multiple of DIRECT_ALIGN)."""
+        self.hasher.update(data)
+        self.offset += len(data)
+        src = memoryview(data)
+        while src:
+            n = min(len(src), STAGE_BYTES - self.fill)
+            self.buf[self.fill:self.fill + n] = src[:n]
+            self.fill += n
+            src = src[n:]
+            if self.fill == STAGE_BYTES:
+                with memoryview(self.buf) as mv:
+                    self._write_out(mv)
+                self.fill = 0
+
+    def _drain(self) -> None:
+        """Write what is staged: the aligned part as it is, the short rest buffered."""
+        aligned = self.fill - self.fill % DIRECT_ALIGN
+        with memoryview(self.buf) as mv:
+            if aligned:
+                self._write_out(mv[:aligned])
+            if self.fill > aligned:
+                try:
+                    self._buffered()
+                except OSError as e:
+                    raise self._error(e) from None
+                self._write_out(mv[aligned:self.fill])
+        self.fill = 0
 
     def pad(self, data: bytes) -> None:
         """Write bytes that no entry covers (readers find blobs only through the header).
         Random padding gives a pack a name no other pack had: see engine/prune.py."""
-        self._write(data)
-        self.hasher.update(data)
-        self.offset += len(data)
+        self._append(data)
 
     def add(self, chunk_id: bytes, blob: bytes, raw_len: int) -> int:
         """Append one sealed blob; return its offset."""
         off = self.offset
-        self._write(blob)
-        self.hasher.update(blob)
-        self.offset += len(blob)
+        self._append(blob)
         self.ids.append(chunk_id)
         self.offs.append(off)
         self.lens.append(len(blob))
@@ -126,20 +206,30 @@ class PackWriter:
         entries["raw"] = self.raws
         header = self.sealer.seal(struct.pack("<I", len(entries)) + entries.tobytes(), HEADER_AAD)
         tail = header + TRAILER.pack(len(header), PACK_MAGIC)
-        self._write(tail)
-        self.hasher.update(tail)
+        self._append(tail)
+        self._drain()
+        self._release()
+        fd, self.fd = self.fd, -1
         try:
-            self.f.close()
+            os.close(fd)
         except OSError as e:
             raise self._error(e) from None
-        size = self.offset + len(tail)
+        size = self.offset
         pack_id = self.hasher.hexdigest()
         self.backend.write_file(pack_name(pack_id), self.path)
         return FinishedPack(pack_id, entries, size)
 
+    def _release(self) -> None:
+        if self.buf is not None:
+            _give_stage(self.buf)
+            self.buf = None
+
     def abandon(self) -> None:
+        self._release()
         try:
-            self.f.close()
+            if self.fd >= 0:
+                fd, self.fd = self.fd, -1
+                os.close(fd)
         finally:
             try:
                 os.unlink(self.path)

@@ -135,6 +135,27 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     return c
 
 
+# The compressibility probe of encode_chunk: PROBE_SAMPLES pieces of PROBE_PIECE bytes,
+# spread evenly over the chunk, are compressed together; unless they shrink by at least
+# 1/PROBE_GAIN the chunk is stored raw. Compressing a 1 MiB random chunk at level 1 costs
+# about 0.33 ms and gains nothing; the probe costs about 0.02 ms. A chunk that is only
+# partly compressible still compresses when one sample in eight falls in the compressible
+# part (a text sample shrinks to about a third, the eight together by about 8%).
+PROBE_MIN = 256 << 10
+PROBE_SAMPLES = 8
+PROBE_PIECE = 4096
+PROBE_GAIN = 50
+
+
+def incompressible(data: bytes | memoryview, level: int) -> bool:
+    """Whether ``data``'s samples show that zstd would not shrink it (see PROBE_SAMPLES)."""
+    n = len(data)
+    step = n // PROBE_SAMPLES
+    with memoryview(data) as mv:
+        sample = b"".join([mv[i * step:i * step + PROBE_PIECE] for i in range(PROBE_SAMPLES)])
+    return len(_compressor(level).compress(sample)) > len(sample) - len(sample) // PROBE_GAIN
+
+
 def open_backend(location: str) -> Backend:
     """A local directory (``PATH`` or ``local:PATH``) or S3 (``s3:...``, see repo/s3.py)."""
     if location.startswith("s3:"):
@@ -502,14 +523,19 @@ class Repository:
         return iid
 
     # ------------------------------------------------------------------ chunks
-    def encode_chunk(self, chunk_id: bytes, data: bytes | memoryview) -> bytes:
-        """Compress (when it pays) and seal one chunk; thread-safe."""
-        comp = _compressor(self.zstd_level).compress(data)
-        if len(comp) < len(data) - len(data) // 32:
-            payload = bytes((CODEC_ZSTD,)) + comp
-        else:
-            payload = bytes((CODEC_RAW,)) + bytes(data)
-        return self.sealer.seal(payload, chunk_aad(chunk_id))
+    def encode_chunk(self, chunk_id: bytes, data: bytes | memoryview) -> bytes | bytearray:
+        """Compress (when it pays) and seal one chunk; thread-safe.
+
+        A chunk of at least PROBE_MIN bytes whose samples do not compress (random or
+        already compressed data) is stored raw without compressing the rest of it."""
+        comp = None
+        if len(data) < PROBE_MIN or not incompressible(data, self.zstd_level):
+            comp = _compressor(self.zstd_level).compress(data)
+            if len(comp) >= len(data) - len(data) // 32:
+                comp = None
+        if comp is not None:
+            return self.sealer.seal_payload(CODEC_ZSTD, comp, chunk_aad(chunk_id))
+        return self.sealer.seal_payload(CODEC_RAW, data, chunk_aad(chunk_id))
 
     def decode_chunk(self, chunk_id: bytes, blob: bytes, raw_len: int, what: str = "",
                      check_id: bool = True) -> bytes:
