@@ -15,26 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .strace_util import strace_calls
+
 BLOCK = 64 * 1024
 MiB = 1 << 20
 WORKERS = 2
 
 
 def _strace_calls(log: Path) -> list[str]:
-    """The traced calls, each on one line (a call another thread interrupted joined again)."""
-    pending: dict[str, str] = {}
-    calls = []
-    for line in log.read_text().splitlines():
-        pid, _, rest = line.partition(" ")
-        rest = rest.lstrip()  # strace pads the pid column
-        if rest.endswith("<unfinished ...>"):
-            pending[pid] = rest[: -len("<unfinished ...>")]
-            continue
-        m = re.match(r"<\.\.\. \w+ resumed>(.*)", rest)
-        if m:
-            rest = pending.pop(pid, "") + m.group(1)
-        calls.append(rest)
-    return calls
+    return [call for _, call in strace_calls(log)]
 
 
 def test_chain_head_restore_opens_each_pack_once_per_thread_and_writes_long_runs(

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from .strace_util import strace_calls
+
 MiB = 1 << 20
 
 
@@ -54,17 +56,8 @@ def test_new_data_directory_is_fsynced_before_a_pack_lands(tmp_path, make_repo, 
                    env=env, check=True, capture_output=True, timeout=300)
     data = os.fspath(repo.path / "data")
     calls: dict[str, list[str]] = {}
-    pending: dict[str, str] = {}
-    for line in log.read_text().splitlines():
-        pid, _, rest = line.partition(" ")
-        rest = rest.lstrip()  # strace pads the pid column
-        if rest.endswith("<unfinished ...>"):
-            pending[pid] = rest[: -len("<unfinished ...>")]
-            continue
-        m = re.match(r"<\.\.\. \w+ resumed>(.*)", rest)
-        if m:
-            rest = pending.pop(pid, "") + m.group(1)
-        calls.setdefault(pid, []).append(rest)
+    for pid, call in strace_calls(log):
+        calls.setdefault(pid, []).append(call)
     made = 0
     for seq in calls.values():
         fds_of_data: set[str] = set()
