@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from vmbak.repo.index import trim_heap
+
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
 _DEFAULT_THRESHOLD = 128 * 1024  # glibc's default for both
@@ -41,7 +43,7 @@ def _glibc() -> Any:
             import ctypes
 
             lib = ctypes.CDLL(None)
-            _libc = lib if hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim") else False
+            _libc = lib if hasattr(lib, "mallopt") else False
         except (ValueError, OSError, AttributeError):
             _libc = False
     return _libc or None
@@ -69,4 +71,4 @@ def reuse_freed_memory() -> Iterator[None]:
             if _users == 0:
                 libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_THRESHOLD)
                 libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_THRESHOLD)
-                libc.malloc_trim(0)
+                trim_heap()

@@ -11,13 +11,13 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from vmbak.buffers import ThreadBuffers
 from vmbak.changes.base import ChangeMap
 from vmbak.disks.base import DiskReader
 from vmbak.engine.alloc import reuse_freed_memory
@@ -163,7 +163,7 @@ def _tasks(mask: np.ndarray, grid: int, task_blocks: int) -> Iterator[_Task]:
         yield _Task(cur)
 
 
-_read_tls = threading.local()  # a worker's read buffer (_Pipeline.work)
+_read_bufs = ThreadBuffers(TASK_BYTES)  # a worker's read buffer (_Pipeline.work)
 
 
 class _Pipeline:
@@ -193,10 +193,7 @@ class _Pipeline:
             if datas is not None:
                 data: bytes | memoryview = datas[j]
             elif into is not None:  # into this thread's buffer: no new pages per read
-                buf = getattr(_read_tls, "buf", None)
-                if buf is None or len(buf) < want:
-                    buf = _read_tls.buf = bytearray(max(want, TASK_BYTES))
-                data = memoryview(buf)[:want]
+                data = _read_bufs.view(want)
                 data = data[:into(data, s * bs)]
             else:
                 data = self.disk.pread(want, s * bs)

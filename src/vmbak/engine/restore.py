@@ -12,12 +12,10 @@ import concurrent.futures as cf
 import ctypes
 import errno
 import fcntl
-import mmap
 import os
 import shutil
 import socket
 import stat
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from operator import attrgetter, itemgetter
 
 import numpy as np
 
+from vmbak.buffers import ThreadBuffers
 from vmbak.disks.raw import file_data_extents
 from vmbak.engine.common import (
     BHT_DTYPE,
@@ -219,7 +218,7 @@ class RestoreTarget:
         self.lock: TargetLock | None = None
         self._token: int | None = None
         self.dfd = -1  # the same file opened with O_DIRECT, or -1 (see write)
-        self._bufs = threading.local()
+        self._bounce = ThreadBuffers(_DIRECT_BUF, aligned=True)  # write's aligned copy of an unaligned view
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -301,15 +300,6 @@ class RestoreTarget:
             os.close(self.dfd)
             self.dfd = -1
 
-    def _bounce(self, n: int) -> mmap.mmap:
-        """This thread's page-aligned buffer of at least ``n`` bytes, reused across writes."""
-        buf = getattr(self._bufs, "buf", None)
-        if buf is None or len(buf) < n:
-            # the old one is unmapped once no view of it is left (never closed here: a
-            # view held by an earlier error's traceback would make close() raise)
-            buf = self._bufs.buf = mmap.mmap(-1, max(n, _DIRECT_BUF))
-        return buf
-
     def _pwrite_all(self, fd: int, view: memoryview, offset: int) -> None:
         while view:
             n = os.pwrite(fd, view, offset)
@@ -326,7 +316,7 @@ class RestoreTarget:
             if _aligned(view):
                 bv = view[:n]  # written from where it is (restore decodes into aligned buffers)
             else:
-                bv = memoryview(self._bounce(n))[:n]
+                bv = self._bounce.view(n)
                 bv[:] = view[:n]
             try:
                 self._pwrite_all(dfd, bv, offset)
@@ -596,17 +586,10 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
         try:
             written = 0
 
-            bufs = threading.local()
             files = repo.open_files(max(1, workers))  # each worker keeps the packs it reads open
-
-            def buffer(n: int, kind: str = "buf", least: int = _GROUP_BYTES) -> memoryview:
-                # this thread's page-aligned buffer (mmap), reused: chunks are decoded
-                # straight into it and written from it without another copy
-                buf = getattr(bufs, kind, None)
-                if buf is None or len(buf) < n:
-                    buf = mmap.mmap(-1, max(n, least))
-                    setattr(bufs, kind, buf)
-                return memoryview(buf)[:n]
+            # each thread's page-aligned buffers, reused: chunks are decoded straight into
+            # them and written from them without another copy
+            stretch_bufs, aside_bufs = ThreadBuffers(_GROUP_BYTES, aligned=True), ThreadBuffers(aligned=True)
 
             def what(job: _Job) -> str:
                 return (f"chunk {job.chunk_id.hex()[:16]} (blocks {job.start}-{job.start + job.count - 1} "
@@ -634,7 +617,8 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
                 adjacent blocks taken from them against the block hashes at once, then
                 write each run with one call."""
                 base = group[0].start * bs
-                out = buffer(max(min((j.start + j.count) * bs, size) for j in group) - base)
+                span = max(min((j.start + j.count) * bs, size) for j in group) - base
+                out = stretch_bufs.view(span)
                 lost: list[tuple[int, int, str, str]] = []
                 pieces: list[tuple[int, int, _Job]] = []  # (first block, count, chunk) decoded
                 # Older snapshots first, then from each pack in order: a chunk's extent
@@ -645,7 +629,7 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
                     if job.inside:
                         bad = decode(job, out[job.start * bs - base:])
                     else:  # decoded aside; only the blocks it provides are copied in
-                        aside = buffer(locs[job.chunk_id].raw_length, "aside", 0)
+                        aside = aside_bufs.view(locs[job.chunk_id].raw_length)
                         bad = decode(job, aside)
                         if bad is None:
                             for a, b in mine:

@@ -17,7 +17,6 @@ import base64
 import json
 import os
 import re
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -26,6 +25,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from vmbak.buffers import ThreadBuffers
 from vmbak.errors import IntegrityError, PasswordMissing, RepositoryError, WrongPassword
 from vmbak.repo.backend import Backend, LocalBackend
 
@@ -187,7 +187,7 @@ def unwrap_key(doc: dict, password: str | None, repo_id: str, name: str,
         raise RepositoryError(f"key file {name} is damaged") from None
 
 
-_scratch = threading.local()  # Sealer.seal_payload's per-thread plaintext buffer
+_scratch = ThreadBuffers((1 << 20) + 1)  # Sealer.seal_payload's per-thread plaintext buffer
 
 KEY_DIR = "keys"
 _KEY_NAME = re.compile(r"keys/[0-9a-f]{32}")
@@ -340,9 +340,7 @@ class Sealer:
                 h.update(mv[1:1 + n])
                 out[1 + n:] = h.digest(TAG_LEN)
             return out
-        scratch = getattr(_scratch, "buf", None)
-        if scratch is None or len(scratch) < n:
-            scratch = _scratch.buf = bytearray(max(n, 1 << 20) + 1)
+        scratch = _scratch.get(n)
         nonce = os.urandom(NONCE_LEN)
         out = bytearray(1 + NONCE_LEN + n + TAG_LEN)
         out[0] = 1

@@ -18,6 +18,7 @@ import blake3
 import numpy as np
 import zstandard
 
+from vmbak.buffers import ThreadBuffers
 from vmbak.errors import (
     IntegrityError,
     RepositoryError,
@@ -117,14 +118,9 @@ def check_config_values(chunk_size: int, pack_size: int, level: int) -> None:
 _tls = threading.local()
 
 
-def _scratch(kind: str, n: int) -> memoryview:
-    """This thread's reusable buffer ``kind``, ``n`` bytes long (grown when needed)."""
-    key = "scratch_" + kind
-    buf = getattr(_tls, key, None)
-    if buf is None or len(buf) < n:
-        buf = bytearray(max(n, 1 << 20) + (1 << 16))
-        setattr(_tls, key, buf)
-    return memoryview(buf)[:n]
+# This thread's buffers for a blob as stored and its decrypted payload (read_into).
+_blob_bufs = ThreadBuffers((1 << 20) + (1 << 16))
+_payload_bufs = ThreadBuffers((1 << 20) + (1 << 16))
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
@@ -604,7 +600,7 @@ class Repository:
         if raw_len > self.max_chunk or raw_len > len(out):
             raise IntegrityError(f"{label}: claims {raw_len} bytes, more than a chunk of this "
                                  f"repository holds ({self.max_chunk})")
-        blob_buf = _scratch("blob", loc.length)
+        blob_buf = _blob_bufs.view(loc.length)
         name = pack_name(loc.pack)
         read_into = getattr(self.backend, "read_range_into", None)
         try:
@@ -619,7 +615,7 @@ class Repository:
             raise IntegrityError(f"{label}: {e}") from None
         if got != loc.length:
             raise IntegrityError(f"{label}: pack {loc.pack[:16]} is truncated")
-        payload = _scratch("payload", loc.length)
+        payload = _payload_bufs.view(loc.length)
         n = self.sealer.open_into(blob_buf, chunk_aad(chunk_id), label, payload)
         if n == 0:
             raise IntegrityError(f"{label}: empty payload")
