@@ -235,8 +235,6 @@ blocks = count or max(1, os.lseek(fd, 0, os.SEEK_END) // 65536 - first)
 n = 0
 while not os.path.exists(stop):
     os.pwrite(fd, os.urandom(65536), (first + n % blocks) * 65536)
-    if path.startswith("/dev/"):
-        os.fsync(fd)
     n += 1
     if n == 1:
         print("writing", flush=True)
@@ -354,11 +352,19 @@ def test_a_block_device_written_during_the_backup_is_marked_torn(repo, loop_devi
     """A device's metadata does not change when it is written: blocks read again tell."""
     p = repo.run("backup", loop_device, "--name", "dev", "--json", "--no-skip-unused")
     assert json.loads(p.stdout.splitlines()[-1])["consistency"] == "unknown" and "warning" not in p.stderr
-    w = Writer(loop_device, tmp_path)
-    try:
-        p = repo.run("backup", loop_device, "--name", "dev", "--json", "--no-skip-unused")
-    finally:
-        w.finish()
-    snap = json.loads(p.stdout.splitlines()[-1])
-    assert snap["consistency"] == "torn", snap["notes"]
+    # Only a block written between its first read and its second one tells, and the backup
+    # of 4 MiB is short: a writer that a loaded machine does not run in that window leaves no
+    # trace (CI saw it once). Up to five tries then, each of them torn or unknown.
+    seen = []
+    for _ in range(5):
+        w = Writer(loop_device, tmp_path)
+        try:
+            p = repo.run("backup", loop_device, "--name", "dev", "--json", "--no-skip-unused")
+        finally:
+            w.finish()
+        snap = json.loads(p.stdout.splitlines()[-1])
+        seen.append(snap["consistency"])
+        if snap["consistency"] == "torn":
+            break
+    assert seen[-1] == "torn" and set(seen) <= {"torn", "unknown"}, seen
     assert any("blocks read again differ" in n for n in snap["notes"])
