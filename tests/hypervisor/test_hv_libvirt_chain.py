@@ -170,6 +170,20 @@ def test_chain_follows_added_resized_removed_disks_and_a_shut_off_domain(domain,
     qcompare(out / f"{d.name}-restored-vda.qcow2", d.a)
     qcompare(out / f"{d.name}-restored-vdc.qcow2", c)
 
+    # Retention counts libvirt backups, not disk names: --keep-last 1 keeps the newest backup
+    # whole and forgets every snapshot of the older ones, the removed disk's last one too
+    # (counted by name, vdb's snapshot of backup 4 was kept: half a backup).
+    plan = repo.json("forget", "--keep-last", "1", "--dry-run")
+    kept = {n: [r["short_id"] for r in rows if r["action"] == "keep"] for n, rows in plan["names"].items()}
+    assert kept == {va: [s7[va]["short_id"]], vb: [], vc: [s7[vc]["short_id"]]}, kept
+    assert all(r["reasons"] == ["last snapshot"] for n in (va, vc) for r in plan["names"][n][:1])
+    repo.run("forget", "--keep-last", "1")
+    assert sorted(x["name"] for x in repo.json("snapshots")) == [va, vc]
+    rr = repo.json("restore", "--libvirt", f"{d.name}:latest", out, "--overwrite")
+    assert {x["target_disk"] for x in rr["disks"]} == {"vda", "vdc"}
+    qcompare(out / f"{d.name}-restored-vda.qcow2", d.a)
+    qcompare(out / f"{d.name}-restored-vdc.qcow2", c)
+
 
 VHOST_DOMAIN = """<domain type='qemu'>
   <name>{name}</name>

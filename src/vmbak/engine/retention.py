@@ -179,6 +179,27 @@ class ForgetResult:
                 "removed_damaged": self.removed_damaged, "filter": self.filter}
 
 
+def _retention_series(snapshots: list) -> dict[str, dict[str, list]]:
+    """The snapshots that retention rules count, as series of units: a disk name's snapshots
+    one by one, and a libvirt backup (every disk and state file of one checkpoint, named
+    with one prefix) as one unit in the series of its prefix. Counting libvirt backups by
+    disk name would split them: with a disk removed, ``--keep-last 1`` kept the removed
+    disk's last snapshot and forgot the rest of that backup; and a backup whose members'
+    times straddle an hour or a day went in different periods for different disks."""
+    from vmbak.engine.sources import LIBVIRT_KEY
+
+    series: dict[str, dict[str, list]] = {}
+    for m in snapshots:
+        lv = m.extra.get(LIBVIRT_KEY) if isinstance(m.extra, dict) else None
+        prefix = (lv.get("prefix") or lv.get("domain")) if isinstance(lv, dict) else None
+        checkpoint = lv.get("checkpoint") if isinstance(lv, dict) else None
+        if isinstance(prefix, str) and isinstance(checkpoint, str) and checkpoint:
+            series.setdefault("libvirt\0" + prefix, {}).setdefault("libvirt\0" + checkpoint, []).append(m)
+        else:
+            series.setdefault("name\0" + m.name, {})[m.id] = [m]
+    return series
+
+
 def forget(repo: Repository, policy: Policy, *, name: str | None = None, snapshots: list[str] | None = None,
            keep_dependencies: bool = False, dry_run: bool = False, workers: int = 2,
            log: Callable[[str], None] | None = None, where: SnapshotFilter | None = None) -> ForgetResult:
@@ -220,13 +241,14 @@ def forget(repo: Repository, policy: Policy, *, name: str | None = None, snapsho
         delete: set[str] = set(explicit)
         reasons: dict[str, list[str]] = {}
         if not policy.empty():
-            names = sorted({m.name for m in selected})
-            for n in names:
-                group = [(m.id, m.time, m.tags) for m in selected if m.name == n]
-                for d in apply_policy(group, policy):
-                    reasons[d.id] = d.reasons
-                    if not d.keep:
-                        delete.add(d.id)
+            for units in _retention_series(selected).values():
+                rows = [(key, min(m.time for m in ms), sorted({t for m in ms for t in m.tags}))
+                        for key, ms in units.items()]
+                for d in apply_policy(rows, policy):
+                    for m in units[d.id]:
+                        reasons[m.id] = list(d.reasons)
+                        if not d.keep:
+                            delete.add(m.id)
         rec = reconcile(repo, delete, keep_dependencies=keep_dependencies, dry_run=dry_run, workers=workers,
                         log=log, by="forget")
         new_of = {r.old: r for r in rec.rewrites}
