@@ -149,6 +149,7 @@ class LibvirtDiskView:
     reader: NbdDisk
     change_map: ChangeMap | None
     bitmap_context: str | None = None  # the NBD meta context of the dirty bitmap since ``since``
+    dirty_extents: list[tuple[int, int]] | None = None  # (offset, length) the bitmap marks, when read already
 
 
 @dataclass
@@ -405,6 +406,8 @@ def begin_backup(domain: str, since: str | None, block_size: int, *, uri: str = 
                     notes.append(f"libvirt: disk {k.target} is {k.format}, which cannot hold a checkpoint "
                                  "bitmap: it is read whole (scan) every time")
             started = False
+            prep: threading.Thread | None = None
+            box: dict = {"views": {}}
             try:
                 # the guest is frozen (if at all) only around the checkpoint's creation
                 with quiesce() if quiesce is not None else contextlib.nullcontext():
@@ -417,34 +420,31 @@ def begin_backup(domain: str, since: str | None, block_size: int, *, uri: str = 
                                                       f"be used ({_msg(e)}); it was removed") from None
                         raise DiskError(f"libvirt cannot start a backup of {domain!r}: {_msg(e)}") from None
                     started = True
+                    # The checkpoint and the export exist: the export is described, connected
+                    # to and its dirty bitmaps read while the guest thaws (the thaw took
+                    # 20-90 ms of the critical path of an incremental of a running TCG guest,
+                    # at load 9-11 on 2 CPUs; libvirt's connection serves both threads).
+                    prep = threading.Thread(target=_prepare_views, name="vmbak-libvirt-views", daemon=True,
+                                            args=(dom, sock, disks, domain, since, new, block_size, change_maps, box))
+                    prep.start()
             except BaseException:
+                if prep is not None:
+                    prep.join()
+                    for v in box["views"].values():
+                        v.reader.close()
                 if started:  # the thaw failed, or a signal came while frozen: no backup
                     _abort_job(dom)
                     _delete_checkpoint(dom, new)
                 raise
-            views: dict[str, LibvirtDiskView] = {}
-            try:
-                desc = ET.fromstring(dom.backupGetXMLDesc())
-                for bd in desc.findall("./disks/disk"):
-                    if bd.get("backup") != "yes":
-                        continue
-                    tgt = bd.get("name", "")
-                    k = next(x for x in disks if x.target == tgt)
-                    bitmap = bd.get("exportbitmap")
-                    contexts = [f"qemu:dirty-bitmap:{bitmap}"] if bitmap else []
-                    r = NbdDisk(sock, bd.get("exportname") or tgt, meta_contexts=contexts,
-                                description=f"libvirt:{domain}:{tgt}")
-                    cm = None
-                    ctx = contexts[0] if bitmap and since is not None else None
-                    if ctx is not None and change_maps:
-                        cm = change_map(r, ctx, block_size, since, new, tgt)  # type: ignore[arg-type]
-                    views[tgt] = LibvirtDiskView(tgt, k.source, k.format, r, cm, ctx)
-            except BaseException:
+            assert prep is not None
+            prep.join()
+            views: dict[str, LibvirtDiskView] = box["views"]
+            if "error" in box:
                 for v in views.values():
                     v.reader.close()
                 _abort_job(dom)
                 _delete_checkpoint(dom, new)
-                raise
+                raise box["error"]
             for n in notes:
                 log(n)
             return LibvirtBackup(domain=domain, uri=uri, since=since, change_id=new, block_size=block_size,
@@ -456,7 +456,39 @@ def begin_backup(domain: str, since: str | None, block_size: int, *, uri: str = 
         conn.close()
 
 
-def change_map(r: NbdDisk, context: str, bs: int, since: str, new: str, tgt: str) -> ChangeMap:
+def _prepare_views(dom, sock: str, disks: list[DomainDisk], domain: str, since: str | None, new: str,  # noqa: ANN001
+                   block_size: int, change_maps: bool, box: dict) -> None:
+    """Connect to each disk's export of the backup job just begun (a thread of
+    ``begin_backup``): its views go to ``box["views"]``, what failed to ``box["error"]``.
+    The dirty bitmap is read here too: as a change map with ``change_maps``, else as the raw
+    extents ``change_map`` takes later (no second connection and round trip then)."""
+    views: dict[str, LibvirtDiskView] = box["views"]
+    try:
+        desc = ET.fromstring(dom.backupGetXMLDesc())
+        for bd in desc.findall("./disks/disk"):
+            if bd.get("backup") != "yes":
+                continue
+            tgt = bd.get("name", "")
+            k = next(x for x in disks if x.target == tgt)
+            bitmap = bd.get("exportbitmap")
+            contexts = [f"qemu:dirty-bitmap:{bitmap}"] if bitmap else []
+            r = NbdDisk(sock, bd.get("exportname") or tgt, meta_contexts=contexts,
+                        description=f"libvirt:{domain}:{tgt}")
+            ctx = contexts[0] if bitmap and since is not None else None
+            views[tgt] = v = LibvirtDiskView(tgt, k.source, k.format, r, None, ctx)
+            if ctx is not None and change_maps:
+                v.change_map = change_map(r, ctx, block_size, since, new, tgt)  # type: ignore[arg-type]
+            elif ctx is not None and ctx in r.contexts:
+                v.dirty_extents = [(off, ln) for off, ln, fl in r.extents(ctx, 0, r.size) if fl & STATE_DIRTY]
+    except BaseException as e:  # noqa: BLE001 - begin_backup ends the job and raises it
+        box["error"] = e
+    finally:
+        for v in views.values():
+            v.reader.hand_over()
+
+
+def change_map(r: NbdDisk, context: str, bs: int, since: str, new: str, tgt: str,
+               dirty: list[tuple[int, int]] | None = None) -> ChangeMap:
     """The blocks the dirty bitmap ``context`` of export ``r`` marks, as a change map."""
     import numpy as np
 
@@ -466,9 +498,10 @@ def change_map(r: NbdDisk, context: str, bs: int, since: str, new: str, tgt: str
         raise ChangeTrackingError(f"libvirt does not export the dirty bitmap of disk {tgt}")
     n = (r.size + bs - 1) // bs
     bitmap = np.zeros(n, bool)
-    for off, ln, fl in r.extents(context, 0, r.size):
-        if fl & STATE_DIRTY:
-            bitmap[off // bs:(off + ln + bs - 1) // bs] = True
+    if dirty is None:  # ``dirty``: the dirty extents, read when the job began (_prepare_views)
+        dirty = [(off, ln) for off, ln, fl in r.extents(context, 0, r.size) if fl & STATE_DIRTY]
+    for off, ln in dirty:
+        bitmap[off // bs:(off + ln + bs - 1) // bs] = True
     k = int(np.count_nonzero(bitmap))
     return ChangeMap(bitmap=bitmap, block_size=bs, source=SOURCE, reference=since, new_reference=new,
                      notes=[f"libvirt: disk {tgt}: checkpoint {since} marks {k} of {n} blocks"])
