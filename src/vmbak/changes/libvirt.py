@@ -350,30 +350,35 @@ def _clear_old_job(dom, tmpdir: str | None, notes: list[str]) -> None:  # noqa: 
 def begin_backup(domain: str, since: str | None, block_size: int, *, uri: str = DEFAULT_URI,
                  tmpdir: str | None = None, log: Callable[[str], None] | None = None,
                  quiesce: Callable[[], contextlib.AbstractContextManager] | None = None,
-                 full_disks: frozenset[str] = frozenset(), change_maps: bool = True) -> LibvirtBackup:
+                 full_disks: frozenset[str] = frozenset(), change_maps: bool = True, dom=None,  # noqa: ANN001
+                 live_xml: str | None = None, checkpoints: list[str] | None = None) -> LibvirtBackup:
     """Start a pull-mode backup of every disk of the running ``domain``; see the module
     documentation. Raises ChangeTrackingError (after cleaning up) when ``since`` cannot
     be used, DiskError for a domain that does not exist or does not run. ``quiesce``
     (e.g. ``Quiescer.frozen``) is entered just before the checkpoint is made and left as
     soon as it exists. The disks named in ``full_disks`` (added since ``since``) are
     exported without a bitmap: the checkpoint ``since`` does not cover them. Without
-    ``change_maps``, the views' change maps are left for the caller (``change_map``)."""
+    ``change_maps``, the views' change maps are left for the caller (``change_map``).
+
+    A caller that has just asked libvirt passes what it got, and those round trips are
+    not made again before the freeze: ``dom`` (the domain, found running), ``live_xml``
+    (its live XML) and ``checkpoints`` (the names of all its checkpoints)."""
     lv = _libvirt()
     log = log or (lambda s: None)
     if since is not None and not since.startswith(PREFIX):
         raise ChangeTrackingError(f"change ID {since!r} is not a vmbak checkpoint name")
-    conn = connect(uri)
+    conn = connect(uri) if dom is None else None
     notes: list[str] = []
     try:
-        dom = lookup(conn, domain)
-        if not dom.isActive():
-            raise DiskError(f"libvirt domain {domain!r} is not running (back up its image files instead)")
+        if dom is None:
+            dom = lookup(conn, domain)
+            if not dom.isActive():
+                raise DiskError(f"libvirt domain {domain!r} is not running (back up its image files instead)")
         _clear_old_job(dom, tmpdir, notes)
-        xml = dom.XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE)
-        disks = domain_disks(dom.XMLDesc(0))
+        disks = domain_disks(live_xml if live_xml is not None else dom.XMLDesc(0))
         if not disks:
             raise DiskError(f"libvirt domain {domain!r} has no disks to back up")
-        ours = [c for c in _checkpoints(dom) if c.startswith(PREFIX)]
+        ours = [c for c in (checkpoints if checkpoints is not None else _checkpoints(dom)) if c.startswith(PREFIX)]
         if since is not None and since not in ours:
             for c in ours:
                 _delete_checkpoint(dom, c)
@@ -456,12 +461,13 @@ def begin_backup(domain: str, since: str | None, block_size: int, *, uri: str = 
             for n in notes:
                 log(n)
             return LibvirtBackup(domain=domain, uri=uri, since=since, change_id=new, block_size=block_size,
-                                 domain_xml=xml, disks=views, notes=notes, _dir=d)
+                                 domain_xml=box["xml"], disks=views, notes=notes, _dir=d)
         except BaseException:
             shutil.rmtree(d, ignore_errors=True)
             raise
     finally:
-        conn.close()
+        if conn is not None:
+            conn.close()
 
 
 def _prepare_views(dom, sock: str, disks: list[DomainDisk], domain: str, since: str | None, new: str,  # noqa: ANN001
@@ -472,6 +478,8 @@ def _prepare_views(dom, sock: str, disks: list[DomainDisk], domain: str, since: 
     extents ``change_map`` takes later (no second connection and round trip then)."""
     views: dict[str, LibvirtDiskView] = box["views"]
     try:
+        # the inactive definition to keep with the backup: asked here, not before the freeze
+        box["xml"] = dom.XMLDesc(_libvirt().VIR_DOMAIN_XML_INACTIVE)
         desc = ET.fromstring(dom.backupGetXMLDesc())
         for bd in desc.findall("./disks/disk"):
             if bd.get("backup") != "yes":
