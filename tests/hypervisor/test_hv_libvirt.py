@@ -294,3 +294,55 @@ def test_early_job_only_for_a_plain_command_line(tmp_path) -> None:  # noqa: ANN
                  ["-r", str(tmp_path / "missing"), "backup", "--libvirt", "db"],
                  ["backup", "--libvirt", "db", "--help"]):
         assert parse(argv) is None, argv
+
+
+def _nbd_clients(sock: str) -> int:
+    """Established connections to the unix socket ``sock`` (QEMU's accepted ends carry its path)."""
+    out = subprocess.run(["ss", "-xHn", "state", "established"], capture_output=True, text=True, check=True).stdout
+    return sum(1 for line in out.splitlines() if sock in line.split())
+
+
+def test_the_export_is_connected_while_the_guest_thaws(domain) -> None:
+    """begin_backup connects to the job's export and reads its dirty bitmap while the guest
+    thaws, not after: the thaw (``quiesce`` leaving its block) sees the connection made.
+    A thaw that fails still ends the job, removes the new checkpoint and every connection."""
+    import contextlib
+    import xml.etree.ElementTree as ET
+
+    from vmbak.changes.libvirt import begin_backup
+    from vmbak.errors import VmbakError
+
+    d = domain
+    first = begin_backup(d.name, None, B, uri=URI)
+    first.commit()
+    d.write(0, 2 * MiB, B, 0x41)
+    seen: dict = {}
+
+    @contextlib.contextmanager
+    def quiesce(fail: bool = False) -> Iterator[None]:
+        yield  # the checkpoint and the job are made inside
+        sock = ET.fromstring(d.dom.backupGetXMLDesc()).find("server").get("socket")  # type: ignore[union-attr]
+        seen["socket"] = sock
+        deadline = time.monotonic() + 20
+        while not _nbd_clients(sock) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen["clients while thawing"] = _nbd_clients(sock)
+        if fail:
+            raise VmbakError("the thaw failed")
+
+    b = begin_backup(d.name, first.change_id, B, uri=URI, quiesce=quiesce)
+    try:
+        assert seen["clients while thawing"] >= 1
+        v = b.disks["vda"]
+        assert v.change_map is not None and v.change_map.bitmap.nonzero()[0].tolist() == [2 * MiB // B]
+        assert v.reader.pread(B, 2 * MiB) == bytes([0x41]) * B
+    finally:
+        b.commit()
+    assert d.checkpoints() == [b.change_id] and not d.has_job()
+
+    seen.clear()
+    with pytest.raises(VmbakError, match="the thaw failed"):
+        begin_backup(d.name, b.change_id, B, uri=URI, quiesce=lambda: quiesce(fail=True))
+    assert seen["clients while thawing"] >= 1
+    assert d.checkpoints() == [b.change_id] and not d.has_job()  # the older one still records
+    assert _nbd_clients(seen["socket"]) == 0 and not os.path.exists(seen["socket"])

@@ -127,7 +127,8 @@ def _begin(domain: str, uri: str, freeze: str, mode: str, box: dict) -> None:
             dom = lvc.lookup(conn, domain)
             if not dom.isActive():
                 return  # shut off: started paused the usual way
-            ours = [c for c in dom.listAllCheckpoints() if c.getName().startswith(lvc.PREFIX)]
+            everyone = dom.listAllCheckpoints()
+            ours = [c for c in everyone if c.getName().startswith(lvc.PREFIX)]
             if len(ours) > 1:
                 return
             since = ours[0].getName() if ours else None
@@ -135,12 +136,18 @@ def _begin(domain: str, uri: str, freeze: str, mode: str, box: dict) -> None:
             if ours:
                 covered = {d.get("name") for d in ET.fromstring(ours[0].getXMLDesc(0)).findall("./disks/disk")
                            if d.get("checkpoint") == "bitmap"}
-            targets = {d.target for d in lvc.domain_disks(dom.XMLDesc(0))}
+            live_xml = dom.XMLDesc(0)
+            targets = {d.target for d in lvc.domain_disks(live_xml)}
         finally:
             conn.close()
         logs: list[str] = box["logs"]
-        q = Quiescer(mode=freeze, agent=lambda: LibvirtAgent(uri, domain), agent_key=LibvirtAgent.key_for(uri, domain),
-                     guest=f"libvirt domain {domain!r}", point_in_time=True, log=logs.append)
+        # The domain, its XML and checkpoints, and the agent's way to the guest are the ones
+        # just asked for: begin_backup and the agent do not ask again before the freeze
+        # (8 round trips, each of which waited for the interpreter while the command's
+        # own imports ran).
+        q = Quiescer(mode=freeze, agent=lambda: LibvirtAgent(uri, domain, dom=dom),
+                     agent_key=LibvirtAgent.key_for(uri, domain), guest=f"libvirt domain {domain!r}",
+                     point_in_time=True, log=logs.append)
         box["q"] = q
         if box.get("discarded"):
             return
@@ -148,7 +155,8 @@ def _begin(domain: str, uri: str, freeze: str, mode: str, box: dict) -> None:
             # (the block size is the change maps', made by the caller with the real one)
             job = lvc.begin_backup(domain, since, 1 << 16, uri=uri, log=logs.append, quiesce=q.frozen,
                                    full_disks=frozenset(targets - covered) if since else frozenset(),
-                                   change_maps=False)
+                                   change_maps=False, dom=dom, live_xml=live_xml,
+                                   checkpoints=[c.getName() for c in everyone])
         except BaseException:
             q.close_agent()
             raise

@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         interrupts.release()  # a signal that came during start-up is raised here
         code = _main(argv)
         interrupts.quiet()  # the command is over: a late signal only ends the process
+        if argv is None and command_group(sys.argv[1:]) == "backup":
+            interrupts.run_cleanups()
+            _leave_now(code)
         return code
     except KeyboardInterrupt as e:  # a signal during start-up, parsing or the command
         return _interrupted(e)
@@ -129,6 +132,38 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         interrupts.quiet()
         interrupts.run_cleanups()  # what an interrupted owner could not release itself
+
+
+def _leave_now(code: int) -> None:
+    """End the process at once with ``code``, without the interpreter's teardown, once the
+    command is over: its output flushed, the atexit handlers run (they end helper
+    processes and join helper threads), no other thread left that Python would wait for.
+    Returns (the process then exits the usual way) when any of that does not hold.
+
+    The teardown frees every module, object and connection one by one: after a
+    ``backup --libvirt`` of a running guest it took 100-200 ms of a 1.3-2.6 s command
+    (time from main's end to the process's exit, load 8.8-9.2 on 2 CPUs), the libvirt
+    connection's close among it. Everything a backup keeps is written and fsynced before
+    it reports success, and the kernel closes the files and sockets."""
+    import atexit
+    import os
+    import threading
+
+    me = threading.current_thread()
+    if me is not threading.main_thread() or any(t is not me and t.is_alive() and not t.daemon
+                                                   for t in threading.enumerate()):
+        return
+    try:
+        for f in (sys.stdout, sys.stderr):
+            if f is not None:
+                f.flush()
+        atexit._run_exitfuncs()
+        for f in (sys.stdout, sys.stderr):
+            if f is not None:
+                f.flush()
+    except (OSError, ValueError):
+        return  # a closed or broken output: the usual exit reports it
+    os._exit(code)
 
 
 def _interruption_behind(e: BaseException) -> KeyboardInterrupt | None:

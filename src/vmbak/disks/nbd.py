@@ -70,6 +70,7 @@ class NbdDisk:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._handles: list = []
+        self._spare: list = []  # connections no thread uses (hand_over), still in _handles
         self._pool: cf.ThreadPoolExecutor | None = None
         self._closed = False
         where = self.address if "://" in self.address else f"{self.address} (export {export!r})"
@@ -120,6 +121,10 @@ class NbdDisk:
         if h is None:
             if self._closed:
                 raise DiskError(f"{self.description} is closed")
+            with self._lock:
+                if self._spare:
+                    h = self._local.h = self._spare.pop()
+                    return h
             h = self._connect()
             with self._lock:
                 if self._closed:
@@ -128,6 +133,16 @@ class NbdDisk:
                 self._handles.append(h)
             self._local.h = h
         return h
+
+    def hand_over(self) -> None:
+        """The calling thread is done with this disk: its connection goes to the next thread
+        that reads (a thread that connects and reads the dirty bitmap while the guest
+        thaws hands it to the backup's, which then needs no connection of its own)."""
+        h = getattr(self._local, "h", None)
+        if h is not None:
+            self._local.h = None
+            with self._lock:
+                self._spare.append(h)
 
     # ------------------------------------------------------------------ reading
     def pread(self, length: int, offset: int) -> bytes:
@@ -257,6 +272,7 @@ class NbdDisk:
         with self._lock:
             self._closed = True
             handles, self._handles = self._handles, []
+            self._spare = []
             pool, self._pool = self._pool, None
         if pool is not None:  # a reader still waiting for the server fails once its handle is shut down
             pool.shutdown(wait=False, cancel_futures=True)

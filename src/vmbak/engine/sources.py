@@ -655,7 +655,8 @@ def open_libvirt(repo: Repository, domain: str, *, prefix: str, mode: str, chang
             else:
                 for tgt, v in b.disks.items():
                     if since is not None and v.bitmap_context is not None and tgt not in full_disks:
-                        v.change_map = change_map(v.reader, v.bitmap_context, block_size, since, b.change_id, tgt)
+                        v.change_map = change_map(v.reader, v.bitmap_context, block_size, since, b.change_id, tgt,
+                                                  v.dirty_extents)
         else:
             try:
                 b = begin_backup(domain, since, block_size, uri=uri, log=log, quiesce=quiesce,

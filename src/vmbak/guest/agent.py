@@ -37,14 +37,18 @@ class AgentUnavailable(AgentError):
 class LibvirtAgent:
     """The guest agent of a libvirt domain, through libvirt."""
 
-    def __init__(self, uri: str, domain: str) -> None:
+    def __init__(self, uri: str, domain: str, dom=None) -> None:  # noqa: ANN001
+        """``dom``: the domain (a libvirt.virDomain of ``uri``) when the caller has it already."""
         from vmbak.changes.libvirt import connect, lookup
 
         self.uri = uri
         self.domain = domain
         self.description = f"libvirt domain {domain!r}"
         self.key = self.key_for(uri, domain)
-        self._conn = connect(uri)
+        self._conn = connect(uri) if dom is None else None
+        if dom is not None:
+            self._dom = dom
+            return
         try:
             self._dom = lookup(self._conn, domain)
         except BaseException:
@@ -78,7 +82,8 @@ class LibvirtAgent:
 
     def close(self) -> None:
         try:
-            self._conn.close()
+            if self._conn is not None:
+                self._conn.close()
         except Exception:  # noqa: BLE001, S110 - closing a connection that broke
             pass
 
