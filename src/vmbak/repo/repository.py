@@ -519,7 +519,7 @@ class Repository:
         return iid
 
     # ------------------------------------------------------------------ chunks
-    def encode_chunk(self, chunk_id: bytes, data: bytes | memoryview) -> bytes | bytearray:
+    def encode_chunk(self, chunk_id: bytes, data: bytes | memoryview) -> memoryview:
         """Compress (when it pays) and seal one chunk; thread-safe.
 
         A chunk of at least PROBE_MIN bytes whose samples do not compress (random or
