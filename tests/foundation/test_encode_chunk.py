@@ -140,3 +140,38 @@ def test_raw_disk_reads_into_a_buffer(tmp_path):
         disk.pread_into(memoryview(buf), 4096)
     os.close(disk.fd)
     disk.fd = -1
+
+
+def test_backup_compresses_after_a_compressed_chunk_without_the_probe(tmp_path):
+    """Within a backup task, a chunk that follows one that compressed is compressed without
+    the sampled probe (neighbouring data compresses alike; Repository.encode_chunk_codec).
+    A chunk whose text lies between the probe's samples is then stored compressed, where
+    the probe alone (encode_chunk) stores it raw; the restore gives the same bytes."""
+    from vmbak.disks.raw import RawDisk
+    from vmbak.engine.backup import BackupOptions, backup
+    from vmbak.engine.restore import restore
+    from vmbak.repo.repository import PROBE_PIECE, PROBE_SAMPLES, incompressible
+
+    r = _open(tmp_path, "aes-256-gcm")
+    rnd, txt = os.urandom(MiB), _text(2 * MiB, 2)
+    step = MiB // PROBE_SAMPLES
+    hidden = bytearray(rnd)
+    for i in range(PROBE_SAMPLES):
+        hidden[i * step + PROBE_PIECE:(i + 1) * step] = txt[MiB + i * step + PROBE_PIECE:MiB + (i + 1) * step]
+    assert incompressible(bytes(hidden), r.zstd_level)
+    # text, then the hidden chunk (same task: compressed); random, then the hidden chunk
+    # again with another random piece (probed: raw)
+    hidden2 = bytearray(hidden)
+    hidden2[:PROBE_PIECE] = os.urandom(PROBE_PIECE)
+    (tmp_path / "d.img").write_bytes(txt[:MiB] + bytes(hidden) + rnd + bytes(hidden2))
+    with RawDisk(str(tmp_path / "d.img")) as d:
+        m = backup(r, d, BackupOptions(name="t", skip_unused=False))
+    codecs = {}
+    for s, cid in zip(m.ext_start.tolist(), m.ext_id.tolist(), strict=True):
+        loc = r.index.get(bytes(cid))
+        blob = r.backend.read_range(f"data/{loc.pack[:2]}/{loc.pack}", loc.offset, loc.length)
+        codecs[s // 16] = r.sealer.open(blob, b"vmbak-chunk:" + bytes(cid), "t")[0]
+    assert codecs == {0: 1, 1: 1, 2: 0, 3: 0}, codecs
+    out = tmp_path / "out.img"
+    restore(r, m, str(out))
+    assert out.read_bytes() == (tmp_path / "d.img").read_bytes()

@@ -36,6 +36,7 @@ from vmbak.engine.progress import NoProgress, Progress, set_phase, watch_upload
 from vmbak.errors import DiskError, VmbakError, printable
 from vmbak.repo.crypto import CHUNK_ID_BLOCKS, ID_GRAIN
 from vmbak.repo.manifest import DIFFERENTIAL, FULL, INCREMENTAL, TORN, UNCHANGED, UNKNOWN, Manifest
+from vmbak.repo.pack import CODEC_ZSTD
 from vmbak.repo.repository import Repository, _now_iso
 
 TASK_BYTES = 4 << 20
@@ -188,6 +189,7 @@ class _Pipeline:
         many = getattr(self.disk, "pread_many", None)
         datas = many([(w, s * bs) for w, (s, _) in zip(wants, task.runs, strict=True)]) if many else None
         into = getattr(self.disk, "pread_into", None) if datas is None else None
+        probe = True  # see Repository.encode_chunk_codec: after a chunk that compressed, False
         for j, (s, n) in enumerate(task.runs):
             want = wants[j]
             if datas is not None:
@@ -216,7 +218,10 @@ class _Pipeline:
                     cid = sealer.chunk_id_from_hashes(h[a:a + k].tobytes(), len(piece))
                 else:
                     cid = sealer.chunk_id(piece)
-                blob = None if self.writer_has(cid) else self.repo.encode_chunk(cid, piece)
+                blob = None
+                if not self.writer_has(cid):
+                    blob, codec = self.repo.encode_chunk_codec(cid, piece, probe)
+                    probe = codec != CODEC_ZSTD
                 res.chunks.append((s + a, k, cid, blob, len(piece)))
         return res
 

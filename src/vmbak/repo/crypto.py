@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 import blake3
+import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
@@ -188,6 +189,28 @@ def unwrap_key(doc: dict, password: str | None, repo_id: str, name: str,
 
 
 _scratch = ThreadBuffers((1 << 20) + 1)  # Sealer.seal_payload's per-thread plaintext buffer
+_NUMPY_COPY_MIN = 64 << 10  # smaller copies are done directly (see _copy)
+
+
+def _uninit(n: int) -> memoryview:
+    """``n`` bytes of new memory, not zeroed (every byte is written before it is read).
+
+    ``bytearray(n)`` zeroes its memory while holding the GIL, and for a sealed chunk the
+    first touch of that memory is where its pages fault in; here both the faults and the
+    writes happen in the cipher, which releases the GIL. Measured on the 2-core VM:
+    bytearray of 1 MiB 37-56 µs, numpy.empty 0.3-0.6 µs."""
+    return memoryview(np.empty(n, np.uint8))
+
+
+def _copy(dst: memoryview, src: bytes | memoryview) -> None:
+    """``dst[:] = src`` with the GIL released (numpy copies arrays of more than a few
+    hundred elements without holding it; a memoryview slice assignment holds it). Small
+    copies are done directly: numpy's per-call cost (a few µs) is more than they take."""
+    if len(src) < _NUMPY_COPY_MIN:
+        dst[:] = src
+    else:
+        np.copyto(np.frombuffer(dst, np.uint8), np.frombuffer(src, np.uint8))
+
 
 KEY_DIR = "keys"
 _KEY_NAME = re.compile(r"keys/[0-9a-f]{32}")
@@ -326,29 +349,34 @@ class Sealer:
         nonce = os.urandom(NONCE_LEN)
         return b"\x01" + nonce + self._aead.encrypt(nonce, payload, aad)
 
-    def seal_payload(self, codec: int, body: bytes | memoryview, aad: bytes) -> bytearray:
+    def seal_payload(self, codec: int, body: bytes | memoryview, aad: bytes) -> memoryview:
         """``seal(bytes((codec,)) + body, aad)``, built in one new buffer: the payload is
         assembled in a per-thread scratch buffer (its pages stay mapped from one chunk to
-        the next) and AES-GCM encrypts it straight into the envelope."""
+        the next) and AES-GCM encrypts it straight into the envelope.
+
+        The envelope is new memory that is not zeroed first, and the body is copied with
+        the GIL released (see _uninit, _copy): a backup's workers seal about a gigabyte,
+        and these two passes over it were a third of the time a worker held the GIL
+        (py-spy --gil on the benchmark image)."""
         n = 1 + len(body)
         if self._aead is None:
-            out = bytearray(1 + n + TAG_LEN)
+            out = _uninit(1 + n + TAG_LEN)
+            out[0] = 0
             out[1] = codec
-            out[2:1 + n] = body
-            with memoryview(out) as mv:
-                h = blake3.blake3(aad, key=self.check_key)
-                h.update(mv[1:1 + n])
-                out[1 + n:] = h.digest(TAG_LEN)
+            _copy(out[2:1 + n], body)
+            h = blake3.blake3(aad, key=self.check_key)
+            h.update(out[1:1 + n])
+            out[1 + n:] = h.digest(TAG_LEN)
             return out
         scratch = _scratch.get(n)
         nonce = os.urandom(NONCE_LEN)
-        out = bytearray(1 + NONCE_LEN + n + TAG_LEN)
+        out = _uninit(1 + NONCE_LEN + n + TAG_LEN)
         out[0] = 1
         out[1:1 + NONCE_LEN] = nonce
         scratch[0] = codec
-        with memoryview(scratch) as sv, memoryview(out) as ov:
-            sv[1:n] = body
-            self._aead.encrypt_into(nonce, sv[:n], aad, ov[1 + NONCE_LEN:])
+        with memoryview(scratch) as sv:
+            _copy(sv[1:n], body)
+            self._aead.encrypt_into(nonce, sv[:n], aad, out[1 + NONCE_LEN:])
         return out
 
     def open(self, blob: bytes | memoryview, aad: bytes, what: str) -> bytes:
