@@ -307,8 +307,33 @@ def _run_on_pty(cmd: list[str], env: dict[str, str]) -> tuple[int, str, list[tup
     return p.returncode, p.stdout.decode(), got, t0
 
 
-def test_one_overall_bar_with_eta_on_a_terminal(repo, make_disk):
-    disk = make_disk("b.raw", 96 * MiB, seed=1310)
+@pytest.fixture
+def slow_disk(make_disk, tmp_path):
+    """A 32 MiB disk image that reads at a bounded rate, so a backup of it lasts about a
+    second however fast the machine is (the bar's ETA needs 0.2 s of work; a 96 MiB
+    file read from the page cache was backed up in less on a quiet machine): nbdkit's
+    rate filter over the file, mounted as a file by nbdfuse."""
+    disk = make_disk("b.raw", 32 * MiB, seed=1310)
+    mnt = tmp_path / "slow"
+    mnt.mkdir()
+    fuse = subprocess.Popen(["nbdfuse", str(mnt / "b.raw"), "[", "nbdkit", "--filter=rate", "file",
+                             str(disk.path), "rate=80M", "]"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not (mnt / "b.raw").exists():
+            assert fuse.poll() is None and time.monotonic() < deadline, fuse.stderr.read().decode()  # type: ignore[union-attr]
+            time.sleep(0.05)
+        yield mnt / "b.raw"
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+        try:
+            fuse.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            fuse.kill()
+            fuse.wait()
+
+
+def test_one_overall_bar_with_eta_on_a_terminal(repo, slow_disk):
     env = {k: v for k, v in os.environ.items() if not k.startswith("VMBAK_")}
     env["VMBAK_REPOSITORY"] = str(repo.path)
     base = [sys.executable, "-m", "vmbak.cli.main"]
@@ -316,7 +341,7 @@ def test_one_overall_bar_with_eta_on_a_terminal(repo, make_disk):
     t = time.monotonic()
     subprocess.run([*base, "--version"], env=env, check=True, capture_output=True)
     startup = time.monotonic() - t
-    rc, out, got, _ = _run_on_pty([*base, "backup", str(disk.path), "--name", "b"], env)
+    rc, out, got, _ = _run_on_pty([*base, "backup", str(slow_disk), "--name", "b"], env)
     assert rc == 0, out
     tty = b"".join(d for _, d in got).decode(errors="replace")
     assert got, "nothing on the terminal"
