@@ -186,13 +186,13 @@ def _retention_series(snapshots: list) -> dict[str, dict[str, list]]:
     disk name would split them: with a disk removed, ``--keep-last 1`` kept the removed
     disk's last snapshot and forgot the rest of that backup; and a backup whose members'
     times straddle an hour or a day went in different periods for different disks."""
-    from vmbak.engine.sources import LIBVIRT_KEY
+    from vmbak.engine.sources import _lv_info
 
     series: dict[str, dict[str, list]] = {}
     for m in snapshots:
-        lv = m.extra.get(LIBVIRT_KEY) if isinstance(m.extra, dict) else None
-        prefix = (lv.get("prefix") or lv.get("domain")) if isinstance(lv, dict) else None
-        checkpoint = lv.get("checkpoint") if isinstance(lv, dict) else None
+        lv = _lv_info(m)
+        prefix = (lv.get("prefix") or lv.get("domain")) if lv is not None else None
+        checkpoint = lv.get("checkpoint") if lv is not None else None
         if isinstance(prefix, str) and isinstance(checkpoint, str) and checkpoint:
             series.setdefault("libvirt\0" + prefix, {}).setdefault("libvirt\0" + checkpoint, []).append(m)
         else:
