@@ -375,7 +375,8 @@ def warm(*paths: Path) -> None:
     Every timed step of every tool starts with its input warm: the image a backup reads, the
     repository a restore reads. Without it the order of the steps decides what is cached:
     vmbak writes its packs with O_DIRECT, which bypasses the page cache, while restic and
-    borg write theirs through it; and an image read by one step may be evicted by the next."""
+    borg write theirs through it; and an image read by one step may be evicted by the next.
+    The page cache is not emptied first: see bench/README.md."""
     buf = bytearray(8 * MIB)
     for path in paths:
         files = [path] if path.is_file() else [Path(d) / f for d, _, fs in os.walk(path) for f in fs]
