@@ -63,7 +63,11 @@ TOOLS = ("vmbak", "vmbak-noskip", "restic", "borg-lz4", "borg-zstd")
 STEPS = ("full", "incremental", "restore")
 CHAIN_LENGTH = 30
 FIXED_RUNS = 10  # `snapshots` runs per tool and run of the fixedcost part
-ALL_PARTS = (*TOOLS, "sparse64", "chain30", "fixedcost")
+ALL_PARTS = (*TOOLS, "sparse64", "chain30", "fixedcost", "physical")
+# The physical references (part "physical"): what plain tools take to read the image and
+# write it elsewhere, compressed where they can, with no repository, deduplication or
+# encryption. Their rows have step "full" (the same image as the full backups).
+PHYSICAL = ("partclone-zstd", "qemu-img-convert", "cp-sparse")
 
 TARGETS = {
     "borg_lz4_full_over_vmbak_full": 2.5,
@@ -851,6 +855,42 @@ def run_fixed(tools: dict[str, Tool], run: int, workdir: Path, repos: dict[str, 
     return results
 
 
+def run_physical(run: int, workdir: Path, v1: Path) -> list[Measure]:
+    """The physical references on v1.raw, warm like every backup: ``partclone.ext4 -c |
+    zstd -1 -T2`` (reads only the blocks ext4 uses, as vmbak does, and compresses them on
+    both CPUs, without encryption), ``qemu-img convert -O raw`` and ``cp --sparse=always``
+    (copy every byte of the image; holes only where it is zero). The size column is the
+    output's."""
+    base = workdir / "physical"
+    clean(base)
+    base.mkdir(parents=True)
+    log = workdir / "logs" / f"run{run}-physical.log"
+    clean(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PATH=sbin_path(), LC_ALL="C.UTF-8")
+    outs = {"partclone-zstd": base / "v1.pc.zst", "qemu-img-convert": base / "v1.qemu.raw",
+            "cp-sparse": base / "v1.cp.raw"}
+    pipe = (f"partclone.ext4 -c -q -L {shlex.quote(str(base / 'partclone.log'))} -s {shlex.quote(str(v1))} -o - "
+            f"| zstd -1 -T2 -q -f -o {shlex.quote(str(outs['partclone-zstd']))}")
+    cmds = {"partclone-zstd": ["bash", "-o", "pipefail", "-c", pipe],
+            "qemu-img-convert": ["qemu-img", "convert", "-f", "raw", "-O", "raw", str(v1), str(outs["qemu-img-convert"])],
+            "cp-sparse": ["cp", "--sparse=always", str(v1), str(outs["cp-sparse"])]}
+    needs = {"partclone-zstd": ("partclone.ext4", "zstd"), "qemu-img-convert": ("qemu-img",), "cp-sparse": ("cp",)}
+    results = []
+    for name in PHYSICAL:
+        missing = [t for t in needs[name] if not tool_path(t)]
+        if missing:
+            say(f"  physical: {name} skipped, not installed: {', '.join(missing)}")
+            continue
+        m = measured(Measure(name, "full", run), cmds[name], env, log, repo=outs[name], inputs=[v1])
+        results.append(m)
+        say(f"  run {run} {name:16} {m.wall_s:7.1f} s  cpu {m.cpu_s:7.1f} s  output {m.repo_bytes / MIB:8.0f} MiB"
+            + (f"  FAILED: {m.error}" if m.rc else ""))
+        clean(outs[name])
+    clean(base)
+    return results
+
+
 # ---------------------------------------------------------------------------
 # Report
 
@@ -971,6 +1011,8 @@ def report(results: list[Measure], parts: list[str], runs: int, meta: dict[str, 
                         if ("chain30", s) in med]
         elif part == "fixedcost":
             rows_of += [("fixedcost-vmbak", "snapshots"), ("fixedcost-restic", "snapshots")]
+        elif part == "physical":
+            rows_of += [(name, "full") for name in PHYSICAL]
         else:
             rows_of += [(part, step) for step in STEPS]
             if (part, "restore-baseline") in med:
@@ -1061,7 +1103,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     meta: dict[str, Any] = {}
     v1 = v2 = workdir / "images"
-    if any(p in TOOLS or p == "chain30" for p in parts):
+    if any(p in TOOLS or p in ("chain30", "physical") for p in parts):
         meta = build_images(workdir / "images", args.rebuild_images)
         v1, v2 = workdir / "images" / "v1.raw", workdir / "images" / "v2.raw"
         say(f"images ready: {v1} and {v2} ({meta.get('changed_offsets')} changed 64 KiB blocks)")
@@ -1081,10 +1123,12 @@ def main(argv: list[str] | None = None) -> int:
             elif part == "fixedcost":
                 assert fixed is not None
                 results += run_fixed(tools, run, workdir, fixed, args.vmbak)
+            elif part == "physical":
+                results += run_physical(run, workdir, v1)
             else:
                 results += run_tool(tools[part], run, workdir, v1, v2, meta, args.baseline)
     clean(workdir / "disk", workdir / "cache", workdir / "restore", workdir / "repos", workdir / "chain30",
-          workdir / "fixedcost")
+          workdir / "fixedcost", workdir / "physical")
 
     table = report(results, parts, args.runs, meta, tools)
     print(table)
