@@ -1,7 +1,7 @@
-"""A backup command ends its process without the interpreter's teardown (vmbak.cli.main
-``_leave_now``), and loses nothing by it: its output is complete, its exit status is the
-command's, atexit handlers run, the snapshot is saved. Any other command, and a backup
-that leaves a thread Python would wait for, exits the usual way."""
+"""A backup command and ``snapshots`` end their process without the interpreter's teardown
+(vmbak.cli.main ``_leave_now``), and lose nothing by it: the output is complete, the exit
+status is the command's, atexit handlers run, the snapshot is saved. Any other command, and
+a backup that leaves a thread Python would wait for, exits the usual way."""
 
 from __future__ import annotations
 
@@ -61,12 +61,27 @@ def test_a_failed_backup_keeps_its_one_line_error_and_status(make_repo, tmp_path
     assert "TEARDOWN" not in p.stdout and p.stdout.strip() == "ATEXIT", p.stdout
 
 
+def test_snapshots_skips_the_teardown_and_lists_everything(make_repo, make_disk) -> None:
+    repo = make_repo("aes-256-gcm")
+    for k in range(3):
+        disk = make_disk(f"s{k}.raw", 1 * MiB, seed=10 + k)
+        repo.backup(disk, f"s{k}")
+    for extra, check in (([], lambda out: all(f"s{k}" in out for k in range(3)) and "3 snapshots" in out),
+                         (["--json"], lambda out: [s["name"] for s in json.loads(out)] == ["s0", "s1", "s2"])):
+        p = _run("snapshots", *extra, env=repo.env())
+        assert p.returncode == 0, p.stderr
+        lines = p.stdout.splitlines()
+        assert lines[-1] == "ATEXIT" and "TEARDOWN" not in p.stdout, p.stdout
+        assert check("\n".join(lines[:-1])), p.stdout
+
+
 def test_other_commands_and_live_threads_exit_the_usual_way(make_repo, make_disk) -> None:
     repo = make_repo("none")
-    p = _run("snapshots", env=repo.env())
+    disk = make_disk("d.raw", 1 * MiB, seed=4)
+    repo.backup(disk, "d")
+    p = _run("stats", env=repo.env())
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines()[-2:] == ["ATEXIT", "TEARDOWN"], p.stdout
-    disk = make_disk("d.raw", 1 * MiB, seed=4)
     p = _run("backup", str(disk.path), "--name", "d", "-q", env=repo.env(), thread=True)
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines()[-2:] == ["ATEXIT", "TEARDOWN"], p.stdout  # waited for the thread

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         interrupts.release()  # a signal that came during start-up is raised here
         code = _main(argv)
         interrupts.quiet()  # the command is over: a late signal only ends the process
-        if argv is None and command_group(sys.argv[1:]) == "backup":
+        if argv is None and command_group(sys.argv[1:]) in _LEAVE_NOW:
             interrupts.run_cleanups()
             _leave_now(code)
         return code
@@ -132,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         interrupts.quiet()
         interrupts.run_cleanups()  # what an interrupted owner could not release itself
+
+
+# The command groups whose commands end with _leave_now: backup, and the listing of
+# snapshots (the command a script runs most often), whose teardown was a tenth of the
+# command on a small encrypted repository: 25 ms from its last write to exit_group (strace),
+# and 0.365 s against 0.317 s end to end (medians of 40 interleaved runs, load about 2).
+_LEAVE_NOW = ("backup", "snapshots")
 
 
 def _leave_now(code: int) -> None:
