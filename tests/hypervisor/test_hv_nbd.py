@@ -138,17 +138,30 @@ def test_connection_errors(served, tmp_path):
         NbdDisk(q.nbd_sock, "no-such-export")
 
 
+def _nbdkit(sock, *args: str) -> subprocess.Popen:
+    """nbdkit on the Unix socket ``sock``, once it accepts connections: it writes its pid
+    file only then (the socket file appears at bind(), before listen(): a client that
+    connected as soon as it appeared was sometimes refused)."""
+    pidfile = sock.with_suffix(".pid")
+    proc = subprocess.Popen(["nbdkit", "--foreground", "--exit-with-parent", "--pidfile", str(pidfile), "-U",
+                             str(sock), *args], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while not (pidfile.exists() and pidfile.read_text().strip()):
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read().decode())
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("nbdkit did not start within 20 s")
+        time.sleep(0.01)
+    return proc
+
+
 def test_nbdkit_uri_and_read_only(tmp_path, sockdir):
     """A server that is not QEMU, addressed by URI; a writer refuses a read-only export."""
     sock = sockdir / "kit.sock"
-    proc = subprocess.Popen(["nbdkit", "--foreground", "--exit-with-parent", "-U", str(sock),
-                             "memory", "size=8M"], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = _nbdkit(sock, "memory", "size=8M")
     try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
         uri = f"nbd+unix:///?socket={sock}"
         w = NbdWriter(uri)
         assert w.size == 8 * MiB
@@ -160,14 +173,8 @@ def test_nbdkit_uri_and_read_only(tmp_path, sockdir):
         proc.kill()
         proc.wait()
     ro = sockdir / "ro.sock"
-    proc = subprocess.Popen(["nbdkit", "--foreground", "--exit-with-parent", "-r", "-U", str(ro),
-                             "memory", "size=1M"], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = _nbdkit(ro, "-r", "memory", "size=1M")
     try:
-        deadline = time.monotonic() + 20
-        while not ro.exists():
-            assert proc.poll() is None
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
         with pytest.raises(DiskError, match="read-only"):
             NbdWriter(str(ro))
         with NbdDisk(str(ro)) as d:
