@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.what == "backup":
                     repo = scratch / "repo"
                     bf.clean(repo)
-                    subprocess.run([*cli, "-r", str(repo), "init"], check=True, capture_output=True,
-                                   env=dict(os.environ, PYTHONPATH=src, VMBAK_PASSWORD=bf.PASSWORD))
+                    timed([*cli, "-r", str(repo), "init"], src)
                     bf.warm(path)
                     cmd = [*cli, "-r", str(repo), "backup", str(path), "--name", "ab", *extra]
                 else:
