@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,18 +41,14 @@ def variant(text: str) -> tuple[str, str, list[str]]:
     return name, str(Path(src).resolve()), [a for a in extra.split(",") if a]
 
 
-def timed(cmd: list[str], src: str) -> tuple[float, float]:
-    """(wall, CPU) seconds of ``cmd`` run with ``src`` first on the module path."""
+def timed(cmd: list[str], src: str, log: Path, inputs: tuple[Path, ...] = ()) -> tuple[float, float]:
+    """(wall, CPU) seconds of ``cmd`` run with ``src`` first on the module path, its
+    ``inputs`` warm (bench_foundation.measured); one line and exit if it fails."""
     env = dict(os.environ, PYTHONPATH=src, VMBAK_PASSWORD=bf.PASSWORD)
-    os.sync()
-    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    wall = time.perf_counter() - t0
-    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if p.returncode:
-        sys.exit(f"bench_ab: {' '.join(cmd)} failed: {p.stderr.strip()[-500:]}")
-    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    m = bf.measured(bf.Measure("ab", "", 0), cmd, env, log, inputs=inputs)
+    if m.rc:
+        sys.exit(f"bench_ab: {m.cmd} failed: {m.error}")
+    return m.wall_s, m.cpu_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = work / "ab"
     bf.clean(scratch)
     scratch.mkdir(parents=True)
+    log = scratch / "ab.log"  # each command's output (bench_foundation.measured); removed at the end
     res: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for r in range(args.rounds):
         order = args.variants if r % 2 == 0 else args.variants[::-1]
@@ -93,15 +87,13 @@ def main(argv: list[str] | None = None) -> int:
                 if args.what == "backup":
                     repo = scratch / "repo"
                     bf.clean(repo)
-                    timed([*cli, "-r", str(repo), "init"], src)
-                    bf.warm(path)
+                    timed([*cli, "-r", str(repo), "init"], src, log)
                     cmd = [*cli, "-r", str(repo), "backup", str(path), "--name", "ab", *extra]
                 else:
                     out = scratch / "out.raw"
                     bf.clean(out)
-                    bf.warm(path)
                     cmd = [*cli, "-r", str(path), "restore", f"{bf.NAME}:latest", str(out), *extra]
-                wall, cpu = timed(cmd, src)
+                wall, cpu = timed(cmd, src, log, (path,))
                 res.setdefault((name, kind), []).append((wall, cpu))
                 bf.say(f"round {r + 1} {name:10} {kind:11} wall {wall:6.2f} s  cpu {cpu:6.2f} s  "
                        f"load {os.getloadavg()[0]:.1f}")
