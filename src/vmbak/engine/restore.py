@@ -434,46 +434,99 @@ class _Job:
     inside: bool = True
 
 
+# Blocks of partly provided extents that plan() examines at once: its index arrays take
+# about 20 bytes per block, so a batch stays near 20 MiB at any disk size.
+_PLAN_BATCH = 1 << 20
+
+
 def plan(chain: list[Manifest]) -> tuple[list[_Job], np.ndarray]:
     """Assign each block to the newest manifest covering it; return write jobs and the
-    mask of blocks that get data (the rest are zeros)."""
+    mask of blocks that get data (the rest are zeros).
+
+    The jobs of each manifest come in the order of its extents, which must be sorted and
+    disjoint (as every backup, merge and copy writes them). The work is done on whole
+    arrays: the head of the benchmark's chain of 30 incrementals has 15,000 extents, 1,700
+    of them partly overridden, and taking them one by one (a slice and a run search each)
+    cost 40-70 ms before the restore's first write."""
     n = chain[0].block_count
     # Bitmaps only, no per-block level or prefix sums: at 2 TiB those cost 128-256 MiB each.
-    done = np.zeros(n + 1, bool)  # covered by a newer manifest (one spare False at the end)
+    done = np.zeros(n, bool)  # covered by a newer manifest
     jobs: list[_Job] = []
     data_mask = np.zeros(n, bool)
     for i, m in enumerate(chain):
         cov = m.covered()
-        own = np.zeros(n + 1, bool)
-        np.logical_and(cov, ~done[:n], out=own[:n])
-        done[:n] |= cov
+        own = cov & ~done
+        done |= cov
         if len(m.ext_start) == 0:
             continue
         full = is_full(m.kind)
         st = m.ext_start.astype(np.int64)
         ct = m.ext_count.astype(np.int64)
-        if int((st + ct).max()) > n:
+        en = st + ct
+        if int(st.min()) < 0 or int(en.max()) > n:
             raise IntegrityError(f"snapshot {m.short_id}: extent map points past the disk end")
-        # blocks of each extent [st, st + ct) this manifest provides
-        pc = prefix_counts(own, np.concatenate((st + ct, st)))  # one pass over the bitmap
+        if len(st) > 1 and bool((st[1:] < en[:-1]).any()):
+            raise IntegrityError(f"snapshot {m.short_id}: extent map is out of order or overlaps itself")
+        # blocks of each extent [st, en) this manifest provides
+        pc = prefix_counts(own, np.concatenate((en, st)))  # one pass over the bitmap
         need = pc[:len(st)] - pc[len(st):]
         take = np.flatnonzero(need)
+        if not len(take):
+            continue
         whole = need[take] == ct[take]
-        for s, c in zip(st[take[whole]].tolist(), ct[take[whole]].tolist(), strict=True):
-            data_mask[s:s + c] = True
-        for s, c, all_own, cid in zip(st[take].tolist(), ct[take].tolist(), whole.tolist(),
-                                      m.ext_id[take].tolist(), strict=True):
-            if all_own:
-                jobs.append(_Job(i, cid, s, c, None))
-                continue
-            rs, rl = runs(own[s:s + c])
-            sub = [(s + a, b) for a, b in zip(rs.tolist(), rl.tolist(), strict=True)]
-            for a, b in sub:
-                data_mask[a:a + b] = True
-            jobs.append(_Job(i, cid, s, c, sub, full or bool(cov[s:s + c].all())))
+        ids = m.ext_id[take].tolist()
+        slots: list[_Job | None] = [None] * len(take)
+        for k, s, c in zip(np.flatnonzero(whole).tolist(), st[take[whole]].tolist(), ct[take[whole]].tolist(),
+                           strict=True):
+            slots[k] = _Job(i, ids[k], s, c, None)
+        for ks in _batches(ct[take], np.flatnonzero(whole)):  # all their blocks get data
+            data_mask[_blocks(st[take[ks]], ct[take[ks]])[0]] = True
+        for ks in _batches(ct[take], np.flatnonzero(~whole)):
+            _cut(i, full, ks, take, st, ct, own, cov, ids, slots, data_mask)
+        jobs += slots  # type: ignore[arg-type]  # every slot is filled
         del cov
-    assert done[:n].all()
+    assert done.all()
     return jobs, data_mask
+
+
+def _batches(counts: np.ndarray, ks: np.ndarray) -> Iterator[np.ndarray]:
+    """``ks`` (indices into ``counts``) in runs of about _PLAN_BATCH blocks."""
+    cum = np.cumsum(counts[ks])
+    lo = 0
+    while lo < len(ks):
+        base = int(cum[lo - 1]) if lo else 0
+        hi = max(lo + 1, int(np.searchsorted(cum, base + _PLAN_BATCH, "right")))
+        yield ks[lo:hi]
+        lo = hi
+
+
+def _blocks(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The blocks of extents laid end to end (a row), and where each extent starts in it."""
+    off = np.cumsum(counts) - counts
+    return np.repeat(starts - off, counts) + np.arange(int(counts.sum())), off
+
+
+def _cut(level: int, full: bool, ks: np.ndarray, take: np.ndarray, st: np.ndarray, ct: np.ndarray,
+         own: np.ndarray, cov: np.ndarray, ids: list[bytes], slots: list[_Job | None],
+         data_mask: np.ndarray) -> None:
+    """The jobs of partly provided extents ``take[ks]``: each gets the runs of the blocks
+    it provides, cut at its own ends, found on the extents' blocks laid end to end."""
+    ps, pn = st[take[ks]], ct[take[ks]]
+    blk, off = _blocks(ps, pn)
+    tot = len(blk)
+    v = own[blk]
+    data_mask[blk[v]] = True
+    edge = np.zeros(tot + 1, bool)  # an extent starts (or the row ends) here
+    edge[off] = True
+    edge[tot] = True
+    pad = np.concatenate(([False], v, [False]))
+    rs = np.flatnonzero(v & (~pad[:-2] | edge[:-1]))  # first of a run
+    re = np.flatnonzero(v & (~pad[2:] | edge[1:])) + 1  # one past its last
+    lims = np.searchsorted(rs, off).tolist() + [len(rs)]  # the runs of each extent
+    runs_ = list(zip(blk[rs].tolist(), (re - rs).tolist(), strict=True))
+    inside = np.logical_and.reduceat(cov[blk], off).tolist()
+    for j, (k, s, c) in enumerate(zip(ks.tolist(), ps.tolist(), pn.tolist(), strict=True)):
+        slots[k] = _Job(level, ids[k], s, c, runs_[lims[j]:lims[j + 1]], full or bool(inside[j]))
 
 
 _GROUP_BYTES = 8 << 20  # the stretch of the disk one task restores (more only for a larger chunk)
