@@ -95,6 +95,19 @@ def prefix_counts(mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return out
 
 
+def extents(m: Manifest, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A manifest's extents as int64 (starts, counts, ends), checked to lie on the disk of
+    ``n`` blocks, sorted and disjoint, as every backup, merge and copy writes them."""
+    st = m.ext_start.astype(np.int64)
+    ct = m.ext_count.astype(np.int64)
+    en = st + ct
+    if len(st) and (int(st.min()) < 0 or int(en.max()) > n):
+        raise IntegrityError(f"snapshot {m.short_id}: extent map points past the disk end")
+    if len(st) > 1 and bool((st[1:] < en[:-1]).any()):
+        raise IntegrityError(f"snapshot {m.short_id}: extent map is out of order or overlaps itself")
+    return st, ct, en
+
+
 def range_text(starts: Iterable[int], lengths: Iterable[int], limit: int = 5) -> str:
     parts = []
     for i, (s, n) in enumerate(zip(starts, lengths, strict=True)):

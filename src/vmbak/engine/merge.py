@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vmbak.engine.common import BHT_DTYPE, bounded_map, load_bht, resolve_bht, runs, store_bht
+from vmbak.engine.common import BHT_DTYPE, bounded_map, extents, load_bht, resolve_bht, runs, store_bht
 from vmbak.errors import IntegrityError, VmbakError
 from vmbak.repo.manifest import ALIASES_KEY, INCREMENTAL, SYNTHETIC, Manifest, is_full
 from vmbak.repo.repository import ChunkWriter, Repository, _now_iso
@@ -106,13 +106,10 @@ def collapse(repo: Repository, segment: list[Manifest], writer: ChunkWriter, wor
     for i, m in enumerate(segment):
         if len(m.ext_start) == 0:
             continue
-        st = m.ext_start.astype(np.int64)
-        ct = m.ext_count.astype(np.int64)
-        if int((st + ct).max()) > n:
-            raise IntegrityError(f"snapshot {m.short_id}: extent map points past the disk end")
+        st, ct, en = extents(m, n)
         own = level == i
         cs = np.concatenate(([0], np.cumsum(own, dtype=np.int64)))
-        need = cs[st + ct] - cs[st]
+        need = cs[en] - cs[st]
         whole = need == ct
         ext.append((m.ext_start[whole], m.ext_count[whole], m.ext_id[whole]))
         for j in np.flatnonzero((need > 0) & ~whole).tolist():

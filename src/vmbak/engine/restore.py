@@ -29,6 +29,7 @@ from vmbak.engine.common import (
     BHT_DTYPE,
     bounded_map,
     bounded_unordered,
+    extents,
     hash_blocks,
     nonzero_rows,
     prefix_counts,
@@ -460,13 +461,7 @@ def plan(chain: list[Manifest]) -> tuple[list[_Job], np.ndarray]:
         if len(m.ext_start) == 0:
             continue
         full = is_full(m.kind)
-        st = m.ext_start.astype(np.int64)
-        ct = m.ext_count.astype(np.int64)
-        en = st + ct
-        if int(st.min()) < 0 or int(en.max()) > n:
-            raise IntegrityError(f"snapshot {m.short_id}: extent map points past the disk end")
-        if len(st) > 1 and bool((st[1:] < en[:-1]).any()):
-            raise IntegrityError(f"snapshot {m.short_id}: extent map is out of order or overlaps itself")
+        st, ct, en = extents(m, n)
         # blocks of each extent [st, en) this manifest provides
         pc = prefix_counts(own, np.concatenate((en, st)))  # one pass over the bitmap
         need = pc[:len(st)] - pc[len(st):]
