@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import random
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -443,7 +444,7 @@ def _consistency(disk: DiskReader, pipe: _Pipeline, read: np.ndarray, hashes: np
         why.append("its size or modification time changed")
     idx = np.flatnonzero(read)
     if len(idx) > SAMPLE_BLOCKS:
-        idx = np.sort(np.random.default_rng().choice(idx, SAMPLE_BLOCKS, replace=False))
+        idx = idx[sorted(random.sample(range(len(idx)), SAMPLE_BLOCKS))]  # (numpy.random: 14 ms to import)
     bs = pipe.bs
     differ = 0
     for b in idx.tolist():

@@ -46,6 +46,12 @@ def _modules(names: list[str]) -> list[ModuleType]:
     return out
 
 
+def load_parsers() -> None:
+    """Import every partition, container and filesystem parser now (``analyze`` imports
+    them as it needs them): the command line does it while the key derivation runs."""
+    _modules(FILESYSTEM_MODULES + CONTAINER_MODULES)
+
+
 @dataclass
 class Entry:
     """One volume of the disk and what was found in it."""
