@@ -99,11 +99,12 @@ def test_plan_matches_the_block_by_block_reference(seed: int, batch: int, monkey
 @pytest.mark.parametrize("extents, why", [
     ([(0, 8), (4, 8)], "is out of order or overlaps itself"),
     ([(8, 8), (0, 8)], "is out of order or overlaps itself"),
-    ([(0, 8), (60, 8)], "points past the disk end"),
+    ([(0, 8), (4996, 8)], "points past the disk end"),
     ([(2**63, 1)], "points past the disk end"),
+    ([(0, 4097)], "has an extent longer than any chunk"),
 ])
 def test_plan_refuses_an_extent_map_no_backup_writes(extents: list[tuple[int, int]], why: str) -> None:
     rng = np.random.default_rng(1)
-    m = _manifest(64, "full", extents, "e", rng)
+    m = _manifest(5000, "full", extents, "e", rng)
     with pytest.raises(IntegrityError, match=f"snapshot eeeeeeee: extent map {why}"):
         restore.plan([m])

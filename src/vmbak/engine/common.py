@@ -12,7 +12,7 @@ import numpy as np
 
 from vmbak.errors import IntegrityError
 from vmbak.repo.manifest import Manifest, is_full
-from vmbak.repo.repository import METADATA_PIECE, ChunkWriter, Repository
+from vmbak.repo.repository import MAX_CHUNK_SIZE, METADATA_PIECE, ChunkWriter, Repository
 
 # A block hash table (BHT) holds the 16-byte keyed hash of each block, as two uint64
 # per row. All-zero rows mean "reads as zeros" (zero, hole or unused block).
@@ -95,14 +95,22 @@ def prefix_counts(mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return out
 
 
+# The most blocks one extent (one chunk) can have: the largest chunk in blocks of the
+# smallest block size (4 KiB).
+MAX_EXTENT_BLOCKS = MAX_CHUNK_SIZE // 4096
+
+
 def extents(m: Manifest, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A manifest's extents as int64 (starts, counts, ends), checked to lie on the disk of
-    ``n`` blocks, sorted and disjoint, as every backup, merge and copy writes them."""
+    ``n`` blocks, sorted and disjoint, and no longer than a chunk can be, as every backup,
+    merge and copy writes them."""
     st = m.ext_start.astype(np.int64)
     ct = m.ext_count.astype(np.int64)
     en = st + ct
     if len(st) and (int(st.min()) < 0 or int(en.max()) > n):
         raise IntegrityError(f"snapshot {m.short_id}: extent map points past the disk end")
+    if len(st) and int(ct.max()) > MAX_EXTENT_BLOCKS:
+        raise IntegrityError(f"snapshot {m.short_id}: extent map has an extent longer than any chunk")
     if len(st) > 1 and bool((st[1:] < en[:-1]).any()):
         raise IntegrityError(f"snapshot {m.short_id}: extent map is out of order or overlaps itself")
     return st, ct, en

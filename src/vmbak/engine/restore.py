@@ -435,8 +435,9 @@ class _Job:
     inside: bool = True
 
 
-# Blocks of partly provided extents that plan() examines at once: its index arrays take
-# about 20 bytes per block, so a batch stays near 20 MiB at any disk size.
+# Blocks of extents that plan() lays end to end at once: its index arrays take about 30
+# bytes per block, so a batch stays near 30 MiB at any disk size (an extent is at most
+# common.MAX_EXTENT_BLOCKS long).
 _PLAN_BATCH = 1 << 20
 
 
