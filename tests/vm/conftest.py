@@ -34,6 +34,7 @@ from pathlib import Path
 import libvirt  # Debian's python3-libvirt (scripts/setup.sh installs it)
 import libvirt_qemu
 import pytest
+from guest_ready import writer_started
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-test-guest.sh"
@@ -133,9 +134,14 @@ class Guest:
                 t0 = time.monotonic()
                 self._create()
         deadline = t0 + timeout
+        probe = t0
         while MARKER not in self.console_text():
             assert self.dom.isActive(), f"the guest stopped while booting:\n{self.console_tail()}"
             assert time.monotonic() < deadline, f"no {MARKER} after {timeout} s:\n{self.console_tail()}"
+            if time.monotonic() >= probe:  # the line can be lost: see guest_ready.py
+                probe = time.monotonic() + 10
+                if self.ping() and writer_started(lambda c, **a: self.agent(c, timeout=10, **a)):
+                    break
             time.sleep(0.5)
         while not self.ping():
             assert time.monotonic() < deadline, f"the guest agent does not answer:\n{self.console_tail()}"

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from guest_ready import writer_started
 
 from vmbak.guest.agent import AgentError, SocketAgent
 
@@ -56,10 +57,14 @@ class QemuGuest:
         self.boot_s: float | None = None
 
     def wait_ready(self, timeout: float = 900) -> None:
-        t0 = time.monotonic()
+        t0 = probe = time.monotonic()
         while MARKER not in self.console_text():
             assert self.proc.poll() is None, f"QEMU exited: {self.proc.stderr.read().decode()}"
             assert time.monotonic() < t0 + timeout, f"no {MARKER}:\n{self.console_text()[-3000:]}"
+            if time.monotonic() >= probe:  # the line can be lost: see guest_ready.py
+                probe = time.monotonic() + 10
+                if writer_started(self.agent):
+                    break
             time.sleep(0.5)
         while True:
             try:
