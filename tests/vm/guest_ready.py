@@ -12,10 +12,10 @@ WRITER_LOG = "/var/lib/vmbak-writer/sums.log"
 def writer_started(agent: Callable[..., object]) -> bool:
     """Whether the guest's writer has logged its first file, read through the guest agent
     (``agent(command, **arguments)``). The writer says so once on the serial console
-    (VMBAK-GUEST-READY), but that line can be lost: a getty that takes over ttyS0 at the
-    same moment hangs up the writer's open of it (seen once in a suite run: the writer had
-    logged its files, the console never showed the line, and the boot timed out after
-    900 s)."""
+    (VMBAK-GUEST-READY), but that line can be lost. Seen once in a suite run: 15 minutes
+    after the boot the writer had logged its files and the agent answered, but the
+    console never showed the line. The likely cause, not proven: the serial getty taking
+    over ttyS0 at the moment the writer wrote to it."""
     try:
         h = agent("guest-file-open", path=WRITER_LOG, mode="r")
         try:
