@@ -101,6 +101,7 @@ def test_plan_matches_the_block_by_block_reference(seed: int, batch: int, monkey
     ([(8, 8), (0, 8)], "is out of order or overlaps itself"),
     ([(0, 8), (4996, 8)], "points past the disk end"),
     ([(2**63, 1)], "points past the disk end"),
+    ([(2**63 - 1, 10)], "points past the disk end"),  # the end wraps round in int64
     ([(0, 4097)], "has an extent longer than any chunk"),
 ])
 def test_plan_refuses_an_extent_map_no_backup_writes(extents: list[tuple[int, int]], why: str) -> None:

@@ -106,11 +106,13 @@ def extents(m: Manifest, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     merge and copy writes them."""
     st = m.ext_start.astype(np.int64)
     ct = m.ext_count.astype(np.int64)
-    en = st + ct
-    if len(st) and (int(st.min()) < 0 or int(en.max()) > n):
-        raise IntegrityError(f"snapshot {m.short_id}: extent map points past the disk end")
     if len(st) and int(ct.max()) > MAX_EXTENT_BLOCKS:
         raise IntegrityError(f"snapshot {m.short_id}: extent map has an extent longer than any chunk")
+    if len(st) and (int(st.min()) < 0 or int(st.max()) > n):  # (before the sum, which could wrap)
+        raise IntegrityError(f"snapshot {m.short_id}: extent map points past the disk end")
+    en = st + ct
+    if len(st) and int(en.max()) > n:
+        raise IntegrityError(f"snapshot {m.short_id}: extent map points past the disk end")
     if len(st) > 1 and bool((st[1:] < en[:-1]).any()):
         raise IntegrityError(f"snapshot {m.short_id}: extent map is out of order or overlaps itself")
     return st, ct, en
