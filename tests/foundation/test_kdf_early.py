@@ -4,8 +4,11 @@ file's own derivation gives, and is used only for exactly the same inputs."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
+
+import pytest
 
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
@@ -35,6 +38,22 @@ def test_early_derivation_is_the_key_files_derivation(make_repo, monkeypatch):  
     # the real derivation takes it (once) and it is the same key
     assert crypto._kek(b"early pw", salt, n, r, p) == expected
     assert kdf_early.take(b"early pw", salt, n, r, p) is None
+
+
+@pytest.mark.parametrize(("password", "salt", "n", "r", "p"), [
+    (b"early pw", bytes(range(32)), 1 << 16, 8, 1),  # what vmbak writes
+    (b"", b"", 2, 1, 1),
+    ("pässwörd ✓".encode(), b"s" * 7, 1 << 10, 1, 3),
+    (b"x" * 300, bytes(range(64, 128)), 1 << 12, 3, 2),
+    (b"\x00pw\x00", b"\xff" * 16, 1 << 14, 16, 1),
+])
+def test_the_derivation_is_openssls_scrypt(password, salt, n, r, p):  # noqa: ANN001
+    """libsodium's scrypt (kdf_early.derive) gives OpenSSL's bytes (cryptography's Scrypt,
+    which vmbak used before, and hashlib's), so key files of either open with the other."""
+    want = Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(password)
+    assert want == hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, dklen=32, maxmem=1 << 28)
+    assert kdf_early.derive(password, salt, n, r, p) == want
+    assert crypto._kek(password, salt, n, r, p) == want
 
 
 def test_snapshots_of_an_encrypted_repository_with_two_passwords(make_repo, run_vmbak, tmp_path):  # noqa: ANN001

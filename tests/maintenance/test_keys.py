@@ -104,7 +104,7 @@ def test_key_commands_need_a_new_password_and_an_encrypted_repository(enc, repo,
 
 
 @pytest.mark.parametrize("damage", ["wrong-password", "no-key", "truncated", "empty-dir-file", "flipped",
-                                    "unprotected-planted"])
+                                    "unprotected-planted", "n-not-power-of-two", "n-r-asking-32-gib"])
 def test_bad_passwords_and_key_files_give_one_line(enc, assert_cli_error, damage, tmp_path):
     repo, _ = enc
     (key,) = keys(repo)
@@ -127,6 +127,11 @@ def test_bad_passwords_and_key_files_give_one_line(enc, assert_cli_error, damage
         doc["data"] = __import__("base64").b64encode(bytes(raw)).decode()
         key.write_text(json.dumps(doc))
         frag = "tampered"
+    elif damage.startswith("n-"):  # scrypt parameters no reader should derive with
+        doc = json.loads(key.read_text())
+        doc["n"], doc["r"] = (3, 8) if damage == "n-not-power-of-two" else (1 << 22, 64)
+        key.write_text(json.dumps(doc))
+        frag = "implausible scrypt parameters"
     else:  # someone plants an unprotected key with a master key of their choosing
         key.unlink()
         planted = {"kdf": "none", "data": __import__("base64").b64encode(json.dumps(

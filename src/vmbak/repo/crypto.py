@@ -24,10 +24,10 @@ import blake3
 import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from vmbak.buffers import ThreadBuffers
 from vmbak.errors import IntegrityError, PasswordMissing, RepositoryError, WrongPassword
+from vmbak.repo import kdf_early  # started before the imports when the command line allowed
 from vmbak.repo.backend import Backend, LocalBackend
 
 ENC_NONE = "none"
@@ -115,12 +115,13 @@ class MasterKey:
 
 
 def _kek(password: bytes, salt: bytes, n: int, r: int, p: int) -> bytes:
-    from vmbak.repo import kdf_early  # started before the imports when the command line allowed
-
     early = kdf_early.take(password, salt, n, r, p)
     if early is not None:
         return early
-    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(password)
+    try:
+        return kdf_early.derive(password, salt, n, r, p)
+    except (MemoryError, RuntimeError) as e:  # PyNaCl's RuntimeError: libsodium failed (no memory)
+        raise RepositoryError(f"cannot derive the key (scrypt N={n}, r={r}, p={p}): {e or 'out of memory'}") from None
 
 
 def wrap_key(master: MasterKey, password: str | None, config: dict) -> dict:
@@ -170,8 +171,9 @@ def unwrap_key(doc: dict, password: str | None, repo_id: str, name: str,
             raise PasswordMissing("this repository is encrypted: a password is required "
                                   "(VMBAK_PASSWORD, --password-file, --password-command, or a terminal prompt)")
         n, r, p = int(doc["n"]), int(doc["r"]), int(doc["p"])
-        if not (1 < n <= 1 << 22 and 0 < r <= 64 and 0 < p <= 16):
-            raise RepositoryError(f"key file {name}: implausible scrypt parameters")
+        if not kdf_early.plausible(n, r, p):
+            raise RepositoryError(f"key file {name}: implausible scrypt parameters (a reader takes N a power "
+                                  "of two up to 2^22, r up to 64, p up to 16, at most 2 GiB of memory)")
         salt = _unb64(doc["salt"])
     except (KeyError, ValueError, TypeError) as e:
         raise RepositoryError(f"key file {name} is damaged ({e.__class__.__name__})") from None
