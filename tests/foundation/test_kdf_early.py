@@ -9,7 +9,6 @@ import json
 import os
 
 import pytest
-
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from vmbak.cli.main import _VALUE_OPTIONS
