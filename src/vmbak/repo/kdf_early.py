@@ -149,8 +149,9 @@ def start(argv: list[str], value_options: tuple[str, ...]) -> None:
 def _join_pending() -> None:
     """At exit (a signal or an error before the key was taken): let the derivation end
     first. A thread still inside OpenSSL's scrypt (used before libsodium's) while the
-    process exits could meet the locks OpenSSL's exit handlers free (seen: SIGSEGV in pthread_rwlock_rdlock on a
-    non-main thread, about 1 in 100 start-ups interrupted by SIGINT)."""
+    process exits could meet the locks OpenSSL's exit handlers free (seen: SIGSEGV in
+    pthread_rwlock_rdlock on a non-main thread, about 1 in 100 start-ups interrupted by
+    SIGINT); libsodium's keeps no such locks, and the wait is kept all the same."""
     for t, _ in list(_pending.values()):
         t.join(timeout=30)
 
