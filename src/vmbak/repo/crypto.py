@@ -191,7 +191,7 @@ def unwrap_key(doc: dict, password: str | None, repo_id: str, name: str,
 
 
 _scratch = ThreadBuffers((1 << 20) + 1)  # Sealer.seal_payload's per-thread plaintext buffer
-_NUMPY_COPY_MIN = 64 << 10  # smaller copies are done directly (see _copy)
+_NUMPY_COPY_MIN = 64 << 10  # smaller copies are done directly (see copy_unlocked)
 
 
 def _uninit(n: int) -> memoryview:
@@ -204,7 +204,7 @@ def _uninit(n: int) -> memoryview:
     return memoryview(np.empty(n, np.uint8))
 
 
-def _copy(dst: memoryview, src: bytes | memoryview) -> None:
+def copy_unlocked(dst: memoryview, src: bytes | memoryview) -> None:
     """``dst[:] = src`` with the GIL released (numpy copies arrays of more than a few
     hundred elements without holding it; a memoryview slice assignment holds it). Small
     copies are done directly: numpy's per-call cost (a few µs) is more than they take."""
@@ -365,7 +365,7 @@ class Sealer:
             out = _uninit(1 + n + TAG_LEN)
             out[0] = 0
             out[1] = codec
-            _copy(out[2:1 + n], body)
+            copy_unlocked(out[2:1 + n], body)
             h = blake3.blake3(aad, key=self.check_key)
             h.update(out[1:1 + n])
             out[1 + n:] = h.digest(TAG_LEN)
@@ -377,7 +377,7 @@ class Sealer:
         out[1:1 + NONCE_LEN] = nonce
         scratch[0] = codec
         with memoryview(scratch) as sv:
-            _copy(sv[1:n], body)
+            copy_unlocked(sv[1:n], body)
             self._aead.encrypt_into(nonce, sv[:n], aad, out[1 + NONCE_LEN:])
         return out
 

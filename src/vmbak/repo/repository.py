@@ -47,6 +47,7 @@ from vmbak.repo.crypto import (
     MasterKey,
     Sealer,
     bound_config,
+    copy_unlocked,
     open_master_key,
     save_key_file,
     wrap_key,
@@ -639,7 +640,7 @@ class Repository:
         elif codec == CODEC_RAW:
             got = n - 1
             if got == raw_len:
-                dest[:] = payload[1:n]
+                copy_unlocked(dest, payload[1:n])  # without the GIL: the other workers go on
         else:
             raise IntegrityError(f"{label}: unknown codec {codec}")
         if got != raw_len or (check_id and self.sealer.chunk_id(dest) != chunk_id):
