@@ -27,7 +27,7 @@ import numpy as np
 from vmbak.errors import IntegrityError, RepositoryError
 from vmbak.interrupts import deferred
 from vmbak.repo.backend import Backend, create_private
-from vmbak.repo.crypto import Sealer
+from vmbak.repo.crypto import Sealer, copy_unlocked
 
 PACK_MAGIC = b"VMBKPAK1"
 TRAILER = struct.Struct("<I8s")
@@ -158,7 +158,8 @@ class PackWriter:
         src = memoryview(data)
         while src:
             n = min(len(src), STAGE_BYTES - self.fill)
-            self.buf[self.fill:self.fill + n] = src[:n]
+            with memoryview(self.buf) as mv:  # copied without the GIL: the workers go on
+                copy_unlocked(mv[self.fill:self.fill + n], src[:n])
             self.fill += n
             src = src[n:]
             if self.fill == STAGE_BYTES:
