@@ -659,8 +659,8 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
                     if loc.raw_length != min(job.count * bs, size - job.start * bs):
                         raise IntegrityError(f"{what(job)}: has the wrong length")
                     # read_into names the chunk by its id only; the label with its blocks
-                    # and snapshot is made here, on an error (it was 4% of a chain
-                    # head's restore when made for every chunk)
+                    # and snapshot is made here, on an error only (0.5 µs each, 8 ms of
+                    # GIL time for a chain head's 14,872 chunks)
                     short = f"chunk {job.chunk_id.hex()[:16]}"
                     repo.read_into(job.chunk_id, loc, out, short, check_id=not inline, files=files)
                 except IntegrityError as e:
