@@ -52,8 +52,8 @@ def scrypt_memory(n: int, r: int, p: int) -> int:
     return 128 * r * (n + p + 2)
 
 
-# The largest scrypt a key file may ask for: N=2^20, r=8 (1 GiB) fits; a hostile key file
-# asking for 32 GiB (N=2^22, r=64) would have the process killed by the kernel instead.
+# The largest scrypt a key file may ask for: N=2^20, r=8 (1 GiB) fits. Without a limit, a
+# hostile key file asking for 32 GiB (N=2^22, r=64) would get the process killed for memory.
 MAX_SCRYPT_MEMORY = 2 << 30
 
 
