@@ -18,7 +18,7 @@ import socket
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +85,22 @@ class CephCluster:
             self._handles.pop("cluster").shutdown()
 
 
+SCRIPT = str(ROOT / "scripts" / "ceph-rgw.sh")
+
+
+def cluster_env(d: str) -> dict[str, str]:
+    """The environment for scripts/ceph-rgw.sh to run a cluster in directory ``d`` on free
+    loopback ports, beside any other."""
+    return {**os.environ, "VMBAK_CEPH_DIR": d, "VMBAK_CEPH_RGW_PORT": str(_free_port()),
+            "VMBAK_CEPH_MON_PORT": str(_free_port())}
+
+
+@pytest.fixture
+def ceph_script() -> tuple[str, Callable[[str], dict[str, str]]]:
+    """(path of scripts/ceph-rgw.sh, cluster_env) for a test that starts its own cluster."""
+    return SCRIPT, cluster_env
+
+
 @pytest.fixture(scope="session")
 def ceph() -> Iterator[CephCluster]:
     given = os.environ.get("VMBAK_TEST_CEPH_CONF")
@@ -94,16 +110,14 @@ def ceph() -> Iterator[CephCluster]:
         c.close()
         return
     d = tempfile.mkdtemp(prefix="vmbak-ceph-", dir="/tmp")
-    env = {**os.environ, "VMBAK_CEPH_DIR": d, "VMBAK_CEPH_RGW_PORT": str(_free_port()),
-           "VMBAK_CEPH_MON_PORT": str(_free_port())}
-    script = str(ROOT / "scripts" / "ceph-rgw.sh")
-    p = subprocess.run(["bash", script, "start"], env=env, capture_output=True, text=True, timeout=600)
+    env = cluster_env(d)
+    p = subprocess.run(["bash", SCRIPT, "start"], env=env, capture_output=True, text=True, timeout=600)
     if p.returncode != 0:
-        subprocess.run(["bash", script, "stop"], env=env, capture_output=True, timeout=120)
+        subprocess.run(["bash", SCRIPT, "stop"], env=env, capture_output=True, timeout=120)
         raise RuntimeError(f"the Ceph cluster did not start:\n{p.stdout}\n{p.stderr}")
     c = CephCluster(conf=f"{d}/ceph.conf")
     try:
         yield c
     finally:
         c.close()
-        subprocess.run(["bash", script, "stop"], env=env, capture_output=True, timeout=120)
+        subprocess.run(["bash", SCRIPT, "stop"], env=env, capture_output=True, timeout=120)

@@ -8,28 +8,19 @@ the check off. Here the cluster's directory sits on a 400 MiB tmpfs with 4% free
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_the_cluster_starts_with_four_percent_free_on_its_disk(tmp_path: Path) -> None:
+def test_the_cluster_starts_with_four_percent_free_on_its_disk(
+        tmp_path: Path, ceph_script: tuple[str, Callable[[str], dict[str, str]]]) -> None:
     mnt = tmp_path / "small"
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400M", "tmpfs", str(mnt)], check=True)
-    script = str(ROOT / "scripts" / "ceph-rgw.sh")
-    env = {**os.environ, "VMBAK_CEPH_DIR": str(mnt / "ceph"),
-           "VMBAK_CEPH_RGW_PORT": str(_free_port()), "VMBAK_CEPH_MON_PORT": str(_free_port())}
+    script, cluster_env = ceph_script
+    env = cluster_env(str(mnt / "ceph"))
     try:
         subprocess.run(["fallocate", "-l", "384M", str(mnt / "fill")], check=True)
         usage = shutil.disk_usage(mnt)
