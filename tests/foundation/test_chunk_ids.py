@@ -40,7 +40,7 @@ def mixed_disk(make_disk, name: str, size: int = 6 * MiB + 12345):
 def test_ids_follow_the_documented_scheme(make_repo, make_disk, tmp_path, assert_same_file, scheme):
     repo = make_repo("aes-256-gcm", chunk_id=scheme, name=f"r-{scheme}")
     cfg = json.loads((repo.path / "config").read_text())
-    assert cfg["version"] == (3 if scheme != "blake3" else 2)
+    assert cfg["version"] == (4 if scheme != "blake3" else 2)
     assert cfg.get("chunk_id", "blake3") == scheme
     disk = mixed_disk(make_disk, "d.img")
     repo.backup(disk, "d", "--no-skip-unused")

@@ -186,7 +186,7 @@ def test_everything_stored_is_encrypted_and_chunk_ids_are_keyed(make_repo, make_
 def test_init_is_encrypted_by_default_and_the_opt_out_is_loud(run_vmbak, tmp_path, assert_cli_error):
     p = run_vmbak("-r", tmp_path / "d", "init", env={"VMBAK_PASSWORD": PW})
     cfg = json.loads((tmp_path / "d" / "config").read_text())
-    assert cfg["encryption"] == "aes-256-gcm" and cfg["version"] == 3 and cfg["chunk_id"] == "blake3-blocks-64k"
+    assert cfg["encryption"] == "aes-256-gcm" and cfg["version"] == 4 and cfg["chunk_id"] == "blake3-blocks-64k"
     (key,) = list((tmp_path / "d" / "keys").iterdir())
     doc = json.loads(key.read_text())
     assert doc["kdf"] == "scrypt" and doc["n"] >= 1 << 16 and stat.S_IMODE(key.stat().st_mode) == 0o600

@@ -35,8 +35,8 @@ def test_an_independent_reader_opens_key_files_and_manifests(make_repo, make_dis
     id_key = base64.b64decode(master["id_key"])
     enc_key = base64.b64decode(master["enc_key"])
     bound = {k: config[k] for k in ("chunk_size", "compression", "encryption", "id", "pack_size")}
-    bound["chunk_id"] = config["chunk_id"]  # bound when present: version 3 has it
-    assert config["version"] == 3 and config["chunk_id"] == "blake3-blocks-64k"
+    bound["chunk_id"] = config["chunk_id"]  # bound when present: versions 3 and 4 have it
+    assert config["version"] == 4 and config["chunk_id"] == "blake3-blocks-64k"
     assert master["config"] == json.dumps(bound, sort_keys=True, separators=(",", ":"))
 
     # a manifest: an envelope of type 1; its name hashes the compressed payload

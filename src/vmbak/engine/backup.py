@@ -37,7 +37,7 @@ from vmbak.engine.progress import NoProgress, Progress, set_phase, watch_upload
 from vmbak.errors import DiskError, VmbakError, printable
 from vmbak.repo.crypto import CHUNK_ID_BLOCKS, ID_GRAIN
 from vmbak.repo.manifest import DIFFERENTIAL, FULL, INCREMENTAL, TORN, UNCHANGED, UNKNOWN, Manifest
-from vmbak.repo.pack import CODEC_ZSTD
+from vmbak.repo.pack import CODEC_RAW
 from vmbak.repo.repository import Repository, _now_iso
 
 TASK_BYTES = 4 << 20
@@ -222,7 +222,7 @@ class _Pipeline:
                 blob = None
                 if not self.writer_has(cid):
                     blob, codec = self.repo.encode_chunk_codec(cid, piece, probe)
-                    probe = codec != CODEC_ZSTD
+                    probe = codec == CODEC_RAW
                 res.chunks.append((s + a, k, cid, blob, len(piece)))
         return res
 

@@ -32,7 +32,15 @@ from vmbak.repo.backend import LocalBackend, ObjectMissing
 from vmbak.repo.coverage import CoverageWriter, load_coverage
 from vmbak.repo.manifest import Manifest
 from vmbak.repo.marks import load_marks
-from vmbak.repo.pack import CODEC_RAW, CODEC_ZSTD, chunk_aad, pack_name, parse_header, read_header
+from vmbak.repo.pack import (
+    CODEC_RAW,
+    CODEC_ZSTD,
+    CODEC_ZSTD_FRAMES,
+    chunk_aad,
+    pack_name,
+    parse_header,
+    read_header,
+)
 from vmbak.repo.repository import Repository
 
 
@@ -276,6 +284,8 @@ def _verify_chunk(repo: Repository, cid: bytes, blob: memoryview, raw: int, labe
     body = memoryview(payload)[1:]
     if payload[0] == CODEC_ZSTD:
         data: bytes | memoryview = zstd.decompress(body, raw, label)
+    elif payload[0] == CODEC_ZSTD_FRAMES:
+        data = zstd.decompress_frames(body, raw, label)
     elif payload[0] == CODEC_RAW:
         data = body
     else:

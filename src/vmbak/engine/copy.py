@@ -36,7 +36,7 @@ from vmbak.engine.progress import NoProgress, Progress
 from vmbak.errors import IntegrityError, SnapshotNotFound, VmbakError
 from vmbak.repo.filters import SnapshotFilter, filter_snapshots
 from vmbak.repo.manifest import ALIASES_KEY, Manifest
-from vmbak.repo.pack import chunk_aad, pack_name
+from vmbak.repo.pack import CODEC_ZSTD_FRAMES, chunk_aad, pack_name
 from vmbak.repo.repository import ChunkWriter, Repository
 
 
@@ -149,8 +149,13 @@ class _Copier:
     def _plain(self, cid: bytes, payload: bytes, raw: int, what: str) -> bytes:
         return self.src.decode_payload(cid, payload, raw, f"{what}: chunk {cid.hex()[:16]}")
 
-    def job(self, item: tuple[bytes, int, int, str]) -> tuple[bytes, bytes, bytes | None, int, np.ndarray | None,
-                                                           int]:
+    def _legible(self, payload: bytes) -> bool:
+        """Whether the destination's readers know the payload's codec: chunks compressed
+        in frames go into an older-version repository compressed again (as one frame)."""
+        return payload[0] != CODEC_ZSTD_FRAMES or self.dst.frames
+
+    def job(self, item: tuple[bytes, int, int, str]) -> tuple[bytes, bytes, bytes | memoryview | None, int,
+                                                           np.ndarray | None, int]:
         """Read one source chunk; return (source id, destination id, blob to store or None,
         raw length, hash rows or None, bytes read)."""
         cid, nblocks, bs, what = item
@@ -159,8 +164,11 @@ class _Copier:
             if dst.index.usable(cid):
                 return cid, cid, None, 0, None, 0
             blob, payload, raw = self._read(cid, what)
-            self._plain(cid, payload, raw, what)  # authenticate fully before storing
-            out = blob if self.same_seal else dst.sealer.seal(payload, chunk_aad(cid))
+            data = self._plain(cid, payload, raw, what)  # authenticate fully before storing
+            if not self._legible(payload):
+                out = dst.encode_chunk(cid, data)
+            else:
+                out = blob if self.same_seal else dst.sealer.seal(payload, chunk_aad(cid))
             return cid, cid, out, raw, None, len(blob)
         blob, payload, raw = self._read(cid, what)
         data = self._plain(cid, payload, raw, what)
@@ -168,7 +176,9 @@ class _Copier:
         rows = None
         if nblocks:
             rows, _ = hash_blocks(dst.sealer.block_hash, data, nblocks, bs, self._zero_hash(bs))
-        sealed = None if dst.index.usable(new) else dst.sealer.seal(payload, chunk_aad(new))
+        sealed = None
+        if not dst.index.usable(new):
+            sealed = dst.sealer.seal(payload, chunk_aad(new)) if self._legible(payload) else dst.encode_chunk(new, data)
         return cid, new, sealed, raw, rows, len(blob)
 
     def run_jobs(self, writer: ChunkWriter, items: list[tuple[bytes, int, int, str]]) -> None:

@@ -655,10 +655,17 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
                 damaged ranges of the chunk that could not be read."""
                 label = what(job)
                 loc = locs[job.chunk_id]
+                # Only the blocks this chunk provides are decoded where its format allows
+                # (stored raw, or compressed in frames) and the blocks are checked against
+                # the block hashes: the chain of 30 needs 43% of its partly overridden chunks.
+                ranges = None
+                if inline and job.sub is not None:
+                    first = job.start * bs
+                    ranges = [(a * bs - first, (a + b) * bs - first) for a, b in job.sub]
                 try:
                     if loc.raw_length != min(job.count * bs, size - job.start * bs):
                         raise IntegrityError(f"{label}: has the wrong length")
-                    repo.read_into(job.chunk_id, loc, out, label, check_id=not inline, files=files)
+                    repo.read_into(job.chunk_id, loc, out, label, check_id=not inline, files=files, ranges=ranges)
                 except IntegrityError as e:
                     if not ignore_errors:
                         raise

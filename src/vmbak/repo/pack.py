@@ -36,6 +36,7 @@ HEADER_AAD = b"vmbak-packheader"
 
 CODEC_RAW = 0
 CODEC_ZSTD = 1
+CODEC_ZSTD_FRAMES = 2  # independent zstd frames behind a table of their lengths (repo/zstd.py)
 
 
 def chunk_aad(chunk_id: bytes) -> bytes:

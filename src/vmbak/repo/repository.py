@@ -67,6 +67,7 @@ from vmbak.repo.marks import doomed_packs
 from vmbak.repo.pack import (
     CODEC_RAW,
     CODEC_ZSTD,
+    CODEC_ZSTD_FRAMES,
     FinishedPack,
     PackWriter,
     chunk_aad,
@@ -79,12 +80,17 @@ FORMAT_NAME = "vmbak-repository"
 # prune/: every writer must honour prune marks, which a version-1 vmbak does not know,
 # so version-1 programs must refuse it. Version-1 repositories are read and written as
 # they are; the first prune upgrades them (see docs/repository-format.md).
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # Version 3 (written by init since chunk ids come from block hashes) differs from version 2
 # only by the config's "chunk_id" field: a version-2 program would compute other chunk ids,
 # so it must refuse it. Versions 1 and 2 keep their chunk ids ("blake3") for good; prune
 # raises version 1 to PRUNE_VERSION, never to 3.
 PRUNE_VERSION = 2
+# Version 4 (written by init since chunks are compressed in frames) differs from version 3
+# only in that its chunks may use codec 2 (zstd.compress_frames), which a version-3 program
+# cannot read. Writers use codec 2 only in version-4 repositories; every version is read
+# with all codecs. Older repositories are not raised to version 4.
+FRAMES_VERSION = 4
 DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_PACK_SIZE = 32 << 20
 DEFAULT_ZSTD_LEVEL = 1
@@ -178,6 +184,8 @@ class Repository:
         # stored as a chunk (block hash tables, engine/common.py), whichever is larger.
         self.max_chunk: int = max(self.chunk_size, METADATA_PIECE)
         self.zstd_level: int = int(config["compression"]["level"])
+        # whether writers may compress chunks in frames (codec 2; see FRAMES_VERSION)
+        self.frames: bool = int(config["version"]) >= FRAMES_VERSION
         self.sealer = Sealer(master, self.encryption, config.get("chunk_id", CHUNK_ID_BLAKE3))
         self.master = master  # for key management (vmbak key add / passwd)
         self._index: Index | None = None
@@ -210,7 +218,7 @@ class Repository:
         """Create a new repository at ``location`` (an empty or missing directory).
 
         ``chunk_ids`` "blake3" writes a version-2 repository with the chunk ids of earlier
-        vmbak versions (for compatibility and tests); the default writes version 3."""
+        vmbak versions (for compatibility and tests); the default writes version 4."""
         if encryption not in ENCRYPTIONS:
             raise RepositoryError(f"unknown encryption {encryption!r} (choose {', '.join(ENCRYPTIONS)})")
         if encryption == ENC_AES and not password:
@@ -529,8 +537,8 @@ class Repository:
 
     def encode_chunk_codec(self, chunk_id: bytes, data: bytes | memoryview,
                            probe: bool = True) -> tuple[memoryview, int]:
-        """:meth:`encode_chunk`, and the codec the chunk was stored with (CODEC_ZSTD or
-        CODEC_RAW). ``probe=False`` compresses without the sampled probe first, for a
+        """:meth:`encode_chunk`, and the codec the chunk was stored with (CODEC_ZSTD,
+        CODEC_ZSTD_FRAMES for a chunk longer than one frame, or CODEC_RAW). ``probe=False`` compresses without the sampled probe first, for a
         caller that has just seen the data next to this chunk compress (the backup). On the
         benchmark image 864 of its 1,603 non-zero 1 MiB chunks compress, and the kind
         changes only 23 times in disk order; measured there (level 1, median of 15 rounds)
@@ -539,12 +547,17 @@ class Repository:
         costs 177 µs. The chunk is still stored raw when compressing it gains less than
         1/32."""
         comp = None
+        codec = CODEC_ZSTD
         if not probe or len(data) < PROBE_MIN or not incompressible(data, self.zstd_level):
-            comp = _compressor(self.zstd_level).compress(data)
+            if self.frames and len(data) > zstd.FRAME_SIZE:
+                comp = zstd.compress_frames(_compressor(self.zstd_level), data)
+                codec = CODEC_ZSTD_FRAMES
+            else:
+                comp = _compressor(self.zstd_level).compress(data)
             if len(comp) >= len(data) - len(data) // 32:
                 comp = None
         if comp is not None:
-            return self.sealer.seal_payload(CODEC_ZSTD, comp, chunk_aad(chunk_id)), CODEC_ZSTD
+            return self.sealer.seal_payload(codec, comp, chunk_aad(chunk_id)), codec
         return self.sealer.seal_payload(CODEC_RAW, data, chunk_aad(chunk_id)), CODEC_RAW
 
     def decode_chunk(self, chunk_id: bytes, blob: bytes, raw_len: int, what: str = "",
@@ -571,6 +584,8 @@ class Repository:
         codec = payload[0]
         if codec == CODEC_ZSTD:
             data = zstd.decompress(memoryview(payload)[1:], raw_len, label)
+        elif codec == CODEC_ZSTD_FRAMES:
+            data = zstd.decompress_frames(memoryview(payload)[1:], raw_len, label)
         elif codec == CODEC_RAW:
             data = payload[1:]
         else:
@@ -603,12 +618,20 @@ class Repository:
         return OpenFiles(OpenFiles.budget(threads))
 
     def read_into(self, chunk_id: bytes, loc: Location, out: memoryview, what: str = "",
-                  check_id: bool = True, files: OpenFiles | None = None) -> int:
+                  check_id: bool = True, files: OpenFiles | None = None,
+                  ranges: list[tuple[int, int]] | None = None) -> int:
         """:meth:`read_at` into ``out`` (at least ``loc.raw_length`` bytes): the chunk's
         plaintext is written to the start of ``out`` and its length returned, with the same
         checks. The stored blob and the decrypted payload go through this thread's reused
         buffers, so a restore allocates no memory per chunk; thread-safe. ``files`` (from
-        :meth:`open_files`) keeps the packs open across calls."""
+        :meth:`open_files`) keeps the packs open across calls.
+
+        With ``ranges`` ((start, end) byte offsets in the chunk), only the bytes there
+        are sure to be written (a chunk stored raw or in frames is decoded only there; the
+        rest of ``out`` may be left as it was): the caller checks them against block
+        hashes, as the chunk id cannot be checked on a part (``check_id`` must be False)."""
+        if ranges is not None and check_id:
+            raise ValueError("read_into: ranges need check_id=False")
         label = what or f"chunk {chunk_id.hex()[:16]}"
         raw_len = loc.raw_length
         if raw_len > self.max_chunk or raw_len > len(out):
@@ -637,10 +660,16 @@ class Repository:
         codec = payload[0]
         if codec == CODEC_ZSTD:
             got = zstd.decompress_into(payload[1:n], dest, label)
+        elif codec == CODEC_ZSTD_FRAMES:
+            zstd.frames_into(payload[1:n], dest, label, ranges)
+            got = raw_len
         elif codec == CODEC_RAW:
             got = n - 1
-            if got == raw_len:
-                copy_unlocked(dest, payload[1:n])  # without the GIL: the other workers go on
+            if got == raw_len:  # copied without the GIL: the other workers go on
+                for lo, hi in ranges or [(0, raw_len)]:
+                    hi = min(hi, raw_len)
+                    if hi > lo:
+                        copy_unlocked(dest[lo:hi], payload[1 + lo:1 + hi])
         else:
             raise IntegrityError(f"{label}: unknown codec {codec}")
         if got != raw_len or (check_id and self.sealer.chunk_id(dest) != chunk_id):
