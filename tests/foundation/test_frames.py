@@ -184,3 +184,38 @@ def test_copy_into_an_older_repository_compresses_without_frames(make_repo, make
     assert "no errors found" in old.run("check", "--read-data").stdout
     old.restore("c:latest", tmp_path / "c.img")
     assert_same_file(tmp_path / "c.img", disk.path)
+
+
+def test_read_into_decrypts_a_raw_chunk_in_place_and_puts_back_the_byte_before(tmp_path):
+    """With ``at`` (a restore's place in its stretch buffer), a chunk stored raw is
+    decrypted straight into place, its codec byte borrowing the byte before; that byte is
+    put back whatever happens, and a payload of another codec that happens to have the raw
+    size is decoded as usual."""
+    repo = _repo(tmp_path)
+    rnd, txt = os.urandom(MiB), _text(MiB, 3)
+    rid, tid = repo.sealer.chunk_id(rnd), repo.sealer.chunk_id(txt)
+    rblob, rcodec = repo.encode_chunk_codec(rid, rnd)
+    tblob, _ = repo.encode_chunk_codec(tid, txt)
+    assert rcodec == CODEC_RAW and len(rblob) == repo.sealer.overhead + 1 + MiB
+    # codec 1, padded with a skippable frame to the size of a raw payload
+    small = _text(100 * KiB, 4)
+    sid = repo.sealer.chunk_id(small)
+    frame = zstandard.ZstdCompressor(level=1).compress(small)
+    pad = len(small) - len(frame) - 8
+    skip = struct.pack("<II", 0x184D2A50, pad) + bytes(pad)
+    padded = repo.sealer.seal_payload(CODEC_ZSTD, frame + skip, chunk_aad(sid))
+    assert len(padded) == repo.sealer.overhead + 1 + len(small)
+    bad = bytearray(rblob)
+    bad[100] ^= 1
+    bid = os.urandom(32)
+    locs = _store(repo, [(rid, rblob, MiB), (tid, tblob, MiB), (sid, padded, len(small)), (bid, bytes(bad), MiB)])
+    for cid, want in ((rid, rnd), (tid, txt), (sid, small)):
+        for check_id in (True, False):
+            out = memoryview(bytearray(b"\x5a" * (2 * MiB)))
+            assert repo.read_into(cid, locs[cid], out, check_id=check_id, at=4097) == len(want)
+            assert out[4097:4097 + len(want)] == want
+            assert out[:4097] == b"\x5a" * 4097 and out[4097 + len(want):] == b"\x5a" * (2 * MiB - 4097 - len(want))
+    out = memoryview(bytearray(b"\x5a" * (2 * MiB)))
+    with pytest.raises(IntegrityError, match="authentication failed"):
+        repo.read_into(bid, locs[bid], out, check_id=False, at=1)
+    assert out[0] == 0x5A

@@ -644,15 +644,15 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
             files = repo.open_files(max(1, workers))  # each worker keeps the packs it reads open
             # each thread's page-aligned buffers, reused: chunks are decoded straight into
             # them and written from them without another copy
-            stretch_bufs, aside_bufs = ThreadBuffers(_GROUP_BYTES, aligned=True), ThreadBuffers(aligned=True)
+            stretch_bufs, aside_bufs = ThreadBuffers(DIRECT_ALIGN + _GROUP_BYTES, aligned=True), ThreadBuffers(aligned=True)
 
             def what(job: _Job) -> str:
                 return (f"chunk {job.chunk_id.hex()[:16]} (blocks {job.start}-{job.start + job.count - 1} "
                         f"of snapshot {chain[job.level].short_id})")
 
-            def decode(job: _Job, out: memoryview) -> list[tuple[int, int, str, str]] | None:
-                """Decode one chunk into ``out``; None, or (with ``ignore_errors``) the
-                damaged ranges of the chunk that could not be read."""
+            def decode(job: _Job, out: memoryview, at: int) -> list[tuple[int, int, str, str]] | None:
+                """Decode one chunk into ``out`` at ``at``; None, or (with ``ignore_errors``)
+                the damaged ranges of the chunk that could not be read."""
                 label = what(job)
                 loc = locs[job.chunk_id]
                 # Only the blocks this chunk provides are decoded where its format allows
@@ -665,7 +665,8 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
                 try:
                     if loc.raw_length != min(job.count * bs, size - job.start * bs):
                         raise IntegrityError(f"{label}: has the wrong length")
-                    repo.read_into(job.chunk_id, loc, out, label, check_id=not inline, files=files, ranges=ranges)
+                    repo.read_into(job.chunk_id, loc, out, label, check_id=not inline, files=files, ranges=ranges,
+                                   at=at)
                 except IntegrityError as e:
                     if not ignore_errors:
                         raise
@@ -681,7 +682,10 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
                 write each run with one call."""
                 base = group[0].start * bs
                 span = max(min((j.start + j.count) * bs, size) for j in group) - base
-                out = stretch_bufs.view(span)
+                # a page before the stretch: read_into may borrow the byte before a chunk's
+                # place to decrypt a raw chunk into it (the stretch stays page-aligned)
+                room = stretch_bufs.view(DIRECT_ALIGN + span)
+                out = room[DIRECT_ALIGN:]
                 lost: list[tuple[int, int, str, str]] = []
                 pieces: list[tuple[int, int, _Job]] = []  # (first block, count, chunk) decoded
                 # Older snapshots first, then from each pack in order: a chunk's extent
@@ -690,10 +694,10 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
                 for job in sorted(group, key=lambda j: (-j.level, locs[j.chunk_id].pack, locs[j.chunk_id].offset)):
                     mine = job.sub or [(job.start, job.count)]
                     if job.inside:
-                        bad = decode(job, out[job.start * bs - base:])
+                        bad = decode(job, room, DIRECT_ALIGN + job.start * bs - base)
                     else:  # decoded aside; only the blocks it provides are copied in
                         aside = aside_bufs.view(locs[job.chunk_id].raw_length)
-                        bad = decode(job, aside)
+                        bad = decode(job, aside, 0)
                         if bad is None:
                             for a, b in mine:
                                 lo, hi = a * bs, min((a + b) * bs, size)

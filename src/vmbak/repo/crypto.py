@@ -319,6 +319,8 @@ class Sealer:
         self.block_key = blake3.blake3(b"vmbak block hash v1", key=master.id_key).digest()
         self.check_key = blake3.blake3(b"vmbak envelope check v1", key=master.id_key).digest()
         self._aead = AESGCM(master.enc_key) if encryption == ENC_AES else None
+        # bytes an envelope adds to its payload: type, nonce (encrypted only), tag
+        self.overhead = 1 + (NONCE_LEN if self._aead is not None else 0) + TAG_LEN
 
     def chunk_id(self, data: bytes | memoryview) -> bytes:
         """A chunk's 32-byte id: see CHUNK_ID_SCHEMES."""
