@@ -30,6 +30,7 @@ from vmbak.errors import IntegrityError, RepositoryError, VmbakError
 from vmbak.repo import zstd
 from vmbak.repo.backend import LocalBackend, ObjectMissing
 from vmbak.repo.coverage import CoverageWriter, load_coverage
+from vmbak.repo.crypto import CHUNK_ID_BLOCKS, ID_GRAIN
 from vmbak.repo.manifest import Manifest
 from vmbak.repo.marks import load_marks
 from vmbak.repo.pack import (
@@ -285,6 +286,14 @@ def _verify_chunk(repo: Repository, cid: bytes, blob: memoryview, raw: int, labe
     if payload[0] == CODEC_ZSTD:
         data: bytes | memoryview = zstd.decompress(body, raw, label)
     elif payload[0] == CODEC_ZSTD_FRAMES:
+        sealer = repo.sealer
+        if sealer.chunk_ids == CHUNK_ID_BLOCKS and zstd.frames_table(body, raw, label)[0] == ID_GRAIN:
+            # each frame is one piece of the id: hashed as soon as it is decoded, while it
+            # is in the cache, and never joined into the whole chunk
+            hashes = b"".join([sealer.block_hash(part) for part in zstd.frames(body, raw, label)])
+            if sealer.chunk_id_from_hashes(hashes, raw) != cid:
+                raise IntegrityError(f"{label}: content does not match its id (corrupt data)")
+            return
         data = zstd.decompress_frames(body, raw, label)
     elif payload[0] == CODEC_RAW:
         data = body

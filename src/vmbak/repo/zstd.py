@@ -11,10 +11,11 @@ allocate gigabytes that way. So every decompression of repository data goes thro
 
 from __future__ import annotations
 
+import itertools
 import struct
 import threading
+from collections.abc import Iterator
 
-import numpy as np
 import zstandard
 
 from vmbak.errors import IntegrityError
@@ -88,7 +89,7 @@ def compress_frames(cctx: zstandard.ZstdCompressor, data: bytes | memoryview, fr
     ``data`` as its own zstd frame."""
     with memoryview(data) as mv:
         frames = [cctx.compress(mv[i:i + frame_size]) for i in range(0, len(mv), frame_size)]
-    table = np.fromiter(map(len, frames), "<u4", len(frames)).tobytes()
+    table = struct.pack(f"<{len(frames)}I", *map(len, frames))
     return b"".join([FRAMES_HEAD.pack(frame_size, len(frames)), table, *frames])
 
 
@@ -105,14 +106,10 @@ def frames_table(body: memoryview, raw_len: int, what: str) -> tuple[int, list[i
     start = FRAMES_HEAD.size + 4 * count
     if start > len(body):
         raise IntegrityError(bad)
-    lens = np.frombuffer(body, "<u4", count, FRAMES_HEAD.size)
-    if int(lens.min()) == 0 or start + int(lens.sum(dtype=np.uint64)) != len(body):
+    lens = struct.unpack_from(f"<{count}I", body, FRAMES_HEAD.size)
+    if min(lens) == 0 or start + sum(lens) != len(body):
         raise IntegrityError(bad)
-    offs = np.empty(count + 1, np.int64)
-    offs[0] = start
-    np.cumsum(lens, out=offs[1:])
-    offs[1:] += start
-    return size, offs.tolist()
+    return size, list(itertools.accumulate(lens, initial=start))
 
 
 def frames_into(body: memoryview, out: memoryview, what: str,
@@ -126,28 +123,29 @@ def frames_into(body: memoryview, out: memoryview, what: str,
     if ranges is None:
         wanted: range | list[int] = range(len(offs) - 1)
     else:
-        marks = np.zeros(len(offs) - 1, bool)
-        for lo, hi in ranges:
-            if hi > lo:
-                marks[lo // size:(hi - 1) // size + 1] = True
-        wanted = np.flatnonzero(marks).tolist()
+        n = len(offs) - 1
+        wanted = sorted({i for lo, hi in ranges if hi > lo for i in range(lo // size, min((hi - 1) // size + 1, n))})
     for i in wanted:
         dest = out[i * size:min((i + 1) * size, raw_len)]
         if decompress_into(body[offs[i]:offs[i + 1]], dest, what) != len(dest):
             raise IntegrityError(f"{what}: cannot decompress (a frame is shorter than its share of the chunk)")
 
 
-def decompress_frames(body: memoryview, raw_len: int, what: str) -> bytes:
-    """Codec 2's ``body`` decoded whole (``raw_len`` bytes, checked)."""
+def frames(body: memoryview, raw_len: int, what: str) -> Iterator[bytes]:
+    """Codec 2's ``body`` decoded frame by frame (each checked to hold exactly its share
+    of the ``raw_len`` bytes)."""
     size, offs = frames_table(body, raw_len, what)
-    parts = []
     for i in range(len(offs) - 1):
         want = min(size, raw_len - i * size)
         part = decompress(body[offs[i]:offs[i + 1]], want, what)
         if len(part) != want:
             raise IntegrityError(f"{what}: cannot decompress (a frame is shorter than its share of the chunk)")
-        parts.append(part)
-    return b"".join(parts)
+        yield part
+
+
+def decompress_frames(body: memoryview, raw_len: int, what: str) -> bytes:
+    """Codec 2's ``body`` decoded whole (``raw_len`` bytes, checked)."""
+    return b"".join(frames(body, raw_len, what))
 
 
 class Reader:
