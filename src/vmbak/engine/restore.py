@@ -644,7 +644,8 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
             files = repo.open_files(max(1, workers))  # each worker keeps the packs it reads open
             # each thread's page-aligned buffers, reused: chunks are decoded straight into
             # them and written from them without another copy
-            stretch_bufs, aside_bufs = ThreadBuffers(DIRECT_ALIGN + _GROUP_BYTES, aligned=True), ThreadBuffers(aligned=True)
+            stretch_bufs = ThreadBuffers(DIRECT_ALIGN + _GROUP_BYTES, aligned=True)
+            aside_bufs = ThreadBuffers(aligned=True)
 
             def what(job: _Job) -> str:
                 return (f"chunk {job.chunk_id.hex()[:16]} (blocks {job.start}-{job.start + job.count - 1} "
@@ -655,9 +656,9 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
                 the damaged ranges of the chunk that could not be read."""
                 label = what(job)
                 loc = locs[job.chunk_id]
-                # Only the blocks this chunk provides are decoded where its format allows
-                # (stored raw, or compressed in frames) and the blocks are checked against
-                # the block hashes: the chain of 30 needs 43% of its partly overridden chunks.
+                # A chunk compressed in frames is decoded only where it provides blocks,
+                # which are then checked against the block hashes: the head of the chain of
+                # 30 takes 43% of the blocks of its partly replaced chunks.
                 ranges = None
                 if inline and job.sub is not None:
                     first = job.start * bs

@@ -538,7 +538,8 @@ class Repository:
     def encode_chunk_codec(self, chunk_id: bytes, data: bytes | memoryview,
                            probe: bool = True) -> tuple[memoryview, int]:
         """:meth:`encode_chunk`, and the codec the chunk was stored with (CODEC_ZSTD,
-        CODEC_ZSTD_FRAMES for a chunk longer than one frame, or CODEC_RAW). ``probe=False`` compresses without the sampled probe first, for a
+        CODEC_ZSTD_FRAMES for a chunk longer than one frame in a version-4 repository, or
+        CODEC_RAW). ``probe=False`` compresses without the sampled probe first, for a
         caller that has just seen the data next to this chunk compress (the backup). On the
         benchmark image 864 of its 1,603 non-zero 1 MiB chunks compress, and the kind
         changes only 23 times in disk order; measured there (level 1, median of 15 rounds)
@@ -622,8 +623,8 @@ class Repository:
                   ranges: list[tuple[int, int]] | None = None, at: int = 0) -> int:
         """:meth:`read_at` into ``out`` (at least ``at + loc.raw_length`` bytes): the
         chunk's plaintext is written to ``out`` at ``at`` and its length returned, with the
-        same checks. The stored blob and the decrypted payload go through this thread's reused
-        buffers, so a restore allocates no memory per chunk; thread-safe. ``files`` (from
+        same checks. The stored blob and the decrypted payload go through this thread's
+        reused buffers, so a restore allocates no memory per chunk; thread-safe. ``files`` (from
         :meth:`open_files`) keeps the packs open across calls.
 
         With ``ranges`` ((start, end) byte offsets in the chunk), only the bytes there
