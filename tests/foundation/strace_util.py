@@ -15,7 +15,7 @@ def strace_calls(log: Path) -> list[tuple[str, str]]:
         pid, _, rest = line.partition(" ")
         rest = rest.lstrip()  # strace pads the pid column
         if rest.endswith("<unfinished ...>"):
-            pending[pid] = rest[: -len("<unfinished ...>")]
+            pending[pid] = rest[: -len("<unfinished ...>")].rstrip()  # "fsync(5 <unfinished ...>"
             continue
         m = re.match(r"<\.\.\. \w+ resumed>(.*)", rest)
         if m:

@@ -44,8 +44,9 @@ def test_repository_is_private_whatever_the_umask(tmp_path, make_disk, run_vmbak
 
 
 def test_new_data_directory_is_fsynced_before_a_pack_lands(tmp_path, make_repo, make_disk):
-    """strace shows, in the thread that moves a pack into a new data/XX directory: the
-    mkdir, then an fsync of data/ itself, then the rename."""
+    """strace shows: a new data/XX directory is made, then data/ itself is fsynced, and
+    only then does any pack land in data/XX, whichever of the pack writers (threads)
+    moves it there."""
     repo = make_repo("none", pack_size=256 * 1024)  # several packs, so several data/XX
     disk = make_disk("f.raw", 3 * MiB, seed=5)
     log = tmp_path / "strace.log"
@@ -55,31 +56,30 @@ def test_new_data_directory_is_fsynced_before_a_pack_lands(tmp_path, make_repo, 
                     "renameat2", sys.executable, "-m", "vmbak.cli.main", "backup", disk.path, "--name", "f"],
                    env=env, check=True, capture_output=True, timeout=300)
     data = os.fspath(repo.path / "data")
-    calls: dict[str, list[str]] = {}
-    for pid, call in strace_calls(log):
-        calls.setdefault(pid, []).append(call)
+    # In the log's order (a call that another thread interrupted counts when it ended): a
+    # thread's fsync of data/ makes durable every data/XX made before it ended.
+    fds_of_data: dict[str, set[str]] = {}  # thread: its open descriptors of data/
+    synced: dict[str, bool] = {}  # data/XX made: fsynced into data/ since
     made = 0
-    for seq in calls.values():
-        fds_of_data: set[str] = set()
-        synced_since_mkdir: dict[str, bool] = {}
-        for c in seq:
-            m = re.match(r'mkdir(?:at)?\((?:AT_FDCWD, )?"([^"]+)".*= 0', c)
-            if m and os.path.dirname(m.group(1)) == data:
-                synced_since_mkdir[m.group(1)] = False
-                made += 1
-            m = re.match(rf'openat\(AT_FDCWD, "{re.escape(data)}", O_RDONLY[^)]*O_DIRECTORY.*= (\d+)', c)
-            if m:
-                fds_of_data.add(m.group(1))
-            m = re.match(r"fsync\((\d+)\)", c)
-            if m and m.group(1) in fds_of_data:
-                for d in synced_since_mkdir:
-                    synced_since_mkdir[d] = True
-            m = re.match(r"close\((\d+)\)", c)
-            if m:
-                fds_of_data.discard(m.group(1))
-            m = re.match(r'rename(?:at2?)?\(.*"([^"]+)"', c)
-            if m and os.path.dirname(m.group(1)) in synced_since_mkdir:
-                assert synced_since_mkdir[os.path.dirname(m.group(1))], f"{m.group(1)} landed before data/ was fsynced"
+    for pid, c in strace_calls(log):
+        fds = fds_of_data.setdefault(pid, set())
+        m = re.match(r'mkdir(?:at)?\((?:AT_FDCWD, )?"([^"]+)".*= 0', c)
+        if m and os.path.dirname(m.group(1)) == data:
+            synced[m.group(1)] = False
+            made += 1
+        m = re.match(rf'openat\(AT_FDCWD, "{re.escape(data)}", O_RDONLY[^)]*O_DIRECTORY.*= (\d+)', c)
+        if m:
+            fds.add(m.group(1))
+        m = re.match(r"fsync\((\d+)\)\s*= 0", c)
+        if m and m.group(1) in fds:
+            for d in synced:
+                synced[d] = True
+        m = re.match(r"close\((\d+)\)", c)
+        if m:
+            fds.discard(m.group(1))
+        m = re.match(r'rename(?:at2?)?\(.*"([^"]+)"', c)
+        if m and os.path.dirname(m.group(1)) in synced:
+            assert synced[os.path.dirname(m.group(1))], f"{m.group(1)} landed before data/ was fsynced"
     assert made >= 2, "the backup made too few data/XX directories to tell"
 
 

@@ -86,12 +86,19 @@ class LocalBackend:
 
     # PackWriter writes packs with O_DIRECT where the filesystem allows it (repo/pack.py).
     direct_writes = True
+    # Packs written at once (ChunkWriter). With one, a full backup's stretch of random data
+    # (stored raw, so little work per chunk) waited on the pack writer: on the benchmark
+    # image the main thread spent 0.6-0.7 s in ChunkWriter._reap, 0.17-0.22 s with two.
+    pack_writers = 2
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
         self.location = self.root
         self.tmpdir = os.path.join(self.root, "tmp")
         self._known_dirs: set[str] = set()
+        # Held while a directory is made durable: another pack writer must not move a pack
+        # into it before its parent's fsync is done.
+        self._dirs_lock = threading.Lock()
 
     def _path(self, name: str) -> str:
         return os.path.join(self.root, name)
@@ -149,11 +156,14 @@ class LocalBackend:
             raise self._wrap(e, name) from None
 
     def _ensure_dir(self, d: str) -> None:
-        if d not in self._known_dirs:
-            # A new data/XX directory is fsynced into its parent before any pack lands
-            # in it: a crash must not lose the directory that holds durable packs.
-            makedirs_private(d, durable=True)
-            self._known_dirs.add(d)
+        if d in self._known_dirs:
+            return
+        with self._dirs_lock:
+            if d not in self._known_dirs:
+                # A new data/XX directory is fsynced into its parent before any pack lands
+                # in it: a crash must not lose the directory that holds durable packs.
+                makedirs_private(d, durable=True)
+                self._known_dirs.add(d)
 
     def temp_path(self, hint: str) -> str:
         self._ensure_dir(self.tmpdir)
