@@ -915,8 +915,8 @@ class Repository:
 class ChunkWriter:
     """Collects new chunks into packs; full packs are written, flushed to stable storage
     and moved into place by background threads, so the pipeline never waits on fsync or
-    on an upload. A backend's ``pack_writers`` (2 locally; more for object storage,
-    where each upload waits on the network) sets how many packs go out at once.
+    on an upload. A backend's ``pack_writers`` (2 locally; for S3, VMBAK_S3_UPLOADS,
+    2 by default, as each upload waits on the network) sets how many packs go out at once.
 
     Only the thread that owns it calls ``add``/``flush``; ``has`` may be called from any.
     """
