@@ -25,6 +25,14 @@ def test_two_backups_at_the_same_time(make_repo, make_disk, popen_vmbak, assert_
     shared = random_bytes(4 * MiB, 113)  # the same chunks in both disks, stored concurrently
     a.write(8 * MiB, shared)
     b.write(12 * MiB, shared)
+    # Each backup's pre-hook waits until the other's has started, so that the two read and
+    # store at the same time however long each process takes to start (in the loaded full
+    # suite, six pairs started back to back once all missed each other by 30-200 ms).
+    barrier = tmp_path / "barrier.sh"
+    barrier.write_text('#!/bin/sh\ntouch "$BARRIER/$VMBAK_NAME"\n'
+                       'for i in $(seq 3000); do [ -e "$BARRIER/a" ] && [ -e "$BARRIER/b" ] && exit 0; '
+                       'sleep 0.01; done\nexit 1\n')
+    barrier.chmod(0o755)
     rounds = []
     overlaps = 0
     for rnd in range(6):  # a full each, then incrementals, each pair started together
@@ -35,7 +43,10 @@ def test_two_backups_at_the_same_time(make_repo, make_disk, popen_vmbak, assert_
             b.write_random(5 * MiB, 2 * MiB, seed=115 + 2 * rnd)
         a.save(f"r{rnd}")
         b.save(f"r{rnd}")
-        procs = [popen_vmbak("backup", d.path, "--name", n, "--json", env=repo.env())
+        meet = tmp_path / f"meet{rnd}"
+        meet.mkdir()
+        procs = [popen_vmbak("backup", d.path, "--name", n, "--json", "--hook-pre", barrier,
+                             env={**repo.env(), "BARRIER": str(meet)})
                  for d, n in ((a, "a"), (b, "b"))]
         outs = [p.communicate(timeout=300) for p in procs]
         for p, (_out, err) in zip(procs, outs, strict=True):
