@@ -54,6 +54,18 @@ if TYPE_CHECKING:
     from vmbak.repo.repository import Repository
 
 
+# Variables the command line puts into its own environment (cli/main.py). The user's
+# scripts it runs (hooks, password commands) get the environment without them.
+OWN_ENVIRONMENT: dict[str, str] = {}
+
+
+def user_environment() -> dict[str, str]:
+    """This process's environment without the variables the command line set for itself."""
+    import os
+
+    return {k: v for k, v in os.environ.items() if OWN_ENVIRONMENT.get(k) != v}
+
+
 def __getattr__(name: str) -> Any:  # noqa: ANN401
     mod = _WHERE.get(name)
     if mod is None:

@@ -247,3 +247,20 @@ def test_the_command_line_starts_no_openblas_threads(given: str | None, want: st
     proc = subprocess.run([sys.executable, "-c", _THREADS], env=_base_env({"OPENBLAS_NUM_THREADS": given}),
                           capture_output=True, text=True, timeout=60, check=True)
     assert proc.stdout.split() == want.split()
+
+
+@pytest.mark.parametrize(("given", "want"), [(None, "unset"), ("3", "3")])
+def test_the_users_scripts_get_the_users_openblas_setting(make_repo, make_disk, run_vmbak, tmp_path,  # noqa: ANN001
+                                                          given: str | None, want: str) -> None:
+    """OPENBLAS_NUM_THREADS=1 is the command line's own setting: a hook and a password
+    command see the variable as the user left it (unset, or the user's value)."""
+    repo = make_repo("aes-256-gcm", password="pw")
+    disk = make_disk("d.raw", 1 << 20)
+    hook = tmp_path / "hook.sh"
+    hook.write_text(f'#!/bin/sh\necho "${{OPENBLAS_NUM_THREADS:-unset}}" > {tmp_path}/hook.out\n')
+    hook.chmod(0o755)
+    pwcmd = f"sh -c 'echo \"${{OPENBLAS_NUM_THREADS:-unset}}\" > {tmp_path}/pw.out; echo pw'"
+    run_vmbak("-r", repo.path, "--password-command", pwcmd, "backup", disk.path, "--name", "d", "--hook-pre", hook,
+              env={"OPENBLAS_NUM_THREADS": given})
+    assert (tmp_path / "hook.out").read_text().strip() == want
+    assert (tmp_path / "pw.out").read_text().strip() == want

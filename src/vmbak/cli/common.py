@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from vmbak import user_environment
 from vmbak.engine.progress import Report, clear_bar
 from vmbak.errors import PasswordMissing, UsageError, VmbakError, printable
 from vmbak.interrupts import deferred
@@ -124,7 +125,8 @@ def run_password_command(command: str, option: str = "--password-command") -> st
             raise VmbakError(f"VMBAK_TOOL_TIMEOUT must be a number of seconds, not {env_t!r}")
     what = f"{option} {command!r}"
     try:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True,
+                                env=user_environment())
     except OSError as e:
         raise VmbakError(f"{what} cannot be run: {e.strerror or e}") from None
     try:

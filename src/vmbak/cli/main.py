@@ -25,10 +25,14 @@ if __name__ == "__main__" or getattr(sys, "argv", [""])[0].rsplit("/", 1)[-1] ==
     interrupts.install(hold=True)
     # vmbak never multiplies matrices: without this, importing numpy starts OpenBLAS's
     # threads, which spin for a while (0.05-0.06 s of CPU for every command measured on
-    # the benchmark machine: `vmbak snapshots` 0.32 -> 0.26 s). A user's setting is kept.
+    # the benchmark machine: `vmbak snapshots` 0.32 -> 0.26 s). A user's setting is kept,
+    # and the user's scripts do not get this one (vmbak.user_environment).
     import os
 
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    import vmbak
+
+    if "OPENBLAS_NUM_THREADS" not in os.environ:
+        os.environ["OPENBLAS_NUM_THREADS"] = vmbak.OWN_ENVIRONMENT["OPENBLAS_NUM_THREADS"] = "1"
 
 import argparse  # noqa: E402
 

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from vmbak import user_environment
 from vmbak.errors import VmbakError
 from vmbak.guest.agent import AgentError, AgentUnavailable
 
@@ -92,7 +93,7 @@ class Hooks:
         path = self.pre if phase == "pre" else self.post
         assert path is not None
         # vmbak's own VMBAK_* settings (the repository password among them) stay out
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("VMBAK_")}
+        inherited = {k: v for k, v in user_environment().items() if not k.startswith("VMBAK_")}
         env = {**inherited, **self.env, **(extra or {}), "VMBAK_HOOK_PHASE": phase}
         try:
             p = subprocess.run([path], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
