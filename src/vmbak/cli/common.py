@@ -305,7 +305,7 @@ def run_detached(args: argparse.Namespace) -> tuple[subprocess.Popen[str], dict]
     argv = [a for a in sys.argv[1:] if a != "--background"]
     if "--json" not in argv:
         argv.append("--json")
-    env = dict(os.environ)
+    env = user_environment()  # the child sets its own (cli/main.py)
     if getattr(args, "password_command", None) or (not args.password_file and env.get("VMBAK_PASSWORD_COMMAND")):
         # The password command runs once, here, where it may prompt on the terminal; the
         # detached process (no terminal) gets its answer instead of running it again.
