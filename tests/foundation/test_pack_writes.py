@@ -97,3 +97,55 @@ def test_pack_bytes_do_not_depend_on_how_they_were_written(tmp_path):
     (id_direct, data_direct, used_direct), (id_buffered, data_buffered, used_buffered) = results
     assert used_direct == _o_direct_works(tmp_path) and used_buffered is False
     assert data_direct == data_buffered and id_direct == id_buffered
+
+
+def test_finished_packs_wait_in_memory_up_to_the_queue_budget(tmp_path):
+    """Issue 16: while the pack writers are busy (the disk slower than the pipeline, as in a
+    stretch of random data), finished packs wait in memory up to ChunkWriter.QUEUE_BYTES,
+    so that the pipeline goes on; beyond it, ``add`` waits for a writer. Every chunk still
+    lands and is indexed. (Before, a fourth finished pack already made ``add`` wait.)"""
+    import threading
+
+    from vmbak.repo.repository import Repository
+
+    repo = Repository.init(str(tmp_path / "repo"), None, encryption="none")
+    repo.pack_size = 1 * MiB
+    writer = repo.chunk_writer()
+    writer.QUEUE_BYTES = 6 * MiB + MiB // 2
+    held = threading.Event()
+    started = threading.Semaphore(0)
+    real_temp_path = repo.backend.temp_path
+
+    def held_temp_path(hint: str) -> str:  # each pack writer stops here until released
+        started.release()
+        assert held.wait(60)
+        return real_temp_path(hint)
+
+    repo.backend.temp_path = held_temp_path
+    chunks = [os.urandom(1 * MiB) for _ in range(12)]
+    added = []
+
+    def add_all() -> None:
+        for data in chunks:
+            cid = repo.sealer.chunk_id(data)
+            writer.add(cid, bytes(repo.encode_chunk(cid, data)), len(data))
+            added.append(cid)
+
+    t = threading.Thread(target=add_all)
+    t.start()
+    try:
+        for _ in range(2):  # both writers have taken a pack and are held
+            assert started.acquire(timeout=30)
+        t.join(2)
+        # a chunk of 1 MiB fills a pack: the 2 packs in the writers' hands and 4 waiting
+        # are within the budget; the 7th goes over it, and its ``add`` waits
+        assert t.is_alive()
+        assert len(added) == 6, len(added)
+    finally:
+        held.set()
+    t.join(60)
+    assert not t.is_alive() and len(added) == len(chunks)
+    writer.flush()
+    assert all(loc is not None for loc in repo.index.get_many(added))
+    for cid, data in zip(added, chunks, strict=True):
+        assert repo.read_chunk(cid) == data

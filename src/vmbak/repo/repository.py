@@ -917,9 +917,24 @@ class ChunkWriter:
     and moved into place by background threads, so the pipeline never waits on fsync or
     on an upload. A backend's ``pack_writers`` (2 locally; for S3, VMBAK_S3_UPLOADS,
     2 by default, as each upload waits on the network) sets how many packs go out at once.
+    Finished packs wait their turn, in memory, up to ``QUEUE_BYTES`` (at least one pack
+    per writer and one more).
 
     Only the thread that owns it calls ``add``/``flush``; ``has`` may be called from any.
     """
+
+    # The sealed chunks of finished packs that may wait, in memory, for a pack writer. A
+    # full backup of the benchmark image alternates between long stretches of random data,
+    # stored raw, whose packs come faster than the disk takes them (O_DIRECT writes, about
+    # 1.2-1.5 GB/s here), and compressible ones that keep both CPUs busy and leave the disk
+    # idle. With only one pack waiting, the pipeline stopped in each random stretch until
+    # the disk caught up (0.17-0.31 s in ChunkWriter._reap in all); with six packs of 32 MiB
+    # it goes on compressing meanwhile (0.03-0.05 s). `bench_ab.py backup 20`, one pack
+    # waiting against up to 192 MiB: 1.019 (0.98-1.12); 256 MiB: 1.048. Peak RSS of a
+    # --no-skip-unused full backup of the image, the worst case (random data throughout):
+    # 246-292 MiB with one pack waiting; 312-362 MiB with 192 MiB, 350-405 MiB with 224,
+    # 470-476 MiB with 256 and 543 MiB with 320 (issue 16's limit is 512).
+    QUEUE_BYTES = 192 << 20
 
     def __init__(self, repo: Repository) -> None:
         self.repo = repo
@@ -934,6 +949,7 @@ class ChunkWriter:
         self._bytes = 0
         writers = max(1, int(getattr(repo.backend, "pack_writers", 1)))
         self._max_inflight = writers + 1  # one more waits its turn, so a writer never idles
+        self._inflight_bytes = 0
         self._pool = cf.ThreadPoolExecutor(writers, thread_name_prefix="vmbak-pack")
         self._inflight: collections.deque[tuple[cf.Future, int]] = collections.deque()
 
@@ -978,13 +994,15 @@ class ChunkWriter:
         self._blobs, self._meta, self._bytes = [], [], 0
         fut = self._pool.submit(self._write_pack, blobs, meta)
         self._inflight.append((fut, nbytes))
-        while len(self._inflight) > self._max_inflight:
+        self._inflight_bytes += nbytes
+        while len(self._inflight) > self._max_inflight and self._inflight_bytes > self.QUEUE_BYTES:
             self._reap(block=True, limit=1)
 
     def _reap(self, block: bool, limit: int | None = None) -> None:
         n = 0
         while self._inflight and (block or self._inflight[0][0].done()):
             fut, nbytes = self._inflight.popleft()
+            self._inflight_bytes -= nbytes
             fp = fut.result()
             self.durable_stored += nbytes
             self.repo.index.add_pack(fp.pack_id, fp.entries, fp.size)
