@@ -928,8 +928,8 @@ class ChunkWriter:
     # stored raw, whose packs come faster than the disk takes them (O_DIRECT writes, about
     # 1.2-1.5 GB/s here), and compressible ones that keep both CPUs busy and leave the disk
     # idle. With only one pack waiting, the pipeline stopped in each random stretch until
-    # the disk caught up (0.17-0.31 s in ChunkWriter._reap in all); with six packs of 32 MiB
-    # it goes on compressing meanwhile (0.03-0.05 s). `bench_ab.py backup 20`, one pack
+    # the disk caught up (0.18-0.31 s in ChunkWriter._reap in all); with up to 192 MiB
+    # waiting it goes on compressing meanwhile (0.07-0.15 s). `bench_ab.py backup 20`, one pack
     # waiting against up to 192 MiB: 1.019 (0.98-1.12); 256 MiB: 1.048. Peak RSS of a
     # --no-skip-unused full backup of the image, the worst case (random data throughout):
     # 246-292 MiB with one pack waiting; 312-362 MiB with 192 MiB, 350-405 MiB with 224,
