@@ -72,3 +72,23 @@ def test_two_backups_at_the_same_time(make_repo, make_disk, popen_vmbak, assert_
     # Nothing is left behind: no locks, no temporary files.
     assert list((repo.path / "locks").iterdir()) == []
     assert list((repo.path / "tmp").iterdir()) == []
+
+
+def test_a_listing_skips_an_object_removed_while_it_is_read(tmp_path):
+    """Another process may remove an object between the reading of a directory and the
+    size of its entries: a backup releasing its lock while a second one takes its own
+    (three backups into one repository once failed with ".../locks/95a9... No such file
+    or directory"), prune deleting a pack. The listing goes on without it."""
+    from vmbak.repo.backend import LocalBackend
+
+    root = tmp_path / "repo"
+    (root / "locks").mkdir(parents=True)
+    for n in ("a", "b", "c"):
+        (root / "locks" / n).write_bytes(b"{}")
+    listing = LocalBackend(str(root)).list("locks")
+    first, size = next(listing)
+    assert size == 2
+    gone = next(n for n in ("a", "b", "c") if f"locks/{n}" != first)
+    (root / "locks" / gone).unlink()  # released meanwhile
+    rest = [name for name, _ in listing]
+    assert sorted([first, *rest]) == sorted(f"locks/{n}" for n in ("a", "b", "c") if n != gone)

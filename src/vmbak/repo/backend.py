@@ -227,7 +227,14 @@ class LocalBackend:
                 if ent.is_dir(follow_symlinks=False):
                     stack.append(ent.path)
                 elif ent.is_file(follow_symlinks=False):
-                    yield os.path.relpath(ent.path, self.root), ent.stat().st_size
+                    rel = os.path.relpath(ent.path, self.root)
+                    try:
+                        size = ent.stat(follow_symlinks=False).st_size
+                    except FileNotFoundError:
+                        continue  # removed since the directory was read (a lock released, a pack pruned)
+                    except OSError as e:
+                        raise self._wrap(e, rel) from None
+                    yield rel, size
 
     def clean_stale_temp(self) -> int:
         """Remove temp files left by dead processes of this host; return how many."""
