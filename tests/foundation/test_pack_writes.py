@@ -105,6 +105,7 @@ def test_finished_packs_wait_in_memory_up_to_the_queue_budget(tmp_path):
     so that the pipeline goes on; beyond it, ``add`` waits for a writer. Every chunk still
     lands and is indexed. (Before, a fourth finished pack already made ``add`` wait.)"""
     import threading
+    import time
 
     from vmbak.repo.repository import Repository
 
@@ -136,9 +137,12 @@ def test_finished_packs_wait_in_memory_up_to_the_queue_budget(tmp_path):
     try:
         for _ in range(2):  # both writers have taken a pack and are held
             assert started.acquire(timeout=30)
-        t.join(2)
         # a chunk of 1 MiB fills a pack: the 2 packs in the writers' hands and 4 waiting
         # are within the budget; the 7th goes over it, and its ``add`` waits
+        deadline = time.monotonic() + 30  # a loaded machine may take its time
+        while len(added) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        t.join(1)
         assert t.is_alive()
         assert len(added) == 6, len(added)
     finally:
