@@ -16,6 +16,7 @@ Examples::
 
     python bench/bench_ab.py backup 8 main=src new=../wt-x/src
     python bench/bench_ab.py chain 10 main=src:--workers,4 new=../wt-x/src:--workers,6
+    python bench/bench_ab.py chain 8 main=src new=../wt-x/src --out /dev/shm
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("variants", nargs="+", type=variant, metavar="NAME=SRC[:ARG,...]")
     ap.add_argument("--workdir", type=Path, default=bf.ROOT / "bench" / "work",
                     help="bench_foundation's workdir (images, chain30; default bench/work)")
+    ap.add_argument("--out", type=Path, default=None, metavar="DIR",
+                    help="chain: write the restores into DIR (default WORKDIR/ab); a tmpfs such as /dev/shm "
+                         "takes the target disk out, so that the CPU work decides")
     args = ap.parse_args(argv)
     if args.rounds < 1 or len({v[0] for v in args.variants}) != len(args.variants):
         ap.error("at least one round, and distinct variant names")
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                     timed([*cli, "-r", str(repo), "init"], src, log)
                     cmd = [*cli, "-r", str(repo), "backup", str(path), "--name", "ab", *extra]
                 else:
-                    out = scratch / "out.raw"
+                    out = (args.out.resolve() if args.out else scratch) / "vmbak-ab-out.raw"
                     bf.clean(out)
                     cmd = [*cli, "-r", str(path), "restore", f"{bf.NAME}:latest", str(out), *extra]
                 wall, cpu = timed(cmd, src, log, (path,))
@@ -98,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                 bf.say(f"round {r + 1} {name:10} {kind:11} wall {wall:6.2f} s  cpu {cpu:6.2f} s  "
                        f"load {os.getloadavg()[0]:.1f}")
     shutil.rmtree(scratch, ignore_errors=True)
+    if args.out:
+        bf.clean(args.out.resolve() / "vmbak-ab-out.raw")
     first = args.variants[0][0]
     for kind, _ in kinds:
         print(f"\n{kind}: medians of {args.rounds} rounds")
