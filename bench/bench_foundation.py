@@ -778,11 +778,13 @@ def run_chain(tool: Tool, run: int, workdir: Path, built: tuple[Path, Path, Path
     each also with that vmbak), each twice, in the order A B B A: the chain first in odd
     runs, the full first in even ones.
 
-    Every run is balanced on its own, whatever the number of runs. A restore's time
-    depends on the step before it: in the 30 runs of six sets of 2026-12-04 and 05 (one of
-    each, alternating which went first), the full took 1.52 s (median) right after the
-    chain's restore and 1.69 s as the first of the part, while the chain took 1.77 s and
-    1.73 s; with 5 runs, 3 had the chain first, which raised the ratio."""
+    In every run each kind comes once before and once after the other, whatever the
+    number of runs. A restore's time depends on the step before it: in the 30 runs of six
+    sets of 2026-12-04 and 05 (one of each, alternating which went first), the full took
+    1.52 s (median) right after the chain's restore and 1.69 s as the first of the part,
+    while the chain took 1.77 s first and 1.73 s second; with 5 runs, 3 had the chain
+    first. Which kind is the part's first restore (often the slowest) still alternates
+    from run to run."""
     chain_repo, full_repo, disk, facts = built
     out = workdir / "chain30" / "restore"
     log = workdir / "logs" / f"run{run}-chain30.log"

@@ -103,6 +103,12 @@ def test_reaper_kills_what_a_dead_run_left_and_spares_live_runs(tmp_path: Path) 
         orphan = subprocess.Popen(["sh", "-c", "sleep 300", str(dead / "qemu")], start_new_session=True)
         stranger = subprocess.Popen(["sleep", "300"], start_new_session=True)
         procs += [orphan, stranger]
+        # Popen returns once the exec has begun; the new command line shows in /proc a moment
+        # later (a loaded machine showed an empty one), and a dead run's QEMU has long been up
+        deadline = time.monotonic() + 10
+        while str(dead) not in Path(f"/proc/{orphan.pid}/cmdline").read_bytes().decode(errors="replace"):
+            assert time.monotonic() < deadline, "the orphan's command line never named the run"
+            time.sleep(0.01)
         (dead / "qemu.pid").write_text(f"{orphan.pid}\n")
         (dead / "serve" / "qsd.pid").write_text(f"{stranger.pid}\n")
         (dead / "overlay.qcow2").write_bytes(b"QFI\xfb")
