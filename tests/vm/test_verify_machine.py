@@ -104,7 +104,7 @@ def test_reaper_kills_what_a_dead_run_left_and_spares_live_runs(tmp_path: Path) 
         stranger = subprocess.Popen(["sleep", "300"], start_new_session=True)
         procs += [orphan, stranger]
         # Popen returns once the exec has begun; the new command line shows in /proc a moment
-        # later (a loaded machine showed an empty one), and a dead run's QEMU has long been up
+        # later (read at once, it was empty 261 times in 300); a dead run's QEMU has long been up
         deadline = time.monotonic() + 10
         while str(dead) not in Path(f"/proc/{orphan.pid}/cmdline").read_bytes().decode(errors="replace"):
             assert time.monotonic() < deadline, "the orphan's command line never named the run"
