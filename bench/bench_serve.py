@@ -99,7 +99,7 @@ def prepare_repo(vmbak: str, env: dict[str, str], work: Path, v1: Path,
     t0 = time.perf_counter()
     p = subprocess.run([vmbak, "-r", str(repo), "--json", "backup", str(disk), "--name", NAME], env=env,
                        check=True, capture_output=True, text=True)
-    sid = json.loads(p.stdout)["id"]
+    sid = json.loads(p.stdout.strip().splitlines()[-1])["id"]  # the summary: the last line (docs/json.md)
     say(f"  backup {sid[:8]} in {time.perf_counter() - t0:.1f} s")
     key_path.write_text(json.dumps({"key": key, "snapshot": sid}))
     return repo, sid, disk

@@ -58,7 +58,12 @@ def vmbak(args: argparse.Namespace, repo: Path, *cmd: str, password: bool = True
                          text=True, check=False)
     if out.returncode != 0:
         sys.exit(f"vmbak {' '.join(cmd)} failed: {out.stderr.strip()}")
-    return json.loads(out.stdout) if out.stdout.strip() else {}
+    # docs/json.md: a reporting command (init) prints one indented document; a long-running
+    # one (backup, check) prints status lines, then its summary as the last line
+    text = out.stdout.strip()
+    if not text:
+        return {}
+    return json.loads(text if text.startswith("{\n") else text.splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
