@@ -3,8 +3,9 @@
 Reading the data can be limited to a subset of the packs (``n/t``, ``x%``, a size), to
 packs not verified recently, or to what an interrupted run did not reach; every pack
 found sound is recorded in the repository's verification coverage (repo/coverage.py),
-which every host shares. Packs are read whole by a thread pool; hashing, decryption
-and decompression release the GIL, so the threads run in parallel.
+which every host shares. Packs are read by a thread pool, each pack whole by one thread
+(a local one in windows of a few MiB, in order); hashing, decryption and decompression
+release the GIL, so the threads run in parallel.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ import math
 import os
 import random
 import re
-import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import blake3
 import numpy as np
 
+from vmbak.buffers import ThreadBuffers
 from vmbak.engine.common import bounded_map, range_text, runs
 from vmbak.engine.progress import NoProgress, Progress
 from vmbak.errors import IntegrityError, RepositoryError, VmbakError
@@ -37,6 +39,8 @@ from vmbak.repo.pack import (
     CODEC_RAW,
     CODEC_ZSTD,
     CODEC_ZSTD_FRAMES,
+    PACK_MAGIC,
+    TRAILER,
     chunk_aad,
     pack_name,
     parse_header,
@@ -243,46 +247,28 @@ def check(repo: Repository, read_data: bool = False, workers: int | None = None,
     return rep
 
 
-_tls = threading.local()
-
-
-def _read_pack(repo: Repository, pid: str) -> memoryview:
-    """A pack's bytes. From a local directory they are read into a buffer this thread
-    reuses (no fresh allocation and page faults per pack); other backends read as usual."""
-    name = pack_name(pid)
-    backend = repo.backend
-    if not isinstance(backend, LocalBackend):
-        return memoryview(backend.read(name))
-    try:
-        with open(os.path.join(backend.root, name), "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            buf = getattr(_tls, "buf", None)
-            if buf is None or len(buf) < size:
-                buf = _tls.buf = bytearray(max(size, 1 << 20))
-            mv = memoryview(buf)
-            n = 0
-            while n < size:
-                got = f.readinto(mv[n:size])
-                if not got:
-                    break
-                n += got
-            return mv[:n]
-    except OSError as e:
-        if e.errno == errno.ENOENT:
-            raise ObjectMissing(f"repository object missing: {name}") from None
-        raise RepositoryError(f"repository I/O error on {name}: {e.strerror or e}") from None
+# A local pack is read in windows of about this many bytes that end at chunk boundaries,
+# into a buffer each thread reuses: the window is still in the CPU's cache when it is
+# hashed, decrypted and decompressed. Read whole (a 32 MiB pack) it is not: reading and
+# hashing the 0.6 GiB of bench_verify's repository took 0.28 s whole against 0.20 s in
+# windows of 1-4 MiB (0.23 s in 8 MiB).
+_WINDOW = 2 << 20
+_windows = ThreadBuffers(_WINDOW)
+_payloads = ThreadBuffers()
 
 
 def _verify_chunk(repo: Repository, cid: bytes, blob: memoryview, raw: int, label: str) -> None:
     """Authenticate one blob, decompress it and check its length and id (no copies of
     stored plaintext); IntegrityError if anything is wrong."""
-    payload = repo.sealer.open(blob, chunk_aad(cid), label)
-    if not payload:
+    out = _payloads.view(len(blob))  # this thread's, reused: no allocation per chunk
+    n = repo.sealer.open_into(blob, chunk_aad(cid), label, out)
+    if not n:
         raise IntegrityError(f"{label}: empty payload")
     if raw > repo.max_chunk:
         raise IntegrityError(f"{label}: claims {raw} bytes, more than a chunk of this repository holds "
                              f"({repo.max_chunk})")
-    body = memoryview(payload)[1:]
+    payload = out[:n]
+    body = payload[1:]
     if payload[0] == CODEC_ZSTD:
         data: bytes | memoryview = zstd.decompress(body, raw, label)
     elif payload[0] == CODEC_ZSTD_FRAMES:
@@ -304,29 +290,118 @@ def _verify_chunk(repo: Repository, cid: bytes, blob: memoryview, raw: int, labe
 
 
 def _verify_pack(repo: Repository, pid: str) -> tuple[list[tuple[bytes, str]], str | None]:
-    """Read one pack whole and verify it: its name (BLAKE3 of its bytes), its header, and
+    """Read one pack and verify it: its name (BLAKE3 of all its bytes), its header, and
     every chunk (authenticated, decompressed, length and id checked). Returns the bad
     chunks and a pack-level error. Thread-safe; the heavy work releases the GIL."""
+    name = pack_name(pid)
+    backend = repo.backend
     try:
-        data = _read_pack(repo, pid)
+        if isinstance(backend, LocalBackend):
+            fd = _open_pack(backend, name)
+            try:
+                return _verify_local_pack(repo, pid, fd)
+            finally:
+                os.close(fd)
+        data = memoryview(backend.read(name))
     except RepositoryError as e:
         return [], str(e)
-    err = None
-    if blake3.blake3(data).hexdigest() != pid:
-        err = f"pack {pid[:16]}: content does not match its name (corrupt)"
+    hasher = blake3.blake3(data)
     try:
         hdr = parse_header(repo.sealer, data, len(data), f"pack {pid[:16]}")
     except IntegrityError as e:
         return [], str(e)
-    bad = []
-    for cid, off, ln, raw in zip(hdr["id"].tolist(), hdr["off"].tolist(), hdr["len"].tolist(),
-                                 hdr["raw"].tolist(), strict=True):
-        label = f"chunk {cid.hex()[:16]}"
+    bad = _verify_chunks(repo, hdr, range(len(hdr)), data, 0)
+    return bad, _name_error(hasher, pid)
+
+
+def _open_pack(backend: LocalBackend, name: str) -> int:
+    try:
+        return os.open(os.path.join(backend.root, name), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            raise ObjectMissing(f"repository object missing: {name}") from None
+        raise RepositoryError(f"repository I/O error on {name}: {e.strerror or e}") from None
+
+
+def _verify_local_pack(repo: Repository, pid: str, fd: int) -> tuple[list[tuple[bytes, str]], str | None]:
+    """:func:`_verify_pack` of a local pack, read in order in windows (see _WINDOW): each
+    is hashed into the pack's name and its chunks verified before the next is read."""
+    name = pack_name(pid)
+    what = f"pack {pid[:16]}"
+
+    def read(pos: int, n: int) -> memoryview:
+        buf = _windows.view(n)
+        got = 0
         try:
-            _verify_chunk(repo, cid, data[off:off + ln], raw, label)
+            while got < n:
+                k = os.preadv(fd, [buf[got:]], pos + got)
+                if not k:
+                    break
+                got += k
+        except OSError as e:
+            raise RepositoryError(f"repository I/O error on {name}: {e.strerror or e}") from None
+        if got < n:
+            raise RepositoryError(f"{what}: shorter than when it was opened (truncated while read)")
+        return buf
+
+    size = os.fstat(fd).st_size
+    want = min(size, 64 * 1024)
+    tail = bytes(read(size - want, want))
+    if len(tail) >= TRAILER.size:  # a header longer than the last 64 KiB
+        hlen, magic = TRAILER.unpack(tail[-TRAILER.size:])
+        if magic == PACK_MAGIC and want < TRAILER.size + hlen <= size:
+            want = TRAILER.size + hlen
+            tail = bytes(read(size - want, want))
+    try:
+        hdr = parse_header(repo.sealer, tail, size, what)
+    except IntegrityError as e:
+        return [], str(e)
+    del tail
+    order = np.argsort(hdr["off"], kind="stable")
+    offs = hdr["off"][order].astype(np.int64)
+    ends = offs + hdr["len"][order].astype(np.int64)
+    if len(order) > 1 and (offs[1:] < ends[:-1]).any():  # overlapping blobs (not written by vmbak)
+        data = read(0, size)
+        hasher = blake3.blake3(data)
+        return _verify_chunks(repo, hdr, order.tolist(), data, 0), _name_error(hasher, pid)
+    hasher = blake3.blake3()
+    bad: list[tuple[bytes, str]] = []
+    pos = i = 0
+    n = len(order)
+    ends_l = ends.tolist()
+    while i < n:  # a window: from pos to the end of the chunks that fit in _WINDOW (at least one)
+        j = max(i + 1, int(np.searchsorted(ends, pos + _WINDOW, "right")))
+        end = ends_l[j - 1]
+        data = read(pos, end - pos)
+        hasher.update(data)
+        bad += _verify_chunks(repo, hdr, order[i:j].tolist(), data, pos)
+        pos, i = end, j
+    while pos < size:  # what follows the last chunk: the header and the trailer
+        k = min(_WINDOW, size - pos)
+        hasher.update(read(pos, k))
+        pos += k
+    return bad, _name_error(hasher, pid)
+
+
+def _verify_chunks(repo: Repository, hdr: np.ndarray, which: Iterable[int], data: memoryview,
+                   base: int) -> list[tuple[bytes, str]]:
+    """Verify the chunks ``which`` (rows of a pack's header) in ``data``, which holds the
+    pack's bytes from offset ``base``; return the bad ones with their errors."""
+    bad = []
+    ids, offs, lens, raws = hdr["id"], hdr["off"], hdr["len"], hdr["raw"]
+    for k in which:
+        cid, off = ids[k].tobytes(), int(offs[k]) - base
+        try:
+            _verify_chunk(repo, cid, data[off:off + int(lens[k])], int(raws[k]), f"chunk {cid.hex()[:16]}")
         except IntegrityError as e:
             bad.append((cid, str(e)))
-    return bad, err
+    return bad
+
+
+def _name_error(hasher: blake3.blake3, pid: str) -> str | None:
+    if hasher.hexdigest() != pid:
+        return f"pack {pid[:16]}: content does not match its name (corrupt)"
+    return None
 
 
 def _read_packs(repo: Repository, rep: CheckReport, present: dict[str, int], claimed: dict[str, np.ndarray],
