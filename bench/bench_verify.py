@@ -10,8 +10,12 @@ bytes read and verified per second of reading, the `read_bytes_per_s` the comman
 reports) and of the command's wall time. The repository is in the page cache after
 the first run (the figure is CPU-bound, as with PBS's `verify` on a warm cache).
 
+The peer: the same image backed up by restic into its own repository, and `restic check
+--read-data` run once per round beside vmbak's; its wall time is compared with vmbak's
+(encrypted repository, most workers) in the same rounds.
+
     .venv/bin/python bench/bench_verify.py [--size 1536] [--runs 5] [--workers 1,2,4]
-        [--workdir bench/work] [--vmbak .venv/bin/vmbak]
+        [--workdir bench/work] [--vmbak .venv/bin/vmbak] [--restic restic | --restic '']
 
 See bench/README.md.
 """
@@ -75,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", default="1,2,4")
     ap.add_argument("--workdir", default=str(ROOT / "bench" / "work"))
     ap.add_argument("--vmbak", default=None, help="vmbak executable (default: this Python's vmbak module)")
+    ap.add_argument("--restic", default=shutil.which("restic") or "",
+                    help="restic executable for the peer (default: the one on PATH; '' for none)")
     args = ap.parse_args(argv)
     args.vmbak = [args.vmbak] if args.vmbak else [sys.executable, "-m", "vmbak.cli.main"]
     work = Path(args.workdir) / "verify"
@@ -94,6 +100,14 @@ def main(argv: list[str] | None = None) -> int:
             vmbak(args, repo, "init", "--encryption", enc, password=pw)
             vmbak(args, repo, "backup", str(img), "--name", "bench", password=pw)
         repos[enc] = repo
+    renv = {k: v for k, v in os.environ.items() if not k.startswith("RESTIC_")} | {"RESTIC_PASSWORD": PASSWORD}
+    rrepo = work / f"restic-{tag}"
+    if args.restic and not (rrepo / "config").exists():
+        shutil.rmtree(rrepo, ignore_errors=True)
+        print(f"backing up into {rrepo} (restic) ...", flush=True)
+        for cmd in (["init"], ["backup", "--host", "bench", str(img)]):
+            subprocess.run([args.restic, "-r", str(rrepo), "-q", *cmd], env=renv, check=True, capture_output=True)
+    restic_walls: list[float] = []
     workers = [int(w) for w in args.workers.split(",")]
     rates: dict[tuple[str, int], list[float]] = {}
     walls: dict[tuple[str, int], list[float]] = {}
@@ -113,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
                 stored[enc] = r["bytes_read"]
                 print(f"run {run + 1}: {enc:12} workers={w}: {rates[(enc, w)][-1]:.2f} GiB/s "
                       f"(wall {walls[(enc, w)][-1]:.2f} s)", flush=True)
+        if args.restic:
+            t0 = time.monotonic()
+            subprocess.run([args.restic, "-r", str(rrepo), "check", "--read-data"], env=renv, check=True,
+                           capture_output=True)
+            restic_walls.append(time.monotonic() - t0)
+            print(f"run {run + 1}: restic check --read-data: wall {restic_walls[-1]:.2f} s", flush=True)
     print(f"\nimage {args.size} MiB; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'repository':14} {'workers':>7} {'stored':>10} {'median GiB/s':>13} {'median wall s':>14} "
           f"{'GiB per CPU-s':>14}")
@@ -122,6 +142,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{enc:14} {w:7} {stored[enc] / (1 << 30):9.2f}G {med:13.2f} {wall:14.2f} {eff:14.2f}")
         result.append({"encryption": enc, "workers": w, "stored_bytes": stored[enc], "gib_per_s": rs,
                        "median_gib_per_s": med, "median_wall_s": wall, "median_gib_per_cpu_s": eff})
+    if restic_walls:
+        rstored = sum(f.stat().st_size for f in (rrepo / "data").rglob("*") if f.is_file())
+        rwall = statistics.median(restic_walls)
+        version = subprocess.run([args.restic, "version"], capture_output=True, text=True).stdout.split()[1]
+        w = max(workers)
+        print(f"{'restic ' + version:14} {'':>7} {rstored / (1 << 30):9.2f}G {rstored / rwall / (1 << 30):13.2f} "
+              f"{rwall:14.2f}   (command wall; its GiB/s counts the whole command)")
+        print(f"restic wall / vmbak wall (aes-256-gcm, {w} workers), median of the rounds' ratios: "
+              f"{statistics.median(r / v for r, v in zip(restic_walls, walls[('aes-256-gcm', w)], strict=True)):.2f}")
+        result.append({"peer": "restic", "version": version, "stored_bytes": rstored, "wall_s": restic_walls,
+                       "median_wall_s": rwall})
     (work / "results.json").write_text(json.dumps(result, indent=1))
     return 0
 
