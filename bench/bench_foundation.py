@@ -426,10 +426,13 @@ def measured(m: Measure, cmd: Sequence[str], env: dict[str, str], log: Path, cwd
         m.max_rss_kib = ru.ru_maxrss
     rss_path.unlink(missing_ok=True)
     if text.lstrip().startswith(("{", "[")):
-        try:
+        try:  # one document, or JSON lines whose last is the summary (docs/json.md)
             m.output = json.loads(text)
         except ValueError:
-            pass
+            try:
+                m.output = json.loads(text.strip().splitlines()[-1])
+            except ValueError:
+                pass
     if m.rc != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-5:]
         m.error = f"exit status {m.rc}: " + " | ".join(tail)
