@@ -356,3 +356,19 @@ def test_one_overall_bar_with_eta_on_a_terminal(repo, slow_disk):
     assert pct == sorted(pct), f"one bar over all phases never goes back: {pct}"
     assert tty.rstrip().endswith("\x1b[K") or "snapshot" not in tty  # erased before the result
     assert "snapshot" in out and "\r" not in out  # the result on stdout, the bar on the terminal only
+
+
+def test_the_bar_names_a_phase_only_where_it_differs_from_the_command(repo, make_disk, tmp_path):
+    """`check:  53% |...`, not `check check:` (restore and copy alike); `check open:` before."""
+    repo.backup(make_disk("p.raw", 4 << 20, seed=3), "p")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMBAK_")}
+    env["VMBAK_REPOSITORY"] = str(repo.path)
+    base = [sys.executable, "-m", "vmbak.cli.main"]
+    for cmd, word in ((["check", "--read-data"], "check"), (["restore", "p:latest", str(tmp_path / "o.raw")],
+                                                            "restore")):
+        rc, out, got, _ = _run_on_pty([*base, *cmd], env)
+        assert rc == 0, out
+        frames = [f for f in b"".join(d for _, d in got).decode(errors="replace").replace("\x1b[K", "").split("\r")
+                  if f.startswith(word)]
+        heads = {f.split("%")[0].rsplit(":", 1)[0] for f in frames}
+        assert heads == {f"{word} open", word}, frames

@@ -277,7 +277,9 @@ class Report:
         if st.get("upload_bytes_total"):
             parts.append(f"stored {human(st['upload_bytes_done'])}/{human(st['upload_bytes_total'])}")
         eta = st["seconds_remaining"]
-        head = f"{self.command} {st['phase']}: {pct * 100:3.0f}% "
+        # "check: 53%", not "check check: 53%", where the phase is named after the command
+        what = self.command if st["phase"] == self.command else f"{self.command} {st['phase']}"
+        head = f"{what}: {pct * 100:3.0f}% "
         end = f"ETA {clock(eta) if eta is not None else '-:--'}"
         while True:
             tail = " ".join([*parts, end])
