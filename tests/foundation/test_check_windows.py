@@ -105,3 +105,19 @@ def test_a_header_whose_entries_overlap_is_read_whole_and_each_entry_checked(mak
     pid = pack.pack_id
     assert rep["errors"] == [f"pack {pid[:16]}: chunk {other.hex()[:16]}: authentication failed "
                              "(corrupt or tampered data)"], rep["errors"]
+
+
+def test_a_header_offset_that_wraps_around_is_refused(make_repo):
+    """An entry at offset 2**64 - 10 with 20 bytes ends, in 64-bit arithmetic, at 10:
+    inside the data. The header is refused as a whole, like any entry past the data."""
+    repo = make_repo("aes-256-gcm")
+    lib = repo.open()
+    data = os.urandom(5000)
+    cid = lib.sealer.chunk_id(data)
+    pw = PackWriter(lib.backend, lib.sealer)
+    pw.add(cid, lib.encode_chunk(cid, data), len(data))
+    pw.offs[0] = (1 << 64) - 10
+    pw.lens[0] = 20
+    pack = pw.finish()
+    rep = repo.check(ok=False)
+    assert f"pack {pack.pack_id[:16]}: header points past the data" in rep["errors"], rep["errors"]

@@ -256,8 +256,9 @@ def parse_header(sealer: Sealer, tail: bytes, pack_size: int, what: str) -> np.n
         raise IntegrityError(f"{what}: header size mismatch")
     entries = np.frombuffer(plain, dtype=PACK_ENTRY, count=count, offset=4)
     data_end = pack_size - TRAILER.size - hlen
+    # offsets first: an offset near 2**64 plus a length would wrap around in uint64
     ends = entries["off"].astype(np.uint64) + entries["len"].astype(np.uint64)
-    if count and int(ends.max()) > data_end:
+    if count and (int(entries["off"].max()) > data_end or int(ends.max()) > data_end):
         raise IntegrityError(f"{what}: header points past the data")
     return entries
 
