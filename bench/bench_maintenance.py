@@ -57,14 +57,18 @@ def vmbak_cmd(args: argparse.Namespace) -> list[str]:
     return [args.vmbak] if args.vmbak else [sys.executable, "-m", "vmbak.cli.main"]
 
 
-def env_for(repo: Path) -> dict[str, str]:
+def env_for(repo: Path, password: bool = True) -> dict[str, str]:
+    """The environment of a vmbak command on ``repo``; no password for an unencrypted
+    repository, which vmbak refuses to open with one (its config could have been swapped)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VMBAK_")}
-    env.update(VMBAK_REPOSITORY=str(repo), VMBAK_PASSWORD=PASSWORD, LC_ALL="C.UTF-8")
+    env.update(VMBAK_REPOSITORY=str(repo), LC_ALL="C.UTF-8")
+    if password:
+        env["VMBAK_PASSWORD"] = PASSWORD
     return env
 
 
-def run(m: Measure, cmd: list[str], repo: Path, log: Path) -> Measure:
-    measured(m, cmd, env_for(repo), log, repo=repo)
+def run(m: Measure, cmd: list[str], repo: Path, log: Path, password: bool = True) -> Measure:
+    measured(m, cmd, env_for(repo, password), log, repo=repo)
     if m.rc != 0:
         raise SystemExit(f"failed: {m.cmd}: {m.error}")
     return m
@@ -99,13 +103,14 @@ def bench_encryption(args: argparse.Namespace, work: Path, v1: Path) -> dict[str
             out = out_dir / "vmbak-bench-restored.raw"
             shutil.rmtree(repo, ignore_errors=True)
             out.unlink(missing_ok=True)
-            run(Measure(enc, "init", r), [*cmd, "init", "--encryption", enc], repo, logdir / f"enc-{enc}.log")
+            pw = enc != "none"
+            run(Measure(enc, "init", r), [*cmd, "init", "--encryption", enc], repo, logdir / f"enc-{enc}.log", pw)
             say(f"run {r}: full backup, encryption {enc}")
             b = run(Measure(enc, "full", r), [*cmd, "backup", str(v1), "--name", "bench", "--json"], repo,
-                    logdir / f"enc-{enc}.log")
+                    logdir / f"enc-{enc}.log", pw)
             say(f"run {r}: restore, encryption {enc}")
             s = run(Measure(enc, "restore", r), [*cmd, "restore", "bench:latest", str(out), "--json"], repo,
-                    logdir / f"enc-{enc}.log")
+                    logdir / f"enc-{enc}.log", pw)
             res.setdefault(f"{enc}/full", []).append(b)
             res.setdefault(f"{enc}/restore", []).append(s)
             out.unlink(missing_ok=True)
@@ -144,7 +149,7 @@ def per_chunk_costs(work: Path, passes: int = 5) -> dict[str, Any]:
     for _ in range(passes):
         for enc in opens:
             t = time.perf_counter()
-            repos[enc] = Repository.open(str(work / f"enc-{enc}"), PASSWORD)
+            repos[enc] = Repository.open(str(work / f"enc-{enc}"), PASSWORD if enc != "none" else None)
             opens[enc].append(time.perf_counter() - t)
     for enc, r in repos.items():
         blobs[enc] = [(cid, loc, r.backend.read_range(pack_name(loc.pack), loc.offset, loc.length))
