@@ -3,9 +3,9 @@
 Reading the data can be limited to a subset of the packs (``n/t``, ``x%``, a size), to
 packs not verified recently, or to what an interrupted run did not reach; every pack
 found sound is recorded in the repository's verification coverage (repo/coverage.py),
-which every host shares. Packs are read by a thread pool, each pack whole by one thread
-(a local one in windows of a few MiB, in order); hashing, decryption and decompression
-release the GIL, so the threads run in parallel.
+which every host shares. Packs are read by a thread pool, each pack by one thread, in
+order, in windows of a few MiB; hashing, decryption and decompression release the GIL,
+so the threads run in parallel.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -247,11 +247,11 @@ def check(repo: Repository, read_data: bool = False, workers: int | None = None,
     return rep
 
 
-# A local pack is read in windows of about this many bytes that end at chunk boundaries,
-# into a buffer each thread reuses: the window is still in the CPU's cache when it is
-# hashed, decrypted and decompressed. Read whole (a 32 MiB pack) it is not: reading and
-# hashing the 0.6 GiB of bench_verify's repository took 0.28 s whole against 0.20 s in
-# windows of 1-4 MiB (0.23 s in 8 MiB).
+# A pack is verified in windows of about this many bytes that end at chunk boundaries (a
+# local one read into a buffer each thread reuses): the window is still in the CPU's
+# cache when it is hashed, decrypted and decompressed. A whole pack (32 MiB) is not:
+# reading and hashing the 0.6 GiB of bench_verify's repository took 0.28 s whole
+# against 0.20 s in windows of 1-4 MiB (0.23 s in 8 MiB).
 _WINDOW = 2 << 20
 _windows = ThreadBuffers(_WINDOW)
 _payloads = ThreadBuffers()
@@ -292,26 +292,25 @@ def _verify_chunk(repo: Repository, cid: bytes, blob: memoryview, raw: int, labe
 def _verify_pack(repo: Repository, pid: str) -> tuple[list[tuple[bytes, str]], str | None]:
     """Read one pack and verify it: its name (BLAKE3 of all its bytes), its header, and
     every chunk (authenticated, decompressed, length and id checked). Returns the bad
-    chunks and a pack-level error. Thread-safe; the heavy work releases the GIL."""
+    chunks and a pack-level error. Thread-safe; the heavy work releases the GIL.
+
+    The pack is taken in order in windows (see _WINDOW): each is hashed into the pack's
+    name and its chunks verified before the next. A local pack is read window by window;
+    one on object storage is fetched whole (one request) and then walked the same way."""
     name = pack_name(pid)
+    what = f"pack {pid[:16]}"
     backend = repo.backend
     try:
         if isinstance(backend, LocalBackend):
             fd = _open_pack(backend, name)
             try:
-                return _verify_local_pack(repo, pid, fd)
+                return _verify_windows(repo, pid, os.fstat(fd).st_size, _reader(fd, name, what))
             finally:
                 os.close(fd)
         data = memoryview(backend.read(name))
+        return _verify_windows(repo, pid, len(data), lambda pos, n: data[pos:pos + n])
     except RepositoryError as e:
         return [], str(e)
-    hasher = blake3.blake3(data)
-    try:
-        hdr = parse_header(repo.sealer, data, len(data), f"pack {pid[:16]}")
-    except IntegrityError as e:
-        return [], str(e)
-    bad = _verify_chunks(repo, hdr, range(len(hdr)), data, 0)
-    return bad, _name_error(hasher, pid)
 
 
 def _open_pack(backend: LocalBackend, name: str) -> int:
@@ -323,12 +322,9 @@ def _open_pack(backend: LocalBackend, name: str) -> int:
         raise RepositoryError(f"repository I/O error on {name}: {e.strerror or e}") from None
 
 
-def _verify_local_pack(repo: Repository, pid: str, fd: int) -> tuple[list[tuple[bytes, str]], str | None]:
-    """:func:`_verify_pack` of a local pack, read in order in windows (see _WINDOW): each
-    is hashed into the pack's name and its chunks verified before the next is read."""
-    name = pack_name(pid)
-    what = f"pack {pid[:16]}"
-
+def _reader(fd: int, name: str, what: str) -> Callable[[int, int], memoryview]:
+    """``read(pos, n)``: ``n`` bytes of an open pack from ``pos``, in this thread's window
+    buffer (valid until its next read)."""
     def read(pos: int, n: int) -> memoryview:
         buf = _windows.view(n)
         got = 0
@@ -343,8 +339,13 @@ def _verify_local_pack(repo: Repository, pid: str, fd: int) -> tuple[list[tuple[
         if got < n:
             raise RepositoryError(f"{what}: shorter than when it was opened (truncated while read)")
         return buf
+    return read
 
-    size = os.fstat(fd).st_size
+
+def _verify_windows(repo: Repository, pid: str, size: int,
+                    read: Callable[[int, int], memoryview]) -> tuple[list[tuple[bytes, str]], str | None]:
+    """:func:`_verify_pack` of a pack of ``size`` bytes that ``read(pos, n)`` returns."""
+    what = f"pack {pid[:16]}"
     want = min(size, 64 * 1024)
     tail = bytes(read(size - want, want))
     if len(tail) >= TRAILER.size:  # a header longer than the last 64 KiB
