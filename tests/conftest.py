@@ -165,6 +165,15 @@ def text_bytes(n: int, seed: int) -> bytes:
     return out[:n]
 
 
+def flip_byte(path: str | os.PathLike[str], offset: int, mask: int = 0x40) -> None:
+    """Flip bits of one byte of a file in place (flipped again, the byte is as it was)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ mask]))
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -391,6 +400,18 @@ class VmbakRepo:
 
     def pack_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.pack_files())
+
+    def take_blobs(self, lib) -> list[tuple[bytes, bytes, int]]:  # noqa: ANN001 - a vmbak.Repository of it
+        """Every chunk's sealed blob (id, blob, raw length); then its packs and index files
+        are deleted. The caller writes the blobs into new packs, which the next command
+        finds through their headers (as after a crash)."""
+        blobs = [(c, lib.backend.read_range(f"data/{lc.pack[:2]}/{lc.pack}", lc.offset, lc.length), lc.raw_length)
+                 for c, lc in lib.index.items()]
+        for p in self.pack_files():
+            p.unlink()
+        for p in (self.path / "index").iterdir():
+            p.unlink()
+        return blobs
 
     def total_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())

@@ -9,6 +9,8 @@ import os
 
 import pytest
 
+from tests.conftest import flip_byte
+
 BLOCK = 64 * 1024
 MiB = 1 << 20
 
@@ -26,14 +28,6 @@ def locate_chunk(repo, snapshot_id: str, first_block: int):
             assert pack.is_file()
             return pack, loc, (start, int(m.ext_count[j]))
     raise AssertionError(f"no extent starts at block {first_block}")
-
-
-def flip_byte(path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x40]))
 
 
 @pytest.fixture

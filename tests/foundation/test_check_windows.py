@@ -10,18 +10,11 @@ import os
 
 import pytest
 
+from tests.conftest import flip_byte
 from vmbak.repo.pack import PackWriter, chunk_aad
 
 MiB = 1 << 20
 PAD = 3 * MiB  # longer than a window: a gap that needs a window of its own
-
-
-def _flip(path, offset: int) -> None:  # noqa: ANN001
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x10]))
 
 
 @pytest.fixture
@@ -34,12 +27,7 @@ def rewritten(make_repo, make_disk):
     disk = make_disk("w.raw", 4 * MiB, seed=7)
     repo.backup(disk, "w")
     lib = repo.open()
-    blobs = [(c, lib.backend.read_range(f"data/{lc.pack[:2]}/{lc.pack}", lc.offset, lc.length), lc.raw_length)
-             for c, lc in lib.index.items()]
-    for p in repo.pack_files():
-        p.unlink()
-    for p in (repo.path / "index").iterdir():
-        p.unlink()
+    blobs = repo.take_blobs(lib)
     small = b"a small chunk"
     sid = lib.sealer.chunk_id(small)
     sblob = lib.encode_chunk(sid, small)
@@ -65,7 +53,7 @@ def test_a_sound_pack_passes_whatever_its_layout(rewritten):
 
 def test_a_flipped_byte_in_a_gap_is_found_by_the_packs_name(rewritten):
     repo, path, pads, _ = rewritten
-    _flip(path, pads[-1] + PAD - 5)  # in the padding just before the last big blob
+    flip_byte(path, pads[-1] + PAD - 5)  # in the padding just before the last big blob
     rep = repo.check(ok=False)
     pid = path.name
     assert rep["errors"] == [f"pack {pid[:16]}: content does not match its name (corrupt)"], rep["errors"]
@@ -73,13 +61,13 @@ def test_a_flipped_byte_in_a_gap_is_found_by_the_packs_name(rewritten):
 
 def test_a_flipped_byte_in_a_blob_or_the_header_is_found(rewritten):
     repo, path, _, places = rewritten
-    _flip(path, places[1] + 100)
+    flip_byte(path, places[1] + 100)
     rep = repo.check(ok=False)
     assert any("authentication failed" in e for e in rep["errors"]), rep["errors"]
     assert any("does not match its name" in e for e in rep["errors"]), rep["errors"]
-    _flip(path, places[1] + 100)  # back
+    flip_byte(path, places[1] + 100)  # back
     assert repo.check()["errors"] == []
-    _flip(path, path.stat().st_size - 40 * 1024)  # inside the 72 KiB header, before its last 64 KiB
+    flip_byte(path, path.stat().st_size - 40 * 1024)  # inside the 72 KiB header, before its last 64 KiB
     rep = repo.check(ok=False)
     assert any("header" in e and "authentication failed" in e for e in rep["errors"]), rep["errors"]
 

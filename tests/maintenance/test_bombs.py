@@ -62,12 +62,7 @@ def test_chunk_bomb(small, tmp_path, content_size, assert_cli_error):
     cid = bytes(m.ext_id[0])
     # Rewrite every chunk into one new pack, the target's blob replaced by a bomb, and
     # drop the index so the pack header is read (as after a crash).
-    blobs = [(c, lib.backend.read_range(f"data/{lc.pack[:2]}/{lc.pack}", lc.offset, lc.length), lc.raw_length)
-             for c, lc in lib.index.items()]
-    for p in repo.pack_files():
-        p.unlink()
-    for p in (repo.path / "index").iterdir():
-        p.unlink()
+    blobs = repo.take_blobs(lib)
     pw = PackWriter(lib.backend, lib.sealer)
     for c, blob, raw in blobs:
         if c == cid:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import errno
 import math
 import os
 import random
@@ -30,7 +29,7 @@ from vmbak.engine.common import bounded_map, range_text, runs
 from vmbak.engine.progress import NoProgress, Progress
 from vmbak.errors import IntegrityError, RepositoryError, VmbakError
 from vmbak.repo import zstd
-from vmbak.repo.backend import LocalBackend, ObjectMissing
+from vmbak.repo.backend import LocalBackend, ObjectMissing, OpenFiles
 from vmbak.repo.coverage import CoverageWriter, load_coverage
 from vmbak.repo.crypto import CHUNK_ID_BLOCKS, ID_GRAIN
 from vmbak.repo.manifest import Manifest
@@ -39,11 +38,9 @@ from vmbak.repo.pack import (
     CODEC_RAW,
     CODEC_ZSTD,
     CODEC_ZSTD_FRAMES,
-    PACK_MAGIC,
-    TRAILER,
     chunk_aad,
+    header_at,
     pack_name,
-    parse_header,
     read_header,
 )
 from vmbak.repo.repository import Repository
@@ -289,55 +286,35 @@ def _verify_chunk(repo: Repository, cid: bytes, blob: memoryview, raw: int, labe
         raise IntegrityError(f"{label}: content does not match its id (corrupt data)")
 
 
-def _verify_pack(repo: Repository, pid: str) -> tuple[list[tuple[bytes, str]], str | None]:
+def _verify_pack(repo: Repository, pid: str,
+                 files: OpenFiles | None = None) -> tuple[list[tuple[bytes, str]], str | None]:
     """Read one pack and verify it: its name (BLAKE3 of all its bytes), its header, and
     every chunk (authenticated, decompressed, length and id checked). Returns the bad
     chunks and a pack-level error. Thread-safe; the heavy work releases the GIL.
 
     The pack is taken in order in windows (see _WINDOW): each is hashed into the pack's
-    name and its chunks verified before the next. A local pack is read window by window;
-    one on object storage is fetched whole (one request) and then walked the same way."""
+    name and its chunks verified before the next. A local pack is read window by window
+    (``files`` keeps its descriptor open between them); one on object storage is fetched
+    whole (one request) and then walked the same way."""
     name = pack_name(pid)
-    what = f"pack {pid[:16]}"
     backend = repo.backend
     try:
         if isinstance(backend, LocalBackend):
-            fd = _open_pack(backend, name)
-            try:
-                return _verify_windows(repo, pid, os.fstat(fd).st_size, _reader(fd, name, what))
-            finally:
-                os.close(fd)
+            return _verify_windows(repo, pid, backend.size(name), _reader(backend, name, pid, files))
         data = memoryview(backend.read(name))
         return _verify_windows(repo, pid, len(data), lambda pos, n: data[pos:pos + n])
     except RepositoryError as e:
         return [], str(e)
 
 
-def _open_pack(backend: LocalBackend, name: str) -> int:
-    try:
-        return os.open(os.path.join(backend.root, name), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        if e.errno == errno.ENOENT:
-            raise ObjectMissing(f"repository object missing: {name}") from None
-        raise RepositoryError(f"repository I/O error on {name}: {e.strerror or e}") from None
-
-
-def _reader(fd: int, name: str, what: str) -> Callable[[int, int], memoryview]:
-    """``read(pos, n)``: ``n`` bytes of an open pack from ``pos``, in this thread's window
+def _reader(backend: LocalBackend, name: str, pid: str,
+            files: OpenFiles | None) -> Callable[[int, int], memoryview]:
+    """``read(pos, n)``: ``n`` bytes of a local pack from ``pos``, in this thread's window
     buffer (valid until its next read)."""
     def read(pos: int, n: int) -> memoryview:
         buf = _windows.view(n)
-        got = 0
-        try:
-            while got < n:
-                k = os.preadv(fd, [buf[got:]], pos + got)
-                if not k:
-                    break
-                got += k
-        except OSError as e:
-            raise RepositoryError(f"repository I/O error on {name}: {e.strerror or e}") from None
-        if got < n:
-            raise RepositoryError(f"{what}: shorter than when it was opened (truncated while read)")
+        if backend.read_range_into(name, pos, buf, files) < n:
+            raise RepositoryError(f"pack {pid[:16]}: shorter than its size (truncated while read)")
         return buf
     return read
 
@@ -345,19 +322,10 @@ def _reader(fd: int, name: str, what: str) -> Callable[[int, int], memoryview]:
 def _verify_windows(repo: Repository, pid: str, size: int,
                     read: Callable[[int, int], memoryview]) -> tuple[list[tuple[bytes, str]], str | None]:
     """:func:`_verify_pack` of a pack of ``size`` bytes that ``read(pos, n)`` returns."""
-    what = f"pack {pid[:16]}"
-    want = min(size, 64 * 1024)
-    tail = bytes(read(size - want, want))
-    if len(tail) >= TRAILER.size:  # a header longer than the last 64 KiB
-        hlen, magic = TRAILER.unpack(tail[-TRAILER.size:])
-        if magic == PACK_MAGIC and want < TRAILER.size + hlen <= size:
-            want = TRAILER.size + hlen
-            tail = bytes(read(size - want, want))
     try:
-        hdr = parse_header(repo.sealer, tail, size, what)
+        hdr = header_at(lambda pos, n: bytes(read(pos, n)), repo.sealer, size, f"pack {pid[:16]}")
     except IntegrityError as e:
         return [], str(e)
-    del tail
     order = np.argsort(hdr["off"], kind="stable")
     offs = hdr["off"][order].astype(np.int64)
     ends = offs + hdr["len"][order].astype(np.int64)
@@ -436,8 +404,11 @@ def _read_packs(repo: Repository, rep: CheckReport, present: dict[str, int], cla
     writer = CoverageWriter(repo.backend, repo.sealer, every_packs=every)
     progress.start(sum(present[p] for p in chosen), "check")
     t0 = time.monotonic()
-    with cf.ThreadPoolExecutor(max(1, workers), thread_name_prefix="vmbak-check") as pool:
-        for pid, (bad, err) in zip(chosen, bounded_map(pool, lambda p: _verify_pack(repo, p),
+    # each thread keeps the descriptor of the local pack it reads open between windows
+    files = OpenFiles(1) if isinstance(repo.backend, LocalBackend) else None
+    with files or contextlib.nullcontext(), \
+            cf.ThreadPoolExecutor(max(1, workers), thread_name_prefix="vmbak-check") as pool:
+        for pid, (bad, err) in zip(chosen, bounded_map(pool, lambda p: _verify_pack(repo, p, files),
                                                        chosen, 2 * workers), strict=True):
             size = present[pid]
             rep.bytes_read += size

@@ -19,6 +19,7 @@ import os
 import re
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import blake3
@@ -267,11 +268,17 @@ def read_header(backend: Backend, sealer: Sealer, pack_id: str, size: int | None
     name = pack_name(pack_id)
     if size is None:
         size = backend.size(name)
+    return header_at(lambda pos, n: backend.read_range(name, pos, n), sealer, size, f"pack {pack_id[:16]}")
+
+
+def header_at(read: Callable[[int, int], bytes], sealer: Sealer, size: int, what: str) -> np.ndarray:
+    """Parse the header of a pack of ``size`` bytes that ``read(pos, n)`` returns: its last
+    64 KiB are read, and then as many as a longer header needs."""
     want = min(size, 64 * 1024)
-    tail = backend.read_range(name, size - want, want)
+    tail = read(size - want, want)
     if len(tail) >= TRAILER.size:
         hlen, magic = TRAILER.unpack(tail[-TRAILER.size:])
         if magic == PACK_MAGIC and TRAILER.size + hlen > want and hlen <= size - TRAILER.size:
             want = TRAILER.size + hlen
-            tail = backend.read_range(name, size - want, want)
-    return parse_header(sealer, tail, size, f"pack {pack_id[:16]}")
+            tail = read(size - want, want)
+    return parse_header(sealer, tail, size, what)
