@@ -91,7 +91,8 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                    "/etc/ceph/ceph.conf)")
     p.add_argument("--ceph-id", metavar="ID", help="with TARGET rbd:POOL/IMAGE, the Ceph client id (default admin)")
     p.add_argument("--workers", type=int, default=4,
-                   help="worker threads (default 4: restore waits on writes more than on the CPU)")
+                   help="stretches of the disk restored at once (default 4: restore waits on writes more than on "
+                   "the CPU); from a local repository at most one per CPU is decoded at a time, the others write")
     add_filter_options(p, name_help="only snapshots of this disk name (useful with SNAP latest)")
     p.set_defaults(func=cmd_restore)
 
