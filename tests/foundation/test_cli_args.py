@@ -124,6 +124,22 @@ def test_copy_names_the_source_password(make_repo, make_disk, assert_cli_error) 
     assert len(rep["copied"]) == 1
 
 
+def test_copy_names_each_snapshot_once(make_repo, make_disk) -> None:
+    """Each snapshot copied is named once, as it lands (it was named again in the summary)."""
+    src = make_repo(name="src")
+    disk = make_disk("c.raw", MiB, seed=7)
+    ids = [src.backup(disk, "c")["id"], src.backup(disk, "c")["id"]]
+    dst = make_repo(name="dst")
+    p = dst.run("copy", "--from-repo", src.path)
+    both = p.stdout + p.stderr
+    for sid in ids:
+        assert both.count(sid[:8]) == 1, both
+    assert "2 snapshots copied, 0 already present" in p.stdout, p.stdout
+    p = dst.run("copy", "--from-repo", src.path)
+    assert all(f"already present: {sid[:8]}" in p.stdout for sid in ids), p.stdout
+    assert "0 snapshots copied, 2 already present" in p.stdout, p.stdout
+
+
 def test_short_id_prefix_says_four_digits(repo, make_disk, tmp_path, assert_cli_error) -> None:
     m = repo.backup(make_disk("s.raw", MiB, seed=8), "s")
     for n in (2, 3):

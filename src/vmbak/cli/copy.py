@@ -103,11 +103,10 @@ def cmd_copy(args: argparse.Namespace) -> int:
     with bar:
         rep = copy(src, dst, args.snapshots, None, workers=args.workers, dry_run=args.dry_run,
                    progress=bar, log=log(args), where=filter_from_args(args))
-    if args.dry_run:
-        lines = [f"would copy snapshot {c['source'][:8]} ({printable(c['name'])} {c['type']} {c['time']})" for c in rep.copied]
-    else:
-        lines = [f"copied snapshot {c['source'][:8]} -> {c['destination'][:8]} ({printable(c['name'])} {c['type']} {c['time']})"
-                 for c in rep.copied]
+    # Each snapshot copied was named on standard error as it landed (the engine's log):
+    # the summary does not list them again.
+    lines = [f"would copy snapshot {c['source'][:8]} ({printable(c['name'])} {c['type']} {c['time']})"
+             for c in rep.copied] if args.dry_run else []
     lines += [f"already present: {c['source'][:8]} as {c['destination'][:8]} ({printable(c['name'])} {c['time']})"
               for c in rep.present]
     if not args.dry_run:
