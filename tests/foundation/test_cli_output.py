@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import struct
 import subprocess
 import sys
@@ -161,3 +162,17 @@ def test_restore_by_date_and_minute(repo, make_disk, tmp_path, assert_same_file)
         repo.restore(spec, out)
         assert_same_file(out, disk.path)
         out.unlink()
+
+
+def test_counts_take_the_noun_in_their_number(make_repo, make_disk) -> None:
+    """One snapshot, one pack, one key: "1 snapshot", not "1 snapshots"."""
+    repo = make_repo("aes-256-gcm")
+    disk = make_disk("one.raw", 64 * 1024, seed=4)
+    repo.backup(disk, "one")
+    assert repo.run("snapshots").stdout.splitlines()[-1] == "1 snapshot"
+    first = repo.run("check", "--read-data").stdout.splitlines()
+    assert re.fullmatch(r"1 snapshot, 1 pack, \d+ chunks", first[0]), first
+    assert first[1].startswith("read and verified 1 pack, ") and "; 0 packs not read" in first[1], first
+    assert repo.run("key", "list").stdout.splitlines()[-1].startswith("1 key (")
+    repo.backup(disk, "one")
+    assert repo.run("snapshots").stdout.splitlines()[-1] == "2 snapshots"

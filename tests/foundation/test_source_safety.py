@@ -203,7 +203,7 @@ def test_snapshots_table_escapes_names_from_the_repository(hostile_repo):
     out = repo.run("snapshots").stdout
     _assert_clean(out)
     lines = out.splitlines()
-    assert len(lines) == 3 and lines[-1] == "1 snapshots" and lines[1].startswith(sid[:8]), out
+    assert len(lines) == 3 and lines[-1] == "1 snapshot" and lines[1].startswith(sid[:8]), out
     assert repo.snapshots()[0]["name"] == HOSTILE  # --json keeps the exact name (JSON-escaped)
 
 

@@ -140,6 +140,19 @@ def test_mostly_garbage_packs_are_repacked(repo, make_disk, tmp_path, assert_sam
     repo.run("forget", "--keep-last", "1")
     out = repo.json("prune", "--grace", "0", "--repack-threshold", "0.99")
     assert out["marked"] is None or out["marked"]["repacked_packs"] == 0
+    # ... and says so: the garbage left there was once "nothing to prune: every stored
+    # chunk is referenced"
+    assert 3 * MiB <= out["garbage_left"]["bytes"] <= 3 * MiB + 64 * 1024, out["garbage_left"]
+    n = out["garbage_left"]["packs"]
+    assert n in (1, 2)  # the old pack's, and maybe the rewritten chunks' own
+    text = repo.run("prune", "--grace", "0", "--repack-threshold", "0.99").stdout
+    assert f"nothing to prune: 3.0 MiB of unreferenced data stays: in {n} pack{'s' if n > 1 else ''} it is less " \
+        "than the repack threshold (--repack-threshold)" in text, text
+    out = repo.json("prune", "--grace", "0")  # repacks the old pack; a stale block-hash chunk may stay
+    assert out["marked"]["repacked_packs"] >= 1 and out["garbage_left"]["bytes"] < 64 * 1024, out
+    out = repo.json("prune", "--grace", "0", "--repack-threshold", "1e-9")  # any garbage
+    assert out["garbage_left"] == {"bytes": 0, "packs": 0}, out
+    assert "nothing to prune: every stored chunk is referenced" in repo.run("prune", "--grace", "0").stdout
 
 
 def test_prune_upgrades_a_version_1_repository(make_repo, make_disk):

@@ -106,7 +106,7 @@ def test_snapshots_filters(built):
     assert sel("--tag", "weekly", "--name", "web") == {sid["w2"]}                 # every kind must match
     assert sel("--tag", "nosuch") == set()
     text = repo.run("snapshots", "--tag", "nightly,verified").stdout
-    assert snaps["w1"][0]["short_id"] in text and "1 snapshots" in text
+    assert snaps["w1"][0]["short_id"] in text and text.rstrip().endswith("\n1 snapshot")
 
 
 def test_restore_with_filters(built, tmp_path, assert_same_file, assert_cli_error):

@@ -43,6 +43,11 @@ class CommandParser(argparse.ArgumentParser):
         raise UsageError(f"{where}{message} (see {self.prog} --help)")
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and the noun in the number it takes: "1 pack", "2 packs", "0 packs"."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def parse_size(text: str) -> int:
     """An argparse type for sizes: 65536, 64K, 256M, 1G (KiB/MiB/GiB)."""
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}

@@ -8,6 +8,7 @@ import os
 
 from vmbak.cli.common import (
     apply_s3_options,
+    counted,
     emit_summary,
     given_password,
     log,
@@ -110,8 +111,8 @@ def cmd_copy(args: argparse.Namespace) -> int:
     lines += [f"already present: {c['source'][:8]} as {c['destination'][:8]} ({printable(c['name'])} {c['time']})"
               for c in rep.present]
     if not args.dry_run:
-        lines.append(f"{len(rep.copied)} snapshots copied, {len(rep.present)} already present; "
-                     f"{rep.chunks_sent} chunks ({human(rep.bytes_sent)}) sent, {rep.chunks_present} present; "
+        lines.append(f"{counted(len(rep.copied), 'snapshot')} copied, {len(rep.present)} already present; "
+                     f"{counted(rep.chunks_sent, 'chunk')} ({human(rep.bytes_sent)}) sent, {rep.chunks_present} present; "
                      f"{human(rep.bytes_read)} read in {rep.duration_s:.3f} s"
                      + ("" if rep.same_keys else " (re-encrypted for the destination's key)"))
     emit_summary(args, rep.to_json(), "\n".join(lines))

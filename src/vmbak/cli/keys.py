@@ -7,7 +7,7 @@ import getpass
 import os
 import sys
 
-from vmbak.cli.common import emit, open_repo
+from vmbak.cli.common import counted, emit, open_repo
 from vmbak.errors import VmbakError
 from vmbak.repo.crypto import ENC_NONE, key_names, read_key_doc, save_key_file, wrap_key
 from vmbak.repo.repository import Repository
@@ -121,7 +121,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         lines.append(f"{'*' if r['current'] else ' '} {r['id']:32}  {str(r['created'] or '-'):20}  "
                      f"{str(r['host'] or '-')[:16]:16}  {str(r['user'] or '-')[:10]:10}  {r['kdf'] or '?'}"
                      + (f"  ({r['problem']})" if r.get("problem") else ""))
-    lines.append(f"{len(rows)} keys (* = the key the given password opens)")
+    lines.append(f"{counted(len(rows), 'key')} (* = the key the given password opens)")
     emit(args, rows, "\n".join(lines))
     return 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from vmbak.cli.common import emit, emit_summary, log, open_repo, progress
+from vmbak.cli.common import counted, emit, emit_summary, log, open_repo, progress
 from vmbak.cli.filters import FILTER_HELP, add_filter_options, filter_from_args
 from vmbak.engine.common import human
 from vmbak.engine.merge import check_mergeable, reconcile, resolve_target
@@ -164,18 +164,23 @@ def _prune_text(r: dict) -> list[str]:
     mk = r["marked"]
     if mk:
         if r["dry_run"]:
-            lines.append(f"would mark {len(mk['would_drop'])} packs to delete and repack {len(mk['would_repack'])} "
+            lines.append(f"would mark {counted(len(mk['would_drop']), 'pack')} to delete and repack {len(mk['would_repack'])} "
                          f"({human(mk['garbage_bytes'])} of garbage)")
         else:
-            lines.append(f"marked {mk['doomed_packs']} packs ({human(mk['garbage_bytes'])} of garbage): "
+            lines.append(f"marked {counted(mk['doomed_packs'], 'pack')} ({human(mk['garbage_bytes'])} of garbage): "
                          f"{mk['dropped_packs']} hold nothing referenced, {mk['repacked_packs']} repacked into "
-                         f"{mk['new_packs']} new packs ({human(mk['copied_bytes'])} copied)")
+                         f"{counted(mk['new_packs'], 'new pack')} ({human(mk['copied_bytes'])} copied)")
     for s in r["swept"]:
         lines.append(f"{'would sweep' if r['dry_run'] else 'swept'} mark {s['mark'][:8]} (marked {s['marked'][:19]}): "
-                     f"{s['deleted_packs']} packs deleted, {human(s['freed_bytes'])} freed"
-                     + (f"; {len(s['spared'])} packs spared (still needed)" if s["spared"] else ""))
+                     f"{counted(s['deleted_packs'], 'pack')} deleted, {human(s['freed_bytes'])} freed"
+                     + (f"; {counted(len(s['spared']), 'pack')} spared (still needed)" if s["spared"] else ""))
+    left = r.get("garbage_left") or {}
+    stays = (f"{human(left['bytes'])} of unreferenced data stays: in {counted(left['packs'], 'pack')} it is less "
+             "than the repack threshold (--repack-threshold)") if left.get("bytes") else ""
     if not mk and not r["swept"]:
-        lines.append("nothing to prune: every stored chunk is referenced")
+        lines.append(f"nothing to prune: {stays}" if stays else "nothing to prune: every stored chunk is referenced")
+    elif stays:
+        lines.append(stays)
     for p in r["postponed"]:
         lines.append(f"mark {p['mark'][:8]} not swept yet: {p['reason']}")
     for mid in r.get("removed_damaged_marks", []):
@@ -187,7 +192,8 @@ def _prune_text(r: dict) -> list[str]:
                      "'vmbak repair snapshots' had set aside (repaired/)")
     if r.get("upgraded_format"):
         lines.append("repository format upgraded to version 2 (vmbak before prune support can no longer open it)")
-    lines.append(f"repository: {r['packs_before']} packs, {human(r['bytes_before'])} -> {r['packs_after']} packs, "
+    lines.append(f"repository: {counted(r['packs_before'], 'pack')}, {human(r['bytes_before'])} -> "
+                 f"{counted(r['packs_after'], 'pack')}, "
                  f"{human(r['bytes_after'])}")
     return lines
 
@@ -234,7 +240,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
             lines.append(f"  {r['action']:6}  {r['short_id']}  {r['time'][:19]}  {r['type']:14}  "
                          f"{'; '.join(r['reasons'])}{extra}")
     n_del = len([d for d in out["deleted"] if d not in {w['old'] for w in out['rewritten']}])
-    lines.append(f"{verb}forget {n_del} snapshots, {verb}rewrite {len(out['rewritten'])}"
+    lines.append(f"{verb}forget {counted(n_del, 'snapshot')}, {verb}rewrite {len(out['rewritten'])}"
                  + (f", keep {len(out['kept_dependencies'])} that remaining snapshots need"
                     if out["kept_dependencies"] else ""))
     for sid in out["removed_damaged"]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vmbak.cli.common import emit, emit_summary, open_repo, password, progress, repo_location
+from vmbak.cli.common import counted, emit, emit_summary, open_repo, password, progress, repo_location
 from vmbak.engine.check import check
 from vmbak.engine.common import human
 from vmbak.engine.info import repo_stats, snapshot_stats
@@ -119,14 +119,14 @@ def cmd_check(args: argparse.Namespace) -> int:
         rep = check(repo, read_data=args.read_data, progress=bar, subset=args.read_data_subset,
                     resume=args.resume, older_than=args.older_than, workers=args.workers)
     reading = args.read_data or args.read_data_subset or args.resume or args.older_than is not None
-    lines = [f"{rep.snapshots} snapshots, {rep.packs} packs, {rep.chunks} chunks"]
+    lines = [f"{counted(rep.snapshots, 'snapshot')}, {counted(rep.packs, 'pack')}, {counted(rep.chunks, 'chunk')}"]
     if reading:
         rate = f" ({human(rep.bytes_read / rep.read_seconds)}/s)" if rep.read_seconds > 0 else ""
-        lines.append(f"read and verified {len(rep.read_packs)} packs, {human(rep.bytes_read)}{rate}; "
-                     f"{rep.skipped_packs} packs not read (outside the selection)")
+        lines.append(f"read and verified {counted(len(rep.read_packs), 'pack')}, {human(rep.bytes_read)}{rate}; "
+                     f"{counted(rep.skipped_packs, 'pack')} not read (outside the selection)")
     lines += [f"warning: {w}" for w in rep.warnings]
     lines += [f"error: {e}" for e in rep.errors]
-    lines.append("no errors found" if rep.ok else f"{len(rep.errors)} errors found")
+    lines.append("no errors found" if rep.ok else f"{counted(len(rep.errors), 'error')} found")
     emit_summary(args, rep.to_json(), "\n".join(lines))
     return 0 if rep.ok else 1
 

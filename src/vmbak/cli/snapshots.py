@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vmbak.cli.common import emit, open_repo, parse_size
+from vmbak.cli.common import counted, emit, open_repo, parse_size
 from vmbak.cli.filters import FILTER_HELP, add_filter_options, filter_from_args
 from vmbak.engine.common import human
 from vmbak.engine.info import diff
@@ -69,7 +69,7 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     torn = sum(m.consistency == TORN for m in ms)
     if torn:
         rows.append(f"! torn: the disk changed while it was read; the snapshot may be inconsistent ({torn})")
-    rows.append(f"{len(ms)} snapshots")
+    rows.append(counted(len(ms), "snapshot"))
     emit(args, [m.summary() for m in ms], "\n".join(rows))
     return 0
 

@@ -86,12 +86,15 @@ class PruneReport:
     freed_bytes: int = 0
     upgraded_format: bool = False
     removed_repaired: list[str] = field(default_factory=list)  # originals 'repair snapshots' kept
+    # unreferenced bytes left in packs whose share of garbage is below the repack threshold
+    garbage_left: dict = field(default_factory=lambda: {"bytes": 0, "packs": 0})
     duration_s: float = 0.0
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in (
             "dry_run", "swept", "marked", "postponed", "removed_incomplete_marks", "removed_damaged_marks", "warnings", "packs_before",
-            "bytes_before", "packs_after", "bytes_after", "freed_bytes", "upgraded_format", "removed_repaired")} | {
+            "bytes_before", "packs_after", "bytes_after", "freed_bytes", "upgraded_format", "removed_repaired",
+            "garbage_left")} | {
             "duration_s": round(self.duration_s, 3)}
 
 
@@ -176,6 +179,7 @@ def plan_mark(sv: Survey, refs: set[bytes], exclude: set[str], threshold: float)
     repack: dict[str, np.ndarray] = {}
     garbage_bytes = 0
     keep_bytes_copied = 0
+    left_bytes = left_packs = 0  # garbage in packs below the threshold, left where it is
     for p, live, lens, total, _ in info:
         e = p.entries
         assert e is not None
@@ -194,8 +198,11 @@ def plan_mark(sv: Survey, refs: set[bytes], exclude: set[str], threshold: float)
             repack[p.pack_id] = e[mine]
             garbage_bytes += garbage
             keep_bytes_copied += need
+        elif garbage:
+            left_bytes += garbage
+            left_packs += 1
     stats = {"dropped_packs": len(drop), "repacked_packs": len(repack), "garbage_bytes": garbage_bytes,
-             "copied_bytes": keep_bytes_copied}
+             "copied_bytes": keep_bytes_copied, "left_garbage_bytes": left_bytes, "left_garbage_packs": left_packs}
     return drop, repack, stats
 
 
@@ -395,6 +402,7 @@ def prune(repo: Repository, opts: PruneOptions | None = None, log: Callable[[str
             exclude = {p for m in marks for p in m.doomed}
             drop, repack, stats = plan_mark(sv0, refs, exclude, opts.repack_threshold)
             rep.marked = stats | {"would_drop": drop, "would_repack": sorted(repack)}
+            rep.garbage_left = {"bytes": stats["left_garbage_bytes"], "packs": stats["left_garbage_packs"]}
         else:
             if eligible:
                 _sweep(repo, eligible, rep, log)
@@ -406,6 +414,7 @@ def prune(repo: Repository, opts: PruneOptions | None = None, log: Callable[[str
             sv = survey(repo) if eligible else sv0
             exclude = {p for m in marks for p in m.doomed}
             drop, repack, stats = plan_mark(sv, refs, exclude, opts.repack_threshold)
+            rep.garbage_left = {"bytes": stats["left_garbage_bytes"], "packs": stats["left_garbage_packs"]}
             if drop or repack:
                 rep.upgraded_format = _upgrade_format(repo)
                 done, new_packs, copied = _repack(repo, sv, repack, rep.warnings) if repack else ([], 0, 0)
