@@ -13,7 +13,8 @@ APT_PKGS=(python3 python3-venv python3-dev python3-libnbd libnbd-bin nbdkit nbdk
           libvirt-daemon-system libvirt-clients python3-libvirt qemu-system-x86 strace
           debootstrap zsh fish groff-base man-db ovmf swtpm swtpm-tools  # debootstrap: the bootable test guest (scripts/build-test-guest.sh); ovmf: UEFI guests and verify --boot --firmware uefi; swtpm: TPM guests
           chromium chromium-driver                 # the dashboard's browser tests (selenium)
-          python3-rados python3-rbd)  # librbd's bindings: rbd:POOL/IMAGE disks (docs/rbd.md)
+          python3-rados python3-rbd   # librbd's bindings: rbd:POOL/IMAGE disks (docs/rbd.md)
+          python3-openssl)  # as on hosts with borgbackup or virtnbdbackup: botocore imports it (s3.py's warning filter)
 if [[ "${VMBAK_BENCH_DEPS:-0}" == 1 ]]; then
     APT_PKGS+=(restic borgbackup time virtnbdbackup)  # virtnbdbackup: bench/bench_vm.py (not on PyPI)
 fi

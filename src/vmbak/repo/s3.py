@@ -169,9 +169,19 @@ class S3Backend:
 
     def __init__(self, location: str, endpoint: str | None = None) -> None:
         try:
-            import boto3
-            import botocore.config
-            import botocore.exceptions as bx
+            # Where Debian's python3-openssl is installed (borgbackup and virtnbdbackup pull
+            # it in), botocore imports it through urllib3, and that old pyOpenSSL warns
+            # against the newer cryptography at import: a two-line warning before every S3
+            # command's output or one-line error. It says nothing about vmbak's data.
+            import warnings
+
+            from cryptography.utils import CryptographyDeprecationWarning
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+                import boto3
+                import botocore.config
+                import botocore.exceptions as bx
         except ImportError:  # pragma: no cover - boto3 is a dependency
             raise RepositoryError("S3 repositories need boto3 (pip install boto3)") from None
         self._bx = bx
