@@ -324,7 +324,11 @@ def test_accel_auto_falls_back_to_tcg_when_kvm_does_not_run(boot_repo: BootRepo)
     marker.unlink(missing_ok=True)
     rc, s, err = boot_repo.verify("damaged:latest", "--accel", "auto", "--timeout", "5", "--no-screenshot")
     r = s["results"][0]
-    assert rc == 1 and r["reason"].startswith("no sign of life within the timeout"), json.dumps(s, indent=1) + err
+    # a fast machine gets the damaged guest to its failed mount within the 5 s (as in
+    # test_sigterm_cleans_up_kill9_is_reaped_by_the_next_run_which_times_out with KVM)
+    assert rc == 1 and r["reason"].startswith(("no sign of life within the timeout",
+                                               "the console shows a fatal error: Failed to mount")), \
+        json.dumps(s, indent=1) + err
     usable = os.access("/dev/kvm", os.R_OK | os.W_OK)
     if r["accel"] == "tcg":
         assert not usable or (marker.exists() and any("booted again with TCG" in n for n in r["notes"])), r["notes"]
