@@ -770,13 +770,13 @@ def restore(repo: Repository, snapshot: Manifest, target: RestoreTarget | str, *
 
             # From a local repository, at most one group per CPU is decoded at a time; the
             # other workers write theirs meanwhile (the target needs several writes in
-            # flight). Decoding is CPU work in short calls that give
-            # up the GIL (a read, a decryption, a frame): with more decoding threads than
-            # CPUs, each of those calls ends in a wait for the GIL and a context switch.
-            # Measured on 2 CPUs with 4 workers, writes discarded (the CPU work alone): the
-            # head of the chain of 30 took 0.615 s and 0.98 CPU-seconds instead of 0.708 s
-            # and 1.19, half the context switches. An object store's reads wait on the
-            # network instead, so all its workers decode.
+            # flight). Decoding is CPU work in short calls that give up the GIL (a read, a
+            # decryption, a frame): with more decoding threads than CPUs, each of those
+            # calls ends in a wait for the GIL and a context switch. Measured on 2 CPUs
+            # with 4 workers, writes discarded (the CPU work alone, bench/README.md): the
+            # head of the chain of 30 took 0.622 s and 0.99 CPU-seconds instead of 0.805 s
+            # and 1.32, the full 0.396 s instead of 0.467 s. An object store's reads wait
+            # on the network instead, so all its workers decode.
             decoding = threading.BoundedSemaphore(min(workers, _cpus()) if files is not None else max(1, workers))
             progress.start(int(np.count_nonzero(data_mask)) * bs, "restore")
             try:
