@@ -43,9 +43,9 @@ class CommandParser(argparse.ArgumentParser):
         raise UsageError(f"{where}{message} (see {self.prog} --help)")
 
 
-def counted(n: int, noun: str, plural: str | None = None) -> str:
+def counted(n: int, noun: str) -> str:
     """``n`` and the noun in the number it takes: "1 pack", "2 packs", "0 packs"."""
-    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+    return f"{n} {noun if n == 1 else noun + 's'}"
 
 
 def parse_size(text: str) -> int:

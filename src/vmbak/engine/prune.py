@@ -162,7 +162,8 @@ def _fresh(repo: Repository) -> None:
 
 def plan_mark(sv: Survey, refs: set[bytes], exclude: set[str], threshold: float) -> tuple[
         list[str], dict[str, np.ndarray], dict]:
-    """Decide which packs to drop and which to repack (with the entries to copy)."""
+    """Decide which packs to drop and which to repack (with the entries to copy); the
+    statistics include ``garbage_left``, the garbage in packs below the threshold."""
     cands = [p for p in sv.packs.values() if p.present and p.entries is not None and p.pack_id not in exclude]
     info = []
     for p in cands:
@@ -202,7 +203,7 @@ def plan_mark(sv: Survey, refs: set[bytes], exclude: set[str], threshold: float)
             left_bytes += garbage
             left_packs += 1
     stats = {"dropped_packs": len(drop), "repacked_packs": len(repack), "garbage_bytes": garbage_bytes,
-             "copied_bytes": keep_bytes_copied, "left_garbage_bytes": left_bytes, "left_garbage_packs": left_packs}
+             "copied_bytes": keep_bytes_copied, "garbage_left": {"bytes": left_bytes, "packs": left_packs}}
     return drop, repack, stats
 
 
@@ -402,7 +403,7 @@ def prune(repo: Repository, opts: PruneOptions | None = None, log: Callable[[str
             exclude = {p for m in marks for p in m.doomed}
             drop, repack, stats = plan_mark(sv0, refs, exclude, opts.repack_threshold)
             rep.marked = stats | {"would_drop": drop, "would_repack": sorted(repack)}
-            rep.garbage_left = {"bytes": stats["left_garbage_bytes"], "packs": stats["left_garbage_packs"]}
+            rep.garbage_left = stats.pop("garbage_left")  # the report's, not the mark's
         else:
             if eligible:
                 _sweep(repo, eligible, rep, log)
@@ -414,7 +415,7 @@ def prune(repo: Repository, opts: PruneOptions | None = None, log: Callable[[str
             sv = survey(repo) if eligible else sv0
             exclude = {p for m in marks for p in m.doomed}
             drop, repack, stats = plan_mark(sv, refs, exclude, opts.repack_threshold)
-            rep.garbage_left = {"bytes": stats["left_garbage_bytes"], "packs": stats["left_garbage_packs"]}
+            rep.garbage_left = stats.pop("garbage_left")  # the report's, not the mark's
             if drop or repack:
                 rep.upgraded_format = _upgrade_format(repo)
                 done, new_packs, copied = _repack(repo, sv, repack, rep.warnings) if repack else ([], 0, 0)
