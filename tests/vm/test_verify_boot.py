@@ -275,8 +275,8 @@ def test_sigterm_cleans_up_kill9_is_reaped_by_the_next_run_which_times_out(boot_
     assert run.exists() and (run / "overlay.qcow2").exists()  # what the dead run left
     t0 = time.monotonic()
     # --expect-port: QEMU's user-mode network accepts the host side of the forwarded port at
-    # once; that must not count (no guest is far enough within 8 s to answer behind it, and
-    # "good" has no NIC driver at all)
+    # once; that must not count ("good" has no NIC driver at all and "damaged" never gets
+    # that far; "noagent" may answer for real on a fast machine)
     rc, s, err = boot_repo.verify("--all-latest", "--expect-agent", "--expect-port", "22", "--timeout", "8",
                                   "--no-screenshot")
     took = time.monotonic() - t0
@@ -285,7 +285,13 @@ def test_sigterm_cleans_up_kill9_is_reaped_by_the_next_run_which_times_out(boot_
     for r in s["results"]:
         if r["name"] == "damaged" and r["reason"].startswith("the console shows a fatal error: Failed to mount"):
             continue  # with KVM the damaged guest gets to its failed mount within the 8 s
-        # with KVM "good"'s agent may answer within the 8 s; its port never does
+        # with KVM "good"'s agent may answer within the 8 s; its port never does. "noagent"
+        # has a real listener on port 22: on a fast machine it may answer in time, and then
+        # the port check rightly passes ("good" and "damaged" show the host side of the
+        # forwarded port is not counted)
+        if r["name"] == "noagent" and r["checks"]["port"]["status"] == "passed":
+            assert r["reason"] == "timed out after 8 s waiting for: agent", r["reason"]
+            continue
         assert r["reason"] in ("timed out after 8 s waiting for: agent, port", "timed out after 8 s waiting for: port"), \
             r["reason"]
         assert r["checks"]["port"]["status"] == "failed", r["checks"]
