@@ -19,8 +19,9 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from itertools import repeat
 from operator import attrgetter, itemgetter
+from typing import NamedTuple
 
 import numpy as np
 
@@ -424,8 +425,7 @@ def fsync_dir(d: str) -> None:
         os.close(fd)
 
 
-@dataclass
-class _Job:
+class _Job(NamedTuple):  # a tuple: plan() makes one per chunk, 15,000 for the chain of 30
     level: int
     chunk_id: bytes
     start: int  # first block of the extent
@@ -463,19 +463,22 @@ def plan(chain: list[Manifest]) -> tuple[list[_Job], np.ndarray]:
         if len(m.ext_start) == 0:
             continue
         full = is_full(m.kind)
-        st, ct, en = extents(m, n)
-        # blocks of each extent [st, en) this manifest provides
-        pc = prefix_counts(own, np.concatenate((en, st)))  # one pass over the bitmap
-        need = pc[:len(st)] - pc[len(st):]
+        st, ct, _ = extents(m, n)
+        need = _provided(own, st, ct)
         take = np.flatnonzero(need)
         if not len(take):
             continue
         whole = need[take] == ct[take]
         ids = m.ext_id[take].tolist()
-        slots: list[_Job | None] = [None] * len(take)
-        for k, s, c in zip(np.flatnonzero(whole).tolist(), st[take[whole]].tolist(), ct[take[whole]].tolist(),
-                           strict=True):
-            slots[k] = _Job(i, ids[k], s, c, None)
+        wk = np.flatnonzero(whole)
+        made = map(_Job, repeat(i), m.ext_id[take[wk]].tolist(), st[take[wk]].tolist(), ct[take[wk]].tolist(),
+                   repeat(None))
+        if len(wk) == len(take):
+            slots: list[_Job | None] = list(made)
+        else:
+            slots = [None] * len(take)
+            for k, job in zip(wk.tolist(), made, strict=True):
+                slots[k] = job
         for ks in _batches(ct[take], np.flatnonzero(whole)):  # all their blocks get data
             data_mask[_blocks(st[take[ks]], ct[take[ks]])[0]] = True
         for ks in _batches(ct[take], np.flatnonzero(~whole)):
@@ -484,6 +487,23 @@ def plan(chain: list[Manifest]) -> tuple[list[_Job], np.ndarray]:
         del cov
     assert done.all()
     return jobs, data_mask
+
+
+def _provided(own: np.ndarray, st: np.ndarray, ct: np.ndarray) -> np.ndarray:
+    """How many blocks of each extent (starts ``st``, counts ``ct``) ``own`` marks.
+
+    Where the extents hold a small part of the disk (an incremental's), the blocks are
+    summed where they are: a prefix sum of the whole bitmap for each manifest took half of
+    the plan of the benchmark's chain of 30 (12 of 22 ms). Elsewhere one pass over the
+    bitmap costs less than gathering most of its blocks."""
+    if int(ct.sum()) * 4 > len(own):
+        pc = prefix_counts(own, np.concatenate((st + ct, st)))
+        return pc[:len(st)] - pc[len(st):]
+    need = np.zeros(len(st), np.int64)
+    for ks in _batches(ct, np.flatnonzero(ct)):
+        blk, off = _blocks(st[ks], ct[ks])
+        need[ks] = np.add.reduceat(own[blk], off, dtype=np.int64)
+    return need
 
 
 def _batches(counts: np.ndarray, ks: np.ndarray) -> Iterator[np.ndarray]:

@@ -18,8 +18,7 @@ import os
 import struct
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import IO
+from typing import IO, NamedTuple
 
 import blake3
 import numpy as np
@@ -35,8 +34,7 @@ INDEX_AAD = b"vmbak-index"
 INDEX_ENTRY = np.dtype([("id", "V32"), ("pack", "<u4"), ("off", "<u8"), ("len", "<u4"), ("raw", "<u4")])
 
 
-@dataclass(frozen=True)
-class Location:
+class Location(NamedTuple):  # a tuple: a restore of a long chain makes tens of thousands at once
     pack: str  # hex pack id
     offset: int
     length: int
@@ -595,16 +593,18 @@ class Index:
         words = np.frombuffer(b"".join(chunk_ids), "<u8").reshape(n, 4)
         key = words[:, 0].byteswap()
         m = len(table)
+        packs = self.packs
         if m:
             i = np.minimum(table.key.searchsorted(key), m - 1)
             key_eq = table.key[i] == key
             hit = key_eq & (table.r1[i] == words[:, 1]) & (table.r2[i] == words[:, 2]) & (table.r3[i] == words[:, 3])
-            rows = list(zip(table.pack[i].tolist(), table.off[i].tolist(), table.len[i].tolist(),
-                            table.raw[i].tolist(), strict=True))
+            cols = (table.pack[i].tolist(), table.off[i].tolist(), table.len[i].tolist(), table.raw[i].tolist())
+            if not recent and hit.all():  # the common case, without a loop in Python
+                return list(map(Location, map(packs.__getitem__, cols[0]), *cols[1:]))
+            rows = list(zip(*cols, strict=True))
             hits, near = hit.tolist(), (key_eq & ~hit).tolist()
         else:
             rows, hits, near = [], [False] * n, [False] * n
-        packs = self.packs
         out: list[Location | None] = []
         for k, cid in enumerate(chunk_ids):
             t = recent.get(cid) if recent else None
