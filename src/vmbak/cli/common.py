@@ -222,6 +222,7 @@ def open_repo_and_password(args: argparse.Namespace) -> tuple[Repository, str | 
     pw = password(args) if needs_password(loc) else given_password(args)
     repo = Repository.open(loc, pw)
     repo.note = log(args)  # e.g. "snapshot X was rewritten as Y by merge on DATE"
+    repo.no_lock = bool(getattr(args, "no_lock", False))
     args.opened_repos = [*getattr(args, "opened_repos", []), repo]  # for damage_warnings()
     return repo, pw
 
@@ -258,6 +259,7 @@ def open_repo_meanwhile(args: argparse.Namespace) -> Callable[[], Repository]:
             raise box["error"]
         repo = box["repo"]
         repo.note = log(args)
+        repo.no_lock = bool(getattr(args, "no_lock", False))
         args.opened_repos = [*getattr(args, "opened_repos", []), repo]  # for damage_warnings()
         return repo
 

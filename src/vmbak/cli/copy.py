@@ -101,6 +101,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
     except VmbakError as e:
         raise type(e)(f"destination repository: {e}") from None
     src.note = log(args)
+    src.no_lock = bool(getattr(args, "no_lock", False))  # the destination is written: always locked
     with bar:
         rep = copy(src, dst, args.snapshots, None, workers=args.workers, dry_run=args.dry_run,
                    progress=bar, log=log(args), where=filter_from_args(args))

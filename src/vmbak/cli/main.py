@@ -86,6 +86,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                         "(default: $VMBAK_PASSWORD_COMMAND)")
     common.add_argument("--s3-endpoint", default=argparse.SUPPRESS, metavar="URL",
                         help="S3 endpoint for s3:BUCKET/PREFIX locations (default: $VMBAK_S3_ENDPOINT)")
+    common.add_argument("--no-lock", action="store_true", default=argparse.SUPPRESS,
+                        help="read the repository without writing a lock into it, for a repository on "
+                        "read-only media or an S3 key that may only read (restore, check, verify, copy's "
+                        "source; a prune elsewhere may then remove data they read). On a read-only file "
+                        "system they do so by themselves; commands that write to the repository lock it "
+                        "regardless")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print JSON: one document, or JSON lines from long-running commands (docs/json.md)")
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,

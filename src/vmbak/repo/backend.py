@@ -3,6 +3,7 @@ so that an object store (S3) can implement the same interface."""
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import socket
@@ -16,6 +17,14 @@ from vmbak.errors import RepositoryError
 
 class ObjectMissing(RepositoryError):
     """The named object does not exist (as opposed to an I/O, network or permission error)."""
+
+
+class ReadOnlyRepository(RepositoryError):
+    """An object could not be written: the repository's file system is read-only."""
+
+
+class AccessDenied(RepositoryError):
+    """The repository refused access to an object (file permissions, an S3 policy)."""
 
 
 class Backend(Protocol):
@@ -107,7 +116,9 @@ class LocalBackend:
         if isinstance(e, FileNotFoundError):
             return ObjectMissing(f"repository object missing: {name}")
         where = e.filename or self._path(name)
-        return RepositoryError(f"repository I/O error on {name} ({where}): {e.strerror or e}")
+        kind = ReadOnlyRepository if e.errno == errno.EROFS else \
+            AccessDenied if e.errno in (errno.EACCES, errno.EPERM) else RepositoryError
+        return kind(f"repository I/O error on {name} ({where}): {e.strerror or e}")
 
     def read(self, name: str) -> bytes:
         try:

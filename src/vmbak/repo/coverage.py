@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from vmbak.errors import IntegrityError, RepositoryError
-from vmbak.repo.backend import Backend, ObjectMissing
+from vmbak.repo.backend import Backend, ObjectMissing, ReadOnlyRepository
 from vmbak.repo.crypto import Sealer
 from vmbak.repo.marks import _now, _open_json, _seal_json, parse_time
 
@@ -133,6 +133,7 @@ class CoverageWriter:
         self.verified: dict[str, str] = {}  # every pack this run verified
         self.written: list[str] = []
         self.errors: list[str] = []
+        self.read_only = False  # the repository's file system is read-only: nothing more is tried
 
     def add(self, pack_id: str) -> None:
         self.pending[pack_id] = self.verified[pack_id] = _now()
@@ -143,13 +144,18 @@ class CoverageWriter:
         """Write one record of the pending packs (or of ``packs``); return its name."""
         if packs is None:
             packs, self.pending = self.pending, {}
-        if not packs and not final:
+        if self.read_only or (not packs and not final):
             return None
         doc = {"version": VERIFY_VERSION, "run": self.run, "started": self.started, "time": _now(),
                "host": socket.gethostname(), "pid": os.getpid(), "final": final, "packs": packs}
         name = f"{VERIFY_DIR}/{os.urandom(16).hex()}"
         try:
             self.backend.write(name, _seal_json(self.sealer, doc, VERIFY_AAD))
+        except ReadOnlyRepository:
+            self.read_only = True
+            self.errors.append("the packs this check verified are not recorded: the repository is on a read-only "
+                               "file system (a later check --older-than or --resume does not count them)")
+            return None
         except RepositoryError as e:
             self.errors.append(f"cannot record verified packs: {e}")
             return None
@@ -162,6 +168,8 @@ class CoverageWriter:
         records folded in. Records of unfinished runs that started after this one stay (they
         may still be running elsewhere); pack times are kept as they were, so a run whose
         records were folded can still be resumed while any record of it remains."""
+        if self.read_only:
+            return
         if len(merged.records) + len(self.written) + 1 <= consolidate_over:
             self.flush(final=True)
             return

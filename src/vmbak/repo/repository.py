@@ -29,10 +29,12 @@ from vmbak.errors import (
 from vmbak.interrupts import deferred, register_cleanup, unregister_cleanup
 from vmbak.repo import zstd
 from vmbak.repo.backend import (
+    AccessDenied,
     Backend,
     LocalBackend,
     ObjectMissing,
     OpenFiles,
+    ReadOnlyRepository,
     host_id,
     makedirs_private,
     pid_alive,
@@ -101,6 +103,9 @@ CONSOLIDATED_ENTRIES = 200_000
 # At most one of these runs at a time: prune (its sweep rewrites the index) and repair
 # (which rewrites it too); they run beside backups and restores.
 SOLO_PURPOSES = ("prune", "repair")
+# Shared locks of work that only reads the repository: these go without a lock on
+# request (Repository.no_lock) and where the repository's file system is read-only.
+READ_PURPOSES = ("restore", "check", "copy-source")
 METADATA_PIECE = 1 << 20  # metadata stored as chunks comes in pieces of at most this
 
 # Bounds on the config fields that size memory: a pack is built in memory up to
@@ -206,6 +211,10 @@ class Repository:
         self._shared_held: dict[int, int] = {}  # thread -> depth of the shared lock it holds (lock())
         # Told one line when a snapshot is found by an id it had before a rewrite (resolve).
         self.note: Callable[[str], None] | None = None
+        # Read without locks: the shared locks of READ_PURPOSES are not written (a
+        # repository on read-only media, an S3 key that may only read). Work that writes
+        # to the repository locks it regardless.
+        self.no_lock = False
         attach = getattr(backend, "attach_cache", None)
         if attach is not None:  # remote backends cache index files and manifests locally
             attach(self.id)
@@ -339,7 +348,9 @@ class Repository:
     def lock(self, exclusive: bool = False, purpose: str = "") -> Iterator[None]:
         """Hold a shared (backup, restore, check) or exclusive (prune) lock. A shared lock
         asked for by a thread that holds one already (the backups of a libvirt domain's
-        disks inside one lock) is that lock: no second lock file."""
+        disks inside one lock) is that lock: no second lock file. Work that only reads
+        (READ_PURPOSES) takes none with ``no_lock``, nor where the lock cannot be written
+        because the file system is read-only (told through ``note``)."""
         me_thread = threading.get_ident()
         if not exclusive and self._shared_held.get(me_thread):
             self._shared_held[me_thread] += 1
@@ -348,6 +359,10 @@ class Repository:
             finally:
                 self._shared_held[me_thread] -= 1
             return
+        reading = not exclusive and purpose in READ_PURPOSES
+        if reading and self.no_lock:
+            yield
+            return
         name = f"locks/{os.urandom(16).hex()}"
         me = {"host": socket.gethostname(), "pid": os.getpid(), "time": _now_iso(),
               "exclusive": exclusive, "purpose": purpose, "hostid": host_id()}
@@ -355,10 +370,27 @@ class Repository:
         # nor into its removal; and should this frame never reach its ``finally`` (a
         # signal between a ``with`` statement and this generator), the command line
         # removes the lock on its way out: no lock is left behind by an interrupted command.
-        with deferred():
-            self.backend.write(name, json.dumps(me).encode())
-            self.held_locks.append(name)
-            token = register_cleanup(lambda: self.backend.delete(name))
+        unlocked = False  # reading a repository on a read-only file system
+        try:
+            with deferred():
+                self.backend.write(name, json.dumps(me).encode())
+                self.held_locks.append(name)
+                token = register_cleanup(lambda: self.backend.delete(name))
+        except ReadOnlyRepository:
+            if not reading:
+                raise ReadOnlyRepository(f"cannot lock the repository for {purpose or 'writing'}: "
+                                         f"{self.location} is on a read-only file system") from None
+            if self.note is not None:
+                self.note(f"{self.location} is on a read-only file system: reading it without a lock")
+            self.no_lock = unlocked = True
+        except AccessDenied as e:
+            if not reading:
+                raise
+            what = "copy from it" if purpose == "copy-source" else purpose
+            raise AccessDenied(f"{e} (access that may only read can {what} with --no-lock)") from None
+        if unlocked:
+            yield
+            return
         try:
             for other, _ in self.backend.list("locks"):
                 if other == name:

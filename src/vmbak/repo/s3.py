@@ -52,7 +52,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from vmbak.errors import RepositoryError
-from vmbak.repo.backend import ObjectMissing, remove_dead_temp_files
+from vmbak.repo.backend import AccessDenied, ObjectMissing, remove_dead_temp_files
 from vmbak.repo.cache import ObjectCache, cache_root
 
 T = TypeVar("T")
@@ -261,7 +261,7 @@ class S3Backend:
             if code in AUTH_CODES:
                 return RepositoryError(f"S3 refused the credentials for {self.location}: {AUTH_CODES[code]}")
             if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled") or status == 403:
-                return RepositoryError(f"S3 access denied to {self.location} ({name}): check the credentials "
+                return AccessDenied(f"S3 access denied to {self.location} ({name}): check the credentials "
                                        "and the bucket policy")
             return RepositoryError(f"S3 error on {name} in {self.location}: {code or status} {msg}".rstrip())
         if isinstance(e, bx.EndpointConnectionError | bx.ConnectTimeoutError):
