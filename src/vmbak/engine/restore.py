@@ -310,6 +310,13 @@ class RestoreTarget:
             offset += n
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
+        try:
+            self._write(offset, data)
+        except OSError as e:  # a full file system, an I/O error of the device
+            raise DiskError(f"cannot write the restore target {self.final_path} (at byte {offset}): "
+                            f"{e.strerror or e}") from None
+
+    def _write(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
         dfd = self.dfd
         if dfd >= 0 and offset % DIRECT_ALIGN == 0 and len(view) >= DIRECT_ALIGN:
@@ -362,7 +369,10 @@ class RestoreTarget:
 
     def commit(self, sync: bool = False) -> None:
         if sync:
-            os.fsync(self.fd)
+            try:
+                os.fsync(self.fd)
+            except OSError as e:
+                raise DiskError(f"cannot write the restore target {self.final_path}: {e.strerror or e}") from None
         if self.created:
             with deferred():
                 os.replace(self.path, self.final_path)
