@@ -174,5 +174,20 @@ def test_counts_take_the_noun_in_their_number(make_repo, make_disk) -> None:
     assert re.fullmatch(r"1 snapshot, 1 pack, \d+ chunks", first[0]), first
     assert first[1].startswith("read and verified 1 pack, ") and "; 0 packs not read" in first[1], first
     assert repo.run("key", "list").stdout.splitlines()[-1].startswith("1 key (")
+    stats = repo.run("stats").stdout.splitlines()
+    assert re.fullmatch(r"stored: +[\d.]+ \w+ in 1 pack", stats[3]), stats
     repo.backup(disk, "one")
     assert repo.run("snapshots").stdout.splitlines()[-1] == "2 snapshots"
+
+
+def test_stats_of_nothing_stored_has_no_ratios(make_repo, make_disk) -> None:
+    """An empty repository, an empty disk: "-" where a ratio has nothing to divide, no "-x",
+    no empty list of names."""
+    repo = make_repo("none")
+    lines = repo.run("stats").stdout.splitlines()
+    assert lines[0] == "snapshots:        0", lines
+    assert lines[1:] == ["logical size:     0 B (sum of all snapshots' disks)", "unique data:      0 B in 0 chunks",
+                         "stored:           0 B in 0 packs", "compression:      -", "deduplication:    -",
+                         "logical / stored: -"], lines
+    repo.backup(make_disk("empty.raw", 0, seed=5), "empty")
+    assert "  compression:    -" in repo.run("stats", "empty:latest").stdout.splitlines()

@@ -145,23 +145,29 @@ def cmd_stats(args: argparse.Namespace) -> int:
             f"  read:           {human(s.get('read_bytes', 0))}",
             f"  changed:        {human(s.get('changed_bytes', 0))}",
             f"  zero:           {human(s.get('zero_bytes', 0))}",
-            f"  new (raw):      {human(s.get('new_raw_bytes', 0))} in {s.get('new_chunks', 0)} chunks",
+            f"  new (raw):      {human(s.get('new_raw_bytes', 0))} in {counted(s.get('new_chunks', 0), 'chunk')}",
             f"  new (stored):   {human(s.get('new_stored_bytes', 0))}",
             f"  deduplicated:   {human(s.get('dedup_bytes', 0))}",
-            f"  compression:    {s['compression_ratio'] or '-'}x",
+            f"  compression:    {_ratio(s['compression_ratio'])}",
             f"  duration:       {s.get('duration_s', 0)} s",
         ] + [f"  note: {printable(str(n))}" for n in m.notes])
         emit(args, d, text)
         return 0
     d = repo_stats(repo)
     text = "\n".join([
-        f"snapshots:        {d['snapshots']} ({', '.join(printable(n) for n in d['names'])})",
+        f"snapshots:        {d['snapshots']}" + (f" ({', '.join(printable(n) for n in d['names'])})"
+                                                   if d["names"] else ""),
         f"logical size:     {human(d['logical_bytes'])} (sum of all snapshots' disks)",
-        f"unique data:      {human(d['unique_raw_bytes'])} in {d['chunks']} chunks",
-        f"stored:           {human(d['pack_bytes'])} in {d['packs']} packs",
-        f"compression:      {d['compression_ratio'] or '-'}x",
-        f"deduplication:    {d['dedup_ratio'] or '-'}x",
-        f"logical / stored: {d['space_saving_ratio'] or '-'}x",
+        f"unique data:      {human(d['unique_raw_bytes'])} in {counted(d['chunks'], 'chunk')}",
+        f"stored:           {human(d['pack_bytes'])} in {counted(d['packs'], 'pack')}",
+        f"compression:      {_ratio(d['compression_ratio'])}",
+        f"deduplication:    {_ratio(d['dedup_ratio'])}",
+        f"logical / stored: {_ratio(d['space_saving_ratio'])}",
     ])
     emit(args, d, text)
     return 0
+
+
+def _ratio(r: float | None) -> str:
+    """A ratio as "2.5x"; "-" where there is nothing to divide (no data stored)."""
+    return f"{r}x" if r else "-"
