@@ -180,6 +180,15 @@ def test_counts_take_the_noun_in_their_number(make_repo, make_disk) -> None:
     assert repo.run("snapshots").stdout.splitlines()[-1] == "2 snapshots"
 
 
+def test_no_snapshots_is_one_line(make_repo, make_disk) -> None:
+    """No table header over no rows: an empty repository, or a filter that matches none."""
+    repo = make_repo("none")
+    assert repo.run("snapshots").stdout == "0 snapshots\n"
+    repo.backup(make_disk("a.raw", 64 * 1024, seed=6), "a")
+    assert repo.run("snapshots", "--name", "other").stdout == "0 snapshots\n"
+    assert repo.run("snapshots").stdout.splitlines()[0].startswith("ID ")
+
+
 def test_stats_of_nothing_stored_has_no_ratios(make_repo, make_disk) -> None:
     """An empty repository, an empty disk: "-" where a ratio has nothing to divide, no "-x",
     no empty list of names."""

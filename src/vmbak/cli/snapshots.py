@@ -65,7 +65,7 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w)
                          for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
 
-    rows = [line(head)] + [line(r) for r in table]
+    rows = [line(head)] + [line(r) for r in table] if table else []  # no header over no rows
     torn = sum(m.consistency == TORN for m in ms)
     if torn:
         rows.append(f"! torn: the disk changed while it was read; the snapshot may be inconsistent ({torn})")
