@@ -19,12 +19,31 @@ from vmbak.interrupts import deferred
 from vmbak.repo.repository import Repository
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the lines of descriptions and epilogs as written (examples, tables), but wraps
+    a prose line (one that starts in the first column) that is wider than the help."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        return "".join(textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent) + "\n"
+                       if len(line) > width and line[:1].strip() else indent + line + "\n"
+                       for line in text.splitlines()).rstrip("\n")
+
+
 class CommandParser(argparse.ArgumentParser):
     """An ArgumentParser that takes positional arguments before, between and after options
     (``vmbak restore web:latest --format qcow2 /tmp/x.qcow2``). A parser with subcommands
-    parses as usual; each subcommand's parser (this class too) then intermixes."""
+    parses as usual; each subcommand's parser (this class too) then intermixes. A parser
+    asked for argparse's RawDescriptionHelpFormatter gets HelpFormatter, which also wraps
+    long prose lines."""
 
     _intermixing = False
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        if kw.get("formatter_class") is argparse.RawDescriptionHelpFormatter:
+            kw["formatter_class"] = HelpFormatter
+        super().__init__(*args, **kw)
 
     def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 - argparse's signature
         if self._intermixing or any(a.nargs in (argparse.PARSER, argparse.REMAINDER)
