@@ -21,12 +21,12 @@ TYPE_CHECKING = False  # typing is not imported: this package must load in no ti
 __version__ = "0.1.0"
 __all__ = ["Repository", "Manifest", "VmbakError", "backup", "restore", "check", "open_disk", "__version__",
            "ChangeMap", "Policy", "change_map", "diff", "forget", "prune", "stats", "ls", "cat", "extract",
-           "verify_boot"]
+           "verify_boot", "tag"]
 
 _WHERE = {"backup": "vmbak.api", "check": "vmbak.api", "open_disk": "vmbak.api", "restore": "vmbak.api",
           "VmbakError": "vmbak.errors", "Manifest": "vmbak.repo.manifest", "Repository": "vmbak.repo.repository"}
 _WHERE.update(dict.fromkeys(("change_map", "diff", "forget", "prune", "stats", "ls", "cat", "extract",
-                              "verify_boot"), "vmbak.api"))
+                              "verify_boot", "tag"), "vmbak.api"))
 _WHERE.update(ChangeMap="vmbak.changes.base", Policy="vmbak.engine.retention")
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
         prune,
         restore,
         stats,
+        tag,
         verify_boot,
     )
     from vmbak.changes.base import ChangeMap

@@ -29,6 +29,8 @@ from vmbak.engine.restore import RestoreTarget
 from vmbak.engine.restore import restore as _restore
 from vmbak.engine.retention import ForgetResult, Policy
 from vmbak.engine.retention import forget as _forget
+from vmbak.engine.tagging import TagResult
+from vmbak.engine.tagging import tag as _tag
 from vmbak.errors import VmbakError
 from vmbak.repo.manifest import Manifest
 from vmbak.repo.repository import Repository
@@ -279,6 +281,17 @@ def forget(repo: Repository, snapshots: list[str] | None = None, *, name: str | 
                         monthly=keep_monthly, yearly=keep_yearly)
     return _forget(repo, policy, name=name, snapshots=list(snapshots or []), keep_dependencies=keep_dependencies,
                    dry_run=dry_run, log=log)
+
+
+def tag(repo: Repository, snapshots: list[str | Manifest], *, add: list[str] | None = None,
+        remove: list[str] | None = None, replace: list[str] | None = None, dry_run: bool = False) -> TagResult:
+    """Add ``add`` and remove ``remove`` tags of ``snapshots`` (or give them exactly
+    ``replace``), as ``vmbak tag`` does. A changed snapshot, and the later snapshots of its
+    chain, get new ids (the old ones keep naming them; ``result.changed`` has
+    ``id``/``new_id``); nothing else changes. ``result.to_json()`` is what ``vmbak tag
+    --json`` prints."""
+    specs = [s.id if isinstance(s, Manifest) else s for s in snapshots]
+    return _tag(repo, snapshots=specs, add=add, remove=remove, replace=replace, dry_run=dry_run)
 
 
 def prune(repo: Repository, *, grace_s: float = DEFAULT_GRACE_S, repack_threshold: float = DEFAULT_REPACK_THRESHOLD,

@@ -1,5 +1,5 @@
 """Snapshot selection for scripts: tags, the --name/--host/--tag filters on snapshots,
-forget, restore and copy, forget --keep-within/--keep-tag, and snapshot ids that keep
+forget, restore and copy, forget --keep-within/--keep-tag, vmbak tag, and snapshot ids that keep
 naming a snapshot after forget or merge rewrote it. Everything through the real CLI
 (the library only re-dates or re-hosts snapshots where a test needs fixed times)."""
 
@@ -165,6 +165,64 @@ def test_forget_applies_the_rules_to_the_filtered_snapshots_only(tagged, tmp_pat
     # forgetting by --host alone: only db's re-hosted copy goes
     repo.json("forget", "--host", "other-host", "--keep-tag", "nightly")
     assert sid["d1"] not in ids(repo.snapshots()) and sid["d0"] in ids(repo.snapshots())
+
+
+def test_tag_changes_tags_and_every_snapshot_still_restores(tagged, tmp_path, assert_same_file):
+    """vmbak tag: the tagged snapshot and the later ones of its chain get new ids, restore
+    as before, and their old ids keep naming them; forget --keep-tag then spares it."""
+    repo, snaps = tagged
+    sid = {k: v[0]["id"] for k, v in snaps.items()}
+    manifests = sorted(p.name for p in (repo.path / "snapshots").iterdir())
+    out = repo.json("tag", "--add", "keep", sid["w0"][:8], "--dry-run")
+    assert [c["id"] for c in out["changed"]] == [sid["w0"]] and out["changed"][0]["new_id"] is None
+    assert out["changed"][0]["tags"] == ["nightly", "keep"] and len(out["repointed"]) == 3
+    assert sorted(p.name for p in (repo.path / "snapshots").iterdir()) == manifests  # a dry run writes nothing
+
+    p = repo.run("tag", "--add", "keep", sid["w0"][:8])
+    assert p.stdout.splitlines()[-1] == "changed 1 snapshot; re-pointed 3 later snapshots to the new ids", p.stdout
+    now = {s["time"]: s for s in repo.snapshots("--name", "web")}  # (d1 may have d0's time)
+    w0 = now[snaps["w0"][0]["time"]]
+    assert w0["id"] != sid["w0"] and w0["tags"] == ["nightly", "keep"]
+    for k in ("w1", "w2", "w3"):  # re-pointed: new ids, same tags, the chain intact
+        s = now[snaps[k][0]["time"]]
+        assert s["id"] != sid[k] and s["tags"] == snaps[k][0]["tags"]
+    for k in ("w0", "w1", "w2", "w3"):
+        p = repo.run("restore", sid[k][:8], tmp_path / f"{k}.raw")  # by the old id
+        assert_same_file(tmp_path / f"{k}.raw", snaps[k][1])
+        assert f"snapshot {sid[k][:8]} was rewritten as " in p.stderr and " by tag on " in p.stderr, p.stderr
+    assert {sid["d0"], sid["d1"]} <= ids(repo.snapshots())  # other chains: untouched
+
+    out = repo.json("tag", "--add", "keep", "web:latest", sid["w0"][:8])
+    assert [c["id"][:8] for c in out["changed"]] == [now[snaps["w3"][0]["time"]]["id"][:8]]
+    assert [u["id"] for u in out["unchanged"]] == [w0["id"]]  # already so: not rewritten
+    repo.json("forget", "--name", "web", "--keep-last", "1", "--keep-tag", "keep")
+    left = {s["time"]: s for s in repo.snapshots("--name", "web")}
+    assert set(left) == {snaps["w0"][0]["time"], snaps["w3"][0]["time"]}
+
+    out = repo.json("tag", "--name", "web", "--remove", "keep")
+    assert len(out["changed"]) == 2 and all("keep" not in c["tags"] for c in out["changed"])
+    out = repo.json("tag", "--name", "web", "--tag", "nightly", "--set", "")
+    assert [c["tags"] for c in out["changed"]] == [[]]
+    for s in repo.snapshots("--name", "web"):
+        repo.restore(s["id"], tmp_path / "again.raw")
+        k = "w0" if s["time"] == snaps["w0"][0]["time"] else "w3"
+        assert_same_file(tmp_path / "again.raw", snaps[k][1])
+        (tmp_path / "again.raw").unlink()
+
+
+def test_tag_refuses_what_it_cannot_do(tagged, assert_cli_error):
+    repo, snaps = tagged
+    w0 = snaps["w0"][0]["id"][:8]
+    for args, why in ((["tag", w0], "say what to change"), (["tag", "--add", "x"], "name the snapshots to tag"),
+                      (["tag", "--add", "a b", w0], "bad tag 'a b'"),
+                      (["tag", "--set", "x", "--add", "y", w0], "--set gives the whole list of tags"),
+                      (["tag", "--add", "x", "--name", "nosuch"], "no snapshot named 'nosuch'"),
+                      (["tag", "--add", "x", "--name", "db", w0], "does not match --name db")):
+        assert_cli_error(repo.run(*args, check=False), why)
+    manifests = sorted(p.name for p in (repo.path / "snapshots").iterdir())
+    with repo.open().lock(purpose="backup"):  # a backup may be about to name the snapshot as its parent
+        assert_cli_error(repo.run("tag", "--add", "x", w0, check=False), "repository is locked")
+    assert sorted(p.name for p in (repo.path / "snapshots").iterdir()) == manifests
 
 
 def test_forget_snap_must_match_the_filters(tagged, assert_cli_error):

@@ -1,4 +1,4 @@
-"""Maintenance commands: forget (retention), prune, merge, repair, unlock."""
+"""Maintenance commands: forget (retention), prune, merge, tag, repair, unlock."""
 
 from __future__ import annotations
 
@@ -103,6 +103,25 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument("--dry-run", "-n", action="store_true", help="show what would be merged")
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("tag", parents=[parent], help="add, remove or set tags of snapshots",
+                       description="Change the tags of snapshots: the named ones (resolved among those the "
+                       "filters select), or every snapshot the filters select. A snapshot's id covers its "
+                       "tags, so each changed snapshot gets a new id (its old id keeps naming it), and the "
+                       "later snapshots of its chain are re-pointed to it (new ids too). No data is read or "
+                       "written; every snapshot restores as before.",
+                       epilog="examples:\n  vmbak tag --add keep web:latest          # forget --keep-tag keep spares it"
+                       "\n  vmbak tag --remove nightly --name web --tag nightly\n  vmbak tag --set release,v2 "
+                       "3f2a9c1e --json\n\n" + FILTER_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("snapshots", nargs="*", metavar="SNAP", help="snapshots to change (id, NAME:latest, NAME@TIME)")
+    add_filter_options(p)
+    p.add_argument("--add", action="append", metavar="TAG[,TAG...]", help="add these tags (repeatable)")
+    p.add_argument("--remove", action="append", metavar="TAG[,TAG...]", help="remove these tags (repeatable)")
+    p.add_argument("--set", action="append", metavar="TAG[,TAG...]", dest="set_tags",
+                   help="replace the tags with these (repeatable; --set '' removes every tag)")
+    p.add_argument("--dry-run", "-n", action="store_true", help="show what would change; change nothing")
+    p.set_defaults(func=cmd_tag)
 
     p = sub.add_parser("repair", help="repair parts of the repository",
                        description="Repair what can be rebuilt from the data that is there.",
@@ -254,6 +273,32 @@ def cmd_forget(args: argparse.Namespace) -> int:
     elif args.prune:
         lines.append("(prune is not run with --dry-run)")
     emit_summary(args, out, "\n".join(lines))
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    from vmbak.cli.filters import tags_from_args
+    from vmbak.engine.tagging import tag
+
+    replace = None if args.set_tags is None else tags_from_args([v for v in args.set_tags if v])
+    where = filter_from_args(args)
+    repo = open_repo(args)
+    res = tag(repo, snapshots=args.snapshots, where=where, add=tags_from_args(args.add),
+              remove=tags_from_args(args.remove), replace=replace, dry_run=args.dry_run)
+    verb = "would change" if args.dry_run else "changed"
+    lines = []
+    for c in res.changed:
+        now = f"; now {c['new_id'][:8]}" if c["new_id"] else ""
+        lines.append(printable(f"snapshot {c['id'][:8]} ({c['name']} {c['time'][:19]}): tags "
+                               f"{','.join(c['tags_before']) or '(none)'} -> {','.join(c['tags']) or '(none)'}{now}"))
+    summary = f"{verb} {counted(len(res.changed), 'snapshot')}"
+    if res.unchanged:
+        summary += f", {len(res.unchanged)} already so"
+    if res.repointed:
+        summary += (f"; {'would re-point' if args.dry_run else 're-pointed'} "
+                    f"{counted(len(res.repointed), 'later snapshot')} to the new ids")
+    lines.append(summary)
+    emit_summary(args, res.to_json(), "\n".join(lines))
     return 0
 
 

@@ -13,8 +13,10 @@ read or stored); an extent that a newer manifest partly overrides is read back
 (authenticated), and the runs of blocks still taken from it are stored as new chunks
 (deduplicated like any chunk).
 
-:func:`reconcile` applies a set of deletions (``forget``) and synthetic fulls
-(``merge --into-full``) to the repository without breaking any remaining snapshot, and
+:func:`reconcile` applies a set of deletions (``forget``), synthetic fulls
+(``merge --into-full``) and new tags (``tag``: a manifest's id covers its tags, so a
+snapshot with other tags is a new manifest) to the repository without breaking any
+remaining snapshot, and
 finishes rewrites that a killed run left half done. Its steps are ordered so that a
 kill at any moment leaves every snapshot restorable:
 
@@ -235,10 +237,12 @@ def obsolete_map(ms: list[Manifest]) -> dict[str, str]:
     return out
 
 
-def plan(ms: dict[str, Manifest], delete: set[str], into_full: set[str], keep_dependencies: bool
-         ) -> tuple[list[Rewrite], list[str], dict[str, list[str]], list[str]]:
+def plan(ms: dict[str, Manifest], delete: set[str], into_full: set[str], keep_dependencies: bool,
+         retag: dict[str, list[str]] | None = None) -> tuple[list[Rewrite], list[str], dict[str, list[str]], list[str]]:
     """Work out the rewrites and deletions (no I/O). Return (rewrites in write order,
-    ids to delete newest first, kept dependencies, originals of interrupted rewrites)."""
+    ids to delete newest first, kept dependencies, originals of interrupted rewrites).
+    ``retag`` (id -> new tags) rewrites those snapshots with other tags."""
+    retag = retag or {}
     obsolete = obsolete_map(list(ms.values()))
     delete = {d for d in delete if d in ms}
 
@@ -284,12 +288,12 @@ def plan(ms: dict[str, Manifest], delete: set[str], into_full: set[str], keep_de
         if p is not None and p not in ms:
             # Its chain reaches a missing or damaged manifest: it cannot be restored. It is
             # left as it is, or (when forgotten parents are folded into it) still points there.
-            if len(segment) == 1 and not force:
+            if len(segment) == 1 and not force and y.id not in retag:
                 continue
             if force:
                 raise IntegrityError(f"snapshot {ms[segment[-1]].short_id}: parent snapshot {p[:8]} is missing "
                                      "or damaged")
-        if len(segment) == 1 and p == y.parent and p not in rewritten:
+        if len(segment) == 1 and p == y.parent and p not in rewritten and y.id not in retag:
             continue
         bottom = ms[segment[-1]]
         if len(segment) > 1 and is_full(bottom.kind):
@@ -301,7 +305,7 @@ def plan(ms: dict[str, Manifest], delete: set[str], into_full: set[str], keep_de
             reason = "absorbed " + ", ".join(s[:8] for s in segment[1:])
             new_parent = p
         else:
-            kind, reason, new_parent = y.kind, "parent rewritten", p
+            kind, reason, new_parent = y.kind, "tags changed" if y.id in retag else "parent rewritten", p
         if not is_full(bottom.kind) and p is None:
             raise IntegrityError(f"snapshot {bottom.short_id} has no parent but is not a full backup")
         rewrites.append(Rewrite(old=y.id, segment=segment, new_parent=new_parent, kind=kind, reason=reason))
@@ -312,15 +316,18 @@ def plan(ms: dict[str, Manifest], delete: set[str], into_full: set[str], keep_de
 
 def reconcile(repo: Repository, delete: set[str] | None = None, into_full: set[str] | None = None, *,
               keep_dependencies: bool = False, dry_run: bool = False, workers: int = 2,
-              log: Callable[[str], None] | None = None, by: str = "merge") -> ReconcileResult:
-    """Delete ``delete``, turn ``into_full`` into synthetic fulls, and keep every other
-    snapshot restorable (see the module docstring). The caller holds an exclusive lock.
-    ``by`` (the command: "forget", "merge") is recorded in each replacement's aliases."""
+              log: Callable[[str], None] | None = None, by: str = "merge",
+              retag: dict[str, list[str]] | None = None) -> ReconcileResult:
+    """Delete ``delete``, turn ``into_full`` into synthetic fulls, give the snapshots of
+    ``retag`` (id -> tags) those tags, and keep every other snapshot restorable (see the
+    module docstring). The caller holds an exclusive lock. ``by`` (the command: "forget",
+    "merge", "tag") is recorded in each replacement's aliases."""
     log = log or (lambda s: None)
+    retag = retag or {}
     t0 = time.monotonic()
     ms = {m.id: m for m in repo.manifests()}
     rewrites, order_del, kept_deps, recovered = plan(ms, set(delete or ()), set(into_full or ()),
-                                                     keep_dependencies)
+                                                     keep_dependencies, retag)
     res = ReconcileResult(kept_dependencies=kept_deps, recovered=recovered)
     res.rewrites = rewrites
     if dry_run:
@@ -349,6 +356,8 @@ def reconcile(repo: Repository, delete: set[str] | None = None, into_full: set[s
             rw.split_extents = int(merge.get("split_extents", 0))
             out.notes.append(f"{rw.reason} (vmbak merge, {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC)")
         out.kind = rw.kind
+        if y.id in retag:
+            out.tags = list(retag[y.id])
         out.extra["replaces"] = y.id
         # The old id keeps resolving to the replacement, also after later rewrites (the
         # history is carried over from y): see Repository.resolve.
