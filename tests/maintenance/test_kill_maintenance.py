@@ -1,4 +1,4 @@
-"""kill -9 at random moments of forget, prune and merge, 20 times each. After every kill:
+"""kill -9 at random moments of forget, prune, merge and tag, 20 times each. After every kill:
 `check --read-data` passes, every snapshot that should remain is listed and restores
 byte-identically, and nothing half-written is listed; a later run finishes the work.
 
@@ -218,6 +218,38 @@ def test_kill_9_during_merge(make_repo, make_disk, popen_vmbak, tmp_path):
     assert killer.after_changes >= KILLS // 3
     print(f"merge: {killer.kills} kills: {states}")
     assert states["packs landed"] + states["both"] >= 3
+
+
+@pytest.mark.slow
+def test_kill_9_during_tag(repo, make_disk, popen_vmbak, tmp_path):
+    """tag rewrites every snapshot of the chain here (the full's tags change, so each later
+    one is re-pointed): a kill leaves each snapshot listed once or, half done, next to its
+    replacement; the next run finishes it."""
+    w = World(repo, make_disk, tmp_path, 2 * MiB, seed=931)
+    killer = Killer(popen_vmbak, repo, ["snapshots"], seed=932, max_changes=9, max_delay=0.002)
+    for _ in range(5):
+        w.backup()
+        w.change()
+    attempts = half_done = 0
+    while killer.kills < KILLS:
+        attempts += 1
+        assert attempts < 3 * KILLS, "tag finishes before it can be killed"
+        args = ("tag", "--name", "victim", "--add" if attempts % 2 else "--remove", "mark")
+        killed = killer.run(*args)
+        ms = w.verify(f"after kill {killer.kills}" if killed else "after a complete run", set(w.by_time))
+        ids = {m.id for m in ms}
+        for t in w.by_time:
+            same = [m for m in ms if m.time == t]
+            assert len(same) == 1 or (len(same) == 2 and any(m.extra.get("replaces") in ids for m in same)), same
+        half_done += len(ms) > len(w.by_time)
+        killer.complete(*args)
+        ms = w.verify("after finishing an interrupted tag", set(w.by_time))
+        assert len(ms) == len(w.by_time)  # the interrupted work was finished
+        assert all(("mark" in m.tags) == (attempts % 2 == 1) for m in ms), [m.tags for m in ms]
+    assert killer.after_changes >= KILLS // 3
+    print(f"tag: {killer.kills} kills, {half_done} left work half done")
+    assert half_done >= 2  # (3-6 in 6 runs: its writes take milliseconds)
+    assert list((repo.path / "locks").iterdir()) == []
 
 
 @pytest.mark.slow

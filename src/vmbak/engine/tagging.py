@@ -82,8 +82,9 @@ def tag(repo: Repository, *, snapshots: list[str] | None = None, where: Snapshot
                 res.unchanged.append({"id": m.id, "name": m.name, "time": m.time, "tags": list(m.tags)})
             else:
                 retag[m.id] = tags
-        rec = reconcile(repo, retag=retag, dry_run=dry_run, log=log, by="tag") if retag else None
-    for rw in rec.rewrites if rec is not None else ():
+        # also with nothing to change: it finishes the rewrites an interrupted run left
+        rec = reconcile(repo, retag=retag, dry_run=dry_run, log=log, by="tag")
+    for rw in rec.rewrites:
         old = current[rw.old]
         if rw.old in retag:
             res.changed.append({"id": old.id, "new_id": rw.new or None, "name": old.name, "time": old.time,
