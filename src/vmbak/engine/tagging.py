@@ -67,12 +67,13 @@ def tag(repo: Repository, *, snapshots: list[str] | None = None, where: Snapshot
             if not any(m.name == n for m in current.values()):
                 raise SnapshotNotFound(f"no snapshot named {n!r}")
         if snapshots:
-            chosen = []
+            picked: dict[str, None] = {}  # ids in the order named, each once
             for spec in snapshots:
-                m = repo.find(spec, where)
-                m = current[obsolete.get(m.id, m.id)]
-                if m not in chosen:
-                    chosen.append(m)
+                sid, steps = repo.find(spec, where).id, 0
+                while sid in obsolete and steps <= len(all_ms):  # to the replacement that stands for it
+                    sid, steps = obsolete[sid], steps + 1
+                picked[sid] = None
+            chosen = [current[sid] for sid in picked if sid in current]
         else:
             chosen = filter_snapshots(current.values(), where)
         retag: dict[str, list[str]] = {}
