@@ -62,3 +62,10 @@ def test_diff_across_names_with_the_same_geometry(repo, make_disk):
     repo.backup(a, "a")
     repo.backup(b, "b")
     assert extents(repo.json("diff", "a:latest", "b:latest")) == [(7 * B, B)]
+
+
+def test_diff_of_disks_of_two_sizes_names_them(repo, make_disk, assert_cli_error):
+    small, big = make_disk("s.raw", 2 * MiB, seed=83), make_disk("l.raw", 3 * MiB, seed=84)
+    sa, sb = repo.backup(small, "s")["short_id"], repo.backup(big, "l")["short_id"]
+    assert_cli_error(repo.run("diff", "s:latest", "l:latest", check=False),
+                     f"snapshots {sa} and {sb} have different disk sizes ({2 * MiB} and {3 * MiB} bytes)")

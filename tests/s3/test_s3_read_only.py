@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import uuid
 
-import boto3
 import pytest
 
 MiB = 1 << 20
@@ -17,6 +16,8 @@ def _read_only_key(s3) -> dict[str, str]:  # noqa: ANN001 - the S3Server fixture
     """AWS_* variables of a new IAM user that may only read (moto checks IAM policies)."""
     if s3.kind != "moto":
         pytest.skip("a read-only key is made through moto's IAM API; the external server's users are fixed")
+    import boto3
+
     iam = boto3.client("iam", endpoint_url=s3.endpoint, region_name="us-east-1", aws_access_key_id=s3.access_key,
                        aws_secret_access_key=s3.secret_key)
     user = f"reader-{uuid.uuid4().hex[:8]}"

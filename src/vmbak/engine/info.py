@@ -12,8 +12,12 @@ from vmbak.repo.repository import Repository
 
 def diff(repo: Repository, a: Manifest, b: Manifest, max_extents: int = 100000) -> dict:
     """Blocks whose content differs between two snapshots of the same geometry."""
-    if a.disk_size != b.disk_size or a.block_size != b.block_size:
-        raise VmbakError(f"snapshots {a.short_id} and {b.short_id} have different disk sizes or block sizes")
+    if a.disk_size != b.disk_size:
+        raise VmbakError(f"snapshots {a.short_id} and {b.short_id} have different disk sizes "
+                         f"({a.disk_size} and {b.disk_size} bytes): a block diff needs disks of one size")
+    if a.block_size != b.block_size:
+        raise VmbakError(f"snapshots {a.short_id} and {b.short_id} have different block sizes "
+                         f"({a.block_size} and {b.block_size} bytes)")
     ha = resolve_bht(repo, repo.chain(a))
     hb = resolve_bht(repo, repo.chain(b))
     changed = (ha != hb).any(axis=1)
