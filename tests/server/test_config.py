@@ -165,3 +165,62 @@ s3_limit_download = 512.5
     cfg = load(str(server_env.config))
     env = child_env(cfg.repositories["cloud"])
     assert env["VMBAK_S3_LIMIT_UPLOAD"] == "2048" and env["VMBAK_S3_LIMIT_DOWNLOAD"] == "512.5"
+
+
+def test_job_tags_and_keep_within_and_tag(server_env, make_repo, make_disk) -> None:
+    """A job's ``tags`` go to every backup (--tag), and ``keep`` takes ``within`` (a
+    duration) and ``tag`` (tags, or "a,b" groups) as forget does; the command lines the
+    server runs are run here as they are, on a real repository."""
+    import json
+    import subprocess
+
+    from vmbak.server.config import load
+    from vmbak.server.jobs import backup_commands, child_env, forget_command
+
+    server_env.write_config(server_env.header() + '''
+[repositories.main]
+location = "repo"
+
+[jobs.a]
+repository = "main"
+disk = "a.raw"
+tags = ["nightly", "-x"]
+keep = { last = 1, within = "7x", tag = ["ok", "a b"] }
+''')
+    text = "\n".join(_problems(server_env.vmbak("server", "--config", str(server_env.config), "--check", check=False)))
+    assert ": jobs.a.tags: bad tag '-x': it starts with '-'" in text, text
+    assert ": jobs.a.keep.within: cannot parse --keep-within '7x'" in text, text
+    assert ": jobs.a.keep.tag: bad tag 'a b': it contains a space" in text, text
+
+    repo = make_repo("none")
+    disk = make_disk("a.raw", 1 << 20, seed=3)
+    server_env.write_config(server_env.header() + f'''
+[repositories.main]
+location = "{repo.path}"
+
+[jobs.a]
+repository = "main"
+disk = "{disk.path}"
+tags = ["nightly"]
+keep = {{ last = 1, within = "0h", tag = ["keep", "release,verified"] }}
+''')
+    cfg = load(str(server_env.config))
+    job, rc = cfg.jobs["a"], cfg.repositories["main"]
+    assert job.keep == {"last": 1, "within": "0h", "tag": ["keep", "release,verified"]}
+
+    def run(cmd: list[str]) -> dict:
+        p = subprocess.run(cmd, env=child_env(rc), capture_output=True, text=True, timeout=300, check=True)
+        return json.loads(p.stdout.splitlines()[-1])
+
+    first = run(backup_commands(job, rc)[0])
+    assert first["tags"] == ["nightly"]
+    repo.run("tag", "--add", "keep", first["id"])
+    disk.write_random(0, 65536, seed=4)
+    run(backup_commands(job, rc)[0])
+    disk.write_random(65536, 65536, seed=5)
+    last = run(backup_commands(job, rc)[0])
+    out = run(forget_command(job, rc, "a"))
+    assert out["policy"] == "keep-last 1, keep-within 0h, keep-tag keep, keep-tag release,verified", out["policy"]
+    left = repo.snapshots()
+    assert len(left) == 2 and left[-1]["time"] == last["time"], left  # the latest, and the one tagged keep
+    assert left[0]["tags"] == ["nightly", "keep"]

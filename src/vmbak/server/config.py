@@ -18,7 +18,7 @@ from typing import Any
 from vmbak.errors import VmbakError
 
 DEFAULT_LISTEN = "127.0.0.1:8420"
-KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")  # counts; and "within", "tag"
 MODES = ("auto", "full", "incremental", "differential")
 STOP_MODES = ("abort", "finish")
 MIN_TOKEN = 16
@@ -27,7 +27,7 @@ SERVER_KEYS = {"listen", "token_file", "read_token_file", "tls_cert", "tls_key",
                "run_missed", "stop", "stop_timeout", "metrics_public", "log_lines", "allow_remote", "users"}
 USER_KEYS = {"password_hash", "role"}
 REPO_KEYS = {"location", "password_file", "s3_endpoint", "s3_limit_upload", "s3_limit_download"}
-JOB_KEYS = {"repository", "disk", "libvirt", "libvirt_uri", "changes", "name", "schedule", "mode", "format", "keep",
+JOB_KEYS = {"repository", "disk", "libvirt", "libvirt_uri", "changes", "name", "schedule", "mode", "format", "keep", "tags",
             "prune", "prune_grace", "verify", "verify_read_data", "run_missed", "workers", "enabled",
             "stale_after_hours", "timeout", "before", "after"}
 NOTIFY_KEYS = {"on_success", "on_failure", "stale_after_hours", "webhook", "webhook_timeout", "email"}
@@ -95,7 +95,10 @@ class JobConfig:
     changes: str = "auto"
     mode: str = "auto"
     format: str | None = None
-    keep: dict[str, int] = field(default_factory=dict)
+    # forget's rules: counts by rule name; "within" a duration (7d, 1y2m); "tag" a list of
+    # tags or comma-joined tag groups (--keep-tag each)
+    keep: dict[str, int | str | list[str]] = field(default_factory=dict)
+    tags: list[str] = field(default_factory=list)  # given to every backup (--tag)
     prune: str | None = None
     prune_grace: str = "1h"
     verify: str | None = None
@@ -259,6 +262,34 @@ class _Checker:
             self.add(keypath, f"must be a table ([{keypath}]), not {v!r}")
             return {}
         return v
+
+
+def _keep_within_problem(v: object) -> str | None:
+    """Why ``keep.within`` is not a duration forget --keep-within takes (None: it is)."""
+    from vmbak.engine.retention import parse_within
+
+    if not isinstance(v, str):
+        return f"must be a duration such as \"7d\" or \"1y6m\", not {v!r}"
+    try:
+        parse_within(v)
+    except VmbakError as e:
+        return str(e)
+    return None
+
+
+def _tags_problem(tags: list, groups_allowed: bool) -> str | None:
+    """Why a list of tags (with ``groups_allowed``, each may be "a,b": all of them) is not
+    one backup --tag / forget --keep-tag takes (None: it is)."""
+    from vmbak.engine.backup import check_tags
+
+    if not all(isinstance(t, str) for t in tags):
+        return f"must be a list of strings, not {tags!r}"
+    try:
+        for t in tags:
+            check_tags(t.split(",") if groups_allowed else [t])
+    except VmbakError as e:
+        return str(e)
+    return None
 
 
 def load(path: str, check_files: bool = True) -> Config:
@@ -459,12 +490,31 @@ def _jobs(c: _Checker, t: dict, repos: dict[str, RepositoryConfig]) -> dict[str,
         jc.format = c.get(j, "format", f"{kp}.format", str)
         keep = c.get(j, "keep", f"{kp}.keep", dict, {})
         for rule, n in keep.items():
-            if rule not in KEEP_RULES:
-                c.add(f"{kp}.keep.{rule}", f"unknown rule (known: {', '.join(KEEP_RULES)})")
+            if rule == "within":
+                why = _keep_within_problem(n)
+                if why:
+                    c.add(f"{kp}.keep.within", why)
+                else:
+                    jc.keep[rule] = n
+            elif rule == "tag":
+                groups = n if isinstance(n, list) else [n]
+                why = _tags_problem(groups, groups_allowed=True)
+                if why:
+                    c.add(f"{kp}.keep.tag", why)
+                else:
+                    jc.keep[rule] = list(groups)
+            elif rule not in KEEP_RULES:
+                c.add(f"{kp}.keep.{rule}", f"unknown rule (known: {', '.join((*KEEP_RULES, 'within', 'tag'))})")
             elif not isinstance(n, int) or isinstance(n, bool) or n < -1:
                 c.add(f"{kp}.keep.{rule}", f"must be a count (-1: all), not {n!r}")
             else:
                 jc.keep[rule] = n
+        tags = c.get(j, "tags", f"{kp}.tags", list, [])
+        why = _tags_problem(tags, groups_allowed=False)
+        if why:
+            c.add(f"{kp}.tags", why)
+        else:
+            jc.tags = list(tags)
         jc.prune_grace = c.get(j, "prune_grace", f"{kp}.prune_grace", str, "1h")
         jc.verify_read_data = c.get(j, "verify_read_data", f"{kp}.verify_read_data", bool, False)
         jc.run_missed = c.get(j, "run_missed", f"{kp}.run_missed", bool)

@@ -60,11 +60,13 @@ def backup_commands(job: JobConfig, repo: RepositoryConfig) -> list[list[str]]:
         doms = libvirt_domains(job.libvirt, job.libvirt_uri)
         glob = len(doms) != 1 or doms[0] != job.libvirt
         return [[*VMBAK, "backup", "--libvirt", d, "--libvirt-uri", job.libvirt_uri, "--name", d if glob else job.name,
-                 "--changes", job.changes, *common] for d in doms]
+                 "--changes", job.changes, *common, *[a for t in job.tags for a in ("--tag", t)]] for d in doms]
     cmd = [*VMBAK, "backup"]
     if job.disk:
         cmd.append(job.disk)
     cmd += ["--name", job.name, "--changes", job.changes, *common]
+    for t in job.tags:
+        cmd += ["--tag", t]
     if job.format:
         cmd += ["--format", job.format]
     return [cmd]
@@ -73,7 +75,10 @@ def backup_commands(job: JobConfig, repo: RepositoryConfig) -> list[list[str]]:
 def forget_command(job: JobConfig, repo: RepositoryConfig, name: str) -> list[str]:
     cmd = [*VMBAK, "forget", "--name", name, "--json", *repo_args(repo)]
     for rule, n in job.keep.items():
-        cmd += [f"--keep-{rule}", str(n)]
+        if rule == "tag":
+            cmd += [a for group in n for a in ("--keep-tag", group)]  # type: ignore[union-attr]
+        else:
+            cmd += [f"--keep-{rule}", str(n)]
     return cmd
 
 
