@@ -1,4 +1,4 @@
-"""The snapshot filter options (--name, --host, --tag) shared by snapshots, forget,
+"""The snapshot filter options (--name, --host, --tag) shared by snapshots, forget, tag,
 restore and copy; the rule itself is vmbak.repo.filters."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import argparse
 
 from vmbak.repo.filters import SnapshotFilter
 
-FILTER_HELP = """snapshot filters (the same in snapshots, forget, restore and copy):
+FILTER_HELP = """snapshot filters (the same in snapshots, forget, tag, restore and copy):
   --name N        snapshots of disk name N; repeat for any of several names
   --host H        snapshots taken on host H; repeat for any of several hosts
   --tag a,b       snapshots that have both tags a and b; repeat for either list
