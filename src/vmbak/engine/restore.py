@@ -481,13 +481,14 @@ def plan(chain: list[Manifest]) -> tuple[list[_Job], np.ndarray]:
         whole = need[take] == ct[take]
         ids = m.ext_id[take].tolist()
         wk = np.flatnonzero(whole)
-        made = map(_Job, repeat(i), m.ext_id[take[wk]].tolist(), st[take[wk]].tolist(), ct[take[wk]].tolist(),
+        wkl = wk.tolist()
+        made = map(_Job, repeat(i), map(ids.__getitem__, wkl), st[take[wk]].tolist(), ct[take[wk]].tolist(),
                    repeat(None))
-        if len(wk) == len(take):
+        if len(wkl) == len(take):
             slots: list[_Job | None] = list(made)
         else:
             slots = [None] * len(take)
-            for k, job in zip(wk.tolist(), made, strict=True):
+            for k, job in zip(wkl, made, strict=True):
                 slots[k] = job
         for ks in _batches(ct[take], np.flatnonzero(whole)):  # all their blocks get data
             data_mask[_blocks(st[take[ks]], ct[take[ks]])[0]] = True
