@@ -6,7 +6,7 @@ qcow2 disk holding 64 MiB of random data, backed up through the command line:
 
 * ``plain``: SeaBIOS, no state files (the peer);
 * ``uefi``: OVMF with an NVRAM store, an swtpm TPM 2.0 and direct-boot kernel and initrd
-  (the test guest's, from ``$VMBAK_TEST_GUEST_DIR/v1``; build it with
+  (the test guest's, from ``$VMBAK_TEST_GUEST_DIR/v2``; build it with
   scripts/build-test-guest.sh), so each backup also reads and stores 4 state files.
 
 After a full of each, it times, interleaved, ``--runs`` incrementals (nothing changed) of
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import libvirt
 
-GUEST = Path(os.environ.get("VMBAK_TEST_GUEST_DIR") or "/var/cache/vmbak-test-guest") / "v1"
+GUEST = Path(os.environ.get("VMBAK_TEST_GUEST_DIR") or "/var/cache/vmbak-test-guest") / "v2"
 ROOT = Path(__file__).resolve().parents[1]
 PLAIN = """<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>
   <os><type arch='x86_64' machine='q35'>hvm</type></os><features><acpi/></features>

@@ -14,7 +14,10 @@
 # "SEQ SHA256 data/SEQ" to /var/lib/vmbak-writer/sums.log (fsynced), and logs "rm SEQ"
 # before it removes an old file (it keeps the newest 200). After a restore, every file the
 # log names (and does not remove) must have its logged sum. Once the first file is logged
-# it prints VMBAK-GUEST-READY on the serial console.
+# it prints VMBAK-GUEST-READY on the serial console, and again every 25 files (about 5 s):
+# a single line could be lost when the serial getty opens ttyS0 at the same moment (its
+# hangup drops what is being written), and then a boot test never saw it (v2; v1 printed it
+# once).
 #
 # Idempotent: a complete build is left alone. The build runs in a temporary directory
 # beside the cache and is renamed into place only when complete, so an interrupted build
@@ -22,7 +25,7 @@
 # each other (flock). Needs root, debootstrap, sfdisk, mkfs.ext4 and qemu-img.
 set -euo pipefail
 
-VERSION=1
+VERSION=2
 BASE=${VMBAK_TEST_GUEST_DIR:-/var/cache/vmbak-test-guest}
 OUT=$BASE/v$VERSION
 SIZE_MIB=1024          # virtual disk size
@@ -106,7 +109,7 @@ touch "\$LOG"
 rm -f "\$D"/data/*.tmp
 # go on numbering after the newest logged file (a restored guest continues its log)
 seq=\$(awk '\$1 ~ /^[0-9]+\$/ {n = \$1 + 1} END {print n + 0}' "\$LOG")
-ready=0
+n=0
 while :; do
     f=data/\$seq
     head -c \$(( (RANDOM % 32 + 1) * 4096 )) /dev/urandom >"\$D/\$f.tmp"
@@ -122,10 +125,10 @@ while :; do
         sync "\$LOG"
         rm -f "\$D/data/\$old"
     fi
-    if ((!ready)); then
+    if ((n % 25 == 0)); then
         echo "VMBAK-GUEST-READY seq=\$seq" >/dev/ttyS0
-        ready=1
     fi
+    n=\$((n + 1))
     seq=\$((seq + 1))
     sleep 0.2
 done

@@ -5,7 +5,7 @@
 # (apt-get download, the same version the guest runs) and keeps the three modules that
 # virtio-net needs, in load order:
 #
-#   ${VMBAK_TEST_GUEST_DIR:-/var/cache/vmbak-test-guest}/v1-netmods/<kernel>/
+#   ${VMBAK_TEST_GUEST_DIR:-/var/cache/vmbak-test-guest}/v2-netmods/<kernel>/
 #       failover.ko net_failover.ko virtio_net.ko
 #
 # Prints that directory. Idempotent; concurrent runs wait for each other (flock); an
@@ -13,13 +13,13 @@
 set -euo pipefail
 
 BASE=${VMBAK_TEST_GUEST_DIR:-/var/cache/vmbak-test-guest}
-GUEST=$BASE/v1
+GUEST=$BASE/v2
 say() { echo "test-guest-net-modules: $*" >&2; }
 
 [[ -s $GUEST/info.json ]] || { say "no test guest in $GUEST (run scripts/build-test-guest.sh)"; exit 1; }
 KVER=$(sed -n 's/.*"kernel": "\([^"]*\)".*/\1/p' "$GUEST/info.json")
 [[ -n $KVER ]] || { say "cannot read the kernel version from $GUEST/info.json"; exit 1; }
-OUT=$BASE/v1-netmods/$KVER
+OUT=$BASE/v2-netmods/$KVER
 MODS=(kernel/net/core/failover.ko kernel/drivers/net/net_failover.ko kernel/drivers/net/virtio_net.ko)
 complete() { [[ -s $OUT/failover.ko && -s $OUT/net_failover.ko && -s $OUT/virtio_net.ko ]]; }
 
@@ -27,15 +27,15 @@ if complete; then
     echo "$OUT"
     exit 0
 fi
-mkdir -p "$BASE/v1-netmods"
-exec 9>"$BASE/v1-netmods/.lock"
+mkdir -p "$BASE/v2-netmods"
+exec 9>"$BASE/v2-netmods/.lock"
 flock 9
 if complete; then
     echo "$OUT"
     exit 0
 fi
-rm -rf "$BASE"/v1-netmods/.tmp-*
-TMP=$(mktemp -d "$BASE/v1-netmods/.tmp-XXXXXX")
+rm -rf "$BASE"/v2-netmods/.tmp-*
+TMP=$(mktemp -d "$BASE/v2-netmods/.tmp-XXXXXX")
 trap 'rm -rf "$TMP"' EXIT
 chmod 755 "$TMP"
 (cd "$TMP" && apt-get download -q "linux-image-$KVER" >"$TMP/apt.log" 2>&1) || {
