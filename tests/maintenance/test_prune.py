@@ -87,13 +87,21 @@ def test_grace_period_then_sweep_and_marked_chunks_are_never_deduplicated(repo, 
     assert_same_file(tmp_path / "a.raw", disk.version("v1"))
 
 
-def fake_lock(repo, pid: int, host: str | None = None, purpose: str = "backup", age_days: float = 0) -> str:  # noqa: ANN001
+def fake_lock(repo, pid: int, host: str | None = None, purpose: str = "backup", age_days: float = 0,  # noqa: ANN001
+              refreshed_days: float | None = None) -> str:
+    """A lock file as another process would write it: taken ``age_days`` ago and, with
+    ``refreshed_days``, last refreshed that long ago."""
     from datetime import UTC, datetime, timedelta
 
-    t = (datetime.now(UTC) - timedelta(days=age_days)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    def ago(days: float) -> str:
+        return (datetime.now(UTC) - timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    d = {"host": host or socket.gethostname(), "pid": pid, "time": ago(age_days), "exclusive": False,
+         "purpose": purpose}
+    if refreshed_days is not None:
+        d["refreshed"] = ago(refreshed_days)
     name = os.urandom(16).hex()
-    (repo.path / "locks" / name).write_text(json.dumps(
-        {"host": host or socket.gethostname(), "pid": pid, "time": t, "exclusive": False, "purpose": purpose}))
+    (repo.path / "locks" / name).write_text(json.dumps(d))
     return f"locks/{name}"
 
 
@@ -204,6 +212,57 @@ def test_unlock(repo, assert_cli_error):
         sleeper.wait()
     assert "removed" in repo.run("unlock").stdout
     assert "no locks" in repo.run("unlock").stdout
+
+
+def test_a_lock_is_refreshed_under_its_name_while_held_and_never_after(repo):
+    """A long holder (serve, mount) rewrites its lock with a new ``refreshed``, under the
+    same name and with the same fields; after the holder lets go no refresh lands, so no
+    lock is left behind (many short holds with a refresh every millisecond)."""
+    import time
+
+    lib = repo.open()
+    lib.lock_refresh_s = 0.05
+    locks = repo.path / "locks"
+    with lib.lock(purpose="serve"):
+        (name,) = os.listdir(locks)
+        first = json.loads((locks / name).read_text())
+        seen = set()
+        deadline = time.monotonic() + 30
+        while len(seen) < 3:
+            assert time.monotonic() < deadline, f"the lock was refreshed {len(seen)} times in 30 s"
+            d = json.loads((locks / name).read_text())
+            if "refreshed" in d:
+                seen.add(d["refreshed"])
+                assert d["refreshed"] > d["time"]
+                assert {k: v for k, v in d.items() if k != "refreshed"} == first
+            time.sleep(0.02)
+        assert os.listdir(locks) == [name]
+    assert os.listdir(locks) == []
+    lib.lock_refresh_s = 0.001
+    for _ in range(50):
+        with lib.lock(purpose="restore"):
+            time.sleep(0.003)
+        assert os.listdir(locks) == []
+
+
+def test_another_hosts_lock_refreshed_within_seven_days_is_not_stale(repo, make_disk, assert_cli_error):
+    """Another host's lock taken 30 days ago (an instant recovery left running) but
+    refreshed an hour ago still holds: prune waits for it, forget is refused, unlock
+    --remove-stale keeps it. Without a refresh for 8 days it is stale."""
+    two_generations(repo, make_disk)
+    serving = fake_lock(repo, 1234, host="elsewhere.example", purpose="serve", age_days=30,
+                        refreshed_days=1 / 24)
+    gone = fake_lock(repo, 1235, host="elsewhere.example", purpose="serve", age_days=30, refreshed_days=8)
+    out = repo.json("prune", "--grace", "0")
+    assert out["swept"] == [] and out["marked"]["doomed_packs"] >= 1
+    (p,) = out["postponed"]
+    assert "still running" in p["reason"] and p["locks"] == [serving], p
+    assert_cli_error(repo.run("forget", "--keep-last", "1", check=False), "locked", "serve")
+    out = repo.json("unlock", "--remove-stale")
+    assert [r["lock"] for r in out["removed"]] == [gone] and "not refreshed for 7 days" in out["removed"][0]["why"]
+    assert [r["lock"] for r in out["kept"]] == [serving] and out["kept"][0]["refreshed"]
+    os.unlink(repo.path / serving)
+    assert len(repo.json("prune", "--grace", "0")["swept"]) == 1
 
 
 def test_a_backup_that_loaded_the_index_before_the_mark_is_waited_for(repo, make_disk, tmp_path,

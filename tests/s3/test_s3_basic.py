@@ -113,10 +113,40 @@ def test_locks_of_other_hosts_are_never_judged_by_local_pids(make_s3_repo, make_
     assert_cli_error(p, "locked")
 
 
-def _now() -> str:
-    from datetime import UTC, datetime
+def _now(days_ago: float = 0) -> str:
+    from datetime import UTC, datetime, timedelta
 
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return (datetime.now(UTC) - timedelta(days=days_ago)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def test_a_held_lock_is_refreshed_in_place_and_a_refreshed_one_is_not_stale(make_s3_repo, assert_cli_error):
+    """A lock on S3 is rewritten under its own key while held (a serve or mount may hold it
+    for weeks) and removed after; another host's lock taken 30 days ago but refreshed an
+    hour ago still blocks forget, one refreshed 8 days ago does not."""
+    import time
+
+    repo = make_s3_repo(encryption="none")
+    lib = repo.open()
+    lib.lock_refresh_s = 0.05
+    c = repo.server.client()
+    with lib.lock(purpose="mount"):
+        (key,) = repo.objects("locks")
+        deadline = time.monotonic() + 30
+        while True:
+            d = json.loads(c.get_object(Bucket=repo.bucket, Key=f"{repo.prefix}/{key}")["Body"].read())
+            if "refreshed" in d and d["refreshed"] > d["time"]:
+                break
+            assert time.monotonic() < deadline, "the lock was not refreshed in 30 s"
+            time.sleep(0.05)
+        assert list(repo.objects("locks")) == [key] and d["purpose"] == "mount"
+    assert repo.objects("locks") == {}
+    other = {"host": "elsewhere.example", "pid": 1234, "exclusive": False, "purpose": "serve", "time": _now(30)}
+    c.put_object(Bucket=repo.bucket, Key=f"{repo.prefix}/locks/" + "d" * 32,
+                 Body=json.dumps(dict(other, refreshed=_now(1 / 24))).encode())
+    assert_cli_error(repo.run("forget", "--keep-last", "1", check=False), "locked", "serve")
+    c.put_object(Bucket=repo.bucket, Key=f"{repo.prefix}/locks/" + "d" * 32,
+                 Body=json.dumps(dict(other, refreshed=_now(8))).encode())
+    repo.run("forget", "--keep-last", "1")
 
 
 def test_check_read_data_finds_a_flipped_byte_in_a_pack_on_s3(make_s3_repo, make_disk):

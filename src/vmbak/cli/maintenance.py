@@ -157,7 +157,8 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                        description="Without options, remove every lock that is not held by a live process "
                        "on this host (use it once you know the processes on other hosts are gone). With "
                        "--remove-stale, remove only locks that are provably stale: their process is gone "
-                       "from this host, or they are older than seven days.",
+                       "from this host, or their host has not written or refreshed them for seven days (a process "
+                       "holding a lock refreshes it every hour).",
                        epilog="examples:\n  vmbak unlock --remove-stale\n  vmbak unlock --json",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--remove-stale", action="store_true", help="remove only provably stale locks")

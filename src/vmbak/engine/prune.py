@@ -448,7 +448,7 @@ def prune(repo: Repository, opts: PruneOptions | None = None, log: Callable[[str
 
 
 def unlock(repo: Repository, remove_stale_only: bool) -> dict:
-    """Remove stale locks (a process gone from this host, or older than seven days), and
+    """Remove stale locks (a process gone from this host, or not refreshed for seven days), and
     without ``remove_stale_only`` also every lock that cannot be shown alive: locks of
     other hosts and unreadable lock files. Locks of live processes on this host stay."""
     import socket
@@ -463,9 +463,9 @@ def unlock(repo: Repository, remove_stale_only: bool) -> dict:
             continue  # gone meanwhile
         except ValueError:
             d = None
-        row = {"lock": name, **({k: d.get(k) for k in ("host", "pid", "time", "exclusive", "purpose")} if d else {})}
+        row = {"lock": name, **({k: d.get(k) for k in ("host", "pid", "time", "refreshed", "exclusive", "purpose")} if d else {})}
         if d is not None and _lock_stale(d):
-            row["why"] = "stale (its process is gone)" if d.get("host") == socket.gethostname() else "stale (older than 7 days)"
+            row["why"] = "stale (its process is gone)" if d.get("host") == socket.gethostname() else "stale (not refreshed for 7 days)"
         elif d is not None and d.get("host") == socket.gethostname():
             row["why"] = "its process is alive on this host"
             kept.append(row)

@@ -106,6 +106,13 @@ SOLO_PURPOSES = ("prune", "repair")
 # Shared locks of work that only reads the repository: these go without a lock on
 # request (Repository.no_lock) and where the repository's file system is read-only.
 READ_PURPOSES = ("restore", "check", "copy-source")
+# Another host's lock is stale once neither its ``time`` nor its ``refreshed`` is newer
+# than this (its process cannot be asked whether it is alive) ...
+LOCK_STALE_S = 7 * 86400
+# ... so a holder rewrites its lock with a new ``refreshed`` this often: an instant
+# recovery (serve) or a mount left running for weeks keeps its packs from another host's
+# prune (a sweep waits for the locks its ready record lists, until they are stale).
+LOCK_REFRESH_S = 3600.0
 METADATA_PIECE = 1 << 20  # metadata stored as chunks comes in pieces of at most this
 
 # Bounds on the config fields that size memory: a pack is built in memory up to
@@ -208,6 +215,7 @@ class Repository:
         self.recovered_packs = 0
         self.key_name: str = ""  # the key file that opened the repository
         self.held_locks: list[str] = []  # names of the locks this object holds
+        self.lock_refresh_s = LOCK_REFRESH_S  # how often a held lock is rewritten (lock())
         self._shared_held: dict[int, int] = {}  # thread -> depth of the shared lock it holds (lock())
         # Told one line when a snapshot is found by an id it had before a rewrite (resolve).
         self.note: Callable[[str], None] | None = None
@@ -371,11 +379,16 @@ class Repository:
         # signal between a ``with`` statement and this generator), the command line
         # removes the lock on its way out: no lock is left behind by an interrupted command.
         unlocked = False  # reading a repository on a read-only file system
+        refresher = _LockRefresher(self, name, me)
+
+        def remove() -> None:
+            refresher.stop()
+            self.backend.delete(name)
         try:
             with deferred():
                 self.backend.write(name, json.dumps(me).encode())
                 self.held_locks.append(name)
-                token = register_cleanup(lambda: self.backend.delete(name))
+                token = register_cleanup(remove)
         except ReadOnlyRepository:
             if not reading:
                 raise ReadOnlyRepository(f"cannot lock the repository for {purpose or 'writing'}: "
@@ -412,8 +425,10 @@ class Repository:
                         "if that process is gone, run 'vmbak unlock'")
             if not exclusive:
                 self._shared_held[me_thread] = 1
+            refresher.start()
             yield
         finally:
+            refresher.stop()  # no rewrite after this: the lock is deleted next
             with deferred():
                 if not exclusive:
                     self._shared_held.pop(me_thread, None)
@@ -1095,16 +1110,60 @@ def _same_host(d: dict) -> bool:
 
 
 def _lock_stale(d: dict) -> bool:
+    """Whether a lock's holder is gone: its process, on this host; on another, no word
+    from it (``time``, or its last ``refreshed``) for LOCK_STALE_S."""
     if _same_host(d):
         try:
             return not pid_alive(int(d.get("pid", -1)))
         except (ValueError, OverflowError):
             return False
-    try:
-        age = time.time() - _parse_iso(d["time"]).timestamp()
-    except (KeyError, ValueError):
+    newest = None
+    for key in ("time", "refreshed"):
+        try:
+            t = _parse_iso(d[key]).timestamp()
+        except (KeyError, TypeError, ValueError):
+            continue
+        newest = t if newest is None else max(newest, t)
+    if newest is None:
         return False
-    return age > 7 * 86400
+    return time.time() - newest > LOCK_STALE_S
+
+
+class _LockRefresher:
+    """Rewrites a held lock under its own name every ``repo.lock_refresh_s`` seconds with
+    ``refreshed`` = now, on a daemon thread, so that other hosts never judge a
+    long-running holder (serve, mount, a slow backup) stale. A failed rewrite is told
+    through ``repo.note`` (once until one succeeds) and tried again at the next interval.
+    :meth:`stop` returns only once no rewrite is under way, so none lands after the lock
+    is deleted."""
+
+    def __init__(self, repo: Repository, name: str, doc: dict) -> None:
+        self.repo, self.name, self.doc = repo, name, dict(doc)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="vmbak-lock-refresh", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        failing = False
+        while not self._stop.wait(self.repo.lock_refresh_s):
+            self.doc["refreshed"] = _now_iso()
+            try:
+                self.repo.backend.write(self.name, json.dumps(self.doc).encode())
+                failing = False
+            except Exception as e:  # noqa: BLE001 - told, and tried again at the next interval
+                if not failing and self.repo.note is not None:
+                    self.repo.note(f"cannot refresh the lock {self.name}: {e} (trying again in "
+                                   f"{self.repo.lock_refresh_s:.0f} s; another host may take the lock for stale "
+                                   "after 7 days without a refresh)")
+                failing = True
 
 
 __all__ = ["Repository", "ChunkWriter", "ENC_AES", "ENC_NONE"]
