@@ -206,10 +206,17 @@ keep = { last = 1, within = "0d" }
 repository = "main"
 disk = "b.raw"
 keep = { last = 0, daily = 0 }
+
+[jobs.c]
+repository = "main"
+disk = "c.raw"
+keep = { tag = [] }
 ''')
     text = "\n".join(_problems(server_env.vmbak("server", "--config", str(server_env.config), "--check", check=False)))
     assert ": jobs.a.keep.within: '0d' keeps nothing (a duration of 0 is no rule)" in text, text
-    assert ": jobs.b.keep: every rule is 0, which keeps nothing" in text, text
+    assert ": jobs.b.keep: no rule keeps anything (counts of 0, no tags)" in text, text
+    assert ": jobs.c.keep: no rule keeps anything" in text, text
+    assert "jobs.a.keep:" not in text, text  # named once, as keep.within
 
     repo = make_repo("none")
     disk = make_disk("a.raw", 1 << 20, seed=3)

@@ -491,6 +491,7 @@ def _jobs(c: _Checker, t: dict, repos: dict[str, RepositoryConfig]) -> dict[str,
             c.add(f"{kp}.mode", f"must be one of {', '.join(MODES)}, not {jc.mode!r}")
         jc.format = c.get(j, "format", f"{kp}.format", str)
         keep = c.get(j, "keep", f"{kp}.keep", dict, {})
+        problems = len(c.problems)
         for rule, n in keep.items():
             if rule == "within":
                 why = _keep_within_problem(n)
@@ -511,10 +512,10 @@ def _jobs(c: _Checker, t: dict, repos: dict[str, RepositoryConfig]) -> dict[str,
                 c.add(f"{kp}.keep.{rule}", f"must be a count (-1: all), not {n!r}")
             else:
                 jc.keep[rule] = n
-        if keep and set(keep) <= set(KEEP_RULES) and all(n == 0 for n in keep.values()):
+        if keep and len(c.problems) == problems and not any(jc.keep.values()):
             # forget would refuse every run: without a rule every snapshot would go
-            c.add(f"{kp}.keep", "every rule is 0, which keeps nothing: give a count, or leave keep out "
-                  "to keep every snapshot")
+            c.add(f"{kp}.keep", "no rule keeps anything (counts of 0, no tags): give a count, or leave keep "
+                  "out to keep every snapshot")
         tags = c.get(j, "tags", f"{kp}.tags", list, [])
         why = _tags_problem(tags, groups_allowed=False)
         if why:
