@@ -143,4 +143,11 @@ def test_forget_refuses_without_rules_or_with_unknown_names(dated_repo, assert_c
     assert_cli_error(repo.run("forget", "--name", "nosuch", "--keep-last", "1", check=False), "nosuch")
     assert_cli_error(repo.run("forget", "deadbeef", check=False), "deadbeef")
     assert_cli_error(repo.run("forget", "--keep-daily", "-3", check=False), "keep-daily")
+    # a zero duration is no rule, as a zero count: taken as one it would keep nothing, not
+    # even the newest snapshot of each name
+    for zero in ("0d", "0h", "0y0m0d0h"):
+        assert_cli_error(repo.run("forget", "--keep-within", zero, check=False), "nothing to forget",
+                         "a count or duration of 0 is no rule")
+    out = repo.json("forget", "--keep-last", "1", "--keep-within", "0d", "--dry-run")
+    assert out["policy"] == "keep-last 1" and len(out["deleted"]) == 48, (out["policy"], len(out["deleted"]))
     assert len(repo.snapshots()) == 50

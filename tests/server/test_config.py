@@ -191,6 +191,32 @@ keep = { last = 1, within = "7x", tag = ["ok", "a b"] }
     assert ": jobs.a.tags: bad tag '-x': it starts with '-'" in text, text
     assert ": jobs.a.keep.within: cannot parse --keep-within '7x'" in text, text
     assert ": jobs.a.keep.tag: bad tag 'a b': it contains a space" in text, text
+    # rules that keep nothing: forget would refuse (or, with a zero duration taken as a rule,
+    # remove every snapshot of the name)
+    server_env.write_config(server_env.header() + '''
+[repositories.main]
+location = "repo"
+
+[jobs.a]
+repository = "main"
+disk = "a.raw"
+keep = { last = 1, within = "0d" }
+
+[jobs.b]
+repository = "main"
+disk = "b.raw"
+keep = { last = 0, daily = 0 }
+
+[jobs.c]
+repository = "main"
+disk = "c.raw"
+keep = { tag = [] }
+''')
+    text = "\n".join(_problems(server_env.vmbak("server", "--config", str(server_env.config), "--check", check=False)))
+    assert ": jobs.a.keep.within: '0d' keeps nothing (a duration of 0 is no rule)" in text, text
+    assert ": jobs.b.keep: no rule keeps anything (counts of 0, no tags)" in text, text
+    assert ": jobs.c.keep: no rule keeps anything" in text, text
+    assert "jobs.a.keep:" not in text, text  # named once, as keep.within
 
     repo = make_repo("none")
     disk = make_disk("a.raw", 1 << 20, seed=3)
@@ -202,11 +228,11 @@ location = "{repo.path}"
 repository = "main"
 disk = "{disk.path}"
 tags = ["nightly"]
-keep = {{ last = 1, within = "0h", tag = ["keep", "release,verified"] }}
+keep = {{ last = 1, within = "1h", tag = ["keep", "release,verified"] }}
 ''')
     cfg = load(str(server_env.config))
     job, rc = cfg.jobs["a"], cfg.repositories["main"]
-    assert job.keep == {"last": 1, "within": "0h", "tag": ["keep", "release,verified"]}
+    assert job.keep == {"last": 1, "within": "1h", "tag": ["keep", "release,verified"]}
 
     def run(cmd: list[str]) -> dict:
         p = subprocess.run(cmd, env=child_env(rc), capture_output=True, text=True, timeout=300, check=True)
@@ -220,7 +246,12 @@ keep = {{ last = 1, within = "0h", tag = ["keep", "release,verified"] }}
     disk.write_random(65536, 65536, seed=5)
     last = run(backup_commands(job, rc)[0])
     out = run(forget_command(job, rc, "a"))
-    assert out["policy"] == "keep-last 1, keep-within 0h, keep-tag keep, keep-tag release,verified", out["policy"]
+    assert out["policy"] == "keep-last 1, keep-within 1h, keep-tag keep, keep-tag release,verified", out["policy"]
+    # the first has a new id since it was tagged
+    assert out["deleted"] == [] and [d["reasons"] for d in out["names"]["a"] if "keep" in d["tags"]] == [
+        ["within 1h", "tag keep"]], out["names"]
+    del job.keep["within"]  # the three were made within the hour: without within, last and tag decide
+    run(forget_command(job, rc, "a"))
     left = repo.snapshots()
     assert len(left) == 2 and left[-1]["time"] == last["time"], left  # the latest, and the one tagged keep
     assert left[0]["tags"] == ["nightly", "keep"]

@@ -22,7 +22,8 @@ FORGET_EPILOG = """examples:
   vmbak forget --name web --tag nightly --keep-last 7          # only nightly snapshots of web are considered
 
 keep-within DURATION keeps every snapshot newer than the newest snapshot of its name
-minus DURATION (1y2m3d4h: years, months, days, hours). --keep-tag a,b keeps snapshots
+minus DURATION (1y2m3d4h: years, months, days, hours); a DURATION of 0, like a count
+of 0, is no rule (it would keep nothing). --keep-tag a,b keeps snapshots
 that have both a and b; repeat it to keep either. Filters (--name, --host, --tag)
 choose the snapshots the rules apply to; the others stay (one whose forgotten parent it
 needs has that parent merged into it, as below).

@@ -52,6 +52,20 @@ def parse_within(text: str) -> tuple[int, int, int, int]:
     return y, mo, d, h
 
 
+def within_on(text: str) -> bool:
+    """Whether a keep-within duration is a rule: an empty or zero one ("0d", "0y0h") is
+    none, as a count of 0 is none (and as in restic). A zero duration taken as a rule
+    would keep no snapshot at all, not even the newest, and forget would remove every
+    snapshot of the name. A duration that does not parse counts as a rule, so that
+    Policy.validate names it."""
+    if not text.strip():
+        return False
+    try:
+        return any(parse_within(text))
+    except VmbakError:
+        return True
+
+
 def within_limit(newest: datetime, text: str) -> datetime:
     """The instant ``text`` (a keep-within duration) before ``newest``. Years and months
     are calendar steps; a day that the month lacks rolls over into the next month (as Go's
@@ -77,11 +91,11 @@ class Policy:
     weekly: int = 0
     monthly: int = 0
     yearly: int = 0
-    within: str = ""  # keep-within duration ("7d", "1y2m"); "" = off
+    within: str = ""  # keep-within duration ("7d", "1y2m"); "" or a zero one ("0d") = off
     tags: list[str] = field(default_factory=list)  # keep-tag lists ("a,b" = both); any of them
 
     def empty(self) -> bool:
-        return all(getattr(self, r) == 0 for r in RULES) and not self.within and not self.tags
+        return all(getattr(self, r) == 0 for r in RULES) and not within_on(self.within) and not self.tags
 
     def validate(self) -> None:
         for r in RULES:
@@ -97,7 +111,7 @@ class Policy:
     def describe(self) -> str:
         parts = [f"keep-{r} {'all' if getattr(self, r) == -1 else getattr(self, r)}"
                  for r in RULES if getattr(self, r)]
-        if self.within:
+        if within_on(self.within):
             parts.append(f"keep-within {self.within}")
         parts += [f"keep-tag {t}" for t in self.tags]
         return ", ".join(parts) or "no keep rules"
@@ -148,7 +162,7 @@ def apply_policy(snapshots: Iterable[tuple[str, str] | tuple[str, str, list[str]
             kept += 1
             d.keep = True
             d.reasons.append("last snapshot" if rule == "last" else f"{rule} {period}")
-    if policy.within and decisions:
+    if within_on(policy.within) and decisions:
         limit = within_limit(times[0], policy.within)
         for i, d in enumerate(decisions):
             if times[i] > limit:
@@ -216,7 +230,7 @@ def forget(repo: Repository, policy: Policy, *, name: str | None = None, snapsho
     snapshots = snapshots or []
     if policy.empty() and not snapshots:
         raise VmbakError("nothing to forget: name snapshots or give --keep-* rules "
-                         "(without a rule every snapshot would go)")
+                         "(without a rule every snapshot would go; a count or duration of 0 is no rule)")
     policy.validate()
     res = ForgetResult(policy=policy.describe(), dry_run=dry_run)
     if where is not None and not where.empty():

@@ -271,7 +271,9 @@ def _keep_within_problem(v: object) -> str | None:
     if not isinstance(v, str):
         return f"must be a duration such as \"7d\" or \"1y6m\", not {v!r}"
     try:
-        parse_within(v)
+        if not any(parse_within(v)):
+            return (f"{v!r} keeps nothing (a duration of 0 is no rule): give one such as \"7d\", "
+                    "or leave within out")
     except VmbakError as e:
         return str(e)
     return None
@@ -489,6 +491,7 @@ def _jobs(c: _Checker, t: dict, repos: dict[str, RepositoryConfig]) -> dict[str,
             c.add(f"{kp}.mode", f"must be one of {', '.join(MODES)}, not {jc.mode!r}")
         jc.format = c.get(j, "format", f"{kp}.format", str)
         keep = c.get(j, "keep", f"{kp}.keep", dict, {})
+        problems = len(c.problems)
         for rule, n in keep.items():
             if rule == "within":
                 why = _keep_within_problem(n)
@@ -509,6 +512,10 @@ def _jobs(c: _Checker, t: dict, repos: dict[str, RepositoryConfig]) -> dict[str,
                 c.add(f"{kp}.keep.{rule}", f"must be a count (-1: all), not {n!r}")
             else:
                 jc.keep[rule] = n
+        if keep and len(c.problems) == problems and not any(jc.keep.values()):
+            # forget would refuse every run: without a rule every snapshot would go
+            c.add(f"{kp}.keep", "no rule keeps anything (counts of 0, no tags): give a count, or leave keep "
+                  "out to keep every snapshot")
         tags = c.get(j, "tags", f"{kp}.tags", list, [])
         why = _tags_problem(tags, groups_allowed=False)
         if why:
