@@ -189,6 +189,28 @@ def test_one_prune_at_a_time_and_backups_wait_for_no_prune(repo, make_disk, asse
         sleeper.wait()
 
 
+def test_lock_files_that_are_not_json_objects_are_no_locks(repo, make_disk, assert_cli_error):
+    """A lock file holding JSON that is not an object (a list, null, a string: damage, or a
+    hostile repository) counts as no lock, as unreadable bytes do, instead of stopping
+    every command with a traceback; unlock lists it as unreadable and removes it. A lock
+    with fields of the wrong types is judged without a traceback too."""
+    disk = make_disk("a.raw", 1 * MiB, seed=7)
+    for text in ("[1, 2]", "null", '"locked"', "7", "{\"host\": 5, \"pid\": \"x\", \"time\": 7, \"refreshed\": []}"):
+        name = os.urandom(16).hex()
+        (repo.path / "locks" / name).write_text(text)
+        if text.startswith("{"):  # a lock of no known host and no readable time: held, never stale
+            repo.backup(disk, "a")
+            assert_cli_error(repo.run("forget", "--keep-last", "1", check=False), "locked", "pid x on 5")
+        else:
+            repo.backup(disk, "a")
+            assert repo.json("prune", "--grace", "0")["warnings"] == []
+            repo.run("forget", "--keep-last", "1")
+        out = repo.json("unlock")
+        assert [r["lock"] for r in out["removed"]] == [f"locks/{name}"], out
+        assert out["removed"][0]["why"] == ("held by another host (removed as asked)" if text.startswith("{")
+                                            else "unreadable lock file"), out
+
+
 def test_unlock(repo, assert_cli_error):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

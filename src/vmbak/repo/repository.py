@@ -412,6 +412,8 @@ class Repository:
                     d = json.loads(self.backend.read(other))
                 except (RepositoryError, ValueError):
                     continue
+                if not isinstance(d, dict):  # not a lock (``vmbak unlock`` lists it as unreadable)
+                    continue
                 if _lock_stale(d):
                     if _same_host(d):
                         self.backend.delete(other)  # its process is gone
