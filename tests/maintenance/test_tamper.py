@@ -4,6 +4,7 @@ manifest, a key file or a prune mark is detected and named, and nothing acts on 
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import shutil
 
@@ -123,6 +124,35 @@ def test_a_damaged_prune_mark_is_reported_and_never_acted_upon(world, tmp_path):
     repo.check(read_data=True)
     assert sorted(p.name for p in files(repo, "data")) != packs  # the garbage did go, by the new mark
     repo.restore("t:latest", tmp_path / "o.raw")
+
+
+def test_authentic_but_malformed_ready_records_are_never_acted_upon(world, tmp_path):
+    """Ready records sealed with the repository's key (a buggy or hostile writer) but
+    malformed: a version that is no number, a lock name outside locks/. Each counts as
+    damaged, as a flipped bit does: prune names it in one line and removes its mark as
+    incomplete, check reports it; no traceback, and nothing is swept on its word."""
+    from vmbak.repo import marks
+
+    for bad in ({"version": "x"}, {"locks": ["../config"]}, {"locks": ["locks/" + "a" * 32 + "/.."]}):
+        repo = copy(world, "aes-256-gcm", tmp_path / "r")
+        repo.run("forget", "--keep-last", "1")
+        out = repo.json("prune", "--repack-threshold", "0.2")  # marks (grace 1h)
+        mid = out["marked"]["mark"]
+        lib = repo.open()
+        doc = {"version": marks.MARK_VERSION, "mark": mid, "time": "2026-01-01T00:00:00.000000Z", "locks": [], **bad}
+        lib.backend.write(f"prune/ready-{mid}", marks._seal_json(lib.sealer, doc, marks.READY_AAD))  # noqa: SLF001
+        packs = sorted(p.name for p in files(repo, "data"))
+        p = repo.run("check", "--json", check=False)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert any(f"prune ready record {mid[:8]}: malformed" in e for e in json.loads(p.stdout.splitlines()[-1])["errors"]), p.stdout
+        p = repo.run("prune", "--grace", "0", "--repack-threshold", "0.2", "--json", check=False)
+        assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+        out = json.loads(p.stdout.splitlines()[-1])
+        assert any(f"prune ready record {mid[:8]}: malformed" in w for w in out["warnings"]), out["warnings"]
+        assert all(s["mark"] != mid for s in out["swept"]) and mid in out["removed_incomplete_marks"], out
+        repo.check(read_data=True)
+        assert sorted(p.name for p in files(repo, "data")) != packs  # the garbage went, by a new mark
+        shutil.rmtree(repo.path)
 
 
 def test_a_flipped_bit_anywhere_is_found_by_check_read_data(world, tmp_path):

@@ -36,6 +36,7 @@ READY_AAD = b"vmbak-prune-ready"
 MARK_VERSION = 1
 _NAME = re.compile(r"prune/(mark|ready)-([0-9a-f]{32})")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_LOCK = re.compile(r"locks/[0-9a-f]{32}")  # a lock's name (Repository.lock)
 
 
 def _now() -> str:
@@ -91,7 +92,11 @@ def _open_json(sealer: Sealer, blob: bytes, aad: bytes, what: str) -> dict:
             raise ValueError
     except (zstandard.ZstdError, ValueError, UnicodeDecodeError):
         raise IntegrityError(f"{what}: malformed") from None
-    if int(doc.get("version", 0)) > MARK_VERSION:
+    try:
+        version = int(doc.get("version", 0))
+    except (TypeError, ValueError):
+        raise IntegrityError(f"{what}: malformed") from None
+    if version > MARK_VERSION:
         raise IntegrityError(f"{what}: version {doc.get('version')} is newer than this vmbak")
     return doc
 
@@ -156,7 +161,7 @@ def load_marks(backend: Backend, sealer: Sealer) -> tuple[list[Mark], list[MarkP
                 if rdoc.get("mark") != mid:
                     raise IntegrityError(f"prune ready record {mid[:8]}: belongs to another mark")
                 locks = rdoc["locks"]
-                if not isinstance(locks, list) or not all(isinstance(x, str) for x in locks):
+                if not isinstance(locks, list) or not all(isinstance(x, str) and _LOCK.fullmatch(x) for x in locks):
                     raise IntegrityError(f"prune ready record {mid[:8]}: malformed")
                 m.locks = locks
                 m.ready_time = str(rdoc.get("time", ""))
