@@ -77,6 +77,21 @@ def test_rct_round_trip_and_damage(tmp_path) -> None:
         decode_rct(data, other)
 
 
+@pytest.mark.parametrize("header", [b"[1, 2]", b"null", b'"x"', b'{"nblocks": [], "disk": 5}'])
+def test_rct_with_a_valid_checksum_but_a_header_that_is_no_object(tmp_path, header: bytes) -> None:
+    """The checksum is unkeyed: a file written by something else can pass it. A header
+    of JSON that is not an object of the right fields is a one-line StateFileError (the
+    tracker then starts over from a full), never an AttributeError."""
+    import hashlib
+    import struct
+
+    ident, _ = _ident(tmp_path)
+    body = struct.pack("<8sIIQ", b"VMBAKRCT", 1, len(header), 0) + header
+    data = body + hashlib.sha256(body).digest()
+    with pytest.raises(StateFileError, match="malformed header|another disk"):
+        decode_rct(data, ident)
+
+
 def test_mrt_header_slots_and_torn_pages(tmp_path) -> None:
     ident, _ = _ident(tmp_path)
     nreg = 3

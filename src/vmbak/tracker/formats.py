@@ -233,7 +233,7 @@ def decode_rct(data: bytes, ident: DiskIdentity) -> RctState:
         )
     except StateFileError:
         raise
-    except (ValueError, KeyError, TypeError, zlib.error) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, zlib.error) as e:  # AttributeError: not an object
         raise StateFileError("corrupt", f"has a malformed header ({e})") from None
 
 
