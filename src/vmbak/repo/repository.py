@@ -1163,8 +1163,8 @@ class _LockRefresher:
             except Exception as e:  # noqa: BLE001 - told, and tried again at the next interval
                 if not failing and self.repo.note is not None:
                     self.repo.note(f"cannot refresh the lock {self.name}: {e} (trying again in "
-                                   f"{self.repo.lock_refresh_s:.0f} s; another host may take the lock for stale "
-                                   "after 7 days without a refresh)")
+                                   f"{self.repo.lock_refresh_s:.0f} s; after 7 days without a refresh, other "
+                                   "hosts judge the lock stale)")
                 failing = True
 
 
