@@ -267,6 +267,53 @@ def test_a_lock_is_refreshed_under_its_name_while_held_and_never_after(repo):
         assert os.listdir(locks) == []
 
 
+def test_a_refresh_that_fails_is_told_once_and_tried_again() -> None:
+    """While the lock's directory refuses writes (immutable: ``chattr +i``, which binds
+    root too), the refresher says so once through ``repo.note`` and keeps trying; once
+    the directory takes writes again the lock is refreshed, and removed at the end. The
+    repository is under /var/tmp: chattr needs a disk file system, and /tmp may be a tmpfs."""
+    import shutil
+    import tempfile
+    import time
+
+    import vmbak
+
+    root = tempfile.mkdtemp(prefix="vmbak-refresh-", dir="/var/tmp")
+    locks = os.path.join(root, "r", "locks")
+    try:
+        lib = vmbak.Repository.init(os.path.join(root, "r"), None, encryption="none")
+        notes: list[str] = []
+        lib.note = notes.append
+        lib.lock_refresh_s = 0.05
+        with lib.lock(purpose="serve"):
+            (name,) = os.listdir(locks)
+            subprocess.run(["chattr", "+i", locks], check=True)
+            try:
+                deadline = time.monotonic() + 30
+                while not notes:
+                    assert time.monotonic() < deadline, "no word of the failed refresh in 30 s"
+                    time.sleep(0.02)
+                time.sleep(0.5)  # about ten more failed tries
+                assert len(notes) == 1 and f"cannot refresh the lock locks/{name}" in notes[0], notes
+            finally:
+                subprocess.run(["chattr", "-i", locks], check=True)
+            since = datetime_now_iso()
+            deadline = time.monotonic() + 30
+            while json.loads(open(os.path.join(locks, name)).read()).get("refreshed", "") <= since:
+                assert time.monotonic() < deadline, "the lock was not refreshed once writes were possible"
+                time.sleep(0.02)
+        assert os.listdir(locks) == [] and len(notes) == 1
+    finally:
+        subprocess.run(["chattr", "-i", locks], check=False, capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def datetime_now_iso() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def test_another_hosts_lock_refreshed_within_seven_days_is_not_stale(repo, make_disk, assert_cli_error):
     """Another host's lock taken 30 days ago (an instant recovery left running) but
     refreshed an hour ago still holds: prune waits for it, forget is refused, unlock
