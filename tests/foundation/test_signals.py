@@ -239,3 +239,28 @@ def test_signal_while_an_object_is_moved_into_place(make_repo, make_disk) -> Non
     assert p.stdout.strip() == f"rc {128 + int(signal.SIGTERM)} fired 1", (p.stdout, p.stderr)
     assert "Traceback" not in p.stderr, p.stderr
     assert os.listdir(repo.path / "tmp") == []
+
+
+def test_sigterm_as_the_lock_appears_leaves_no_lock(make_repo, make_disk, popen_vmbak) -> None:
+    """SIGTERM the moment a backup's lock file appears (as the service does when it stops
+    mid-job): the command is then between writing its lock and starting the thread that
+    refreshes it. Every trial ends interrupted or done, with no lock left behind."""
+    repo = make_repo("none")
+    disk = make_disk("d.raw", 4 * MiB, seed=SEED + 5)
+    locks = repo.path / "locks"
+    seen: collections.Counter = collections.Counter()
+    for i in range(30):
+        disk.write_random(0, MiB, seed=SEED + 100 + i)
+        p = popen_vmbak("backup", disk.path, "--name", "d", "-q", env=repo.env())
+        deadline = time.monotonic() + 60
+        while not os.listdir(locks) and p.poll() is None:
+            assert time.monotonic() < deadline, "no lock in 60 s"
+            time.sleep(0.0002)
+        if p.poll() is None:
+            time.sleep((i % 6) * 0.0005)  # at the lock, and up to 2.5 ms after it
+            p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=120)
+        seen[_outcome(p.returncode, out, err, signal.SIGTERM, f"trial {i}")] += 1
+        assert os.listdir(locks) == [], f"trial {i}: locks left: {os.listdir(locks)}\n{err}"
+    assert seen["interrupted"] >= 10, seen
+    repo.check(read_data=False)

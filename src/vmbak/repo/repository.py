@@ -427,11 +427,12 @@ class Repository:
                         "if that process is gone, run 'vmbak unlock'")
             if not exclusive:
                 self._shared_held[me_thread] = 1
-            refresher.start()
+            with deferred():  # a signal inside Thread.start() would leave a thread join() refuses
+                refresher.start()
             yield
         finally:
-            refresher.stop()  # no rewrite after this: the lock is deleted next
             with deferred():
+                refresher.stop()  # no rewrite after this: the lock is deleted next
                 if not exclusive:
                     self._shared_held.pop(me_thread, None)
                 self.held_locks.remove(name)
@@ -1151,7 +1152,10 @@ class _LockRefresher:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            try:
+                self._thread.join()
+            except RuntimeError:  # not started: once it runs it sees the event and ends, unwritten
+                pass
 
     def _run(self) -> None:
         failing = False
