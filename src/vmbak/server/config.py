@@ -266,16 +266,16 @@ class _Checker:
 
 def _keep_within_problem(v: object) -> str | None:
     """Why ``keep.within`` is not a duration forget --keep-within takes (None: it is)."""
-    from vmbak.engine.retention import parse_within
+    from vmbak.engine.retention import parse_within, within_on
 
     if not isinstance(v, str):
         return f"must be a duration such as \"7d\" or \"1y6m\", not {v!r}"
     try:
-        if not any(parse_within(v)):
-            return (f"{v!r} keeps nothing (a duration of 0 is no rule): give one such as \"7d\", "
-                    "or leave within out")
+        parse_within(v)
     except VmbakError as e:
         return str(e)
+    if not within_on(v):
+        return f"{v!r} keeps nothing (a duration of 0 is no rule): give one such as \"7d\", or leave within out"
     return None
 
 

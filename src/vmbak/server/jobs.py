@@ -55,18 +55,17 @@ def libvirt_domains(pattern: str, uri: str) -> list[str]:
 
 def backup_commands(job: JobConfig, repo: RepositoryConfig) -> list[list[str]]:
     """The ``vmbak backup`` command lines of one backup run (one per libvirt domain matched)."""
-    common = ["--mode", job.mode, "--workers", str(job.workers), "--json", *repo_args(repo)]
+    common = ["--mode", job.mode, "--workers", str(job.workers), "--json", *repo_args(repo),
+              *[a for t in job.tags for a in ("--tag", t)]]
     if job.libvirt:
         doms = libvirt_domains(job.libvirt, job.libvirt_uri)
         glob = len(doms) != 1 or doms[0] != job.libvirt
         return [[*VMBAK, "backup", "--libvirt", d, "--libvirt-uri", job.libvirt_uri, "--name", d if glob else job.name,
-                 "--changes", job.changes, *common, *[a for t in job.tags for a in ("--tag", t)]] for d in doms]
+                 "--changes", job.changes, *common] for d in doms]
     cmd = [*VMBAK, "backup"]
     if job.disk:
         cmd.append(job.disk)
     cmd += ["--name", job.name, "--changes", job.changes, *common]
-    for t in job.tags:
-        cmd += ["--tag", t]
     if job.format:
         cmd += ["--format", job.format]
     return [cmd]
