@@ -13,6 +13,17 @@ Two tools close the gaps an exception raised at an arbitrary bytecode leaves:
 * ``register_cleanup()``: an action (remove a partial file, release a lock) that the
   command line runs on its way out if its owner never got the chance.
 
+The standard library's thread and process code (``threading``, ``queue``,
+``concurrent.futures``, ``subprocess``) takes an exception only where it blocks: it is
+written for Ctrl-C in a wait, not at any bytecode. Raised between a lock's acquire and
+the ``with`` or ``try`` that releases it, an exception leaves that lock held for ever; a
+worker then hangs on it, and so does the pool's shutdown and the interpreter's exit
+(one SIGTERM in about a thousand, sent while a backup started its threads, hung the
+process). So the handler raises only where every frame of that code on the main
+thread's stack stands at one of its waits (``_SAFE_WAITS``); elsewhere it holds the
+signal back and sends it again to the main thread a moment later, until it lands at
+such a point. A blocking wait is such a point, so a wait is still interrupted at once.
+
 This module imports nothing heavy: it must be usable before anything else is imported.
 The library never installs handlers itself; embedding programs keep their own.
 """
@@ -45,10 +56,97 @@ class Interrupted(KeyboardInterrupt):
 # raised: the first signal was raised (cleanup runs; later signals are ignored);
 # pending: a signal held back by deferred(); depth: deferred() nesting in the main thread;
 # held: install(hold=True) holds signals until release()
-_state = {"raised": False, "pending": 0, "depth": 0, "held": False, "main": _thread.get_ident()}
+# retrying: a signal raised at an unsafe point is being sent again (_retry)
+_state = {"raised": False, "pending": 0, "depth": 0, "held": False, "main": _thread.get_ident(),
+          "retrying": False}
 _cleanups: dict[int, Callable[[], None]] = {}
 _cleanup_lock = _thread.allocate_lock()
 _next_token = [0]
+
+
+# Where the standard library's thread and process code may take an exception: for each
+# function, the lines (found by their text, so no Python version's line numbers are
+# assumed) at which it waits inside a ``try`` or ``with`` that undoes what it holds, or
+# calls such a wait. A frame of these modules anywhere else (a lock just taken, a thread
+# half registered) is not interrupted. A line not found (another Python's text) only
+# delays the signal until that code returns.
+_SAFE_WAITS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("threading", "Condition.wait"): ("waiter.acquire(",),
+    ("threading", "Condition.wait_for"): ("self.wait(",),
+    ("threading", "Event.wait"): ("self._cond.wait(",),
+    ("threading", "Semaphore.acquire"): ("self._cond.wait(",),
+    ("threading", "Thread.join"): ("self._wait_for_tstate_lock(",),
+    ("threading", "Thread._wait_for_tstate_lock"): ("lock.acquire(block, timeout)",),
+    ("queue", "Queue.get"): ("self.not_empty.wait(",),
+    ("queue", "Queue.put"): ("self.not_full.wait(",),
+    ("queue", "Queue.join"): ("self.all_tasks_done.wait(",),
+    ("concurrent.futures._base", "Future.result"): ("self._condition.wait(",),
+    ("concurrent.futures._base", "Future.exception"): ("self._condition.wait(",),
+    ("concurrent.futures._base", "_result_or_cancel"): ("fut.result(",),
+    ("concurrent.futures._base", "Executor.map.<locals>.result_iterator"): ("_result_or_cancel(",),
+    ("concurrent.futures._base", "wait"): ("waiter.event.wait(",),
+    ("concurrent.futures._base", "as_completed"): ("waiter.event.wait(",),
+    ("concurrent.futures._base", "Executor.__exit__"): ("self.shutdown(",),
+    ("concurrent.futures.thread", "ThreadPoolExecutor.shutdown"): ("t.join(",),
+    ("subprocess", "run"): ("process.communicate(", "process.wait("),
+    ("subprocess", "call"): ("p.wait(",),
+    ("subprocess", "check_call"): ("retcode = call(",),
+    ("subprocess", "check_output"): ("return run(",),
+    ("subprocess", "Popen.__exit__"): ("self.wait()", "self._wait(timeout="),
+    ("subprocess", "Popen.communicate"): ("self._communicate(", ".read()", "self.wait()", "self._wait(timeout="),
+    ("subprocess", "Popen._communicate"): ("selector.select(", "self.wait(timeout="),
+    ("subprocess", "Popen.wait"): ("self._wait(timeout=",),
+    ("subprocess", "Popen._wait"): ("self._try_wait(0)", "time.sleep(delay)"),
+    ("subprocess", "Popen._try_wait"): ("os.waitpid(",),
+}
+_GUARDED = frozenset(m for m, _ in _SAFE_WAITS)
+_safe_lines: dict[object, frozenset[int]] = {}  # code object -> its lines that match
+_source: dict[str, list[str]] = {}
+
+
+def _lines_of(code: object, fragments: tuple[str, ...]) -> frozenset[int]:
+    name = code.co_filename  # type: ignore[attr-defined]
+    text = _source.get(name)
+    if text is None:
+        try:
+            with open(name, encoding="utf-8") as f:
+                text = f.read().splitlines()
+        except (OSError, ValueError):
+            text = []
+        _source[name] = text
+    found = set()
+    for _, _, line in code.co_lines():  # type: ignore[attr-defined]
+        if line is not None and 0 < line <= len(text) and any(f in text[line - 1] for f in fragments):
+            found.add(line)
+    return frozenset(found)
+
+
+def _safe_point(frame: object) -> bool:
+    """Whether an exception may be raised in the main thread at ``frame``: no frame of
+    the guarded modules on the stack stands outside its waits (``_SAFE_WAITS``)."""
+    while frame is not None:
+        module = frame.f_globals.get("__name__")  # type: ignore[attr-defined]
+        if module in _GUARDED:
+            code = frame.f_code  # type: ignore[attr-defined]
+            lines = _safe_lines.get(code)
+            if lines is None:
+                fragments = _SAFE_WAITS.get((module, code.co_qualname), ())
+                lines = _safe_lines[code] = _lines_of(code, fragments) if fragments else frozenset()
+            if frame.f_lineno not in lines:  # type: ignore[attr-defined]
+                return False
+        frame = frame.f_back  # type: ignore[attr-defined]
+    return True
+
+
+def _retry(signum: int) -> None:
+    pause = _thread.allocate_lock()
+    pause.acquire()
+    pause.acquire(timeout=0.002)  # a sleep without importing time
+    _state["retrying"] = False
+    try:
+        _signal.pthread_kill(_state["main"], signum)  # a real signal: it ends a blocking wait
+    except OSError:
+        pass  # the main thread is gone: the process is exiting
 
 
 def _handler(signum: int, frame: object) -> None:
@@ -57,6 +155,11 @@ def _handler(signum: int, frame: object) -> None:
     if _state["depth"] > 0:
         if not _state["pending"]:
             _state["pending"] = signum
+        return
+    if not _safe_point(frame):
+        if not _state["retrying"]:
+            _state["retrying"] = True
+            _thread.start_new_thread(_retry, (signum,))
         return
     _state["raised"] = True
     raise Interrupted(signum)
