@@ -256,6 +256,59 @@ def test_a_storm_of_signals_never_breaks_the_thread_code() -> None:
     assert rounds > taken, (sent, out)
 
 
+WAITS_SCRIPT = """
+import concurrent.futures as cf, os, queue, signal, subprocess, threading, time
+from vmbak import interrupts
+interrupts.install()
+
+def kill_soon():
+    time.sleep(0.3)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+def joined():
+    t = threading.Thread(target=time.sleep, args=(30,), daemon=True)
+    t.start()
+    t.join()
+
+pool = cf.ThreadPoolExecutor(1)
+waits = {
+    "future": lambda: pool.submit(time.sleep, 30).result(),
+    "event": lambda: threading.Event().wait(),
+    "queue": lambda: queue.Queue().get(),
+    "join": joined,
+    "run": lambda: subprocess.run(["sleep", "30"]),
+    "output": lambda: subprocess.check_output(["sleep", "30"]),
+    "stdin": lambda: subprocess.run(["sleep", "30"], input=b"x" * (8 << 20)),
+}
+for name, wait in waits.items():
+    threading.Thread(target=kill_soon, daemon=True).start()
+    t0 = time.monotonic()
+    try:
+        wait()
+        print(name, "returned")
+    except interrupts.Interrupted:
+        print(name, round(time.monotonic() - t0, 2))
+    interrupts._state["raised"] = False
+os._exit(0)  # the pool's 30 s sleep is not waited for
+"""
+
+
+def test_a_signal_in_a_wait_is_taken_at_once() -> None:
+    """Holding a signal back inside the thread and process code must not hold it for
+    the length of a wait: a SIGTERM 0.3 s into a 30 s wait (a future, an event, a
+    queue, a join, a child process, a child reading its input) is raised in that wait."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    p = subprocess.run([sys.executable, "-c", WAITS_SCRIPT], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    taken = dict(line.split() for line in p.stdout.splitlines())
+    assert list(taken) == ["future", "event", "queue", "join", "run", "output", "stdin"], p.stdout
+    for name, after in taken.items():
+        assert after != "returned" and float(after) < 10, (name, p.stdout)
+
+
 # A SIGTERM sent exactly while argparse formats the usage line inside
 # parse_known_intermixed_args: argparse's own finally then fails (AttributeError
 # 'save_nargs'), which hid the interruption behind a traceback (CI, trial 21).

@@ -165,6 +165,11 @@ def test_forget_applies_the_rules_to_the_filtered_snapshots_only(tagged, tmp_pat
     # forgetting by --host alone: only db's re-hosted copy goes
     repo.json("forget", "--host", "other-host", "--keep-tag", "nightly")
     assert sid["d1"] not in ids(repo.snapshots()) and sid["d0"] in ids(repo.snapshots())
+    # filters that match nothing say so, and forget nothing
+    before = ids(repo.snapshots())
+    r = repo.run("forget", "--tag", "nosuch", "--keep-last", "1")
+    assert r.stdout.splitlines()[0] == "no snapshots match --tag nosuch", r.stdout
+    assert ids(repo.snapshots()) == before
 
 
 def test_tag_changes_tags_and_every_snapshot_still_restores(tagged, tmp_path, assert_same_file):

@@ -251,6 +251,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
     lines = []
     verb = "would " if args.dry_run else ""
     only = "" if where.empty() else f"; only snapshots matching {where.describe()}"
+    if not out["names"] and not where.empty():
+        lines.append(printable(f"no snapshots match {where.describe()}"))
     for name, rows in out["names"].items():
         lines.append(printable(f"{name}: ({res.policy}{only})"))
         for r in rows:
