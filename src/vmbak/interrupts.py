@@ -160,8 +160,11 @@ def _handler(signum: int, frame: object) -> None:
         return
     if not _safe_point(frame):
         if not _state["retrying"]:
-            _state["retrying"] = True
-            _thread.start_new_thread(_retry, (signum,))
+            _state["retrying"] = True  # before the start: the helper clears it
+            try:
+                _thread.start_new_thread(_retry, (signum,))
+            except RuntimeError:  # the interpreter is shutting down: there is nothing to stop
+                _state["retrying"] = False
         return
     _state["raised"] = True
     raise Interrupted(signum)
