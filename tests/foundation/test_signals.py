@@ -252,8 +252,7 @@ def test_a_storm_of_signals_never_breaks_the_thread_code() -> None:
     assert p.returncode == 0 and err == "", (p.returncode, err[-3000:])
     rounds, taken, threads = map(int, out.split())
     assert threads == 1, out
-    assert taken >= min(100, sent // 10), (sent, out)
-    assert rounds > taken, (sent, out)
+    assert taken >= min(100, sent // 10) and rounds >= taken, (sent, out)
 
 
 WAITS_SCRIPT = """
