@@ -238,3 +238,30 @@ def test_browse_errors_are_one_line(disks, repo, make_disk, assert_cli_error, tm
     gid = repo.backup(garbage, "garbage")["id"]
     assert_cli_error(repo.run("ls", gid, "/disk", check=False), "cannot be read")
     assert json.loads(repo.run("ls", gid, "--json").stdout)[0]["path"] == "/disk"
+
+
+def test_swap_browses_as_empty_and_an_encrypted_volume_is_named(repo, assert_cli_error, tmp_path):
+    """A VM's swap partition holds no files: it lists as an empty directory, and a search of
+    the disk is complete (it was "no filesystem", which made every search of a VM with swap
+    partial, exit 3). A LUKS volume cannot be searched, and the warning says why."""
+    tree = _tree(5, MiB)
+    ext = build_fs("ext4", tmp_path / "ext4.img", 32 * MiB, tree)
+    swap = tmp_path / "swap.img"
+    swap.write_bytes(np.random.default_rng(5).bytes(8 * MiB))
+    subprocess.run(["mkswap", str(swap)], check=True, capture_output=True)
+    luks = tmp_path / "luks.img"
+    luks.write_bytes(b"LUKS\xba\xbe\x00\x02" + np.random.default_rng(6).bytes(4 * MiB - 8))
+    assemble_disk(tmp_path / "d.raw", "gpt", [(ext, "L"), (swap, "S")])
+    sid = repo.backup(tmp_path / "d.raw", "d")["id"]
+    r = repo.run("ls", sid, "/p2", "--json")
+    assert json.loads(r.stdout) == [] and r.stderr == "", (r.stdout, r.stderr)
+    r = repo.run("find", "--name", "d", "config.ini")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert [line.split()[-1] for line in r.stdout.splitlines()[:-1]] == ["/p1/etc/config.ini"], r.stdout
+    assemble_disk(tmp_path / "e.raw", "gpt", [(ext, "L"), (swap, "S"), (luks, "L")])
+    eid = repo.backup(tmp_path / "e.raw", "e")["id"]
+    assert_cli_error(repo.run("ls", eid, "/p3", check=False), "/p3", "encrypted (LUKS)")
+    r = repo.run("find", "--name", "e", "config.ini", check=False)
+    assert r.returncode == 3, (r.returncode, r.stderr)
+    warnings = r.stderr.splitlines()
+    assert len(warnings) == 2 and "/p3: encrypted (LUKS)" in warnings[0], r.stderr

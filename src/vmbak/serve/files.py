@@ -32,6 +32,7 @@ from vmbak.errors import VmbakError, printable
 from vmbak.usage import _volumes
 from vmbak.usage.model import UsageError
 from vmbak.usage.partitions import Table, read_table
+from vmbak.usage.swap import PAGE_SIZES as SWAP_PAGE_SIZES
 
 PIECE = 4 << 20
 
@@ -343,7 +344,27 @@ def _detect(f: RangeFile) -> str | None:
     boot = at(0, 512)
     if len(boot) == 512 and boot[510:512] == b"\x55\xaa" and (boot[0x36:0x39] == b"FAT" or boot[0x52:0x55] == b"FAT"):
         return "fat"
+    if any(at(ps - 10, 10) == b"SWAPSPACE2" for ps in SWAP_PAGE_SIZES):
+        return "swap"
+    if at(0, 6) in (b"LUKS\xba\xbe", b"SKUL\xba\xbe"):
+        return "luks"
     return None
+
+
+class _SwapFs(Filesystem):
+    """A Linux swap area: it holds no files, so it browses as an empty directory (not as a
+    volume that cannot be read, which would make every search of a VM with swap partial)."""
+
+    fstype = "swap"
+
+    def root(self) -> Node:
+        return Node("/", "dir", 0, 0o555, 0, ident=0)
+
+    def listdir(self, node: Node) -> Iterable[Node]:
+        return []
+
+    def open(self, node: Node) -> BinaryIO:
+        raise BrowseError("a swap area holds no files")
 
 
 def open_filesystem(f: RangeFile, where: str) -> Filesystem:
@@ -351,6 +372,10 @@ def open_filesystem(f: RangeFile, where: str) -> Filesystem:
     kind = _detect(f)
     if kind is None:
         raise BrowseError(f"{where}: no filesystem vmbak can browse (ext2/3/4, XFS, NTFS, FAT, exFAT, btrfs)")
+    if kind == "luks":
+        raise BrowseError(f"{where}: encrypted (LUKS): its files cannot be browsed")
+    if kind == "swap":
+        return _SwapFs()
     try:
         if kind == "exfat":
             from vmbak.serve.exfat import ExfatFs
