@@ -243,7 +243,8 @@ def test_browse_errors_are_one_line(disks, repo, make_disk, assert_cli_error, tm
 def test_swap_browses_as_empty_and_an_encrypted_volume_is_named(repo, assert_cli_error, tmp_path):
     """A VM's swap partition holds no files: it lists as an empty directory, and a search of
     the disk is complete (it was "no filesystem", which made every search of a VM with swap
-    partial, exit 3). A LUKS volume cannot be searched, and the warning says why."""
+    partial, exit 3). So does a partition of zeros. A LUKS volume cannot be searched, and
+    the warning says why."""
     tree = _tree(5, MiB)
     ext = build_fs("ext4", tmp_path / "ext4.img", 32 * MiB, tree)
     swap = tmp_path / "swap.img"
@@ -251,10 +252,13 @@ def test_swap_browses_as_empty_and_an_encrypted_volume_is_named(repo, assert_cli
     subprocess.run(["mkswap", str(swap)], check=True, capture_output=True)
     luks = tmp_path / "luks.img"
     luks.write_bytes(b"LUKS\xba\xbe\x00\x02" + np.random.default_rng(6).bytes(4 * MiB - 8))
-    assemble_disk(tmp_path / "d.raw", "gpt", [(ext, "L"), (swap, "S")])
+    blank = tmp_path / "blank.img"  # a partition never formatted
+    blank.write_bytes(bytes(4 * MiB))
+    assemble_disk(tmp_path / "d.raw", "gpt", [(ext, "L"), (swap, "S"), (blank, "L")])
     sid = repo.backup(tmp_path / "d.raw", "d")["id"]
-    r = repo.run("ls", sid, "/p2", "--json")
-    assert json.loads(r.stdout) == [] and r.stderr == "", (r.stdout, r.stderr)
+    for vol in ("/p2", "/p3"):
+        r = repo.run("ls", sid, vol, "--json")
+        assert json.loads(r.stdout) == [] and r.stderr == "", (vol, r.stdout, r.stderr)
     r = repo.run("find", "--name", "d", "config.ini")
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert [line.split()[-1] for line in r.stdout.splitlines()[:-1]] == ["/p1/etc/config.ini"], r.stdout

@@ -351,11 +351,13 @@ def _detect(f: RangeFile) -> str | None:
     return None
 
 
-class _SwapFs(Filesystem):
-    """A Linux swap area: it holds no files, so it browses as an empty directory (not as a
-    volume that cannot be read, which would make every search of a VM with swap partial)."""
+class _NoFilesFs(Filesystem):
+    """A volume that holds no files: a Linux swap area ("swap"), or one whose every block
+    reads as zeros ("empty": never formatted, a new disk). It browses as an empty directory,
+    not as a volume that cannot be read, which would make every search of the disk partial."""
 
-    fstype = "swap"
+    def __init__(self, fstype: str) -> None:
+        self.fstype = fstype
 
     def root(self) -> Node:
         return Node("/", "dir", 0, 0o555, 0, ident=0)
@@ -364,7 +366,7 @@ class _SwapFs(Filesystem):
         return []
 
     def open(self, node: Node) -> BinaryIO:
-        raise BrowseError("a swap area holds no files")
+        raise BrowseError(f"this volume holds no files ({self.fstype})")
 
 
 def open_filesystem(f: RangeFile, where: str) -> Filesystem:
@@ -375,7 +377,7 @@ def open_filesystem(f: RangeFile, where: str) -> Filesystem:
     if kind == "luks":
         raise BrowseError(f"{where}: encrypted (LUKS): its files cannot be browsed")
     if kind == "swap":
-        return _SwapFs()
+        return _NoFilesFs("swap")
     try:
         if kind == "exfat":
             from vmbak.serve.exfat import ExfatFs
@@ -572,6 +574,10 @@ class SnapshotFiles:
             if old is not None:
                 signal.signal(signal.SIGALRM, old)
 
+    def _all_zeros(self, vol: VolumeInfo) -> bool:
+        """Whether the snapshot holds no data in ``vol`` (every block a hole or zeros)."""
+        return not any(next(self.view.data_extents(d, d + n), None) for _, d, n in vol.segments)
+
     def volume_file(self, vol: VolumeInfo) -> RangeFile:
         return volume_file(self._pread, vol.segments, f"/{vol.name}")
 
@@ -580,7 +586,10 @@ class SnapshotFiles:
         if fs is None:
             where = f"{self.label}:/{vol.name}"
             try:
-                fs = self._guard(open_filesystem, self.volume_file(vol), where)
+                if self._all_zeros(vol):
+                    fs = _NoFilesFs("empty")
+                else:
+                    fs = self._guard(open_filesystem, self.volume_file(vol), where)
             except BrowseError as e:
                 msg = str(e)
                 raise BrowseError(msg if msg.startswith(where) else f"{where}: cannot be read ({msg})") from None
