@@ -432,11 +432,10 @@ class Repository:
             yield
         finally:
             with deferred():
-                refresher.stop()  # no rewrite after this: the lock is deleted next
                 if not exclusive:
                     self._shared_held.pop(me_thread, None)
                 self.held_locks.remove(name)
-                self.backend.delete(name)
+                remove()  # the refresher stops first: no rewrite lands after the delete
                 unregister_cleanup(token)
 
     # ------------------------------------------------------------------ index

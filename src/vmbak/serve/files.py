@@ -29,10 +29,10 @@ from typing import Any, BinaryIO
 from vmbak.engine.common import human
 from vmbak.engine.view import RangeFile, SnapshotView, volume_file
 from vmbak.errors import VmbakError, printable
-from vmbak.usage import _volumes
-from vmbak.usage.model import UsageError
+from vmbak.usage import _is_luks, _volumes
+from vmbak.usage import swap as usage_swap
+from vmbak.usage.model import UsageError, Volume
 from vmbak.usage.partitions import Table, read_table
-from vmbak.usage.swap import PAGE_SIZES as SWAP_PAGE_SIZES
 
 PIECE = 4 << 20
 
@@ -344,10 +344,6 @@ def _detect(f: RangeFile) -> str | None:
     boot = at(0, 512)
     if len(boot) == 512 and boot[510:512] == b"\x55\xaa" and (boot[0x36:0x39] == b"FAT" or boot[0x52:0x55] == b"FAT"):
         return "fat"
-    if any(at(ps - 10, 10) == b"SWAPSPACE2" for ps in SWAP_PAGE_SIZES):
-        return "swap"
-    if at(0, 6) in (b"LUKS\xba\xbe", b"SKUL\xba\xbe"):
-        return "luks"
     return None
 
 
@@ -374,10 +370,6 @@ def open_filesystem(f: RangeFile, where: str) -> Filesystem:
     kind = _detect(f)
     if kind is None:
         raise BrowseError(f"{where}: no filesystem vmbak can browse (ext2/3/4, XFS, NTFS, FAT, exFAT, btrfs)")
-    if kind == "luks":
-        raise BrowseError(f"{where}: encrypted (LUKS): its files cannot be browsed")
-    if kind == "swap":
-        return _NoFilesFs("swap")
     try:
         if kind == "exfat":
             from vmbak.serve.exfat import ExfatFs
@@ -574,9 +566,15 @@ class SnapshotFiles:
             if old is not None:
                 signal.signal(signal.SIGALRM, old)
 
-    def _all_zeros(self, vol: VolumeInfo) -> bool:
-        """Whether the snapshot holds no data in ``vol`` (every block a hole or zeros)."""
-        return not any(next(self.view.data_extents(d, d + n), None) for _, d, n in vol.segments)
+    def _no_files(self, vol: VolumeInfo, uvol: Volume) -> str | None:
+        """"empty" if the snapshot holds no data in ``vol`` (every block a hole or zeros),
+        "swap" if it is a swap area (as the unused-block parser finds one), else None."""
+        if not any(next(self.view.data_extents(d, d + n), None) for _, d, n in vol.segments):
+            return "empty"
+        try:
+            return "swap" if usage_swap.probe(uvol) else None
+        except UsageError:
+            return None
 
     def volume_file(self, vol: VolumeInfo) -> RangeFile:
         return volume_file(self._pread, vol.segments, f"/{vol.name}")
@@ -586,8 +584,12 @@ class SnapshotFiles:
         if fs is None:
             where = f"{self.label}:/{vol.name}"
             try:
-                if self._all_zeros(vol):
-                    fs = _NoFilesFs("empty")
+                uvol = Volume(self.view, vol.segments, vol.name)  # as the usage parsers read it
+                kind = self._no_files(vol, uvol)
+                if kind is not None:
+                    fs = _NoFilesFs(kind)
+                elif _is_luks(uvol):
+                    raise BrowseError(f"{where}: encrypted (LUKS): its files cannot be browsed")
                 else:
                     fs = self._guard(open_filesystem, self.volume_file(vol), where)
             except BrowseError as e:
